@@ -1,0 +1,152 @@
+"""The `betrace` command line: it only wires arguments to the objects that do the work."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import IO
+
+from sidecar import __version__
+from sidecar.errors import RuleLoadError
+from sidecar.rules import RuleSet, load_rules
+
+EXIT_OK, EXIT_FAILED, EXIT_UNUSABLE, EXIT_SKIPPED_INPUT = 0, 1, 2, 3
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return EXIT_UNUSABLE
+    try:
+        return int(args.run(args))
+    except BrokenPipeError:  # `betrace replay ... | head` is fine
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="betrace", description="Behavioral assurance for OpenTelemetry: invariants as "
+        "rules over traces.")
+    parser.add_argument("--version", action="version", version=f"betrace {__version__}")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    check = commands.add_parser(
+        "check", help="validate rule files and report every error",
+        description="Load rule files (or directories of them) and report every error with "
+        "file:line:column. Exit 1 if there is any error.")
+    check.add_argument("paths", nargs="+", metavar="PATH", help="rule file or directory")
+    check.add_argument("--format", choices=("text", "json"), default="text")
+    check.set_defaults(run=_check)
+
+    test = commands.add_parser(
+        "test", help="run the examples of every rule",
+        description="Run each rule's examples and standalone test files (YAML with a 'tests:' "
+        "list of {rule, description, violates, spans}). Exit 1 if any example fails.")
+    test.add_argument("paths", nargs="+", metavar="PATH", help="rule/test file or directory")
+    test.add_argument("--junit", metavar="FILE", help="also write a JUnit XML report")
+    test.set_defaults(run=_test)
+
+    replay = commands.add_parser(
+        "replay", help="evaluate rules over recorded traces",
+        description="Read OTLP JSON traces (the collector file exporter's output: one request "
+        "per line, or one JSON document; .gz too; '-' for stdin), group spans by trace across "
+        "all sources, evaluate each trace once, and write one signal per (rule, trace).",
+        epilog="exit status: 0 done; 1 violations found with --fail-on-violation; 2 could not "
+        "run (bad rules, unreadable source); 3 done, but malformed input was skipped.")
+    replay.add_argument("sources", nargs="+", metavar="SOURCE", help="OTLP JSON file or '-'")
+    replay.add_argument("--rules", action="append", required=True, metavar="PATH",
+                        help="rule file or directory (repeatable)")
+    replay.add_argument("--format", choices=("jsonl", "table", "csv"), default="jsonl")
+    replay.add_argument("--out", metavar="FILE", help="write signals here (default: stdout)")
+    replay.add_argument("--fail-on-violation", action="store_true",
+                        help="exit 1 when any rule fires")
+    replay.set_defaults(run=_replay)
+    return parser
+
+
+def _load(paths: Sequence[str]) -> RuleSet | None:
+    """Rules, or None after printing every error to stderr."""
+    try:
+        return load_rules(paths)
+    except RuleLoadError as exc:
+        print(exc, file=sys.stderr)
+        print(f"betrace: {len(exc.errors)} error(s) in rules; nothing was run", file=sys.stderr)
+        return None
+
+
+def _check(args: argparse.Namespace) -> int:
+    try:
+        ruleset = load_rules(args.paths)
+    except RuleLoadError as exc:
+        if args.format == "json":
+            print(json.dumps({"ok": False, "errors": [e.as_dict() for e in exc.errors]},
+                             indent=2))
+        else:
+            print(exc)
+            print(f"{len(exc.errors)} error(s)")
+        return EXIT_FAILED
+    rules = len(ruleset.rules) + len(ruleset.disabled)
+    if args.format == "json":
+        print(json.dumps({"ok": True, "files": list(ruleset.files), "rules": rules,
+                          "enabled": len(ruleset.rules), "digest": ruleset.digest,
+                          "errors": []}, indent=2))
+    else:
+        print(f"ok: {rules} rule(s) ({len(ruleset.disabled)} disabled) in "
+              f"{len(ruleset.files)} file(s)")
+    return EXIT_OK
+
+
+def _test(args: argparse.Namespace) -> int:
+    from sidecar.rule_tests import report, run_examples, write_junit
+
+    ruleset = _load(args.paths)
+    if ruleset is None:
+        return EXIT_UNUSABLE
+    results = run_examples(ruleset)
+    for line in report(ruleset, results):
+        print(line)
+    failed = sum(not r.passed for r in results)
+    print(f"{len(results) - failed}/{len(results)} examples passed")
+    if args.junit:
+        write_junit(results, args.junit)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from sidecar.replay import replay
+    from sidecar.sinks import make_writer
+
+    ruleset = _load(args.rules)
+    if ruleset is None:
+        return EXIT_UNUSABLE
+    missing = [s for s in args.sources if s != "-" and not os.path.isfile(s)]
+    if missing:
+        for source in missing:
+            print(f"betrace: {source}: no such file", file=sys.stderr)
+        return EXIT_UNUSABLE
+    out: IO[str] = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
+    try:
+        columns = sorted({c for rule in ruleset.rules for c in rule.context})
+        writer = make_writer(args.format, out, columns)
+        summary = replay(ruleset, args.sources, writer.write,
+                         on_error=lambda e: print(f"betrace: {e}", file=sys.stderr))
+        writer.close()
+    except OSError as exc:
+        print(f"betrace: {exc}", file=sys.stderr)
+        return EXIT_UNUSABLE
+    finally:
+        if args.out:
+            out.close()
+    for line in summary.lines():
+        print(line, file=sys.stderr)
+    if args.fail_on_violation and summary.signals:
+        return EXIT_FAILED
+    return EXIT_SKIPPED_INPUT if summary.errors else EXIT_OK

@@ -1,0 +1,425 @@
+"""Syntax tree to Python closures, compiled once per rule and evaluated against many traces.
+
+Each node type has one builder in a dispatch table. Span-level builders return `Span -> bool`;
+trace-level builders return `Trace -> bool`. A second, slower builder (`_witness`) finds the
+spans that made a true expression true: it runs only when a rule fires, to name the offending
+spans in the signal. Compile passes also collect the span names, globs and attributes a rule
+reads (for pruning) and whether a violation can only appear as spans arrive (for early signals).
+"""
+
+from __future__ import annotations
+
+import operator
+from bisect import bisect_left
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import re2
+
+from sidecar.dsl import ast
+from sidecar.dsl.parser import compile_regex, parse
+from sidecar.errors import ExpressionError
+from sidecar.span import Span, Trace
+
+SpanTest = Callable[[Span], bool]
+TraceTest = Callable[[Trace], bool]
+SpanSource = Callable[[Trace], list[Span]]
+
+MISSING: Any = object()  # an attribute the span does not have
+_NUMBER = (int, float)
+_EMPTY: list[Span] = []
+_ORDER = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
+_COUNT_OPS = {"==": operator.eq, "!=": operator.ne, **_ORDER}
+_BUILTINS: dict[str, Callable[[Span], Any]] = {
+    "name": lambda s: s.name,
+    "status": lambda s: s.status,
+    "kind": lambda s: s.kind,
+    "duration_ms": lambda s: s.duration_ms,
+}
+
+
+@dataclass(frozen=True)
+class References:
+    """What an expression reads: exact span names, `*` globs, and attribute names."""
+
+    names: frozenset[str] = frozenset()
+    globs: frozenset[str] = frozenset()
+    attributes: frozenset[str] = frozenset()
+
+    def __or__(self, other: References) -> References:
+        return References(self.names | other.names, self.globs | other.globs,
+                          self.attributes | other.attributes)
+
+
+@dataclass(frozen=True)
+class CompiledExpr:
+    """A compiled expression: `test(trace)` is true when the rule it belongs to fires."""
+
+    text: str
+    test: TraceTest = field(repr=False)
+    witness: SpanSource = field(repr=False)  # the spans that made `test` true
+    refs: References
+    monotone: bool  # once true, more spans can never make it false
+    applies: TraceTest = field(repr=False)  # the trace is in scope: `when` held, or a named span
+
+
+def compile_expression(text: str) -> CompiledExpr:
+    """Compile a condition: an expression, or the in-DSL `when {} always {} never {}` form."""
+    tree = parse(text)
+    if isinstance(tree, ast.Clauses):
+        return combine_clauses(
+            _compile_tree(text, tree.when),
+            _compile_tree(text, tree.always) if tree.always is not None else None,
+            _compile_tree(text, tree.never) if tree.never is not None else None,
+        )
+    return _compile_tree(text, tree)
+
+
+def compile_clause(text: str) -> CompiledExpr:
+    """Compile one `when`, `always` or `never` clause given as its own YAML key."""
+    tree = parse(text)
+    if isinstance(tree, ast.Clauses):
+        raise ExpressionError("a when/always/never block cannot be nested inside a clause",
+                              text, tree.start, tree.end)
+    return _compile_tree(text, tree)
+
+
+def combine_clauses(when: CompiledExpr, always: CompiledExpr | None,
+                    never: CompiledExpr | None) -> CompiledExpr:
+    """A violation when `when` holds and (`always` is false or `never` is true)."""
+    if always is None and never is None:
+        raise ValueError("a when rule needs always or never")
+    w, a, n = when.test, always.test if always else None, never.test if never else None
+
+    def test(trace: Trace) -> bool:
+        return w(trace) and ((a is not None and not a(trace)) or (n is not None and n(trace)))
+
+    def witness(trace: Trace) -> list[Span]:
+        spans = when.witness(trace)
+        if never is not None and never.test(trace):
+            spans = _union(spans, never.witness(trace))
+        return spans
+
+    refs = when.refs
+    for clause in (always, never):
+        if clause is not None:
+            refs = refs | clause.refs
+    monotone = always is None and when.monotone and never is not None and never.monotone
+    return CompiledExpr(when.text, test, witness, refs, monotone, applies=when.test)
+
+
+def _compile_tree(text: str, tree: ast.Expr) -> CompiledExpr:
+    refs = _references(tree)
+    sources = [_candidates(ast.Selector(name)) for name in sorted(refs.names)]
+    sources += [_candidates(ast.Selector(glob, glob=True)) for glob in sorted(refs.globs)]
+    return CompiledExpr(text, _expr(tree), _witness(tree), refs,
+                        _monotone(tree, positive=True),
+                        applies=lambda trace: any(source(trace) for source in sources))
+
+
+# --- span level ---------------------------------------------------------------------------------
+
+def attribute_getter(key: str) -> Callable[[Span], Any]:
+    """Resolve an attribute: span attributes, then resource service.name, then built-ins."""
+    if key == "service.name":
+        return lambda s: s.attributes.get(key, MISSING if s.service is None else s.service)
+    builtin = _BUILTINS.get(key)
+    if builtin is not None:
+        def get(s: Span) -> Any:
+            value = s.attributes.get(key, MISSING)
+            return builtin(s) if value is MISSING else value
+        return get
+    return lambda s: s.attributes.get(key, MISSING)
+
+
+def _is_number(value: Any) -> bool:
+    kind = type(value)
+    return kind is int or kind is float
+
+
+def literal_equals(value: Any, literal: Any) -> bool:
+    """Equality without coercion: numbers by value, booleans only with booleans."""
+    if isinstance(literal, bool) or isinstance(value, bool):
+        return value is literal
+    if _is_number(literal):
+        return _is_number(value) and value == literal
+    return type(value) is str and value == literal
+
+
+def _compare(node: ast.Compare) -> SpanTest:
+    get, op, literal = attribute_getter(node.attr), node.op, node.value
+    if op == "==":
+        if type(literal) is str:
+            return lambda s: get(s) == literal  # only a str equals a str
+        return lambda s: literal_equals(get(s), literal)
+    if op == "!=":
+        return lambda s: (v := get(s)) is not MISSING and not literal_equals(v, literal)
+    if op in _ORDER:
+        order = _ORDER[op]
+        if isinstance(literal, bool):
+            return lambda s: False  # booleans have no order; never silently true
+        if type(literal) is str:
+            return lambda s: type(v := get(s)) is str and order(v, literal)
+        return lambda s: _is_number(v := get(s)) and order(v, literal)
+    if op == "in":
+        items = tuple(literal)  # type: ignore[arg-type]
+        return lambda s: (v := get(s)) is not MISSING and any(
+            literal_equals(v, item) for item in items)
+    if op == "matches":
+        search = compile_regex(literal).search
+        return lambda s: type(v := get(s)) is str and search(v) is not None
+    if op == "contains":
+        if type(literal) is not str:
+            return lambda s: False  # a substring test needs a string on both sides
+        return lambda s: type(v := get(s)) is str and literal in v
+    raise AssertionError(f"unknown operator {op}")
+
+
+def _bare(node: ast.Bare) -> SpanTest:
+    get = attribute_getter(node.attr)
+    return lambda s: get(s) is True
+
+
+def _pred_not(node: ast.PredNot) -> SpanTest:
+    inner = _pred(node.operand)
+    return lambda s: not inner(s)
+
+
+def _pred_and(node: ast.PredAnd) -> SpanTest:
+    parts = tuple(_pred(p) for p in node.operands)
+    return lambda s: all(p(s) for p in parts)
+
+
+def _pred_or(node: ast.PredOr) -> SpanTest:
+    parts = tuple(_pred(p) for p in node.operands)
+    return lambda s: any(p(s) for p in parts)
+
+
+_PRED_BUILDERS: dict[type, Callable[[Any], SpanTest]] = {
+    ast.Compare: _compare, ast.Bare: _bare, ast.PredNot: _pred_not,
+    ast.PredAnd: _pred_and, ast.PredOr: _pred_or,
+}
+
+
+def _pred(node: ast.Pred) -> SpanTest:
+    return _PRED_BUILDERS[type(node)](node)
+
+
+# --- trace level --------------------------------------------------------------------------------
+
+def glob_matcher(pattern: str) -> Callable[[str], bool]:
+    """`*` in a quoted selector matches any run of characters; nothing else is special."""
+    regex = compile_regex(".*".join(re2.escape(part) for part in pattern.split("*")))
+    return lambda name: regex.fullmatch(name) is not None
+
+
+def _candidates(selector: ast.Selector) -> SpanSource:
+    name = selector.name
+    if selector.glob:
+        matches = glob_matcher(name)
+        return lambda trace: trace.matching(name, matches)
+    return lambda trace: trace.by_name.get(name, _EMPTY)
+
+
+def _query(query: ast.Query) -> SpanSource:
+    candidates = _candidates(query.selector)
+    if query.where is None:
+        return candidates
+    pred = _pred(query.where)
+    return lambda trace: [s for s in candidates(trace) if pred(s)]
+
+
+def _exists(node: ast.Exists) -> TraceTest:
+    candidates = _candidates(node.query.selector)
+    if node.query.where is None:
+        return lambda trace: bool(candidates(trace))
+    pred = _pred(node.query.where)
+
+    def exists(trace: Trace) -> bool:
+        for span in candidates(trace):
+            if pred(span):
+                return True
+        return False
+    return exists
+
+
+def distinct_key(value: Any) -> Any:
+    """Keys for counting distinct values without coercion (True and 1 stay apart)."""
+    if isinstance(value, bool):
+        return ("bool", value)
+    if _is_number(value):
+        return ("number", value)
+    try:
+        hash(value)
+    except TypeError:
+        return ("other", repr(value))
+    return (type(value).__name__, value)
+
+
+def _count(node: ast.Count) -> Callable[[Trace], int]:
+    spans = _query(node.query)
+    if node.unique is None:
+        return lambda trace: len(spans(trace))
+    get = attribute_getter(node.unique)
+
+    def distinct(trace: Trace) -> int:
+        return len({distinct_key(v) for s in spans(trace) if (v := get(s)) is not MISSING})
+    return distinct
+
+
+def _count_compare(node: ast.CountCompare) -> TraceTest:
+    left, op = _count(node.left), _COUNT_OPS[node.op]
+    if isinstance(node.right, int):
+        bound = node.right
+        return lambda trace: op(left(trace), bound)
+    right = _count(node.right)
+    return lambda trace: op(left(trace), right(trace))
+
+
+def _before(node: ast.Before) -> TraceTest:
+    firsts, seconds, within = _query(node.first), _query(node.second), node.within_ns
+
+    def before(trace: Trace) -> bool:
+        a_spans = firsts(trace)
+        if not a_spans:
+            return False
+        b_spans = seconds(trace)
+        if not b_spans:
+            return False
+        if within is None:
+            return min(s.start_ns for s in a_spans) < max(s.start_ns for s in b_spans)
+        starts = sorted(s.start_ns for s in a_spans)
+        for b in b_spans:
+            i = bisect_left(starts, b.start_ns - within)
+            if i < len(starts) and starts[i] < b.start_ns:
+                return True
+        return False
+    return before
+
+
+def _not(node: ast.Not) -> TraceTest:
+    inner = _expr(node.operand)
+    return lambda trace: not inner(trace)
+
+
+def _and(node: ast.And) -> TraceTest:
+    parts = tuple(_expr(p) for p in node.operands)
+    return lambda trace: all(p(trace) for p in parts)
+
+
+def _or(node: ast.Or) -> TraceTest:
+    parts = tuple(_expr(p) for p in node.operands)
+    return lambda trace: any(p(trace) for p in parts)
+
+
+_EXPR_BUILDERS: dict[type, Callable[[Any], TraceTest]] = {
+    ast.Exists: _exists, ast.CountCompare: _count_compare, ast.Before: _before,
+    ast.Not: _not, ast.And: _and, ast.Or: _or,
+}
+
+
+def _expr(node: ast.Expr) -> TraceTest:
+    return _EXPR_BUILDERS[type(node)](node)
+
+
+# --- passes: witnesses, references, monotonicity ------------------------------------------------
+
+def _union(first: list[Span], second: list[Span]) -> list[Span]:
+    seen = {id(s) for s in first}
+    return first + [s for s in second if id(s) not in seen]
+
+
+def _witness(node: ast.Expr) -> SpanSource:
+    """The spans behind a true expression; negated parts contribute none (they are absences)."""
+    if isinstance(node, ast.Exists):
+        return _query(node.query)
+    if isinstance(node, ast.CountCompare):
+        counted = [_query(node.left.query)]
+        if isinstance(node.right, ast.Count):
+            counted.append(_query(node.right.query))
+        unique = attribute_getter(node.left.unique) if node.left.unique is not None else None
+
+        def counted_spans(trace: Trace) -> list[Span]:
+            spans: list[Span] = []
+            for source in counted:
+                spans = _union(spans, source(trace))
+            return spans if unique is None else [s for s in spans if unique(s) is not MISSING]
+        return counted_spans
+    if isinstance(node, ast.Before):
+        firsts, seconds = _query(node.first), _query(node.second)
+        within = node.within_ns if node.within_ns is not None else float("inf")
+
+        def ordered_pairs(trace: Trace) -> list[Span]:
+            pairs = [(a, b) for a in firsts(trace) for b in seconds(trace)
+                     if 0 < b.start_ns - a.start_ns <= within]
+            return _union([a for a, _ in pairs], [b for _, b in pairs])
+        return ordered_pairs
+    if isinstance(node, (ast.And, ast.Or)):
+        parts = [(_expr(operand), _witness(operand)) for operand in node.operands]
+
+        def true_parts(trace: Trace) -> list[Span]:
+            spans: list[Span] = []
+            for test, witness in parts:
+                if test(trace):
+                    spans = _union(spans, witness(trace))
+            return spans
+        return true_parts
+    return lambda trace: []
+
+
+def _queries(node: ast.Expr) -> list[ast.Query]:
+    if isinstance(node, ast.Exists):
+        return [node.query]
+    if isinstance(node, ast.CountCompare):
+        right = [node.right.query] if isinstance(node.right, ast.Count) else []
+        return [node.left.query, *right]
+    if isinstance(node, ast.Before):
+        return [node.first, node.second]
+    if isinstance(node, ast.Not):
+        return _queries(node.operand)
+    return [q for operand in node.operands for q in _queries(operand)]
+
+
+def _pred_attributes(pred: ast.Pred | None) -> set[str]:
+    if pred is None:
+        return set()
+    if isinstance(pred, (ast.Compare, ast.Bare, ast.Unique)):
+        return {pred.attr}
+    if isinstance(pred, ast.PredNot):
+        return _pred_attributes(pred.operand)
+    return set().union(*(_pred_attributes(p) for p in pred.operands))
+
+
+def _references(node: ast.Expr) -> References:
+    names, globs, attributes = set(), set(), set()
+    for query in _queries(node):
+        (globs if query.selector.glob else names).add(query.selector.name)
+        attributes |= _pred_attributes(query.where)
+    for count in _counts(node):
+        if count.unique is not None:
+            attributes.add(count.unique)
+    return References(frozenset(names), frozenset(globs), frozenset(attributes))
+
+
+def _counts(node: ast.Expr) -> list[ast.Count]:
+    if isinstance(node, ast.CountCompare):
+        return [node.left] + ([node.right] if isinstance(node.right, ast.Count) else [])
+    if isinstance(node, ast.Not):
+        return _counts(node.operand)
+    if isinstance(node, (ast.And, ast.Or)):
+        return [c for operand in node.operands for c in _counts(operand)]
+    return []
+
+
+def _monotone(node: ast.Expr, positive: bool) -> bool:
+    """Can more spans only ever turn this from false to true (never back)?"""
+    if isinstance(node, ast.Not):
+        return _monotone(node.operand, not positive)
+    if isinstance(node, (ast.And, ast.Or)):
+        return all(_monotone(operand, positive) for operand in node.operands)
+    if not positive:
+        return False  # a negated existence can flip back when a span arrives
+    if isinstance(node, ast.CountCompare):
+        return isinstance(node.right, int) and node.op in (">", ">=")
+    return True  # Exists and Before only gain witnesses as spans arrive

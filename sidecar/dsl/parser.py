@@ -1,0 +1,326 @@
+"""Text to syntax tree: lark (LALR) parses, one Transformer pass builds frozen AST nodes.
+
+Every failure leaves this module as an ExpressionError with an offset and a friendly
+"expected ..." text; lark's own exceptions are unwrapped in `parse` and nowhere else.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from pathlib import Path
+from typing import Any
+
+import re2
+from lark import Lark, Token, Transformer, Tree, v_args
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, VisitError
+
+from sidecar.dsl import ast
+from sidecar.errors import ExpressionError
+
+MAX_EXPRESSION_BYTES = 64 * 1024
+MAX_DEPTH = 100  # far below Python's recursion limit, far above any rule a person writes
+
+_PARSER = Lark(
+    (Path(__file__).parent / "grammar.lark").read_text(),
+    parser="lalr",
+    propagate_positions=True,
+    cache=True,
+)
+
+# What each terminal is called in "expected ..." messages, in the order they are listed.
+_EXPECTED = {
+    "NAME": "a name", "STRING": 'a "quoted string"', "NUMBER": "a number",
+    "COUNT": "count(...)", "HAS": "trace.has(...)", "CMP_OP": "a comparison (== != < <= > >=)",
+    "IN": "in", "MATCHES": "matches", "CONTAINS": "contains", "WHERE": ".where(...)",
+    "BEFORE": "before", "WITHIN": "within", "DURATION": "a duration such as 200ms",
+    "_AND": "and", "_OR": "or", "_NOT": "not", "TRUE": "true", "FALSE": "false",
+    "UNIQUE": "unique", "WHEN": "when", "ALWAYS": "always", "NEVER": "never",
+    "LPAR": "'('", "RPAR": "')'", "LBRACE": "'{'", "RBRACE": "'}'", "LSQB": "'['",
+    "RSQB": "']'", "COMMA": "','", "$END": "the end of the expression",
+}
+_HINTS = {
+    "=": "'=' is not an operator; did you mean '=='?",
+    "&": "use 'and' instead of '&&'", "|": "use 'or' instead of '||'",
+    "!": "use 'not' for negation ('!=' compares)",
+    "'": "strings are written in double quotes",
+}
+_DURATION_UNITS_NS = {"ms": 1_000_000, "s": 1_000_000_000, "m": 60_000_000_000,
+                      "h": 3_600_000_000_000}
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # we report bad patterns ourselves, with a caret
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+
+
+@functools.lru_cache(maxsize=4096)
+def parse(text: str) -> ast.Expr | ast.Clauses:
+    """Parse one expression (a condition, a clause, or the in-DSL when/always/never form)."""
+    if len(text.encode()) > MAX_EXPRESSION_BYTES:
+        raise ExpressionError(
+            f"expression is {len(text.encode())} bytes; the limit is {MAX_EXPRESSION_BYTES}",
+            text, 0, code="too-large")
+    if not text.strip():
+        raise ExpressionError("empty expression; expected a rule such as trace.has(span.name)",
+                              text, 0)
+    try:
+        tree = _PARSER.parse(text)
+    except UnexpectedInput as exc:
+        raise _syntax_error(text, exc) from None
+    _check_depth(text, tree)
+    try:
+        return _ToAst(text).transform(tree)  # type: ignore[no-any-return]
+    except VisitError as exc:
+        if isinstance(exc.orig_exc, ExpressionError):
+            raise exc.orig_exc from None
+        raise
+
+
+def parse_duration(text: str) -> int:
+    """`200ms`, `1.5s`, `5m`, `2h` to nanoseconds; ValueError otherwise."""
+    match = _DURATION.fullmatch(text.strip())
+    if not match:
+        raise ValueError(f"invalid duration {text!r}; expected a number and ms, s, m or h")
+    return int(float(match.group(1)) * _DURATION_UNITS_NS[match.group(2)])
+
+
+def _syntax_error(text: str, exc: UnexpectedInput) -> ExpressionError:
+    expected = sorted(
+        {name for name in getattr(exc, "expected", None) or getattr(exc, "allowed", ())
+         if name in _EXPECTED},
+        key=list(_EXPECTED).index)
+    wanted = ", ".join(_EXPECTED[name] for name in expected[:8]) or "something else"
+    if isinstance(exc, UnexpectedEOF):
+        return ExpressionError(f"unexpected end of expression; expected {wanted}",
+                               text, len(text))
+    if isinstance(exc, UnexpectedCharacters):
+        char = text[exc.pos_in_stream]
+        hint = f" ({_HINTS[char]})" if char in _HINTS else ""
+        return ExpressionError(f"unexpected character {char!r}; expected {wanted}{hint}",
+                               text, exc.pos_in_stream)
+    token: Token = exc.token  # type: ignore[attr-defined]
+    if token.type == "$END":
+        return ExpressionError(f"unexpected end of expression; expected {wanted}",
+                               text, len(text))
+    start = token.start_pos or 0
+    return ExpressionError(f"unexpected {str(token)!r}; expected {wanted}",
+                           text, start, start + len(token))
+
+
+def _check_depth(text: str, tree: Tree) -> None:
+    """Refuse trees deep enough to threaten recursion in the transformer or compiled closures."""
+    stack: list[tuple[Any, int]] = [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            start = node.meta.start_pos if not node.meta.empty else 0
+            raise ExpressionError(f"expression nests more than {MAX_DEPTH} levels deep; "
+                                  "split it into simpler terms", text, start, code="too-deep")
+        stack.extend((child, depth + 1) for child in node.children if isinstance(child, Tree))
+
+
+def compile_regex(pattern: str) -> re2._Regexp:
+    """RE2: linear-time matching, so no rule can backtrack catastrophically on a span."""
+    return re2.compile(pattern, _RE2_OPTIONS)
+
+
+def decode_string(token: str) -> str:
+    """Unquote a double-quoted literal. Only \\" and \\\\ are escapes (plus \\n, \\t), so regex
+    escapes such as \\d reach `matches` as written."""
+    body = token[1:-1]
+    return re.sub(r'\\(["\\nt])',
+                  lambda m: {'"': '"', "\\": "\\", "n": "\n", "t": "\t"}[m.group(1)], body)
+
+
+_UNIQUE = object()  # the `unique` keyword, before it is known to sit in `attr == unique`
+
+
+@v_args(meta=True)
+class _ToAst(Transformer):  # type: ignore[type-arg]
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def _error(self, message: str, where: Any, code: str = "syntax") -> ExpressionError:
+        if isinstance(where, Token):
+            return ExpressionError(message, self.text, where.start_pos or 0,
+                                   (where.start_pos or 0) + len(where), code)
+        return ExpressionError(message, self.text, where.start, where.end, code)
+
+    @staticmethod
+    def _pos(meta: Any) -> dict[str, int]:
+        return {"start": meta.start_pos, "end": meta.end_pos} if not meta.empty else {}
+
+    # --- rule shape ---
+
+    def start(self, meta: Any, children: list[Any]) -> Any:
+        return children[0]
+
+    def clauses(self, meta: Any, children: list[Any]) -> ast.Clauses:
+        parts: dict[str, Any] = {}
+        for keyword, expr in children[2:]:
+            if keyword in parts:
+                raise self._error(f"'{keyword}' given twice", keyword)
+            parts[str(keyword)] = expr
+        return ast.Clauses(children[1], parts.get("always"), parts.get("never"),
+                           **self._pos(meta))
+
+    def clause(self, meta: Any, children: list[Any]) -> tuple[Token, Any]:
+        return children[0], children[1]
+
+    # --- trace level ---
+
+    def any_of(self, meta: Any, children: list[Any]) -> Any:
+        return children[0] if len(children) == 1 else ast.Or(tuple(children), **self._pos(meta))
+
+    def all_of(self, meta: Any, children: list[Any]) -> Any:
+        return children[0] if len(children) == 1 else ast.And(tuple(children), **self._pos(meta))
+
+    def negation(self, meta: Any, children: list[Any]) -> ast.Not:
+        return ast.Not(children[0], **self._pos(meta))
+
+    def exists(self, meta: Any, children: list[Any]) -> ast.Exists:
+        return ast.Exists(children[0], **self._pos(meta))
+
+    def before(self, meta: Any, children: list[Any]) -> ast.Before:
+        within = parse_duration(children[4]) if len(children) > 3 else None
+        return ast.Before(children[0], children[2], within, **self._pos(meta))
+
+    def count_compare(self, meta: Any, children: list[Any]) -> ast.CountCompare:
+        left, op, right = children
+        if isinstance(right, Token):
+            if not re.fullmatch(r"-?\d+", right):
+                raise self._error(f"a count compares with an integer or another count, "
+                                  f"not {str(right)!r}", right)
+            right = int(right)
+        return ast.CountCompare(left, str(op), right, **self._pos(meta))
+
+    def query(self, meta: Any, children: list[Any]) -> ast.Query:
+        selector, wheres = self._selector_and_wheres(children)
+        where = self._conjoin(wheres, meta)
+        for node in _walk_preds(where):
+            if isinstance(node, ast.Unique):
+                raise self._error("'unique' is reserved for count(...).where(attr == unique)",
+                                  node, code="misplaced-unique")
+        return ast.Query(selector, where, **self._pos(meta))
+
+    def count(self, meta: Any, children: list[Any]) -> ast.Count:
+        selector, wheres = self._selector_and_wheres(children)
+        where = self._conjoin(wheres, meta)
+        terms = _conjuncts(where)
+        uniques = [t for t in terms if isinstance(t, ast.Unique)]
+        rest = [t for t in terms if t is not None and not isinstance(t, ast.Unique)]
+        for term in rest:
+            for node in _walk_preds(term):
+                if isinstance(node, ast.Unique):
+                    raise self._error("'attr == unique' must be a term of its own, joined to "
+                                      "the rest with 'and'", node, code="misplaced-unique")
+        if len(uniques) > 1:
+            raise self._error("count distinct values of one attribute at a time",
+                              uniques[1], code="misplaced-unique")
+        filtered = None if not rest else rest[0] if len(rest) == 1 else ast.PredAnd(tuple(rest))
+        query = ast.Query(selector, filtered, **self._pos(meta))
+        return ast.Count(query, uniques[0].attr if uniques else None, **self._pos(meta))
+
+    def _selector_and_wheres(self, children: list[Any]) -> tuple[ast.Selector, list[Any]]:
+        parts = [c for c in children if not (isinstance(c, Token) and c.type in ("HAS", "COUNT"))]
+        return parts[0], parts[1:]
+
+    def _conjoin(self, preds: list[Any], meta: Any) -> Any:
+        if not preds:
+            return None
+        return preds[0] if len(preds) == 1 else ast.PredAnd(tuple(preds), **self._pos(meta))
+
+    def selector(self, meta: Any, children: list[Token]) -> ast.Selector:
+        token = children[0]
+        if token.type == "NAME":
+            return ast.Selector(str(token), **self._pos(meta))
+        name = decode_string(token)
+        if not name:
+            raise self._error("a quoted span name cannot be empty", token)
+        return ast.Selector(name, "*" in name, **self._pos(meta))
+
+    def where(self, meta: Any, children: list[Any]) -> Any:
+        return children[1]
+
+    # --- span level ---
+
+    def pred_any(self, meta: Any, children: list[Any]) -> Any:
+        return children[0] if len(children) == 1 else ast.PredOr(tuple(children),
+                                                                 **self._pos(meta))
+
+    def pred_all(self, meta: Any, children: list[Any]) -> Any:
+        return children[0] if len(children) == 1 else ast.PredAnd(tuple(children),
+                                                                  **self._pos(meta))
+
+    def pred_negation(self, meta: Any, children: list[Any]) -> ast.PredNot:
+        return ast.PredNot(children[0], **self._pos(meta))
+
+    def bare(self, meta: Any, children: list[Any]) -> ast.Bare:
+        return ast.Bare(children[0], **self._pos(meta))
+
+    def compare(self, meta: Any, children: list[Any]) -> Any:
+        attr, op, value = children
+        op_text = str(op)
+        if op.type == "MATCHES":
+            value = decode_string(value)
+            try:
+                compile_regex(value)
+            except re2.error as exc:
+                reason = exc.args[0].decode() if exc.args and isinstance(exc.args[0], bytes) \
+                    else str(exc)
+                raise self._error(f"invalid regular expression {value!r} (RE2 syntax): {reason}",
+                                  children[2], code="bad-regex") from None
+        elif value is _UNIQUE:
+            if op_text != "==":
+                raise self._error("'unique' only works as 'attr == unique'", op,
+                                  code="misplaced-unique")
+            return ast.Unique(attr, **self._pos(meta))
+        return ast.Compare(attr, op_text, value, **self._pos(meta))
+
+    def attr(self, meta: Any, children: list[Token]) -> str:
+        token = children[0]
+        return str(token) if token.type == "NAME" else decode_string(token)
+
+    def list(self, meta: Any, children: list[Any]) -> tuple[Any, ...]:
+        items = tuple(c for c in children if c is not None)
+        if any(item is _UNIQUE for item in items):
+            raise ExpressionError("'unique' cannot be a list item", self.text,
+                                  meta.start_pos, meta.end_pos, "misplaced-unique")
+        return items
+
+    def value(self, meta: Any, children: list[Token]) -> Any:
+        token = children[0]
+        kind = token.type
+        if kind == "NUMBER":
+            return int(token) if re.fullmatch(r"-?\d+", token) else float(token)
+        if kind == "STRING":
+            return decode_string(token)
+        if kind == "TRUE":
+            return True
+        if kind == "FALSE":
+            return False
+        if kind == "UNIQUE":
+            return _UNIQUE
+        return str(token)  # a bare identifier on the right is a string
+
+
+def _conjuncts(pred: Any) -> list[Any]:
+    """The terms of a (possibly nested) conjunction: `.where(a).where(b and c)` gives a, b, c."""
+    if pred is None:
+        return []
+    if isinstance(pred, ast.PredAnd):
+        return [term for operand in pred.operands for term in _conjuncts(operand)]
+    return [pred]
+
+
+def _walk_preds(pred: Any) -> list[Any]:
+    """Every span-level node under `pred` (iteratively: depth is bounded but be frugal)."""
+    found, stack = [], [pred] if pred is not None else []
+    while stack:
+        node = stack.pop()
+        found.append(node)
+        if isinstance(node, (ast.PredAnd, ast.PredOr)):
+            stack.extend(node.operands)
+        elif isinstance(node, ast.PredNot):
+            stack.append(node.operand)
+    return found

@@ -1,0 +1,114 @@
+"""The span record every stage shares, and the trace view rules evaluate.
+
+A `Span` is the compact projection the design calls for: ids, name, times, status, kind, the
+resource's `service.name`, and the attributes rules read. Ingest (OTLP protobuf or JSON) builds
+them; the rule engine only reads them. Attribute values keep their OTLP types: str, bool, int,
+float, or a tuple for arrays (kvlists become dicts, bytes stay bytes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+STATUSES = ("UNSET", "OK", "ERROR")
+KINDS = ("UNSPECIFIED", "INTERNAL", "SERVER", "CLIENT", "PRODUCER", "CONSUMER")
+
+
+class Span:
+    """One span, reduced to what rules and signals need."""
+
+    __slots__ = (
+        "trace_id", "span_id", "parent_span_id", "name", "start_ns", "end_ns",
+        "status", "kind", "service", "attributes",
+    )
+
+    def __init__(
+        self,
+        trace_id: str,
+        span_id: str,
+        name: str,
+        *,
+        parent_span_id: str = "",
+        start_ns: int = 0,
+        end_ns: int = 0,
+        status: str = "UNSET",
+        kind: str = "INTERNAL",
+        service: str | None = None,
+        attributes: dict[str, Any] | None = None,
+    ) -> None:
+        self.trace_id = trace_id  # 32 lowercase hex
+        self.span_id = span_id  # 16 lowercase hex
+        self.parent_span_id = parent_span_id  # "" for a root span
+        self.name = name
+        self.start_ns = start_ns
+        self.end_ns = end_ns
+        self.status = status  # one of STATUSES
+        self.kind = kind  # one of KINDS
+        self.service = service  # resource attribute service.name
+        self.attributes = attributes if attributes is not None else {}
+
+    @property
+    def duration_ms(self) -> float:
+        return (self.end_ns - self.start_ns) / 1e6
+
+    def __repr__(self) -> str:
+        return f"Span({self.name!r}, trace={self.trace_id[:8]}, span={self.span_id}, {self.attributes!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Span):
+            return NotImplemented
+        return all(getattr(self, f) == getattr(other, f) for f in Span.__slots__)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class Trace:
+    """All spans of one trace_id, indexed by name once so a rule only touches the spans it names."""
+
+    __slots__ = ("trace_id", "spans", "by_name", "_glob_cache")
+
+    def __init__(self, trace_id: str, spans: Iterable[Span]) -> None:
+        self.trace_id = trace_id
+        self.spans: list[Span] = list(spans)
+        by_name: dict[str, list[Span]] = {}
+        for span in self.spans:
+            bucket = by_name.get(span.name)
+            if bucket is None:
+                by_name[span.name] = [span]
+            else:
+                bucket.append(span)
+        self.by_name = by_name
+        self._glob_cache: dict[str, list[Span]] = {}
+
+    def named(self, name: str) -> list[Span]:
+        return self.by_name.get(name, [])
+
+    def matching(self, glob_key: str, matches: Any) -> list[Span]:
+        """Spans whose name satisfies `matches` (a compiled glob); cached per trace under glob_key."""
+        found = self._glob_cache.get(glob_key)
+        if found is None:
+            found = [s for name, bucket in self.by_name.items() if matches(name) for s in bucket]
+            self._glob_cache[glob_key] = found
+        return found
+
+    def __iter__(self) -> Iterator[Span]:
+        return iter(self.spans)
+
+    def __len__(self) -> int:
+        return len(self.spans)
+
+
+class Projection:
+    """What the loaded rules can read: spans whose name no rule selects, and attributes no rule
+    reads or copies into a signal, are dropped right after decoding (the main speed lever)."""
+
+    __slots__ = ("wants_name", "attributes")
+
+    def __init__(self, wants_name: Any, attributes: frozenset[str] | None) -> None:
+        self.wants_name = wants_name  # Callable[[str], bool]
+        self.attributes = attributes  # None keeps every attribute
+
+    @classmethod
+    def everything(cls) -> Projection:
+        return cls(lambda name: True, None)
