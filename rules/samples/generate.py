@@ -1,6 +1,7 @@
 """Write the bundled sample traffic for the rule catalog: OTLP JSON, as the Collector's file
-exporter writes it, with each of the seven incidents once (plus its clean twin), three SRE incidents (plus
-twins) and unrelated noise. Deterministic: the same seed always gives byte-identical output.
+exporter writes it, with each of the seven incidents once (plus its clean twin), three SRE
+incidents (plus twins) and unrelated noise. Deterministic: the same seed always gives
+byte-identical output.
 
 Regenerate (from the repository root):  python3 rules/samples/generate.py
 It writes, next to this script:
@@ -271,7 +272,8 @@ def product_page(t: Trace) -> None:
     svc = t.http_server("GET", "/products/{id}", "catalog", 2, 35, 200 if found else 404,
                         parent=root)
     t.span("GET", "catalog", 4, 2, parent=svc, kind="CLIENT",
-           scope="opentelemetry.instrumentation.redis", attrs={"db.system": "redis", "db.operation.name": "GET"})
+           scope="opentelemetry.instrumentation.redis",
+           attrs={"db.system": "redis", "db.operation.name": "GET"})
     t.db("catalog", 8, rng.randrange(2, 20), svc, "products")
 
 

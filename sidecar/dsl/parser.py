@@ -47,6 +47,7 @@ _HINTS = {
 }
 _DURATION_UNITS_NS = {"ms": 1_000_000, "s": 1_000_000_000, "m": 60_000_000_000,
                       "h": 3_600_000_000_000}
+_FLIPPED = {"==": "==", "!=": "!=", "<": ">", "<=": ">=", ">": "<", ">=": "<="}
 _RE2_OPTIONS = re2.Options()
 _RE2_OPTIONS.log_errors = False  # we report bad patterns ourselves, with a caret
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
@@ -187,6 +188,8 @@ class _ToAst(Transformer):  # type: ignore[type-arg]
 
     def count_compare(self, meta: Any, children: list[Any]) -> ast.CountCompare:
         left, op, right = children
+        if isinstance(left, Token):  # `3 < count(x)` reads as `count(x) > 3`
+            left, op, right = right, Token(op.type, _FLIPPED[str(op)]), left
         if isinstance(right, Token):
             if not re.fullmatch(r"-?\d+", right):
                 raise self._error(f"a count compares with an integer or another count, "
