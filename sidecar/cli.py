@@ -12,6 +12,7 @@ from typing import IO
 from sidecar import __version__
 from sidecar.errors import RuleLoadError
 from sidecar.rules import RuleSet, load_rules
+from sidecar.config import Settings
 
 EXIT_OK, EXIT_FAILED, EXIT_UNUSABLE, EXIT_SKIPPED_INPUT = 0, 1, 2, 3
 
@@ -69,7 +70,81 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("--fail-on-violation", action="store_true",
                         help="exit 1 when any rule fires")
     replay.set_defaults(run=_replay)
+
+    serve = commands.add_parser(
+        "serve", help="run the sidecar: OTLP in, violations out",
+        description="Receive spans from the OpenTelemetry Collector over OTLP, assemble traces, "
+        "evaluate the rules, and emit violations as spans, metrics and a JSON-lines log. "
+        "Every flag can also be set as BETRACE_<FLAG> in the environment (flags win). "
+        "SIGHUP reloads the rules; SIGTERM decides every buffered trace and exits.")
+    defaults = Settings()
+    _flag(serve, "--rules", "PATH", ",".join(defaults.rules),
+          "rule file or directory, comma-separated for several (watched for changes)")
+    _flag(serve, "--listen", "HOST:PORT", defaults.listen, "OTLP gRPC")
+    _flag(serve, "--http-listen", "HOST:PORT", defaults.http_listen, "OTLP/HTTP ('' = off)")
+    _flag(serve, "--metrics-listen", "HOST:PORT", defaults.metrics_listen,
+          "/metrics, /healthz, /readyz ('' = off)")
+    _flag(serve, "--decision-wait", "DURATION", "10s",
+          "decide a trace after this long without a new span")
+    _flag(serve, "--max-trace-age", "DURATION", "5m", "decide a trace this long after it opened")
+    _flag(serve, "--decided-retention", "DURATION", "1m",
+          "keep decided traces this long so late spans re-open them whole")
+    _flag(serve, "--max-traces", "N", str(defaults.max_traces),
+          "traces held; beyond it the oldest open trace is decided early")
+    _flag(serve, "--max-spans-per-trace", "N", str(defaults.max_spans_per_trace),
+          "spans beyond it are refused (reported as OTLP partial success)")
+    _flag(serve, "--signals-out", "FILE|-", "", "append signals as JSON lines ('-' = stdout)")
+    _flag(serve, "--export-otlp", "HOST:PORT", "",
+          "send violation spans over OTLP gRPC (e.g. back to the collector)")
+    _flag(serve, "--store", "KIND", defaults.store, "trace state: memory")
+    _flag(serve, "--reload-interval", "DURATION", "2s", "how often to look for rule changes")
+    _flag(serve, "--log-level", "LEVEL", "info", "debug, info, warning or error")
+    serve.set_defaults(run=_serve)
     return parser
+
+
+def _flag(parser: argparse.ArgumentParser, flag: str, metavar: str, default: str,
+          help: str) -> None:
+    """A flag whose default comes from BETRACE_<FLAG>, else `default`."""
+    env = "BETRACE_" + flag.lstrip("-").replace("-", "_").upper()
+    parser.add_argument(flag, metavar=metavar, default=os.environ.get(env, default),
+                        help=f"{help} [env {env}; default {default!r}]")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from sidecar.dsl import parse_duration
+    from sidecar.serve import Sidecar
+
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = Settings(
+            rules=[p for p in args.rules.split(",") if p],
+            listen=args.listen, http_listen=args.http_listen, metrics_listen=args.metrics_listen,
+            decision_wait=parse_duration(args.decision_wait) / 1e9,
+            max_trace_age=parse_duration(args.max_trace_age) / 1e9,
+            decided_retention=parse_duration(args.decided_retention) / 1e9,
+            max_traces=int(args.max_traces), max_spans_per_trace=int(args.max_spans_per_trace),
+            signals_out=args.signals_out or None, export_otlp=args.export_otlp or None,
+            store=args.store, reload_interval=parse_duration(args.reload_interval) / 1e9)
+    except ValueError as exc:
+        print(f"betrace serve: {exc}", file=sys.stderr)
+        return EXIT_UNUSABLE
+    problems = settings.validate()
+    if problems:
+        for problem in problems:
+            print(f"betrace serve: {problem}", file=sys.stderr)
+        return EXIT_UNUSABLE
+    ruleset = _load(settings.rules)
+    if ruleset is None:
+        return EXIT_UNUSABLE
+    try:
+        return Sidecar(settings, ruleset).serve_forever()
+    except OSError as exc:
+        print(f"betrace serve: {exc}", file=sys.stderr)
+        return EXIT_UNUSABLE
 
 
 def _load(paths: Sequence[str]) -> RuleSet | None:

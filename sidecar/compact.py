@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import math
 from typing import Any
 
 from sidecar.span import KINDS, STATUSES, Span, Trace
@@ -76,7 +77,8 @@ def _span(trace_id: str, index: int, item: Any) -> Span:
 
 def _number(item: dict[str, Any], key: str, index: int, default: float) -> float:
     value = item.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 \
+            or not math.isfinite(value):
         raise CompactSpanError(f"span {index + 1}: {key} must be a non-negative number",
                                index, key)
     return value

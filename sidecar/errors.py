@@ -94,7 +94,8 @@ def line_and_column(text: str, offset: int) -> tuple[int, int]:
 
 def render(where: str, message: str, code: str, text: str, start: int, end: int) -> str:
     line, column = line_and_column(text, start)
-    source_line = text.splitlines()[line - 1] if text.strip() else ""
+    lines = text.split("\n")
+    source_line = lines[line - 1] if text.strip() and line <= len(lines) else ""
     head = f"{where}: error[{code}]: {message}"
     if not source_line:
         return head

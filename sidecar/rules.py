@@ -35,6 +35,7 @@ TEST_KEYS = ("rule", "description", "violates", "spans")
 FILE_KEYS = ("rules", "tests")
 RULE_FILE_SUFFIXES = (".yaml", ".yml")
 _KEBAB = re.compile(r"[a-z0-9]+(-[a-z0-9]+)*")
+_INVALID: Any = object()  # a YAML value that could not be constructed (already reported)
 
 
 @dataclass(frozen=True)
@@ -240,6 +241,11 @@ class _Loader:
         """A mapping's values by key, reporting unknown and repeated keys."""
         fields: dict[str, yaml.Node] = {}
         for key_node, value_node in mapping_items(node):
+            if not isinstance(key_node, yaml.ScalarNode):
+                self._error(doc, key_node, f"a key in {what} must be a plain name, not a "
+                            f"{'list' if isinstance(key_node, yaml.SequenceNode) else 'mapping'}",
+                            "unknown-key", rule_id)
+                continue
             key = key_node.value
             if key not in allowed:
                 close = difflib.get_close_matches(str(key), allowed, n=1)
@@ -269,7 +275,8 @@ class _Loader:
             self._error(doc, node, "each rule is a mapping with at least 'id' and 'condition' "
                         "(or 'when' with 'always'/'never')", "schema")
             return
-        id_node = dict((k.value, v) for k, v in mapping_items(node)).get("id")
+        id_node = next((v for k, v in mapping_items(node)
+                        if isinstance(k, yaml.ScalarNode) and k.value == "id"), None)
         rule_id = str(id_node.value) if isinstance(id_node, yaml.ScalarNode) else None
         fields = self._fields(doc, node, RULE_KEYS, f"rule '{rule_id}'" if rule_id else "rule",
                               rule_id)
@@ -380,11 +387,21 @@ class _Loader:
             return []
         return [item.value for item in node.value]
 
+    def _value(self, doc: YamlSource, node: yaml.Node, rule_id: str | None) -> Any:
+        """A node's Python value, or _INVALID after reporting why it has none."""
+        try:
+            return doc.value(node)
+        except RuleError as exc:
+            self.errors.append(RuleError(exc.message, exc.location, exc.code, rule_id))
+            return _INVALID
+
     def _bool(self, doc: YamlSource, node: yaml.Node | None, what: str, rule_id: str | None,
               default: bool) -> bool:
         if node is None:
             return default
-        value = doc.value(node)
+        value = self._value(doc, node, rule_id)
+        if value is _INVALID:
+            return default
         if not isinstance(value, bool):
             self._error(doc, node, f"'{what}' must be true or false", "schema", rule_id)
             return default
@@ -417,7 +434,9 @@ class _Loader:
                         "schema", rule_id)
             return None
         violates = self._bool(doc, fields["violates"], "violates", rule_id, default=False)
-        spans = doc.value(fields["spans"])
+        spans = self._value(doc, fields["spans"], rule_id)
+        if spans is _INVALID:
+            return None
         try:
             trace_from_compact(spans)
         except CompactSpanError as exc:
@@ -426,8 +445,11 @@ class _Loader:
                 at = at.value[exc.index]
             self._error(doc, at, str(exc), "bad-span", rule_id)
             return None
-        description = str(doc.value(fields["description"])) if "description" in fields else ""
-        return description, violates, spans, doc.location(node)
+        description = self._value(doc, fields["description"], rule_id) \
+            if "description" in fields else ""
+        if description is _INVALID:
+            return None
+        return str(description), violates, spans, doc.location(node)
 
     def _test(self, doc: YamlSource, node: yaml.Node) -> None:
         """A standalone test case: like an example, but naming its rule with `rule:`."""

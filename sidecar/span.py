@@ -70,16 +70,22 @@ class Trace:
 
     def __init__(self, trace_id: str, spans: Iterable[Span]) -> None:
         self.trace_id = trace_id
-        self.spans: list[Span] = list(spans)
-        by_name: dict[str, list[Span]] = {}
-        for span in self.spans:
+        self.spans: list[Span] = []
+        self.by_name: dict[str, list[Span]] = {}
+        self._glob_cache: dict[str, list[Span]] = {}
+        self.add(spans)
+
+    def add(self, spans: Iterable[Span]) -> None:
+        """Append spans as they arrive, keeping the name index current."""
+        by_name = self.by_name
+        for span in spans:
+            self.spans.append(span)
             bucket = by_name.get(span.name)
             if bucket is None:
                 by_name[span.name] = [span]
             else:
                 bucket.append(span)
-        self.by_name = by_name
-        self._glob_cache: dict[str, list[Span]] = {}
+        self._glob_cache.clear()
 
     def named(self, name: str) -> list[Span]:
         return self.by_name.get(name, [])

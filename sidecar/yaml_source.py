@@ -14,6 +14,38 @@ import yaml
 from sidecar.errors import Location, RuleError
 
 _MAX_ALIGN_SCAN = 256  # how far to look for the next character of a scalar in its source
+MAX_NESTING = 64  # YAML nesting deeper than this is refused: composing it recurses per level
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader that refuses nesting deep enough to exhaust Python's stack, and aliases inside
+    their own anchor (a structure that contains itself)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self._depth = 0
+        self._open_anchors: set[str] = set()
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            if event.anchor in self._open_anchors:
+                raise yaml.composer.ComposerError(
+                    None, None, f"alias *{event.anchor} refers to a node that contains it",
+                    event.start_mark)
+            return super().compose_node(parent, index)
+        if self._depth >= MAX_NESTING:
+            raise yaml.composer.ComposerError(
+                None, None, f"nested more than {MAX_NESTING} levels deep", event.start_mark)
+        anchor = event.anchor
+        self._depth += 1
+        if anchor is not None:
+            self._open_anchors.add(anchor)
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+            self._open_anchors.discard(anchor)
 
 
 class YamlSource:
@@ -22,16 +54,20 @@ class YamlSource:
     def __init__(self, path: str, text: str) -> None:
         self.path = path
         self.text = text
-        self.lines = text.splitlines()
+        # Lines are split at "\n" only, as line numbers are counted (not at \x85 or \u2028).
+        self.lines = [line.removesuffix("\r") for line in text.split("\n")]
         self._line_starts = [0] + [i + 1 for i, ch in enumerate(text) if ch == "\n"]
-        self._loader = yaml.SafeLoader(text)
         try:
+            self._loader = _BoundedLoader(text)  # checks for unprintable characters at once
             self.root: yaml.Node | None = self._loader.get_single_node()
         except yaml.MarkedYAMLError as exc:
             mark = exc.problem_mark or exc.context_mark
             what = exc.problem or exc.context or "invalid YAML"
             raise RuleError(f"invalid YAML: {what}",
                             self._location_at(mark.index if mark else 0), code="yaml") from None
+        except yaml.reader.ReaderError as exc:
+            raise RuleError(f"invalid YAML: character {exc.character:#06x} is not allowed "
+                            "(unprintable)", self._location_at(exc.position), code="yaml") from None
 
     def value(self, node: yaml.Node) -> Any:
         """The Python value of a node (plain types only: SafeLoader)."""
@@ -40,6 +76,11 @@ class YamlSource:
         except yaml.constructor.ConstructorError as exc:
             raise RuleError(f"invalid YAML value: {exc.problem}", self.location(node),
                             code="yaml") from None
+        except (ValueError, TypeError, AttributeError, KeyError, OverflowError,
+                RecursionError) as exc:
+            # an explicit tag on text it cannot convert (`!!int abc`), or aliases nested too deep
+            raise RuleError(f"invalid YAML value for tag {node.tag}: {exc}",
+                            self.location(node), code="yaml") from None
 
     def location(self, node: yaml.Node) -> Location:
         """Where a node starts, underlining its first line."""

@@ -164,11 +164,23 @@ def _compare(node: ast.Compare) -> SpanTest:
         return lambda s: _is_number(v := get(s)) and order(v, literal)
     if op == "in":
         items = tuple(literal)  # type: ignore[arg-type]
-        return lambda s: (v := get(s)) is not MISSING and any(
-            literal_equals(v, item) for item in items)
+        strings = frozenset(i for i in items if type(i) is str)
+        numbers = frozenset(i for i in items if _is_number(i))
+        booleans = frozenset(i for i in items if isinstance(i, bool))
+
+        def member(s: Span) -> bool:
+            value = get(s)
+            kind = type(value)
+            if kind is str:
+                return value in strings
+            if kind is int or kind is float:
+                return value in numbers  # a set of non-bool numbers: 1 == 1.0, never True
+            return kind is bool and value in booleans
+        return member
     if op == "matches":
-        search = compile_regex(literal).search
-        return lambda s: type(v := get(s)) is str and search(v) is not None
+        regex = compile_regex(literal)
+        search = memoized(lambda text: regex.search(text) is not None)
+        return lambda s: type(v := get(s)) is str and search(v)
     if op == "contains":
         if type(literal) is not str:
             return lambda s: False  # a substring test needs a string on both sides
@@ -188,11 +200,17 @@ def _pred_not(node: ast.PredNot) -> SpanTest:
 
 def _pred_and(node: ast.PredAnd) -> SpanTest:
     parts = tuple(_pred(p) for p in node.operands)
+    if len(parts) == 2:
+        first, second = parts
+        return lambda s: first(s) and second(s)
     return lambda s: all(p(s) for p in parts)
 
 
 def _pred_or(node: ast.PredOr) -> SpanTest:
     parts = tuple(_pred(p) for p in node.operands)
+    if len(parts) == 2:
+        first, second = parts
+        return lambda s: first(s) or second(s)
     return lambda s: any(p(s) for p in parts)
 
 
@@ -208,10 +226,32 @@ def _pred(node: ast.Pred) -> SpanTest:
 
 # --- trace level --------------------------------------------------------------------------------
 
+def memoized(test: Callable[[str], bool], size: int = 4096) -> Callable[[str], bool]:
+    """Remember a string test's answers: span names and attribute values repeat a lot, and one
+    call into RE2 costs microseconds."""
+    answers: dict[str, bool] = {}
+
+    def remembered(text: str) -> bool:
+        answer = answers.get(text)
+        if answer is None:
+            if len(answers) >= size:
+                answers.clear()
+            answer = answers[text] = test(text)
+        return answer
+    return remembered
+
+
 def glob_matcher(pattern: str) -> Callable[[str], bool]:
     """`*` in a quoted selector matches any run of characters; nothing else is special."""
-    regex = compile_regex(".*".join(re2.escape(part) for part in pattern.split("*")))
-    return lambda name: regex.fullmatch(name) is not None
+    parts = pattern.split("*")
+    if len(parts) == 1:
+        return lambda name: name == pattern
+    if len(parts) == 2:
+        head, tail = parts
+        size = len(head) + len(tail)
+        return lambda name: len(name) >= size and name.startswith(head) and name.endswith(tail)
+    regex = compile_regex(".*".join(re2.escape(part) for part in parts))
+    return memoized(lambda name: regex.fullmatch(name) is not None)
 
 
 def _candidates(selector: ast.Selector) -> SpanSource:
@@ -305,11 +345,17 @@ def _not(node: ast.Not) -> TraceTest:
 
 def _and(node: ast.And) -> TraceTest:
     parts = tuple(_expr(p) for p in node.operands)
+    if len(parts) == 2:
+        first, second = parts
+        return lambda trace: first(trace) and second(trace)
     return lambda trace: all(p(trace) for p in parts)
 
 
 def _or(node: ast.Or) -> TraceTest:
     parts = tuple(_expr(p) for p in node.operands)
+    if len(parts) == 2:
+        first, second = parts
+        return lambda trace: first(trace) or second(trace)
     return lambda trace: any(p(trace) for p in parts)
 
 

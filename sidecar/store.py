@@ -1,0 +1,217 @@
+"""Trace state: where spans wait, grouped by trace, until their trace is decided.
+
+`TraceStore` is the protocol the assembler talks to; `MemoryStore` is the embedded
+implementation (the Redis one shares the same contract tests). A trace is due when no span has
+arrived for `decision_wait`, or `max_trace_age` after it opened. A decided trace is remembered for
+`decided_retention`, so a late span re-opens it with all its earlier spans and a rule that has
+already signalled for it stays quiet. Limits never drop data silently: refused spans and
+early-decided traces are reported in the results for the caller to count.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
+
+from sidecar.span import Span, Trace
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class StoreLimits:
+    decision_wait: float = 10.0  # seconds without a new span before a trace is decided
+    max_trace_age: float = 300.0  # seconds after a trace opened when it is decided regardless
+    max_traces: int = 50_000  # traces held (open and recently decided)
+    max_spans_per_trace: int = 10_000
+    decided_retention: float = 60.0  # seconds a decided trace is kept for late spans
+
+
+@dataclass
+class AppendResult:
+    accepted: int = 0
+    rejected: int = 0  # refused: the trace already holds max_spans_per_trace
+    late: int = 0  # accepted into a trace that had already been decided (it re-opens)
+    evicted: int = 0  # open traces pushed to an early decision to make room (max_traces)
+    touched: list[str] = field(default_factory=list)  # traces that received spans
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A trace handed to one decider; `reason` is idle, max_age, evicted or shutdown."""
+
+    trace: Trace
+    reason: str
+    due_at: float
+
+
+class TraceStore(Protocol):
+    def append(self, batch: Mapping[str, list[Span]], now: float) -> AppendResult: ...
+    def claim_due(self, now: float, limit: int = 1000) -> list[Claimed]: ...
+    def claim_all(self, now: float) -> list[Claimed]: ...
+    def with_trace(self, trace_id: str, use: Callable[[Trace], T]) -> T | None: ...
+    def signal_once(self, rule_id: str, trace_id: str) -> bool: ...
+    def next_due(self) -> float | None: ...
+    def counts(self) -> tuple[int, int]: ...  # (open traces, buffered spans)
+    def close(self) -> None: ...
+
+
+class _Entry:
+    __slots__ = ("trace", "opened", "last_seen", "signalled", "decided_until")
+
+    def __init__(self, trace: Trace, now: float) -> None:
+        self.trace = trace
+        self.opened = now
+        self.last_seen = now
+        self.signalled: set[str] = set()
+        self.decided_until: float | None = None  # set while decided and remembered
+
+
+class MemoryStore:
+    """All state in this process, guarded by one lock (the GIL serialises the work anyway)."""
+
+    def __init__(self, limits: StoreLimits = StoreLimits()) -> None:
+        self.limits = limits
+        self._lock = threading.Lock()
+        self._entries: dict[str, _Entry] = {}
+        self._by_activity: OrderedDict[str, _Entry] = OrderedDict()  # open, least recent first
+        self._by_age: OrderedDict[str, _Entry] = OrderedDict()  # open, oldest first
+        self._decided: OrderedDict[str, _Entry] = OrderedDict()  # decided, oldest first
+        self._evicted: list[tuple[str, _Entry]] = []  # open traces pushed out by max_traces
+        self._spans = 0
+
+    def append(self, batch: Mapping[str, list[Span]], now: float) -> AppendResult:
+        result = AppendResult()
+        limit = self.limits.max_spans_per_trace
+        with self._lock:
+            for trace_id, spans in batch.items():
+                entry = self._entries.get(trace_id)
+                if entry is None:
+                    self._make_room(result)
+                    entry = self._entries[trace_id] = _Entry(Trace(trace_id, ()), now)
+                    self._by_age[trace_id] = entry
+                elif entry.decided_until is not None:
+                    # Re-open with a fresh Trace: a decider may still be reading the old one.
+                    del self._decided[trace_id]
+                    entry.decided_until = None
+                    entry.trace = Trace(trace_id, entry.trace.spans)
+                    entry.opened = now
+                    self._by_age[trace_id] = entry
+                    self._spans += len(entry.trace.spans)
+                    result.late += len(spans)
+                room = limit - len(entry.trace.spans)
+                if room < len(spans):
+                    result.rejected += len(spans) - max(room, 0)
+                    spans = spans[:max(room, 0)]
+                if not spans:
+                    continue
+                entry.trace.add(spans)
+                entry.last_seen = now
+                self._by_activity[trace_id] = entry
+                self._by_activity.move_to_end(trace_id)
+                self._spans += len(spans)
+                result.accepted += len(spans)
+                result.touched.append(trace_id)
+        return result
+
+    def _make_room(self, result: AppendResult) -> None:
+        """Forget the oldest decided trace, else push the oldest open one to a decision now."""
+        if len(self._entries) < self.limits.max_traces:
+            return
+        if self._decided:
+            trace_id, _ = self._decided.popitem(last=False)
+            del self._entries[trace_id]
+            return
+        trace_id, entry = self._by_age.popitem(last=False)
+        self._by_activity.pop(trace_id, None)
+        del self._entries[trace_id]
+        self._spans -= len(entry.trace.spans)
+        self._evicted.append((trace_id, entry))
+        result.evicted += 1
+
+    def claim_due(self, now: float, limit: int = 1000) -> list[Claimed]:
+        wait, max_age = self.limits.decision_wait, self.limits.max_trace_age
+        claimed: list[Claimed] = []
+        with self._lock:
+            while self._evicted and len(claimed) < limit:
+                trace_id, entry = self._evicted.pop()
+                claimed.append(Claimed(entry.trace, "evicted", now))
+            while self._by_activity and len(claimed) < limit:
+                trace_id, entry = next(iter(self._by_activity.items()))
+                if entry.last_seen + wait > now:
+                    break
+                claimed.append(self._decide(trace_id, entry, "idle", entry.last_seen + wait, now))
+            while self._by_age and len(claimed) < limit:
+                trace_id, entry = next(iter(self._by_age.items()))
+                if entry.opened + max_age > now:
+                    break
+                claimed.append(self._decide(trace_id, entry, "max_age", entry.opened + max_age,
+                                            now))
+            while self._decided:
+                trace_id, entry = next(iter(self._decided.items()))
+                if entry.decided_until is None or entry.decided_until > now:
+                    break
+                del self._decided[trace_id]
+                del self._entries[trace_id]
+        return claimed
+
+    def _decide(self, trace_id: str, entry: _Entry, reason: str, due_at: float,
+                now: float) -> Claimed:
+        self._by_activity.pop(trace_id, None)
+        self._by_age.pop(trace_id, None)
+        self._spans -= len(entry.trace.spans)
+        entry.decided_until = now + self.limits.decided_retention
+        self._decided[trace_id] = entry
+        return Claimed(entry.trace, reason, due_at)
+
+    def claim_all(self, now: float) -> list[Claimed]:
+        """Every open trace, for a final decision at shutdown."""
+        with self._lock:
+            claimed = [Claimed(entry.trace, "shutdown", now) for _, entry in self._evicted]
+            self._evicted.clear()
+            claimed += [self._decide(trace_id, entry, "shutdown", now, now)
+                        for trace_id, entry in list(self._by_age.items())]
+        return claimed
+
+    def with_trace(self, trace_id: str, use: Callable[[Trace], T]) -> T | None:
+        """Run `use` on an open trace while no span can be added to it."""
+        with self._lock:
+            entry = self._entries.get(trace_id)
+            if entry is None or entry.decided_until is not None:
+                return None
+            return use(entry.trace)
+
+    def signal_once(self, rule_id: str, trace_id: str) -> bool:
+        """True for the first caller per (rule, trace) while the trace is remembered."""
+        with self._lock:
+            entry = self._entries.get(trace_id)
+            if entry is None:
+                entry = next((e for t, e in self._evicted if t == trace_id), None)
+            if entry is None:
+                return True  # forgotten already: nothing left to deduplicate against
+            if rule_id in entry.signalled:
+                return False
+            entry.signalled.add(rule_id)
+            return True
+
+    def next_due(self) -> float | None:
+        with self._lock:
+            if self._evicted:
+                return 0.0
+            times = []
+            if self._by_activity:
+                times.append(next(iter(self._by_activity.values())).last_seen
+                             + self.limits.decision_wait)
+            if self._by_age:
+                times.append(next(iter(self._by_age.values())).opened + self.limits.max_trace_age)
+            return min(times) if times else None
+
+    def counts(self) -> tuple[int, int]:
+        with self._lock:
+            return len(self._by_age), self._spans
+
+    def close(self) -> None:
+        """Nothing to release: memory goes with the process."""
