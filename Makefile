@@ -1,10 +1,10 @@
-# BeTrace: `make run` shows the shipped rules at work; `make test` runs every test.
+# BeTrace: `make run` starts the sidecar with the shipped rules; `make test` runs every test.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test check bench clean
+.PHONY: run demo replay test check bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,6 +13,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
+	$(BIN)/betrace serve --rules rules/ --signals-out -
+
+demo: $(STAMP)
+	$(BIN)/betrace demo --rules rules/
+
+replay: $(STAMP)
 	$(BIN)/betrace check rules/
 	$(BIN)/betrace test rules/
 	$(BIN)/betrace replay --rules rules/ --format table rules/samples/incidents.otlp.jsonl
@@ -25,6 +31,7 @@ check: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/rules.py
+	$(BIN)/python bench/ingest.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

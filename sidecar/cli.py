@@ -100,7 +100,32 @@ def _parser() -> argparse.ArgumentParser:
     _flag(serve, "--reload-interval", "DURATION", "2s", "how often to look for rule changes")
     _flag(serve, "--log-level", "LEVEL", "info", "debug, info, warning or error")
     serve.set_defaults(run=_serve)
+
+    demo = commands.add_parser(
+        "demo", help="show the seven incidents caught by a live sidecar",
+        description="Start a sidecar in-process on free loopback ports, send the seven incident "
+        "scenarios (violating and clean twins, from the catalog's examples) through the real "
+        "OTLP gRPC path with the OpenTelemetry SDK, and print what was caught.")
+    demo.add_argument("--rules", default="rules", metavar="PATH",
+                      help="rule file or directory (default: rules)")
+    demo.add_argument("--decision-wait", default="1s", metavar="DURATION")
+    demo.set_defaults(run=_demo)
     return parser
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from sidecar.demo import run_demo
+    from sidecar.dsl import parse_duration
+
+    ruleset = _load([args.rules])
+    if ruleset is None:
+        return EXIT_UNUSABLE
+    try:
+        wait = parse_duration(args.decision_wait) / 1e9
+    except ValueError as exc:
+        print(f"betrace demo: {exc}", file=sys.stderr)
+        return EXIT_UNUSABLE
+    return run_demo(ruleset, wait)
 
 
 def _flag(parser: argparse.ArgumentParser, flag: str, metavar: str, default: str,
@@ -214,6 +239,8 @@ def _replay(args: argparse.Namespace) -> int:
         summary = replay(ruleset, args.sources, writer.write,
                          on_error=lambda e: print(f"betrace: {e}", file=sys.stderr))
         writer.close()
+    except BrokenPipeError:
+        raise  # the reader went away (`| head`): main() ends quietly
     except OSError as exc:
         print(f"betrace: {exc}", file=sys.stderr)
         return EXIT_UNUSABLE

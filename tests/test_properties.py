@@ -3,6 +3,7 @@ rule's verdict on a trace never depends on the order its spans arrived in."""
 
 from __future__ import annotations
 
+import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -120,22 +121,36 @@ KEYS = st.sampled_from(sorted({*RULE_KEYS, *SIGNAL_KEYS, *EXAMPLE_KEYS, "rules",
                                "status", "service", "span_id", "x", "condtion"}))
 
 
-def _documents() -> st.SearchStrategy[object]:
-    tree = st.recursive(
-        SCALARS,
-        lambda inner: st.one_of(st.lists(inner, max_size=4),
-                                st.dictionaries(KEYS, inner, max_size=5)),
-        max_leaves=25,
-    )
-    rule = st.fixed_dictionaries(
-        {"id": st.sampled_from(["r1", "r2", "r1"])},
-        optional={key: tree for key in RULE_KEYS if key != "id"},
-    )
-    return st.one_of(
-        tree,
-        st.fixed_dictionaries({}, optional={"rules": st.lists(rule, max_size=3),
-                                            "tests": st.lists(tree, max_size=3)}),
-    )
+TREE = st.recursive(
+    SCALARS,
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(KEYS, inner, max_size=5)),
+    max_leaves=25,
+)
+NUMBER = st.one_of(st.integers(-2, 100), st.floats(),
+                   st.sampled_from([float("nan"), float("inf"), -0.0, 1e300]))
+COMPACT_SPAN = st.fixed_dictionaries(
+    {"name": st.one_of(st.sampled_from(["a", "b"]), SCALARS)},
+    optional={
+        "attributes": st.one_of(st.dictionaries(st.sampled_from(["x", "y"]), TREE), TREE),
+        "status": st.sampled_from(["OK", "ERROR", "UNSET", "BAD"]),
+        "kind": st.sampled_from(["SERVER", "CLIENT", "INTERNAL", "BAD"]),
+        "start_ms": st.one_of(NUMBER, SCALARS), "duration_ms": st.one_of(NUMBER, SCALARS),
+        "service": SCALARS, "span_id": SCALARS, "x": SCALARS},
+)
+EXAMPLE = st.fixed_dictionaries(
+    {}, optional={"violates": st.one_of(st.booleans(), SCALARS),
+                  "spans": st.one_of(st.lists(COMPACT_SPAN, max_size=3), TREE),
+                  "description": SCALARS, "rule": SCALARS, "x": SCALARS})
+RULE = st.fixed_dictionaries(
+    {"id": st.sampled_from(["r1", "r2", "r1"])},
+    optional={**{key: TREE for key in RULE_KEYS if key != "id"},
+              "examples": st.lists(EXAMPLE, max_size=2)},
+)
+DOCUMENT = st.one_of(
+    TREE,
+    st.fixed_dictionaries({}, optional={"rules": st.lists(RULE, max_size=3),
+                                        "tests": st.lists(EXAMPLE, max_size=3)}),
+)
 
 
 def _load_fails_cleanly(text: str) -> None:
@@ -160,18 +175,26 @@ def test_load_yaml_soup_raises_only_rule_load_error(text: str) -> None:
 
 
 @BOUNDED
-@given(_documents())
+@given(DOCUMENT)
 def test_load_generated_documents_raises_only_rule_load_error(document: object) -> None:
     _load_fails_cleanly(yaml.safe_dump(document, allow_unicode=True))
 
 
 @BOUNDED
-@given(st.integers(min_value=1, max_value=3000), st.sampled_from(["[", "{a: ", "- "]))
+@given(st.lists(COMPACT_SPAN, max_size=4))
+def test_example_spans_raise_only_rule_load_error(spans: list[dict[str, object]]) -> None:
+    document = {"rules": [{"id": "r1", "condition": "trace.has(a)",
+                           "examples": [{"violates": True, "spans": spans}]}]}
+    _load_fails_cleanly(yaml.safe_dump(document, allow_unicode=True))
+
+
+@pytest.mark.parametrize("depth", [10, 63, 64, 65, 200, 2000])
+@pytest.mark.parametrize("opener", ["[", "{a: ", "- "])
 def test_load_deeply_nested_yaml_raises_only_rule_load_error(depth: int, opener: str) -> None:
-    closer = {"[": "]", "{a: ": "}", "- ": ""}[opener]
     if opener == "- ":
-        text = "rules:\n" + "".join("  " * i + "-\n" for i in range(depth))
+        text = "rules:\n" + "".join(" " * i + "-\n" for i in range(depth))
     else:
+        closer = {"[": "]", "{a: ": "}"}[opener]
         text = "rules: " + opener * depth + "1" + closer * depth
     _load_fails_cleanly(text)
 

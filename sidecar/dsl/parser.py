@@ -56,10 +56,14 @@ _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 @functools.lru_cache(maxsize=4096)
 def parse(text: str) -> ast.Expr | ast.Clauses:
     """Parse one expression (a condition, a clause, or the in-DSL when/always/never form)."""
-    if len(text.encode()) > MAX_EXPRESSION_BYTES:
-        raise ExpressionError(
-            f"expression is {len(text.encode())} bytes; the limit is {MAX_EXPRESSION_BYTES}",
-            text, 0, code="too-large")
+    try:
+        size = len(text.encode())
+    except UnicodeEncodeError as exc:  # a lone surrogate, e.g. from a YAML "\ud800" escape
+        raise ExpressionError(f"character {text[exc.start]!r} is not valid Unicode text",
+                              text, exc.start) from None
+    if size > MAX_EXPRESSION_BYTES:
+        raise ExpressionError(f"expression is {size} bytes; the limit is {MAX_EXPRESSION_BYTES}",
+                              text, 0, code="too-large")
     if not text.strip():
         raise ExpressionError("empty expression; expected a rule such as trace.has(span.name)",
                               text, 0)
@@ -90,9 +94,9 @@ def _syntax_error(text: str, exc: UnexpectedInput) -> ExpressionError:
          if name in _EXPECTED},
         key=list(_EXPECTED).index)
     wanted = ", ".join(_EXPECTED[name] for name in expected[:8]) or "something else"
+    end = len(text.rstrip())  # "unexpected end" points just past the last word, not a newline
     if isinstance(exc, UnexpectedEOF):
-        return ExpressionError(f"unexpected end of expression; expected {wanted}",
-                               text, len(text))
+        return ExpressionError(f"unexpected end of expression; expected {wanted}", text, end)
     if isinstance(exc, UnexpectedCharacters):
         char = text[exc.pos_in_stream]
         hint = f" ({_HINTS[char]})" if char in _HINTS else ""
@@ -100,8 +104,7 @@ def _syntax_error(text: str, exc: UnexpectedInput) -> ExpressionError:
                                text, exc.pos_in_stream)
     token: Token = exc.token  # type: ignore[attr-defined]
     if token.type == "$END":
-        return ExpressionError(f"unexpected end of expression; expected {wanted}",
-                               text, len(text))
+        return ExpressionError(f"unexpected end of expression; expected {wanted}", text, end)
     start = token.start_pos or 0
     return ExpressionError(f"unexpected {str(token)!r}; expected {wanted}",
                            text, start, start + len(token))
