@@ -142,6 +142,10 @@ def _serve(args: argparse.Namespace) -> int:
     from sidecar.dsl import parse_duration
     from sidecar.serve import Sidecar
 
+    if args.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        print(f"betrace serve: log-level {args.log_level!r} is not one of debug, info, "
+              "warning, error", file=sys.stderr)
+        return EXIT_UNUSABLE
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -19,6 +19,8 @@ from sidecar.span import KINDS, STATUSES, Span, Trace
 
 FIELDS = ("name", "attributes", "service", "status", "kind", "start_ms", "duration_ms", "span_id")
 _EPOCH_NS = 1_790_000_000_000_000_000  # 2026-09: example spans look like recent traffic
+# start + duration stay within OTLP's fixed64 nanoseconds (and within a float's range)
+_MAX_MS = (2**64 - 1 - _EPOCH_NS) // 2 // 1_000_000
 
 
 class CompactSpanError(ValueError):
@@ -78,9 +80,11 @@ def _span(trace_id: str, index: int, item: Any) -> Span:
 def _number(item: dict[str, Any], key: str, index: int, default: float) -> float:
     value = item.get(key, default)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 \
-            or not math.isfinite(value):
+            or (isinstance(value, float) and not math.isfinite(value)):
         raise CompactSpanError(f"span {index + 1}: {key} must be a non-negative number",
                                index, key)
+    if value > _MAX_MS:
+        raise CompactSpanError(f"span {index + 1}: {key} must be at most {_MAX_MS}", index, key)
     return value
 
 

@@ -24,7 +24,7 @@ from opentelemetry.trace import (
 from sidecar import __version__
 from sidecar.metrics import Metrics
 from sidecar.otlp_proto import SCOPE, VIOLATION_SPAN
-from sidecar.rules import Violation
+from sidecar.rules import Violation, span_order
 from sidecar.signal import Signal
 from sidecar.sinks import SignalWriter
 from sidecar.span import Span
@@ -46,7 +46,7 @@ class ViolationSpans:
         self.tracer = self.provider.get_tracer(SCOPE, __version__)
 
     def write(self, violation: Violation, signal: Signal) -> None:
-        spans = sorted(violation.spans, key=lambda s: s.start_ns)
+        spans = sorted(violation.spans, key=span_order)
         trigger = spans[-1] if spans else _root(violation.trace.spans)
         parent = set_span_in_context(NonRecordingSpan(_context(trigger)))
         attributes: dict[str, Any] = {

@@ -102,9 +102,18 @@ def render(where: str, message: str, code: str, text: str, start: int, end: int)
     return head + "\n" + _snippet(line, source_line, column, end - start)
 
 
+_SNIPPET_WIDTH = 120  # a longer source line is shown as a window around the caret
+
+
 def _snippet(line: int, source_line: str, column: int, width: int) -> str:
     number = str(line)
     gutter = " " * len(number)
     width = max(1, min(width, len(source_line) - column + 1))
+    if len(source_line) > _SNIPPET_WIDTH:
+        start = max(0, min(column - 1 - _SNIPPET_WIDTH // 2, len(source_line) - _SNIPPET_WIDTH))
+        tail = "..." if start + _SNIPPET_WIDTH < len(source_line) else ""
+        source_line = ("..." if start else "") + source_line[start:start + _SNIPPET_WIDTH] + tail
+        column = column - start + (3 if start else 0)
+        width = min(width, _SNIPPET_WIDTH)
     return (f" {number} | {source_line}\n"
             f" {gutter} | {' ' * (column - 1)}{'^' * width}")

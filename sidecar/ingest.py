@@ -31,6 +31,7 @@ from sidecar.assembler import Assembler
 from sidecar.metrics import Metrics
 from sidecar.otlp_json import spans_from_request
 from sidecar.otlp_proto import VIOLATION_SPAN, Decoded, decode_request, parse_request
+from sidecar.span import Projection
 
 log = logging.getLogger("betrace")
 
@@ -62,10 +63,16 @@ class Intake:
         return self._accept(decode_request(request, self.assembler.projection), transport)
 
     def export_json(self, body: bytes, transport: str) -> ExportTraceServiceResponse:
+        projection = self.assembler.projection
+        wants = projection.wants_name
+        # Our own violation spans must come through the projection to be counted as such
+        # (as the protobuf path does), not as spans no rule selects.
+        own_too = Projection(lambda name: name == VIOLATION_SPAN or wants(name),
+                             projection.attributes)
         try:
             doc = orjson.loads(body)
             invalid: list[str] = []
-            spans = spans_from_request(doc, self.assembler.projection, invalid)
+            spans = spans_from_request(doc, own_too, invalid)
         except (ValueError, orjson.JSONDecodeError) as exc:
             self.metrics.requests_rejected.labels(transport=transport, reason="invalid").inc()
             raise InvalidRequest(f"not an OTLP JSON ExportTraceServiceRequest: {exc}") from None
@@ -119,7 +126,10 @@ def grpc_server(intake: Intake, listen: str, workers: int = 8) -> tuple[grpc.Ser
     """An OTLP gRPC server (with the standard health service); returns it and its bound port."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="otlp-grpc"),
-        options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
+        # No SO_REUSEPORT (gRPC's default on Linux): a second sidecar on the same port would
+        # silently take half of the traffic, splitting traces between two memory stores.
+        options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                 ("grpc.so_reuseport", 0)])
 
     def export(body: bytes, context: grpc.ServicerContext) -> ExportTraceServiceResponse:
         try:
@@ -140,9 +150,13 @@ def grpc_server(intake: Intake, listen: str, workers: int = 8) -> tuple[grpc.Ser
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     health_servicer.set(TRACE_SERVICE, health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port(listen)
+    try:
+        port = server.add_insecure_port(listen)
+    except RuntimeError:  # what grpcio raises when it cannot bind (older versions return 0)
+        port = 0
     if port == 0:
-        raise OSError(f"cannot listen for OTLP gRPC on {listen}")
+        raise OSError(f"cannot listen for OTLP gRPC on {listen}: address in use or not "
+                      "available")
     return server, port
 
 

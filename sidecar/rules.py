@@ -63,9 +63,9 @@ class Violation:
         out: dict[str, Any] = {}
         for attr in self.rule.context:
             get = attribute_getter(attr)
-            values = _distinct(get(s) for s in sorted(self.spans, key=_start))
+            values = _distinct(get(s) for s in sorted(self.spans, key=span_order))
             if not values:
-                values = _distinct(get(s) for s in sorted(self.trace.spans, key=_start))
+                values = _distinct(get(s) for s in sorted(self.trace.spans, key=span_order))
             out[attr] = None if not values else values[0] if len(values) == 1 else values
         return out
 
@@ -212,8 +212,9 @@ class _Loader:
         except RuleError as exc:
             self.errors.append(exc)
             return
-        if doc.root is None:
-            return  # an empty file holds no rules; not an error
+        if doc.root is None or (isinstance(doc.root, yaml.ScalarNode)
+                                and doc.root.tag == "tag:yaml.org,2002:null"):
+            return  # an empty file (or a lone `---`) holds no rules; not an error
         if not isinstance(doc.root, yaml.MappingNode):
             self._error(doc, doc.root, "a rule file is a mapping with a 'rules:' list",
                         code="schema")
@@ -221,8 +222,8 @@ class _Loader:
         fields = self._fields(doc, doc.root, FILE_KEYS, "rule file")
         for key in ("rules", "tests"):
             node = fields.get(key)
-            if node is None:
-                continue
+            if node is None or node.tag == "tag:yaml.org,2002:null":
+                continue  # absent, or every entry commented out
             if not isinstance(node, yaml.SequenceNode):
                 self._error(doc, node, f"'{key}' must be a list", code="schema")
                 continue
@@ -476,8 +477,9 @@ class _Loader:
                 self.examples.append(example)
 
 
-def _start(span: Span) -> int:
-    return span.start_ns
+def span_order(span: Span) -> tuple[int, str]:
+    """Start time, then span id: a stable order whatever order the spans arrived in."""
+    return span.start_ns, span.span_id
 
 
 def _distinct(values: Iterable[Any]) -> list[Any]:

@@ -108,6 +108,7 @@ class Sidecar:
             return
         self._stopped = True
         self._stop.set()
+        self.watcher.poke()  # wake the reload thread now rather than after reload_interval
         self._grpc.stop(grace).wait()
         if self._http is not None:
             self._http.shutdown()

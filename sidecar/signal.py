@@ -11,7 +11,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from sidecar.rules import Violation
+from sidecar.rules import Violation, span_order
 
 _SIGNAL_NAMESPACE = uuid.UUID("5b1f2a4e-6c0d-4f57-9a3e-be7ace000001")
 
@@ -49,7 +49,7 @@ class Signal:
             rule_name=rule.name,
             severity=rule.severity,
             trace_id=violation.trace.trace_id,
-            span_ids=[s.span_id for s in sorted(spans, key=lambda s: s.start_ns)],
+            span_ids=[s.span_id for s in sorted(spans, key=span_order)],
             message=rule.message,
             context=violation.context(),
             mode=mode,

@@ -81,6 +81,10 @@ class MemoryStore:
         self._by_age: OrderedDict[str, _Entry] = OrderedDict()  # open, oldest first
         self._decided: OrderedDict[str, _Entry] = OrderedDict()  # decided, oldest first
         self._evicted: list[tuple[str, _Entry]] = []  # open traces pushed out by max_traces
+        # Rules that signalled on evicted traces already handed out: the spans are gone, but the
+        # decision (and a late span) must not signal the same (rule, trace) again. Pruned to
+        # max_traces at each claim, once the batch claimed before has been decided.
+        self._evicted_signals: OrderedDict[str, set[str]] = OrderedDict()
         self._spans = 0
 
     def append(self, batch: Mapping[str, list[Span]], now: float) -> AppendResult:
@@ -92,6 +96,7 @@ class MemoryStore:
                 if entry is None:
                     self._make_room(result)
                     entry = self._entries[trace_id] = _Entry(Trace(trace_id, ()), now)
+                    entry.signalled = self._evicted_signals.pop(trace_id, entry.signalled)
                     self._by_age[trace_id] = entry
                 elif entry.decided_until is not None:
                     # Re-open with a fresh Trace: a decider may still be reading the old one.
@@ -136,8 +141,10 @@ class MemoryStore:
         wait, max_age = self.limits.decision_wait, self.limits.max_trace_age
         claimed: list[Claimed] = []
         with self._lock:
+            self._prune_evicted_signals()
             while self._evicted and len(claimed) < limit:
                 trace_id, entry = self._evicted.pop()
+                self._remember_evicted(trace_id, entry)
                 claimed.append(Claimed(entry.trace, "evicted", now))
             while self._by_activity and len(claimed) < limit:
                 trace_id, entry = next(iter(self._by_activity.items()))
@@ -158,6 +165,14 @@ class MemoryStore:
                 del self._entries[trace_id]
         return claimed
 
+    def _remember_evicted(self, trace_id: str, entry: _Entry) -> None:
+        self._evicted_signals[trace_id] = entry.signalled
+        self._evicted_signals.move_to_end(trace_id)
+
+    def _prune_evicted_signals(self) -> None:
+        while len(self._evicted_signals) > self.limits.max_traces:
+            self._evicted_signals.popitem(last=False)
+
     def _decide(self, trace_id: str, entry: _Entry, reason: str, due_at: float,
                 now: float) -> Claimed:
         self._by_activity.pop(trace_id, None)
@@ -170,7 +185,11 @@ class MemoryStore:
     def claim_all(self, now: float) -> list[Claimed]:
         """Every open trace, for a final decision at shutdown."""
         with self._lock:
-            claimed = [Claimed(entry.trace, "shutdown", now) for _, entry in self._evicted]
+            self._prune_evicted_signals()
+            claimed = []
+            for trace_id, entry in self._evicted:
+                self._remember_evicted(trace_id, entry)
+                claimed.append(Claimed(entry.trace, "shutdown", now))
             self._evicted.clear()
             claimed += [self._decide(trace_id, entry, "shutdown", now, now)
                         for trace_id, entry in list(self._by_age.items())]
@@ -190,11 +209,13 @@ class MemoryStore:
             entry = self._entries.get(trace_id)
             if entry is None:
                 entry = next((e for t, e in self._evicted if t == trace_id), None)
-            if entry is None:
+            signalled = entry.signalled if entry is not None \
+                else self._evicted_signals.get(trace_id)
+            if signalled is None:
                 return True  # forgotten already: nothing left to deduplicate against
-            if rule_id in entry.signalled:
+            if rule_id in signalled:
                 return False
-            entry.signalled.add(rule_id)
+            signalled.add(rule_id)
             return True
 
     def next_due(self) -> float | None:

@@ -117,7 +117,8 @@ def _check_depth(text: str, tree: Tree) -> None:
         node, depth = stack.pop()
         if depth > MAX_DEPTH:
             start = node.meta.start_pos if not node.meta.empty else 0
-            raise ExpressionError(f"expression nests more than {MAX_DEPTH} levels deep; "
+            raise ExpressionError(f"expression nests too deeply (over {MAX_DEPTH} parse levels, "
+                                  "about 45 nested parentheses); "
                                   "split it into simpler terms", text, start, code="too-deep")
         stack.extend((child, depth + 1) for child in node.children if isinstance(child, Tree))
 

@@ -1,0 +1,385 @@
+"""Benchmark: OTLP gRPC ingest through a live sidecar, against the cost of just reading the spans.
+
+    .venv/bin/python bench/ingest.py [--seconds S] [--requests N]
+
+Pre-generates N ExportTraceServiceRequests per workload (512 spans each, 4-6 spans per trace,
+8-12 string/int/double/bool attributes per span, 4 services), serialized up front. Each sidecar
+is `python -m sidecar serve` in its own process (free loopback ports, a generated rules file);
+this process generates the load: a raw gRPC method sends the pre-serialized bytes from 4 threads
+(4 requests in flight). Once the pool is used up it is reused with a fresh 8-byte trace-id
+prefix (one bytes.replace per request), so every trace the sidecar sees is new.
+
+  walk limit  spans/s of ExportTraceServiceRequest.FromString plus reading every span's
+              trace_id/span_id (hex), name and every attribute (key, decoded AnyValue) into a
+              dict per span: single thread, this process, before any sidecar runs.
+  A, B        spans/s the sidecar accepted (client side: Export returned OK, minus partial
+              rejections) over S seconds after 8 warm-up requests, and that rate / the walk
+              limit of the same requests. A: every span has a name some rule selects (the rules
+              read 3 attributes); B: 10% do, the other 90% are pruned once their name is read.
+              Cross-checked with the delta of betrace_spans_received_total on /metrics.
+              Decision wait 1s: traces are decided, and signals written, during the run.
+  latency     one-trace requests at 50/s to an otherwise idle sidecar, each trace violating a
+              monotone rule: ms from Export returning on the client to the signal's line
+              appearing in the --signals-out file (tailed here, 0.5 ms polling). Negative means
+              the line was there before the client saw the response.
+  memory      a sidecar with a 10m decision wait: VmRSS growth / betrace_spans_buffered growth
+              while ~200k workload-A spans are buffered (after 2 warm-up requests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import grpc
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+)
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.resource.v1.resource_pb2 import Resource
+from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
+
+ROOT = Path(__file__).resolve().parent.parent
+EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+SPANS_PER_REQUEST, CONCURRENCY = 512, 4
+MARKER = bytes.fromhex("b37acebe9c1f4d2a")  # the first 8 bytes of every pooled trace id
+SERVICES = ("edge", "orders", "payments", "inventory")
+SELECTED = ("http.request", "auth.check", "db.query", "cache.get", "render.page",
+            "queue.publish", "rpc.call", "feature.eval")
+PRUNED = tuple(f"noise.op{i}" for i in range(16))  # names no rule selects
+RULES = """rules:
+  - id: bench-server-error
+    condition: >-
+      trace.has(http.request).where(http.response.status_code >= 500) and trace.has(auth.check)
+  - id: bench-large-reads
+    condition: count(db.query).where(db.rows > 900) > 1
+  - id: bench-miss-without-query
+    when: trace.has(cache.get).where(cache.hit == false)
+    always: trace.has(db.query) or trace.has(rpc.call)
+  - id: bench-fan-out
+    condition: >-
+      count(render.page) > 3 or count(queue.publish) > 3 or count(rpc.call) > 3
+      or count(feature.eval) > 3
+  - id: bench-latency
+    condition: trace.has(bench.signal).where(flag)
+"""
+Rng = random.Random
+FILLER: dict[str, Callable[[Rng], Any]] = {  # attributes no rule reads
+    "thread.id": lambda r: r.randrange(64), "thread.name": lambda r: f"worker-{r.randrange(8)}",
+    "code.function": lambda r: r.choice(("handle", "run", "process", "dispatch")),
+    "code.lineno": lambda r: r.randrange(900), "net.peer.port": lambda r: r.choice((443, 5432)),
+    "k8s.pod.name": lambda r: f"pod-{r.getrandbits(24):06x}", "sampled": lambda r: r.random() < .5,
+    "sample.rate": lambda r: round(r.random(), 3), "queue.ratio": lambda r: r.random() * 10,
+    "user.id": lambda r: f"u_{r.getrandbits(32):08x}", "retry.count": lambda r: r.randrange(3),
+    "cache.enabled": lambda r: r.random() < .9, "cloud.region": lambda r: "eu-west-1",
+}
+READ: dict[str, Callable[[Rng], tuple[str, Any]]] = {  # the attributes the rules read
+    "http.request": lambda r: ("http.response.status_code", 503 if r.random() < .05 else 200),
+    "db.query": lambda r: ("db.rows", r.randrange(1000)),
+    "cache.get": lambda r: ("cache.hit", r.random() < .8),
+}
+FIELD = {bool: "bool_value", int: "int_value", float: "double_value", str: "string_value"}
+
+
+def kv(key: str, value: Any) -> KeyValue:
+    return KeyValue(key=key, value=AnyValue(**{FIELD[type(value)]: value}))
+
+
+def make_span(r: Rng, trace_id: bytes, parent: bytes, name: str, now: int) -> Span:
+    attrs = dict([READ[name](r)]) if name in READ else {}
+    for key in r.sample(list(FILLER), r.randint(8, 12) - len(attrs)):
+        attrs[key] = FILLER[key](r)
+    start = now + r.randrange(10**9)
+    return Span(trace_id=trace_id, span_id=(r.getrandbits(64) | 1).to_bytes(8, "big"),
+                parent_span_id=parent, name=name, kind=r.randint(1, 3),
+                start_time_unix_nano=start, end_time_unix_nano=start + r.randrange(10**8),
+                attributes=[kv(k, v) for k, v in attrs.items()],
+                status=Status(code=r.randint(0, 2)))
+
+
+def serialize(by_service: dict[str, list[Span]]) -> bytes:
+    return ExportTraceServiceRequest(resource_spans=[ResourceSpans(
+        resource=Resource(attributes=[kv("service.name", service), kv("host.name", "ip-10-0-1")]),
+        scope_spans=[ScopeSpans(spans=spans)]) for service, spans in by_service.items()],
+    ).SerializeToString()
+
+
+def make_pool(n: int, selected_share: float, seed: int) -> list[bytes]:
+    """n requests of 512 spans; `selected_share` of the spans have names the rules select."""
+    r, now, serial, pool = Rng(seed), time.time_ns(), itertools.count(1), []
+    for _ in range(n):
+        by_service: dict[str, list[Span]] = {s: [] for s in SERVICES}
+        count = 0
+        while count < SPANS_PER_REQUEST:
+            trace_id, parent = MARKER + next(serial).to_bytes(8, "big"), b""
+            for _ in range(min(r.randint(4, 6), SPANS_PER_REQUEST - count)):
+                name = r.choice(SELECTED if r.random() < selected_share else PRUNED)
+                span = make_span(r, trace_id, parent, name, now)
+                parent = parent or span.span_id
+                by_service[r.choice(SERVICES)].append(span)
+                count += 1
+        pool.append(serialize(by_service))
+    return pool
+
+
+def request_bytes(pool: list[bytes], i: int) -> bytes:
+    """Request i: the pool cycled, with a fresh trace-id prefix on every pass after the first."""
+    rounds, k = divmod(i, len(pool))
+    return pool[k] if not rounds else pool[k].replace(MARKER, (rounds << 40).to_bytes(8, "big"))
+
+
+def decode(value: AnyValue) -> Any:
+    which = value.WhichOneof("value")
+    if which == "array_value":
+        return tuple(decode(v) for v in value.array_value.values)
+    if which == "kvlist_value":
+        return {kv.key: decode(kv.value) for kv in value.kvlist_value.values}
+    return getattr(value, which) if which else None
+
+
+def walk_limit(pool: list[bytes], repeat: int = 3) -> tuple[float, float]:
+    """Spans/s of parse + read everything (median of `repeat` passes after an untimed one), and
+    the share of a core this thread got meanwhile (below ~0.9: other processes competed)."""
+    rates, wall, cpu = [], time.perf_counter(), time.thread_time()
+    for _ in range(repeat + 1):
+        started, spans = time.perf_counter(), 0
+        for body in pool:
+            out = [{"trace_id": s.trace_id.hex(), "span_id": s.span_id.hex(), "name": s.name,
+                    "attributes": {kv.key: decode(kv.value) for kv in s.attributes}}
+                   for rs in ExportTraceServiceRequest.FromString(body).resource_spans
+                   for ss in rs.scope_spans for s in ss.spans]
+            spans += len(out)
+        rates.append(spans / (time.perf_counter() - started))
+    return statistics.median(rates[1:]), (time.thread_time() - cpu) / (time.perf_counter() - wall)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Sidecar:
+    """`python -m sidecar serve` in a child process, plus a raw-bytes Export stub for it."""
+
+    def __init__(self, tmp: Path, *flags: str) -> None:
+        self.grpc_port, self.metrics_port = free_port(), free_port()
+        self.signals = tmp / f"signals-{self.grpc_port}.jsonl"
+        self.log = tmp / f"sidecar-{self.grpc_port}.log"
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "sidecar", "serve", "--rules", str(tmp / "rules.yaml"),
+                 "--listen", f"127.0.0.1:{self.grpc_port}", "--http-listen", "",
+                 "--metrics-listen", f"127.0.0.1:{self.metrics_port}", "--signals-out",
+                 str(self.signals), "--log-level", "warning", *flags],
+                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.grpc_port}",
+                                             [("grpc.max_send_message_length", 1 << 26)])
+        self.export = self.channel.unary_unary(
+            EXPORT, request_serializer=None,
+            response_deserializer=ExportTraceServiceResponse.FromString)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                self.metrics()
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"sidecar did not start:\n{self.log.read_text()}")
+                time.sleep(0.1)
+        grpc.channel_ready_future(self.channel).result(timeout=10)
+
+    def metrics(self) -> dict[str, float]:
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        return {k: float(v) for k, _, v in (line.rpartition(" ") for line in text.splitlines()
+                                            if line and not line.startswith("#"))}
+
+    def received(self) -> float:
+        return self.metrics().get('betrace_spans_received_total{transport="grpc"}', 0.0)
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def rss(self) -> int:
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        return int(status.split("VmRSS:")[1].split()[0]) * 1024
+
+    def close(self, drain: bool = True) -> None:
+        self.channel.close()
+        if drain:
+            self.proc.terminate()  # SIGTERM: decide what is buffered, flush, exit
+        else:
+            self.proc.kill()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def send(sc: Sidecar, pool: list[bytes], first: int, count: int | None = None,
+         seconds: float = 1e9) -> tuple[int, float]:
+    """Requests first, first+1, ... from CONCURRENCY threads until `count` have been sent or
+    `seconds` have passed; returns (spans accepted, wall seconds)."""
+    index, stop_at = itertools.count(first), time.perf_counter() + seconds
+
+    def worker(_: int) -> int:
+        accepted = 0
+        while time.perf_counter() < stop_at:
+            i = next(index)
+            if count is not None and i >= first + count:
+                break
+            reply = sc.export(request_bytes(pool, i), timeout=120)
+            accepted += SPANS_PER_REQUEST - reply.partial_success.rejected_spans
+        return accepted
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(CONCURRENCY) as workers:
+        total = sum(workers.map(worker, range(CONCURRENCY)))
+    return total, time.perf_counter() - started
+
+
+def throughput(tmp: Path, label: str, pool: list[bytes], limit: float, seconds: float) -> float:
+    sc = Sidecar(tmp, "--decision-wait", "1s")
+    try:
+        send(sc, pool, 0, count=8)  # warm-up, not timed
+        before, cpu, client = sc.received(), sc.cpu_seconds(), sum(os.times()[:2])
+        accepted, wall = send(sc, pool, 8, seconds=seconds)
+        counted, cpu = sc.received() - before, sc.cpu_seconds() - cpu
+        client = sum(os.times()[:2]) - client
+    finally:
+        sc.close()
+    print(f"{label}: {accepted / wall:,.0f} spans/s accepted ({accepted:,} in {wall:.1f}s, "
+          f"/metrics counted {counted:,.0f}) = {accepted / wall / limit:.2f}x walk limit; CPU "
+          f"sidecar {cpu / wall:.0%}, client {client / wall:.0%}; "
+          f"{sc.signals.read_text().count(chr(10))} signals")
+    return accepted / wall
+
+
+def latency(tmp: Path, requests: int, rate: float) -> tuple[list[float], int]:
+    """Milliseconds from Export returning to the signal line appearing; how many never did."""
+    bodies = {}
+    for i in range(requests):
+        r, trace_id, now = Rng(i), bytes.fromhex("1a7e") + i.to_bytes(14, "big"), time.time_ns()
+        root = make_span(r, trace_id, b"", "http.request", now)
+        signal = make_span(r, trace_id, root.span_id, "bench.signal", now)
+        signal.attributes.append(kv("flag", True))
+        bodies[trace_id.hex()] = serialize({"edge": [root, signal]})
+    sc = Sidecar(tmp, "--decision-wait", "1s")
+    seen: dict[str, float] = {}
+    done = threading.Event()
+
+    def tail() -> None:
+        with open(sc.signals) as log:
+            line = ""
+            while not done.is_set():
+                line += log.readline()
+                if not line.endswith("\n"):
+                    time.sleep(0.0005)
+                    continue
+                signal, line = json.loads(line), ""
+                if signal["rule_id"] == "bench-latency":
+                    seen.setdefault(signal["trace_id"], time.perf_counter())
+
+    tailer = threading.Thread(target=tail, daemon=True)
+    tailer.start()
+    returned: dict[str, float] = {}
+    started = time.perf_counter()
+    try:
+        for n, (trace_id, body) in enumerate(bodies.items()):
+            time.sleep(max(0.0, started + n / rate - time.perf_counter()))
+            sc.export(body, timeout=10)
+            returned[trace_id] = time.perf_counter()
+        deadline = time.perf_counter() + 5
+        while len(seen) < len(bodies) and time.perf_counter() < deadline:
+            time.sleep(0.01)
+    finally:
+        done.set()
+        tailer.join()
+        sc.close()
+    found = [(seen[t] - returned[t]) * 1000 for t in bodies if t in seen]
+    return found, len(bodies) - len(found)
+
+
+def memory(tmp: Path, pool: list[bytes], spans: int) -> tuple[float, float, float]:
+    """(RSS bytes per buffered span, spans buffered, RSS growth) while nothing is decided."""
+    sc = Sidecar(tmp, "--decision-wait", "10m", "--max-trace-age", "20m",
+                 "--max-traces", "1000000")
+    try:
+        send(sc, pool, 0, count=2)  # warm-up: first-request allocations are not per span
+        time.sleep(0.5)
+        rss0, buffered0 = sc.rss(), sc.metrics()["betrace_spans_buffered"]
+        send(sc, pool, 2, count=-(-spans // SPANS_PER_REQUEST))
+        time.sleep(1.0)
+        rss1, buffered1 = sc.rss(), sc.metrics()["betrace_spans_buffered"]
+    finally:
+        sc.close(drain=False)  # the figure is read: deciding 200k spans would only cost time
+    return (rss1 - rss0) / (buffered1 - buffered0), buffered1 - buffered0, rss1 - rss0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=15.0, help="per throughput workload")
+    parser.add_argument("--requests", type=int, default=200, help="distinct requests per pool")
+    parser.add_argument("--latency-requests", type=int, default=300)
+    parser.add_argument("--memory-spans", type=int, default=200_000)
+    args = parser.parse_args()
+    started = time.perf_counter()
+    pool_a, pool_b = make_pool(args.requests, 1.0, 1), make_pool(args.requests, 0.1, 2)
+    print(f"{2 * args.requests} requests x {SPANS_PER_REQUEST} spans generated "
+          f"({sum(map(len, pool_a)) / len(pool_a) / 1024:.0f} KiB each) in "
+          f"{time.perf_counter() - started:.1f}s; {os.cpu_count()} CPUs, "
+          f"{CONCURRENCY} requests in flight")
+    (walk_a, share_a), (walk_b, share_b) = walk_limit(pool_a), walk_limit(pool_b)
+    print(f"walk limit: A {walk_a:,.0f} spans/s, B {walk_b:,.0f} spans/s (got {share_a:.0%} / "
+          f"{share_b:.0%} of a core; load average {os.getloadavg()[0]:.2f})", flush=True)
+    if min(share_a, share_b) < 0.9:
+        print("!!! WARNING: other processes took CPU during the walk: every figure is noisy")
+    with tempfile.TemporaryDirectory(prefix="betrace-bench-") as name:
+        tmp = Path(name)
+        (tmp / "rules.yaml").write_text(RULES)
+        rate_a = throughput(tmp, "A (100% selected)", pool_a, walk_a, args.seconds)
+        rate_b = throughput(tmp, "B (10% selected)", pool_b, walk_b, args.seconds)
+        lat, missing = latency(tmp, args.latency_requests, 50.0)
+        per_span, buffered, grown = memory(tmp, pool_a, args.memory_spans)
+    p = statistics.quantiles(lat, n=100, method="inclusive") if len(lat) > 1 else [0.0] * 99
+    print(f"latency: {len(lat)} signals, {missing} missing; min {min(lat, default=0):.1f} ms, "
+          f"p50 {p[49]:.1f} ms, p99 {p[98]:.1f} ms, max {max(lat, default=0):.1f} ms")
+    print(f"memory: RSS +{grown / 2**20:.1f} MiB for {buffered:,.0f} buffered spans")
+    rows = [
+        ("walk limit A / B", f"{walk_a:,.0f} / {walk_b:,.0f} spans/s", "reference", None),
+        ("A: 100% selected", f"{rate_a:,.0f} spans/s = {rate_a / walk_a:.2f}x", ">= 0.75x",
+         rate_a / walk_a >= 0.75),
+        ("B: 10% selected", f"{rate_b:,.0f} spans/s = {rate_b / walk_b:.2f}x", ">= 3x",
+         rate_b / walk_b >= 3),
+        ("signal latency p50 / p99", f"{p[49]:.1f} / {p[98]:.1f} ms"
+         + (f", {missing} MISSING" if missing else ""), "p99 < 50 ms", p[98] < 50 and not missing),
+        ("RSS per buffered span", f"{per_span:,.0f} bytes", "none set", None),
+    ]
+    print(f"\n{'figure':<26}{'value':<30}{'target':<13}result")
+    for figure, value, target, ok in rows:
+        print(f"{figure:<26}{value:<30}{target:<13}"
+              f"{'-' if ok is None else 'met' if ok else 'NOT met'}")
+    print(f"\ntotal {time.perf_counter() - started:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""Shared fixtures for the tests that run real parts: a real OTLP gRPC receiver (where the
+sidecar sends its violation spans), real OpenTelemetry SDK tracers exporting to the sidecar, free
+loopback ports, bounded polling and Prometheus scraping.
+
+Everything here starts real servers on 127.0.0.1 and tears them down at the end of the test.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from typing import Any, TypeVar
+
+import grpc
+import pytest
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.trace.v1 import trace_pb2
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import Tracer, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+from prometheus_client.parser import text_string_to_metric_families
+
+T = TypeVar("T")
+
+
+# --- free ports and polling -----------------------------------------------------------------
+
+@pytest.fixture
+def free_port() -> Callable[[], int]:
+    """A function returning a loopback TCP port that was free a moment ago (bound to port 0,
+    then closed), for processes that must be told their port up front."""
+
+    def pick() -> int:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            return int(sock.getsockname()[1])
+
+    return pick
+
+
+def _wait_until(condition: Callable[[], T], timeout: float = 5.0, interval: float = 0.02,
+                what: str = "condition") -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(interval)
+
+
+@pytest.fixture
+def wait_until() -> Callable[..., Any]:
+    """`wait_until(fn, timeout=5, what="...")`: poll `fn` until it returns something truthy and
+    return that; fail the test with `what` after `timeout` seconds."""
+    return _wait_until
+
+
+# --- Prometheus -------------------------------------------------------------------------------
+
+class Scrape:
+    """One /metrics scrape, parsed with prometheus_client's own text parser."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.samples = [sample for family in text_string_to_metric_families(text)
+                        for sample in family.samples]
+
+    def value(self, name: str, **labels: str) -> float:
+        """Sum of the samples called `name` whose labels include `labels` (0 if none)."""
+        return sum(s.value for s in self.samples
+                   if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+    def has(self, name: str, **labels: str) -> bool:
+        return any(s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+                   for s in self.samples)
+
+
+@pytest.fixture
+def scrape() -> Callable[[int], Scrape]:
+    """`scrape(port)`: GET http://127.0.0.1:port/metrics and parse it."""
+
+    def get(port: int) -> Scrape:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            assert response.status == 200
+            return Scrape(response.read().decode())
+
+    return get
+
+
+# --- a real OTLP gRPC receiver ----------------------------------------------------------------
+
+class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
+    """A TraceService that keeps every ExportTraceServiceRequest it is sent."""
+
+    def __init__(self) -> None:
+        self.requests: list[trace_service_pb2.ExportTraceServiceRequest] = []
+        self._lock = threading.Lock()
+        self.port = 0
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def Export(self, request: trace_service_pb2.ExportTraceServiceRequest,  # noqa: N802
+               context: grpc.ServicerContext) -> trace_service_pb2.ExportTraceServiceResponse:
+        with self._lock:
+            self.requests.append(request)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+    def spans(self, name: str | None = None) -> list[tuple[trace_pb2.ResourceSpans,
+                                                             trace_pb2.Span]]:
+        """(resource spans, span) for every span received, optionally only those named `name`."""
+        with self._lock:
+            requests = list(self.requests)
+        return [(rs, span) for request in requests for rs in request.resource_spans
+                for ss in rs.scope_spans for span in ss.spans
+                if name is None or span.name == name]
+
+
+@pytest.fixture
+def otlp_receiver() -> Iterator[OtlpReceiver]:
+    """A real grpc.server on a free loopback port serving OTLP TraceService/Export."""
+    receiver = OtlpReceiver()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4,
+                                                    thread_name_prefix="test-receiver"))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)
+    receiver.port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield receiver
+    finally:
+        server.stop(grace=None).wait(5)
+
+
+# --- the real OpenTelemetry SDK as the client ---------------------------------------------------
+
+class SdkClient:
+    """A real TracerProvider exporting over OTLP gRPC; `tracer` makes spans."""
+
+    def __init__(self, port: int, service: str, batch: bool, batch_options: dict[str, Any]):
+        self.provider = TracerProvider(resource=Resource.create({"service.name": service}))
+        exporter = OTLPSpanExporter(endpoint=f"127.0.0.1:{port}", insecure=True, timeout=5)
+        self.provider.add_span_processor(BatchSpanProcessor(exporter, **batch_options) if batch
+                                         else SimpleSpanProcessor(exporter))
+        self.tracer: Tracer = self.provider.get_tracer("betrace-tests")
+
+    def flush(self, timeout: float = 10.0) -> None:
+        assert self.provider.force_flush(timeout_millis=int(timeout * 1000)), "SDK flush timed out"
+
+
+@pytest.fixture
+def sdk_client() -> Iterator[Callable[..., SdkClient]]:
+    """`sdk_client(port, service="checkout", batch=False, **batch_options)`: a real SDK client
+    exporting to 127.0.0.1:port with the OTLP gRPC exporter. With the default
+    SimpleSpanProcessor every span is exported, and acknowledged, when it ends. Every provider is
+    shut down at the end of the test."""
+    clients: list[SdkClient] = []
+
+    def make(port: int, service: str = "checkout", batch: bool = False,
+             **batch_options: Any) -> SdkClient:
+        client = SdkClient(port, service, batch, batch_options)
+        clients.append(client)
+        return client
+
+    try:
+        yield make
+    finally:
+        for client in clients:
+            client.provider.shutdown()

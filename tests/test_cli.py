@@ -1,0 +1,615 @@
+"""The `betrace` command line, run for real: `python -m sidecar` (and the installed console script)
+as a subprocess, with files written by the tests and the bundled sample."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import gzip
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sidecar.rules import load_rules
+
+REPO = Path(__file__).resolve().parent.parent
+RULES_DIR = REPO / "rules"
+SAMPLE = RULES_DIR / "samples" / "incidents.otlp.jsonl"
+EXPECTED = RULES_DIR / "samples" / "expected.json"
+
+EXIT_OK, EXIT_FAILED, EXIT_UNUSABLE, EXIT_SKIPPED_INPUT = 0, 1, 2, 3
+SIGNAL_FIELDS = {"signal_id", "rule_id", "rule_name", "severity", "trace_id", "span_ids",
+                 "message", "context", "mode", "detected_at"}
+LOCATION = re.compile(r"^(?P<file>[^\s:]+):(?P<line>\d+):(?P<column>\d+): error\[", re.M)
+
+
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("BETRACE_")}
+
+
+def betrace(*args: str | Path, stdin: bytes | None = None,
+            command: list[str] | None = None) -> subprocess.CompletedProcess[str]:
+    argv = (command or [sys.executable, "-m", "sidecar"]) + [str(a) for a in args]
+    result = subprocess.run(argv, cwd=REPO, input=stdin, capture_output=True, timeout=120,
+                            env=_env())
+    return subprocess.CompletedProcess(result.args, result.returncode,
+                                       result.stdout.decode(), result.stderr.decode())
+
+
+def subcommands() -> list[str]:
+    """The commands `betrace --help` lists."""
+    out = betrace("--help").stdout
+    section = out.split("commands:", 1)[1]
+    return re.findall(r"^    (\w+)\s", section, re.M)
+
+
+# --- help and the console script ----------------------------------------------------------------
+
+def test_help_lists_the_commands() -> None:
+    result = betrace("--help")
+    assert result.returncode == EXIT_OK
+    assert result.stdout.startswith("usage: betrace ")
+    assert {"check", "test", "replay"} <= set(subcommands())
+
+
+@pytest.mark.parametrize("command", ["check", "test", "replay", "serve", "demo"])
+def test_help_of_every_subcommand(command: str) -> None:
+    if command not in subcommands():
+        pytest.skip(f"`betrace {command}` is not there yet")
+    result = betrace(command, "--help")
+    assert result.returncode == EXIT_OK, result.stderr
+    assert result.stdout.startswith(f"usage: betrace {command} ")
+    assert result.stderr == ""
+
+
+def test_no_command_prints_help_and_fails() -> None:
+    result = betrace()
+    assert result.returncode == EXIT_UNUSABLE
+    assert result.stdout.startswith("usage: betrace ")
+
+
+def test_unknown_flag_is_a_usage_error() -> None:
+    result = betrace("check", "--no-such-flag", "rules/")
+    assert result.returncode == 2
+    assert "unrecognized arguments: --no-such-flag" in result.stderr
+
+
+def test_installed_console_script() -> None:
+    script = Path(sys.executable).parent / "betrace"
+    assert script.exists(), "pip install -e . installs the `betrace` console script"
+    result = betrace("check", "rules/", command=[str(script)])
+    assert result.returncode == EXIT_OK, result.stdout + result.stderr
+    assert result.stdout == betrace("check", "rules/").stdout
+    version = betrace("--version", command=[str(script)])
+    assert version.returncode == EXIT_OK
+    assert re.fullmatch(r"betrace \d+\.\d+\.\d+\S*\n", version.stdout)
+
+
+# --- check --------------------------------------------------------------------------------------
+
+def test_check_shipped_rules() -> None:
+    result = betrace("check", "rules/")
+    loaded = load_rules([RULES_DIR])
+    count = len(loaded.rules) + len(loaded.disabled)
+    assert result.returncode == EXIT_OK, result.stdout
+    assert result.stdout == (f"ok: {count} rule(s) ({len(loaded.disabled)} disabled) in "
+                             f"{len(loaded.files)} file(s)\n")
+
+
+def test_check_shipped_rules_json() -> None:
+    result = betrace("check", "--format", "json", "rules/")
+    assert result.returncode == EXIT_OK
+    report = json.loads(result.stdout)
+    assert report["ok"] is True and report["errors"] == []
+    assert report["rules"] == len(load_rules([RULES_DIR]).rules)
+    assert re.fullmatch(r"[0-9a-f]{64}", report["digest"])
+
+
+BAD = """\
+rules:
+  - id: payment-retry
+    condition: |
+      trace.has(payment.charge).where(attempt > 1)
+        and count(payment.charge).where(payment_intent_id = unique) > 1
+  - id: Bad_Id
+    severity: urgent
+    condition: trace.has(a)
+"""
+
+
+def test_check_bad_file_reports_every_error_with_file_line_column(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(BAD)
+    result = betrace("check", bad)
+    assert result.returncode == EXIT_FAILED
+    places = [(m["file"], int(m["line"]), int(m["column"]))
+              for m in LOCATION.finditer(result.stdout)]
+    assert places == [(str(bad), 5, 59), (str(bad), 6, 9), (str(bad), 7, 15)]
+    assert f"{bad}:5:59: error[syntax]: unexpected character '='" in result.stdout
+    assert (" 5 |         and count(payment.charge).where(payment_intent_id = unique) > 1\n"
+            "   |                                                           ^\n") in result.stdout
+    assert result.stdout.endswith("3 error(s)\n")
+
+
+def test_check_json_format(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(BAD)
+    result = betrace("check", "--format", "json", bad)
+    assert result.returncode == EXIT_FAILED
+    report = json.loads(result.stdout)
+    assert report["ok"] is False
+    assert [(e["file"], e["line"], e["column"], e["code"], e["rule_id"])
+            for e in report["errors"]] == [
+        (str(bad), 5, 59, "syntax", "payment-retry"),
+        (str(bad), 6, 9, "bad-id", "Bad_Id"),
+        (str(bad), 7, 15, "bad-severity", None),
+    ]
+    assert all(isinstance(e["message"], str) and e["message"] for e in report["errors"])
+
+
+def test_check_collects_errors_from_several_files(tmp_path: Path) -> None:
+    (tmp_path / "one.yaml").write_text("rules:\n  - id: r1\n    when: trace.has(a)\n")
+    (tmp_path / "two.yaml").write_text("rules:\n  - id: r1\n    condition: trace.has(b)\n")
+    (tmp_path / "three.yaml").write_text("rules: [\n")
+    missing = tmp_path / "missing.yaml"
+    result = betrace("check", "--format", "json", tmp_path, missing)
+    assert result.returncode == EXIT_FAILED
+    found = sorted((Path(e["file"]).name, e["line"], e["code"])
+                   for e in json.loads(result.stdout)["errors"])
+    # r1 is defined twice even though its first definition is itself wrong
+    assert found == [("missing.yaml", 0, "io"), ("one.yaml", 3, "missing-always-never"),
+                     ("three.yaml", 2, "yaml"), ("two.yaml", 2, "duplicate-id")]
+
+
+def test_check_missing_path(tmp_path: Path) -> None:
+    result = betrace("check", tmp_path / "nope.yaml")
+    assert result.returncode == EXIT_FAILED
+    assert result.stdout == (f"{tmp_path / 'nope.yaml'}: error[io]: no such file or directory\n"
+                             "1 error(s)\n")
+
+
+# --- test ---------------------------------------------------------------------------------------
+
+def test_test_shipped_rules() -> None:
+    result = betrace("test", "rules/")
+    assert result.returncode == EXIT_OK, result.stdout
+    loaded = load_rules([RULES_DIR])
+    lines = result.stdout.splitlines()
+    passes = [line for line in lines if line.startswith("PASS  ")]
+    assert sorted(line.split()[1] for line in passes) == sorted(r.id for r in loaded.rules)
+    assert len(passes) == len(loaded.rules) == len(lines) - 1
+    total = len(loaded.examples)
+    assert lines[-1] == f"{total}/{total} examples passed"
+
+
+FAILING = """\
+rules:
+  - id: admin-action-audit-log
+    name: Admin action must write an audit log
+    when: trace.has(admin.action)
+    always: trace.has(audit.log)
+    examples:
+      - description: action and audit
+        violates: false
+        spans: [{name: admin.action}, {name: audit.log}]
+      - description: wrongly declared quiet
+        violates: false
+        spans: [{name: admin.action}]
+      - violates: true
+        spans: [{name: audit.log}]
+  - id: retry-storm
+    condition: count(http.retry) > 3
+    examples:
+      - violates: true
+        spans: [{name: http.retry}, {name: http.retry}, {name: http.retry}, {name: http.retry}]
+"""
+
+
+def test_test_failing_example_names_its_location(tmp_path: Path) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(FAILING)
+    result = betrace("test", rules)
+    assert result.returncode == EXIT_FAILED
+    assert result.stdout.splitlines() == [
+        "FAIL  admin-action-audit-log (1/3 examples)",
+        f"      - wrongly declared quiet: {rules}:10:9: expected no violation, but the rule "
+        "fired",
+        f"      - example at {rules}:13:9: {rules}:13:9: expected a violation, but the rule "
+        "stayed quiet",
+        "PASS  retry-storm (1/1 examples)",
+        "2/4 examples passed",
+    ]
+
+
+def test_test_junit_report(tmp_path: Path) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(FAILING)
+    junit = tmp_path / "report" / "junit.xml"
+    junit.parent.mkdir()
+    result = betrace("test", rules, "--junit", junit)
+    assert result.returncode == EXIT_FAILED
+    suite = ET.parse(junit).getroot()
+    assert suite.tag == "testsuite"
+    assert (suite.get("tests"), suite.get("failures")) == ("4", "2")
+    cases = suite.findall("testcase")
+    assert [(c.get("classname"), c.find("failure") is not None) for c in cases] == [
+        ("admin-action-audit-log", False), ("admin-action-audit-log", True),
+        ("admin-action-audit-log", True), ("retry-storm", False)]
+    assert cases[1].get("name") == "wrongly declared quiet"
+    failure = cases[1].find("failure")
+    assert failure is not None
+    assert failure.get("message") == (f"{rules}:10:9: expected no violation, but the rule fired")
+    assert all(float(c.get("time", "-1")) >= 0 for c in cases)
+
+
+def test_test_junit_all_passing(tmp_path: Path) -> None:
+    junit = tmp_path / "junit.xml"
+    result = betrace("test", "rules/", "--junit", junit)
+    assert result.returncode == EXIT_OK
+    suite = ET.parse(junit).getroot()
+    assert suite.get("failures") == "0"
+    assert int(suite.get("tests", "0")) == len(suite.findall("testcase")) > 0
+
+
+def test_test_runs_examples_of_disabled_rules_and_standalone_tests(tmp_path: Path) -> None:
+    (tmp_path / "rules.yaml").write_text("""\
+rules:
+  - id: quiet
+    enabled: false
+    condition: trace.has(noisy)
+    examples:
+      - violates: true
+        spans: [{name: noisy}]
+""")
+    (tmp_path / "more-tests.yaml").write_text("""\
+tests:
+  - rule: quiet
+    description: does not fire without the span
+    violates: false
+    spans: [{name: calm}]
+""")
+    result = betrace("test", tmp_path)
+    assert result.returncode == EXIT_OK
+    assert result.stdout == "PASS  quiet (2/2 examples)\n2/2 examples passed\n"
+
+
+def test_test_with_bad_rules_cannot_run(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(BAD)
+    result = betrace("test", bad)
+    assert result.returncode == EXIT_UNUSABLE
+    assert result.stdout == ""
+    assert f"{bad}:5:59: error[syntax]" in result.stderr
+    assert result.stderr.endswith("betrace: 3 error(s) in rules; nothing was run\n")
+
+
+# --- replay -------------------------------------------------------------------------------------
+
+REPLAY_RULES = """\
+rules:
+  - id: payment-retry-idempotency
+    name: Payment retry must reuse payment_intent_id
+    severity: critical
+    condition: |
+      trace.has(payment.charge).where(attempt > 1)
+        and trace.count(payment.charge).where(payment_intent_id == unique) > 1
+    signal:
+      message: Payment retry used a different payment_intent_id
+      context: [order_id, payment_intent_id, attempt]
+  - id: admin-action-audit-log
+    name: Admin action must write an audit log
+    severity: high
+    when: trace.has(admin.action)
+    always: trace.has(audit.log)
+    signal:
+      message: Admin action without an audit log
+      context: [admin.operation, service.name]
+"""
+
+T1 = "5b8efff798038103d269b633813fc60c"  # the retried payment, spread over lines 1 and 3
+T2 = "0af7651916cd43dd8448eb211c80319c"  # the unaudited admin action, line 2
+T3 = "4bf92f3577b34da6a3ce929d0e0e4736"  # an audited admin action: no signal
+BASE_NS = 1_791_036_300_000_000_000
+
+
+def b64(hex_id: str) -> str:
+    return base64.b64encode(bytes.fromhex(hex_id)).decode()
+
+
+def otlp_span(trace_id: str, span_id: str, name: str, start_ms: int,
+              **attributes: Any) -> dict[str, Any]:
+    values = []
+    for key, value in attributes.items():
+        if isinstance(value, bool):
+            values.append({"key": key, "value": {"boolValue": value}})
+        elif isinstance(value, int):
+            values.append({"key": key, "value": {"intValue": str(value)}})
+        else:
+            values.append({"key": key, "value": {"stringValue": value}})
+    start = BASE_NS + start_ms * 1_000_000
+    return {"traceId": trace_id, "spanId": span_id, "name": name, "kind": 1,
+            "startTimeUnixNano": str(start), "endTimeUnixNano": str(start + 5_000_000),
+            "attributes": values, "status": {}}
+
+
+def otlp_line(service: str, *spans: dict[str, Any]) -> str:
+    return json.dumps({"resourceSpans": [{
+        "resource": {"attributes": [{"key": "service.name", "value": {"stringValue": service}}]},
+        "scopeSpans": [{"scope": {"name": "test"}, "spans": list(spans)}]}]})
+
+
+LINES = [
+    otlp_line("payments",
+              otlp_span(T1, "a1a1a1a1a1a1a1a1", "payment.charge", 10, order_id="ord_1",
+                        payment_intent_id="pi_1abc", attempt=1),
+              otlp_span(T3, "c3c3c3c3c3c3c3c3", "unrelated.span", 11)),
+    otlp_line("admin-api",
+              otlp_span(T2, "b2b2b2b2b2b2b2b2", "admin.action", 20, **{"admin.operation":
+                                                                       "role_change"}),
+              otlp_span(T3, "c1c1c1c1c1c1c1c1", "admin.action", 21, **{"admin.operation":
+                                                                       "impersonate"}),
+              otlp_span(T3, "c2c2c2c2c2c2c2c2", "audit.log", 22)),
+    # the same trace as line 1, with base64 ids (protobuf's JSON mapping, as Tempo writes)
+    otlp_line("payments",
+              otlp_span(b64(T1), b64("a2a2a2a2a2a2a2a2"), "payment.charge", 900,
+                        order_id="ord_1", payment_intent_id="pi_2xyz", attempt=2)),
+]
+EXPECTED_PAIRS = {("payment-retry-idempotency", T1), ("admin-action-audit-log", T2)}
+
+
+@pytest.fixture
+def replay_files(tmp_path: Path) -> tuple[Path, Path]:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(REPLAY_RULES)
+    traces = tmp_path / "traces.jsonl"
+    traces.write_text("\n".join(LINES) + "\n")
+    return rules, traces
+
+
+def signals_of(stdout: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in stdout.splitlines()]
+
+
+def by_rule(signals: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {s["rule_id"]: s for s in signals}
+
+
+def parse_time(text: str) -> datetime:
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", text), text
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+
+
+def test_replay_interleaved_traces_one_signal_per_rule_and_trace(
+        replay_files: tuple[Path, Path]) -> None:
+    rules, traces = replay_files
+    before = datetime.now(timezone.utc).replace(microsecond=0)
+    result = betrace("replay", "--rules", rules, traces)
+    after = datetime.now(timezone.utc)
+    assert result.returncode == EXIT_OK, result.stderr
+    signals = signals_of(result.stdout)
+    assert Counter((s["rule_id"], s["trace_id"]) for s in signals) == Counter(EXPECTED_PAIRS)
+    for signal in signals:
+        assert SIGNAL_FIELDS <= set(signal), signal
+        assert re.fullmatch(r"[0-9a-f]{32}", signal["trace_id"])
+        assert re.fullmatch(r"[0-9a-f-]{36}", signal["signal_id"])
+        assert signal["mode"] == "replay"
+        assert before <= parse_time(signal["detected_at"]) <= after
+        assert all(re.fullmatch(r"[0-9a-f]{16}", s) for s in signal["span_ids"])
+    found = by_rule(signals)
+    payment = found["payment-retry-idempotency"]
+    assert {k: payment[k] for k in SIGNAL_FIELDS - {"signal_id", "detected_at"}} == {
+        "rule_id": "payment-retry-idempotency",
+        "rule_name": "Payment retry must reuse payment_intent_id",
+        "severity": "critical",
+        "trace_id": T1,
+        "span_ids": ["a1a1a1a1a1a1a1a1", "a2a2a2a2a2a2a2a2"],  # hex line and base64 line
+        "message": "Payment retry used a different payment_intent_id",
+        "context": {"order_id": "ord_1", "payment_intent_id": ["pi_1abc", "pi_2xyz"],
+                    "attempt": [1, 2]},
+        "mode": "replay",
+    }
+    admin = found["admin-action-audit-log"]
+    assert {k: admin[k] for k in SIGNAL_FIELDS - {"signal_id", "detected_at"}} == {
+        "rule_id": "admin-action-audit-log",
+        "rule_name": "Admin action must write an audit log",
+        "severity": "high",
+        "trace_id": T2,
+        "span_ids": ["b2b2b2b2b2b2b2b2"],
+        "message": "Admin action without an audit log",
+        "context": {"admin.operation": "role_change", "service.name": "admin-api"},
+        "mode": "replay",
+    }
+    # The summary goes to stderr, per rule.
+    assert "replayed 3 traces" in result.stderr
+    assert "admin-action-audit-log: 1 violation(s) in 2 applicable trace(s), 50.00% compliant" \
+        in result.stderr
+
+
+def test_replay_signal_ids_are_stable_across_runs_and_line_order(
+        replay_files: tuple[Path, Path], tmp_path: Path) -> None:
+    rules, traces = replay_files
+    shuffled = tmp_path / "shuffled.jsonl"
+    shuffled.write_text("\n".join(reversed(LINES)) + "\n")
+    first = {(s["rule_id"], s["trace_id"]): s["signal_id"]
+             for s in signals_of(betrace("replay", "--rules", rules, traces).stdout)}
+    second = {(s["rule_id"], s["trace_id"]): s["signal_id"]
+              for s in signals_of(betrace("replay", "--rules", rules, shuffled).stdout)}
+    assert first == second and len(first) == 2
+
+
+def test_replay_traces_split_across_files_are_joined(replay_files: tuple[Path, Path],
+                                                      tmp_path: Path) -> None:
+    rules, _ = replay_files
+    sources = []
+    for number, line in enumerate(LINES):
+        path = tmp_path / f"part{number}.jsonl"
+        path.write_text(line + "\n")
+        sources.append(path)
+    result = betrace("replay", "--rules", rules, *sources)
+    assert result.returncode == EXIT_OK
+    assert {(s["rule_id"], s["trace_id"]) for s in signals_of(result.stdout)} == EXPECTED_PAIRS
+    assert len(signals_of(result.stdout)) == 2
+
+
+def test_replay_csv(replay_files: tuple[Path, Path]) -> None:
+    rules, traces = replay_files
+    result = betrace("replay", "--rules", rules, "--format", "csv", traces)
+    assert result.returncode == EXIT_OK
+    reader = csv.DictReader(io.StringIO(result.stdout))
+    assert reader.fieldnames is not None
+    assert SIGNAL_FIELDS - {"context"} <= set(reader.fieldnames)
+    assert [f for f in reader.fieldnames if f.startswith("context.")] == [
+        "context.admin.operation", "context.attempt", "context.order_id",
+        "context.payment_intent_id", "context.service.name"]
+    rows = {row["rule_id"]: row for row in reader}
+    assert set(rows) == {"payment-retry-idempotency", "admin-action-audit-log"}
+    payment = rows["payment-retry-idempotency"]
+    assert payment["trace_id"] == T1
+    assert payment["span_ids"] == "a1a1a1a1a1a1a1a1 a2a2a2a2a2a2a2a2"
+    assert payment["context.payment_intent_id"] == "pi_1abc|pi_2xyz"
+    assert payment["context.attempt"] == "1|2"
+    assert payment["context.admin.operation"] == ""
+    assert payment["mode"] == "replay"
+    assert rows["admin-action-audit-log"]["context.service.name"] == "admin-api"
+
+
+def test_replay_table(replay_files: tuple[Path, Path]) -> None:
+    rules, traces = replay_files
+    result = betrace("replay", "--rules", rules, "--format", "table", traces)
+    assert result.returncode == EXIT_OK
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["SEVERITY", "RULE", "TRACE", "WHEN", "CONTEXT"]
+    assert len(lines) == 3
+    rows = {line.split()[1]: line for line in lines[1:]}
+    assert rows["payment-retry-idempotency"].split()[:3] == [
+        "critical", "payment-retry-idempotency", T1]
+    assert "payment_intent_id=pi_1abc|pi_2xyz" in rows["payment-retry-idempotency"]
+    assert rows["admin-action-audit-log"].split()[:3] == ["high", "admin-action-audit-log", T2]
+    # columns are aligned: the RULE column starts at the same offset on every line
+    assert len({line.index(line.split()[1]) for line in lines}) == 1
+
+
+def test_replay_out_file(replay_files: tuple[Path, Path], tmp_path: Path) -> None:
+    rules, traces = replay_files
+    out = tmp_path / "signals.jsonl"
+    result = betrace("replay", "--rules", rules, "--out", out, traces)
+    assert result.returncode == EXIT_OK
+    assert result.stdout == ""
+    signals = signals_of(out.read_text())
+    assert {(s["rule_id"], s["trace_id"]) for s in signals} == EXPECTED_PAIRS
+    assert "2 signal(s)" in result.stderr
+
+
+def test_replay_stdin(replay_files: tuple[Path, Path]) -> None:
+    rules, traces = replay_files
+    result = betrace("replay", "--rules", rules, "-", stdin=traces.read_bytes())
+    assert result.returncode == EXIT_OK, result.stderr
+    assert {(s["rule_id"], s["trace_id"]) for s in signals_of(result.stdout)} == EXPECTED_PAIRS
+
+
+def test_replay_gzip(replay_files: tuple[Path, Path], tmp_path: Path) -> None:
+    rules, traces = replay_files
+    packed = tmp_path / "traces.jsonl.gz"
+    packed.write_bytes(gzip.compress(traces.read_bytes()))
+    result = betrace("replay", "--rules", rules, packed)
+    assert result.returncode == EXIT_OK, result.stderr
+    assert {(s["rule_id"], s["trace_id"]) for s in signals_of(result.stdout)} == EXPECTED_PAIRS
+
+
+def test_replay_gzip_on_stdin(replay_files: tuple[Path, Path]) -> None:
+    rules, traces = replay_files
+    result = betrace("replay", "--rules", rules, "-", stdin=gzip.compress(traces.read_bytes()))
+    assert result.returncode == EXIT_OK, result.stderr
+    assert len(signals_of(result.stdout)) == 2
+
+
+def test_replay_malformed_lines_are_reported_and_skipped(replay_files: tuple[Path, Path],
+                                                         tmp_path: Path) -> None:
+    rules, _ = replay_files
+    bad_span = otlp_span("not-a-trace-id", "d1d1d1d1d1d1d1d1", "admin.action", 5)
+    traces = tmp_path / "mixed.jsonl"
+    traces.write_text("\n".join([LINES[0], '{"resourceSpans": [', LINES[1],
+                                 otlp_line("x", bad_span), LINES[2], "[1, 2]"]) + "\n")
+    result = betrace("replay", "--rules", rules, traces)
+    assert result.returncode == EXIT_SKIPPED_INPUT
+    reported = [line for line in result.stderr.splitlines() if line.startswith("betrace: ")]
+    assert [re.match(r"betrace: (.+?):(\d+): ", line).groups() for line in reported] == [
+        (str(traces), "2"), (str(traces), "4"), (str(traces), "6")]
+    assert reported[0].startswith(f"betrace: {traces}:2: invalid JSON")
+    assert reported[1] == (f"betrace: {traces}:4: span 'admin.action': invalid traceId "
+                           "'not-a-trace-id'")
+    assert reported[2] == f"betrace: {traces}:6: not a JSON object"
+    # everything else was still evaluated
+    assert {(s["rule_id"], s["trace_id"]) for s in signals_of(result.stdout)} == EXPECTED_PAIRS
+    assert "skipped 3 malformed input item(s)" in result.stderr
+
+
+def test_replay_fail_on_violation(replay_files: tuple[Path, Path], tmp_path: Path) -> None:
+    rules, traces = replay_files
+    result = betrace("replay", "--rules", rules, "--fail-on-violation", traces)
+    assert result.returncode == EXIT_FAILED
+    assert len(signals_of(result.stdout)) == 2
+    clean = tmp_path / "clean.jsonl"
+    clean.write_text(LINES[1].replace('"b2b2b2b2b2b2b2b2"', '"c4c4c4c4c4c4c4c4"')
+                     .replace(T2, T3) + "\n")
+    quiet = betrace("replay", "--rules", rules, "--fail-on-violation", clean)
+    assert quiet.returncode == EXIT_OK, quiet.stdout
+    assert quiet.stdout == ""
+
+
+def test_replay_missing_source(replay_files: tuple[Path, Path], tmp_path: Path) -> None:
+    rules, traces = replay_files
+    missing = tmp_path / "gone.jsonl"
+    result = betrace("replay", "--rules", rules, traces, missing)
+    assert result.returncode == EXIT_UNUSABLE
+    assert result.stdout == ""
+    assert f"betrace: {missing}: no such file" in result.stderr
+
+
+def test_replay_with_bad_rules(tmp_path: Path, replay_files: tuple[Path, Path]) -> None:
+    _, traces = replay_files
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(BAD)
+    result = betrace("replay", "--rules", bad, traces)
+    assert result.returncode == EXIT_UNUSABLE
+    assert result.stdout == ""
+    assert "nothing was run" in result.stderr
+
+
+def test_replay_into_a_closed_pipe_ends_quietly(replay_files: tuple[Path, Path]) -> None:
+    """`betrace replay ... | head -0`: the reader is gone before the first signal."""
+    rules, traces = replay_files
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run([sys.executable, "-m", "sidecar", "replay", "--rules",
+                                 str(rules), str(traces)], cwd=REPO, stdout=write_end,
+                                stderr=subprocess.PIPE, timeout=120, env=_env())
+    finally:
+        os.close(write_end)
+    assert result.returncode == EXIT_OK
+    assert b"Broken pipe" not in result.stderr and b"Traceback" not in result.stderr
+
+
+def test_replay_bundled_sample_matches_expected() -> None:
+    started = time.monotonic()
+    result = betrace("replay", "--rules", "rules/", SAMPLE)
+    assert result.returncode == EXIT_OK, result.stderr
+    expected = {(e["rule_id"], e["trace_id"]) for e in json.loads(EXPECTED.read_text())}
+    signals = signals_of(result.stdout)
+    pairs = [(s["rule_id"], s["trace_id"]) for s in signals]
+    assert len(pairs) == len(set(pairs)), "one signal per (rule, trace)"
+    assert set(pairs) == expected
+    assert all(s["mode"] == "replay" and SIGNAL_FIELDS <= set(s) for s in signals)
+    assert time.monotonic() - started < 60

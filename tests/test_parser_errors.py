@@ -1,0 +1,585 @@
+"""What a person sees when a rule expression is wrong: the exact message, the place, the caret.
+
+Each expected text is written out in full, caret line included. Through the rule loader the place
+is a line and column in the YAML file, whatever the scalar style holding the expression (plain,
+`|`, `>`, double-quoted, single-quoted), and the caret sits under the offending text in that file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from sidecar.compact import trace_from_compact
+from sidecar.dsl import compile_expression
+from sidecar.dsl.parser import MAX_EXPRESSION_BYTES
+from sidecar.errors import ExpressionError, RuleError, RuleLoadError
+from sidecar.rules import load_rules, load_rules_text
+from sidecar.span import Trace
+
+CONSTRUCTS = ("a name, a \"quoted string\", a number, count(...), trace.has(...), not, '('")
+
+
+def expression_error(text: str) -> ExpressionError:
+    with pytest.raises(ExpressionError) as raised:
+        compile_expression(text)
+    return raised.value
+
+
+def load_error(text: str, path: str = "rules.yaml") -> RuleError:
+    """The only error loading `text` gives."""
+    with pytest.raises(RuleLoadError) as raised:
+        load_rules_text(text, path)
+    errors = raised.value.errors
+    assert len(errors) == 1, str(raised.value)
+    return errors[0]
+
+
+def caret_column(rendered: str) -> int:
+    """1-based column of the first caret in a rendered snippet, relative to the source text."""
+    caret_line = rendered.splitlines()[-1]
+    gutter = caret_line.index("|") + 2
+    return caret_line.index("^") - gutter + 1
+
+
+# --- <expression>:line:col ----------------------------------------------------------------------
+
+def test_unexpected_token() -> None:
+    error = expression_error("trace.has(a) trace.has(b)")
+    assert str(error) == (
+        "<expression>:1:14: error[syntax]: unexpected 'trace.has'; expected .where(...), before, "
+        "within, and, or, ')', '}'\n"
+        " 1 | trace.has(a) trace.has(b)\n"
+        "   |              ^^^^^^^^^")
+    assert (error.start, error.end, error.code) == (13, 22, "syntax")
+
+
+def test_unexpected_closing_parenthesis() -> None:
+    assert str(expression_error("trace.has(a))")) == (
+        "<expression>:1:13: error[syntax]: unexpected ')'; expected the end of the expression\n"
+        " 1 | trace.has(a))\n"
+        "   |             ^")
+
+
+def test_unexpected_end_inside_where() -> None:
+    assert str(expression_error("x.where(a == 1")) == (
+        "<expression>:1:15: error[syntax]: unexpected end of expression; expected and, or, ')', "
+        "']', ','\n"
+        " 1 | x.where(a == 1\n"
+        "   |               ^")
+
+
+def test_unexpected_end_after_and() -> None:
+    assert str(expression_error("trace.has(a) and")) == (
+        f"<expression>:1:17: error[syntax]: unexpected end of expression; expected {CONSTRUCTS}\n"
+        " 1 | trace.has(a) and\n"
+        "   |                 ^")
+
+
+def test_unexpected_end_of_expression_ending_in_newline_points_at_the_last_word() -> None:
+    # A YAML `|` block always ends in a newline; the caret must stay on the text, not past it.
+    assert str(expression_error("trace.has(a)\n  and\n")) == (
+        f"<expression>:2:6: error[syntax]: unexpected end of expression; expected {CONSTRUCTS}\n"
+        " 2 |   and\n"
+        "   |      ^")
+
+
+def test_unexpected_end_of_count_comparison() -> None:
+    assert str(expression_error("count(x) >")) == (
+        "<expression>:1:11: error[syntax]: unexpected end of expression; expected a number, "
+        "count(...)\n"
+        " 1 | count(x) >\n"
+        "   |           ^")
+
+
+def test_in_dsl_when_without_always_or_never() -> None:
+    assert str(expression_error("when { trace.has(a) }")) == (
+        "<expression>:1:22: error[syntax]: unexpected end of expression; expected always, never\n"
+        " 1 | when { trace.has(a) }\n"
+        "   |                      ^")
+
+
+def test_single_equals_sign() -> None:
+    assert str(expression_error("x.where(a = 1)")) == (
+        "<expression>:1:11: error[syntax]: unexpected character '='; expected a comparison "
+        "(== != < <= > >=), in, matches, contains, and, or, ')' ('=' is not an operator; did you "
+        "mean '=='?)\n"
+        " 1 | x.where(a = 1)\n"
+        "   |           ^")
+
+
+def test_double_ampersand() -> None:
+    assert str(expression_error("x.where(a && b)")) == (
+        "<expression>:1:11: error[syntax]: unexpected character '&'; expected a comparison "
+        "(== != < <= > >=), in, matches, contains, and, or, ')' (use 'and' instead of '&&')\n"
+        " 1 | x.where(a && b)\n"
+        "   |           ^")
+
+
+def test_single_quoted_string() -> None:
+    assert str(expression_error("x.where(a == 'b')")) == (
+        "<expression>:1:14: error[syntax]: unexpected character \"'\"; expected a name, a "
+        "\"quoted string\", a number (strings are written in double quotes)\n"
+        " 1 | x.where(a == 'b')\n"
+        "   |              ^")
+
+
+def test_error_on_second_line_names_that_line() -> None:
+    assert str(expression_error("trace.has(a)\n  and x.where(b = 2)")) == (
+        "<expression>:2:17: error[syntax]: unexpected character '='; expected a comparison "
+        "(== != < <= > >=), in, matches, contains, and, or, ')' ('=' is not an operator; did you "
+        "mean '=='?)\n"
+        " 2 |   and x.where(b = 2)\n"
+        "   |                 ^")
+
+
+def test_invalid_regex() -> None:
+    error = expression_error('x.where(a matches "(")')
+    assert str(error) == (
+        "<expression>:1:19: error[bad-regex]: invalid regular expression '(' (RE2 syntax): "
+        "missing ): (\n"
+        ' 1 | x.where(a matches "(")\n'
+        "   |                   ^^^")
+    assert error.code == "bad-regex"
+
+
+def test_regex_backreference_is_rejected_by_re2() -> None:
+    # `\1` is not an escape of the DSL's strings, so the pattern is (a)\1: a backreference,
+    # which RE2 (linear time) does not support. It must fail at load, not never match.
+    assert str(expression_error(r'x.where(a matches "(a)\1")')) == (
+        r"<expression>:1:19: error[bad-regex]: invalid regular expression '(a)\\1' (RE2 syntax): "
+        "invalid escape sequence: \\1\n"
+        ' 1 | x.where(a matches "(a)\\1")\n'
+        "   |                   ^^^^^^^")
+
+
+def test_regex_lookahead_is_rejected_by_re2() -> None:
+    error = expression_error('x.where(a matches "foo(?=bar)")')
+    assert error.code == "bad-regex"
+    assert str(error).splitlines()[0].startswith(
+        "<expression>:1:19: error[bad-regex]: invalid regular expression 'foo(?=bar)' (RE2 "
+        "syntax): ")
+
+
+def test_unique_outside_count_where() -> None:
+    assert str(expression_error("x.where(a == unique)")) == (
+        "<expression>:1:9: error[misplaced-unique]: 'unique' is reserved for "
+        "count(...).where(attr == unique)\n"
+        " 1 | x.where(a == unique)\n"
+        "   |         ^^^^^^^^^^^")
+
+
+def test_unique_in_an_or_inside_count_where() -> None:
+    assert str(expression_error("count(x).where(a == unique or b == 1) > 1")) == (
+        "<expression>:1:16: error[misplaced-unique]: 'attr == unique' must be a term of its own, "
+        "joined to the rest with 'and'\n"
+        " 1 | count(x).where(a == unique or b == 1) > 1\n"
+        "   |                ^^^^^^^^^^^")
+
+
+def test_two_uniques_in_one_count() -> None:
+    assert str(expression_error("count(x).where(a == unique and b == unique) > 1")) == (
+        "<expression>:1:32: error[misplaced-unique]: count distinct values of one attribute at a "
+        "time\n"
+        " 1 | count(x).where(a == unique and b == unique) > 1\n"
+        "   |                                ^^^^^^^^^^^")
+
+
+def test_count_compared_with_a_decimal() -> None:
+    assert str(expression_error("count(x) > 1.5")) == (
+        "<expression>:1:12: error[syntax]: a count compares with an integer or another count, "
+        "not '1.5'\n"
+        " 1 | count(x) > 1.5\n"
+        "   |            ^^^")
+
+
+def test_decimal_on_the_left_of_a_count() -> None:
+    assert str(expression_error("2.5 <= count(x)")) == (
+        "<expression>:1:1: error[syntax]: a count compares with an integer or another count, "
+        "not '2.5'\n"
+        " 1 | 2.5 <= count(x)\n"
+        "   | ^^^")
+
+
+def test_always_given_twice_in_dsl() -> None:
+    text = "when { trace.has(a) } always { trace.has(b) } always { trace.has(c) }"
+    assert str(expression_error(text)) == (
+        "<expression>:1:47: error[syntax]: 'always' given twice\n"
+        f" 1 | {text}\n"
+        "   |                                               ^^^^^^")
+
+
+def test_never_given_twice_in_dsl() -> None:
+    text = "when {trace.has(a)}\nnever {trace.has(b)}\nnever {trace.has(c)}"
+    assert str(expression_error(text)) == (
+        "<expression>:3:1: error[syntax]: 'never' given twice\n"
+        " 3 | never {trace.has(c)}\n"
+        "   | ^^^^^")
+
+
+def test_expression_over_64_kib() -> None:
+    text = "trace.has(a) or " * 4096 + "trace.has(b)"  # 65548 bytes
+    assert len(text.encode()) > MAX_EXPRESSION_BYTES == 64 * 1024
+    assert str(expression_error(text)) == (
+        f"<expression>:1:1: error[too-large]: expression is {len(text)} bytes; the limit is "
+        "65536\n"
+        f" 1 | {text[:120]}...\n"
+        "   | ^")
+
+
+def test_size_limit_counts_bytes_not_characters() -> None:
+    body = "é" * 32_761  # 32_761 characters, 65_522 bytes
+    text = f'x.where(a == "{body}")'
+    assert len(text) < MAX_EXPRESSION_BYTES < len(text.encode())
+    error = expression_error(text)
+    assert error.code == "too-large"
+    assert str(error).splitlines()[0] == (
+        f"<expression>:1:1: error[too-large]: expression is {len(text.encode())} bytes; the "
+        "limit is 65536")
+
+
+def test_expression_of_exactly_64_kib_is_accepted() -> None:
+    head, tail = 'x.where(a == "', '")'
+    text = head + "v" * (MAX_EXPRESSION_BYTES - len(head) - len(tail)) + tail
+    assert len(text.encode()) == MAX_EXPRESSION_BYTES
+    compiled = compile_expression(text)
+    trace = trace_from_compact([{"name": "x", "attributes": {"a": "v" * (len(text) - 16)}}])
+    assert compiled.test(trace)
+
+
+def test_200_nested_nots_are_refused_with_a_caret() -> None:
+    text = "not " * 200 + "trace.has(a)"
+    error = expression_error(text)
+    # start, any_of and all_of are three levels; the 98th `not` is level 101.
+    assert str(error) == (
+        "<expression>:1:389: error[too-deep]: expression nests too deeply (over 100 parse "
+        "levels, about 45 nested parentheses); split it into simpler terms\n"
+        f" 1 | ...{text[328:448]}...\n"  # a long line is shown as a window around the caret
+        f"   | {' ' * 63}^")
+    assert text[388:391] == "not"
+
+
+def test_200_nested_parentheses_in_a_where_are_refused_with_a_caret() -> None:
+    text = "x.where(" + "(" * 200 + "a == 1" + ")" * 200 + ")"
+    error = expression_error(text)
+    assert str(error) == (
+        "<expression>:1:56: error[too-deep]: expression nests too deeply (over 100 parse "
+        "levels, about 45 nested parentheses); split it into simpler terms\n"
+        f" 1 | {text[:120]}...\n"
+        f"   | {' ' * 55}^")
+
+
+def _deepest_accepted(build: Callable[[int], str]) -> int:
+    depth = 1
+    while True:
+        try:
+            compile_expression(build(depth + 1))
+        except ExpressionError as exc:
+            assert exc.code == "too-deep", str(exc)
+            return depth
+        depth += 1
+        assert depth < 1000, "no depth limit at all"
+
+
+TRACE_WITH_A = trace_from_compact([{"name": "a"}, {"name": "x", "attributes": {"a": 1}}])
+
+
+@pytest.mark.parametrize("shape", ["not", "parens", "where-parens", "where-not", "mixed"])
+def test_deepest_accepted_nesting_evaluates_without_recursion_error(shape: str) -> None:
+    builders = {
+        "not": lambda n: "not " * n + "trace.has(a)",
+        "parens": lambda n: "(" * n + "trace.has(a)" + ")" * n,
+        "where-parens": lambda n: "x.where(" + "(" * n + "a == 1" + ")" * n + ")",
+        "where-not": lambda n: "x.where(" + "not " * n + "a == 1)",
+        "mixed": lambda n: "(not " * n + "trace.has(a)" + ")" * n,
+    }
+    build = builders[shape]
+    depth = _deepest_accepted(build)
+    assert depth >= 20, "a person may nest a rule twenty levels deep"
+    compiled = compile_expression(build(depth))
+    odd_nots = shape in ("not", "where-not", "mixed") and depth % 2 == 1
+    assert compiled.test(TRACE_WITH_A) is (not odd_nots)
+    assert compiled.test(Trace(TRACE_WITH_A.trace_id, [])) is (odd_nots and shape != "where-not")
+    assert compiled.witness(TRACE_WITH_A) is not None
+    # Through the rule loader as well: loading, monotonicity and references walk the tree too.
+    rule = load_rules_text(f"rules:\n  - id: deep\n    condition: '{build(depth)}'\n").rules[0]
+    assert (rule.evaluate(TRACE_WITH_A) is not None) is (not odd_nots)
+
+
+# --- file:line:col through the rule loader ------------------------------------------------------
+
+def test_plain_scalar() -> None:
+    text = ("rules:\n"
+            "  - id: r1\n"
+            "    condition: trace.has(a) trace.has(b)\n")
+    assert str(load_error(text)) == (
+        "rules.yaml:3:29: error[syntax]: unexpected 'trace.has'; expected .where(...), before, "
+        "within, and, or, ')', '}'\n"
+        " 3 |     condition: trace.has(a) trace.has(b)\n"
+        "   |                             ^^^^^^^^^")
+
+
+def test_plain_scalar_continued_on_the_next_line() -> None:
+    text = ("rules:\n"
+            "  - id: r1\n"
+            "    condition: trace.has(a)\n"
+            "      and count(b) > 1.5\n")
+    error = load_error(text)
+    assert str(error) == (
+        "rules.yaml:4:22: error[syntax]: a count compares with an integer or another count, "
+        "not '1.5'\n"
+        " 4 |       and count(b) > 1.5\n"
+        "   |                      ^^^")
+    assert error.rule_id == "r1"
+
+
+def test_block_scalar_error_on_its_second_line() -> None:
+    text = ("# payments\n"
+            "rules:\n"
+            "  - id: payment-retry-idempotency\n"
+            "    severity: critical\n"
+            "    condition: |\n"
+            "      trace.has(payment.charge).where(attempt > 1)\n"
+            "        and trace.count(payment.charge).where(payment_intent_id = unique) > 1\n")
+    error = load_error(text, "payments.yaml")
+    assert str(error) == (
+        "payments.yaml:7:65: error[syntax]: unexpected character '='; expected a comparison "
+        "(== != < <= > >=), in, matches, contains, and, or, ')' ('=' is not an operator; did you "
+        "mean '=='?)\n"
+        " 7 |         and trace.count(payment.charge).where(payment_intent_id = unique) > 1\n"
+        "   |                                                                 ^")
+    loc = error.location
+    assert (loc.file, loc.line, loc.column) == ("payments.yaml", 7, 65)
+    assert loc.source_line[loc.column - 1] == "="
+
+
+def test_block_scalar_unexpected_end_points_at_its_last_word() -> None:
+    text = ("rules:\n"
+            "  - id: r1\n"
+            "    condition: |\n"
+            "      trace.has(a) and\n"
+            "\n"
+            "  - id: r2\n"
+            "    condition: trace.has(b)\n")
+    assert str(load_error(text)) == (
+        f"rules.yaml:4:23: error[syntax]: unexpected end of expression; expected {CONSTRUCTS}\n"
+        " 4 |       trace.has(a) and\n"
+        "   |                       ^")
+
+
+def test_block_scalar_keep_chomping_unexpected_end() -> None:
+    text = ("rules:\n"
+            "  - id: r1\n"
+            "    condition: |+\n"
+            "      count(a) >\n"
+            "\n"
+            "\n")
+    assert str(load_error(text)) == (
+        "rules.yaml:4:17: error[syntax]: unexpected end of expression; expected a number, "
+        "count(...)\n"
+        " 4 |       count(a) >\n"
+        "   |                 ^")
+
+
+def test_folded_scalar() -> None:
+    text = ("rules:\n"
+            "  - id: r1\n"
+            "    condition: >\n"
+            "      trace.has(payment.charge)\n"
+            "      and x.where(a matches \"(\")\n")
+    assert str(load_error(text)) == (
+        "rules.yaml:5:29: error[bad-regex]: invalid regular expression '(' (RE2 syntax): "
+        "missing ): (\n"
+        ' 5 |       and x.where(a matches "(")\n'
+        "   |                             ^^^")
+
+
+def test_double_quoted_scalar_with_escaped_quotes_before_the_error() -> None:
+    text = ("rules:\n"
+            "  - id: r1\n"
+            '    condition: "x.where(name == \\"a\\" and b = 1)"\n')
+    error = load_error(text)
+    assert str(error) == (
+        "rules.yaml:3:45: error[syntax]: unexpected character '='; expected a comparison "
+        "(== != < <= > >=), in, matches, contains, and, or, ')' ('=' is not an operator; did you "
+        "mean '=='?)\n"
+        ' 3 |     condition: "x.where(name == \\"a\\" and b = 1)"\n'
+        "   |                                             ^")
+    assert error.location.source_line[44] == "="
+
+
+def test_double_quoted_scalar_unique_outside_count() -> None:
+    text = ("rules:\n"
+            "  - id: r1\n"
+            '    condition: "trace.has(\\"GET /x\\").where(a == unique)"\n')
+    assert str(load_error(text)) == (
+        "rules.yaml:3:45: error[misplaced-unique]: 'unique' is reserved for "
+        "count(...).where(attr == unique)\n"
+        ' 3 |     condition: "trace.has(\\"GET /x\\").where(a == unique)"\n'
+        "   |                                             ^^^^^^^^^^^")
+
+
+def test_double_quoted_scalar_backreference() -> None:
+    # In YAML's double quotes `\\` is one backslash: the DSL text is x.where(a matches "(a)\1").
+    text = ("rules:\n"
+            "  - id: r1\n"
+            '    condition: "x.where(a matches \\"(a)\\\\1\\")"\n')
+    error = load_error(text)
+    assert str(error) == (
+        "rules.yaml:3:36: error[bad-regex]: invalid regular expression '(a)\\\\1' (RE2 syntax): "
+        "invalid escape sequence: \\1\n"
+        ' 3 |     condition: "x.where(a matches \\"(a)\\\\1\\")"\n'
+        "   |                                    ^^^^^^^^^")
+
+
+def test_single_quoted_scalar_with_doubled_quotes_before_the_error() -> None:
+    text = ("rules:\n"
+            "  - id: r1\n"
+            "    condition: 'x.where(name == \"it''s\" and b = 1)'\n")
+    assert str(load_error(text)) == (
+        "rules.yaml:3:47: error[syntax]: unexpected character '='; expected a comparison "
+        "(== != < <= > >=), in, matches, contains, and, or, ')' ('=' is not an operator; did you "
+        "mean '=='?)\n"
+        " 3 |     condition: 'x.where(name == \"it''s\" and b = 1)'\n"
+        "   |                                               ^")
+
+
+def test_plain_scalar_followed_by_a_comment() -> None:
+    text = ("rules:\n"
+            "  - id: r1\n"
+            "    condition: trace.has(a) and   # incomplete\n")
+    assert str(load_error(text)) == (
+        f"rules.yaml:3:32: error[syntax]: unexpected end of expression; expected {CONSTRUCTS}\n"
+        " 3 |     condition: trace.has(a) and   # incomplete\n"
+        "   |                                ^")
+
+
+def test_error_in_always_clause_names_the_always_line() -> None:
+    text = ("rules:\n"
+            "  - id: admin-audit\n"
+            "    when: trace.has(admin.action)\n"
+            "    always: audit.log.where(a == unique)\n")
+    error = load_error(text)
+    assert str(error) == (
+        "rules.yaml:4:29: error[misplaced-unique]: 'unique' is reserved for "
+        "count(...).where(attr == unique)\n"
+        " 4 |     always: audit.log.where(a == unique)\n"
+        "   |                             ^^^^^^^^^^^")
+    assert error.rule_id == "admin-audit"
+
+
+def test_in_dsl_clause_given_twice_in_a_block_scalar() -> None:
+    text = ("rules:\n"
+            "  - id: r1\n"
+            "    condition: |\n"
+            "      when { trace.has(a) }\n"
+            "      always { trace.has(b) }\n"
+            "      always { trace.has(c) }\n")
+    assert str(load_error(text)) == (
+        "rules.yaml:6:7: error[syntax]: 'always' given twice\n"
+        " 6 |       always { trace.has(c) }\n"
+        "   |       ^^^^^^")
+
+
+def test_in_dsl_form_inside_a_when_clause_is_refused() -> None:
+    text = ("rules:\n"
+            "  - id: r1\n"
+            "    when: when { trace.has(a) } never { trace.has(b) }\n"
+            "    never: trace.has(c)\n")
+    error = load_error(text)
+    assert error.location.line == 3 and error.location.column == 11
+    assert "cannot be nested inside a clause" in error.message
+
+
+def test_too_deep_in_a_block_scalar() -> None:
+    nots = "not " * 200
+    text = ("rules:\n"
+            "  - id: r1\n"
+            "    condition: |\n"
+            f"      {nots}trace.has(a)\n")
+    error = load_error(text)
+    assert error.code == "too-deep"
+    assert (error.location.line, error.location.column) == (4, 7 + 388)
+    assert str(error).splitlines()[0] == (
+        "rules.yaml:4:395: error[too-deep]: expression nests too deeply (over 100 parse "
+        "levels, about 45 nested parentheses); split it into simpler terms")
+    source, caret = str(error).splitlines()[-2:]
+    assert source[caret.index("^"):].startswith("not")
+
+
+def test_too_large_in_a_rule_file() -> None:
+    expression = "trace.has(a) or " * 4096 + "trace.has(b)"
+    text = f"rules:\n  - id: r1\n    condition: {expression}\n"
+    error = load_error(text)
+    assert str(error) == (
+        f"rules.yaml:3:16: error[too-large]: expression is {len(expression)} bytes; the limit is "
+        "65536\n"
+        f" 3 |     condition: {expression[:105]}...\n"
+        "   |                ^")
+
+
+def test_lone_surrogate_escape_is_an_error_not_a_crash() -> None:
+    text = ("rules:\n"
+            "  - id: r1\n"
+            '    condition: "trace.has(\\"\\ud800\\")"\n')
+    error = load_error(text)
+    assert (error.location.line, error.location.column) == (3, 29)  # under `\ud800`
+    assert error.message == "character '\\ud800' is not valid Unicode text"
+
+
+def test_load_rules_reports_the_real_file_path(tmp_path: Path) -> None:
+    path = tmp_path / "rules.yaml"
+    path.write_text("rules:\n"
+                    "  - id: r1\n"
+                    "    condition: >-\n"
+                    "      trace.has(a)\n"
+                    "      and x.where(b = 2)\n")
+    with pytest.raises(RuleLoadError) as raised:
+        load_rules([path])
+    assert str(raised.value) == (
+        f"{path}:5:21: error[syntax]: unexpected character '='; expected a comparison "
+        "(== != < <= > >=), in, matches, contains, and, or, ')' ('=' is not an operator; did you "
+        "mean '=='?)\n"
+        " 5 |       and x.where(b = 2)\n"
+        "   |                     ^")
+
+
+def test_every_expression_error_of_a_file_is_reported(tmp_path: Path) -> None:
+    path = tmp_path / "many.yaml"
+    path.write_text("rules:\n"
+                    "  - id: r1\n"
+                    "    condition: x.where(a = 1)\n"
+                    "  - id: r2\n"
+                    "    condition: count(x) > 1.5\n"
+                    "  - id: r3\n"
+                    "    when: trace.has(a)\n"
+                    "    never: 'y.where(b matches \"[\")'\n")
+    with pytest.raises(RuleLoadError) as raised:
+        load_rules([path])
+    places = [(e.rule_id, e.location.line, e.location.column, e.code)
+              for e in raised.value.errors]
+    assert places == [("r1", 3, 26, "syntax"), ("r2", 5, 27, "syntax"),
+                      ("r3", 8, 31, "bad-regex")]
+
+
+def test_snippet_is_the_line_the_location_names_despite_unicode_line_separators() -> None:
+    # U+2028 and U+0085 are not line breaks for our line numbers, so the snippet must not be
+    # taken from a list of lines that treats them as such.
+    text = ("rules:\n"
+            "  - id: r1\n"
+            "    description: \"owned by payments\u2028reviewed\x85by sre\"\n"
+            "    condition: x.where(a = 1)\n")
+    error = load_error(text)
+    assert (error.location.line, error.location.column) == (4, 26)
+    assert str(error).splitlines()[1:] == [
+        " 4 |     condition: x.where(a = 1)",
+        "   |                          ^"]
+
+
+def test_crlf_line_endings() -> None:
+    text = "rules:\r\n  - id: r1\r\n    condition: x.where(a = 1)\r\n"
+    assert str(load_error(text)).splitlines()[1:] == [
+        " 3 |     condition: x.where(a = 1)",
+        "   |                          ^"]
