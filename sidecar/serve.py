@@ -5,10 +5,12 @@ flush the exporters, exit 0).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from typing import IO
 
 from google.protobuf.internal import api_implementation
@@ -79,12 +81,14 @@ class Sidecar:
         self._grpc, self.grpc_port = grpc_server(self.intake, s.listen)
         self._grpc.start()
         if s.http_listen:
-            self._http = OtlpHttpServer(self.intake, split_address(s.http_listen))
+            with _naming("OTLP/HTTP", s.http_listen):
+                self._http = OtlpHttpServer(self.intake, split_address(s.http_listen))
             self.http_port = self._http.server_address[1]
             self._threads.append(self._http.start())
         if s.metrics_listen:
-            self._metrics_http = MetricsServer(self.metrics, split_address(s.metrics_listen),
-                                               self.ready)
+            with _naming("metrics", s.metrics_listen):
+                self._metrics_http = MetricsServer(self.metrics, split_address(s.metrics_listen),
+                                                   self.ready)
             self.metrics_port = self._metrics_http.server_address[1]
             self._threads.append(self._metrics_http.start())
         for target, name in ((self.assembler.run, "decide"), (self.watcher.run, "reload")):
@@ -138,3 +142,13 @@ class Sidecar:
             pass
         self.stop()
         return 0
+
+
+@contextlib.contextmanager
+def _naming(listener: str, address: str) -> Iterator[None]:
+    """Say which listener could not bind, not just 'Address already in use'."""
+    try:
+        yield
+    except OSError as exc:
+        raise OSError(f"cannot listen for {listener} on {address}: {exc.strerror or exc}") \
+            from None
