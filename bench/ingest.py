@@ -148,7 +148,7 @@ def decode(value: AnyValue) -> Any:
     if which == "array_value":
         return tuple(decode(v) for v in value.array_value.values)
     if which == "kvlist_value":
-        return {kv.key: decode(kv.value) for kv in value.kvlist_value.values}
+        return {pair.key: decode(pair.value) for pair in value.kvlist_value.values}
     return getattr(value, which) if which else None
 
 
@@ -160,7 +160,7 @@ def walk_limit(pool: list[bytes], repeat: int = 3) -> tuple[float, float]:
         started, spans = time.perf_counter(), 0
         for body in pool:
             out = [{"trace_id": s.trace_id.hex(), "span_id": s.span_id.hex(), "name": s.name,
-                    "attributes": {kv.key: decode(kv.value) for kv in s.attributes}}
+                    "attributes": {pair.key: decode(pair.value) for pair in s.attributes}}
                    for rs in ExportTraceServiceRequest.FromString(body).resource_spans
                    for ss in rs.scope_spans for s in ss.spans]
             spans += len(out)

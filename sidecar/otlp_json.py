@@ -157,7 +157,7 @@ def _decode(doc: Any, projection: Projection | None, bad: list[str]) -> list[Spa
     if type(resource_spans) is not list:
         raise ValueError(f"{key} is not a list")
     wants = projection.wants_name if projection is not None else None
-    keep = projection.attributes if projection is not None else None
+    keep = projection.attributes_for if projection is not None else None
     spans: list[Span] = []
     for entry in resource_spans:
         if type(entry) is not dict:
@@ -191,7 +191,8 @@ def _decode(doc: Any, projection: Projection | None, bad: list[str]) -> list[Spa
     return spans
 
 
-def _span(raw: Any, wants: Callable[[str], bool] | None, keep: frozenset[str] | None,
+def _span(raw: Any, wants: Callable[[str], bool] | None,
+          keep_for: Callable[[str], frozenset[str] | None] | None,
           service: str | None) -> Span | None:
     """One span, or None when the projection drops it; ValueError says what is malformed."""
     if type(raw) is not dict:
@@ -225,6 +226,7 @@ def _span(raw: Any, wants: Callable[[str], bool] | None, keep: frozenset[str] | 
     if status_name is None:
         raise ValueError(f"invalid status {_short(status)}")
     attributes = raw.get("attributes")
+    keep = keep_for(name) if keep_for is not None else None
     return Span(
         trace_id, span_id, name, parent_span_id=parent, start_ns=start, end_ns=end,
         status=status_name, kind=kind, service=service,

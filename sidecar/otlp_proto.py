@@ -19,6 +19,7 @@ VIOLATION_SPAN = "betrace.violation"
 SCOPE = "betrace"
 _ZERO_TRACE = bytes(16)
 _ZERO_SPAN = bytes(8)
+_NO_ATTRIBUTES: dict[str, Any] = {}  # shared by every span that keeps none: never mutated
 
 
 @dataclass
@@ -42,8 +43,10 @@ def parse_request(body: bytes) -> ExportTraceServiceRequest:
 
 def decode_request(request: ExportTraceServiceRequest, projection: Projection) -> Decoded:
     out = Decoded()
-    wants, keep = projection.wants_name, projection.attributes
+    wants, keep_for = projection.wants_name, projection.attributes_for
     batch = out.batch
+    hex_ids: dict[bytes, str] = {}  # one str per trace id and per span name, not one per span
+    names: dict[str, str] = {}
     for resource_spans in request.resource_spans:
         service = None
         for kv in resource_spans.resource.attributes:
@@ -68,14 +71,17 @@ def decode_request(request: ExportTraceServiceRequest, projection: Projection) -
                 if len(span_id) != 8 or span_id == _ZERO_SPAN:
                     out.invalid.append(f"span {name!r}: invalid span_id {span_id.hex()!r}")
                     continue
+                keep = keep_for(name)
                 if keep is None:
                     attributes = {kv.key: _value(kv.value) for kv in span.attributes}
                 elif keep:
-                    attributes = {kv.key: _value(kv.value) for kv in span.attributes
-                                  if kv.key in keep}
+                    attributes = _kept(span.attributes, keep)
                 else:
-                    attributes = {}
-                tid = trace_id.hex()
+                    attributes = _NO_ATTRIBUTES
+                tid = hex_ids.get(trace_id)
+                if tid is None:
+                    tid = hex_ids[trace_id] = trace_id.hex()
+                name = names.setdefault(name, name)
                 record = Span(
                     tid, span_id.hex(), name,
                     parent_span_id=span.parent_span_id.hex(),
@@ -90,6 +96,19 @@ def decode_request(request: ExportTraceServiceRequest, projection: Projection) -
                 else:
                     bucket.append(record)
     return out
+
+
+def _kept(key_values: Any, keep: frozenset[str]) -> dict[str, Any]:
+    """The wanted attributes; stop reading once all are found."""
+    found: dict[str, Any] = {}
+    wanted = len(keep)
+    for kv in key_values:
+        key = kv.key
+        if key in keep:
+            found[key] = _value(kv.value)
+            if len(found) == wanted:
+                break
+    return found
 
 
 def _value(value: Any) -> Any:

@@ -20,7 +20,7 @@ import yaml
 from sidecar.compact import CompactSpanError, trace_from_compact
 from sidecar.dsl.compiler import (
     MISSING, CompiledExpr, References, attribute_getter, combine_clauses, compile_clause,
-    compile_expression, distinct_key, glob_matcher,
+    compile_expression, distinct_key, glob_matcher, memoized,
 )
 from sidecar.errors import ExpressionError, Location, RuleError, RuleLoadError
 from sidecar.span import Projection, Span, Trace
@@ -115,14 +115,33 @@ class RuleSet:
         return refs
 
     def projection(self) -> Projection:
-        """Keep spans some rule selects and attributes some rule reads or copies to a signal."""
+        """Keep spans some rule selects and, on each, the attributes the rules selecting it read
+        or copy into a signal."""
         refs = self.refs
         names, globs = refs.names, [glob_matcher(g) for g in sorted(refs.globs)]
         wants: Callable[[str], bool] = names.__contains__
         if globs:
-            def wants(name: str) -> bool:
-                return name in names or any(g(name) for g in globs)
-        return Projection(wants, refs.attributes)
+            wants = memoized(lambda name: name in names or any(g(name) for g in globs))
+        exact: dict[str, set[str]] = {}
+        by_glob: list[tuple[Callable[[str], bool], frozenset[str]]] = []
+        for rule in self.rules:
+            for selector, glob, attributes in rule.logic.refs.selectors:
+                reads = attributes | frozenset(rule.context)
+                if glob:
+                    by_glob.append((glob_matcher(selector), reads))
+                else:
+                    exact.setdefault(selector, set()).update(reads)
+        known: dict[str, frozenset[str]] = {}
+
+        def attributes_for(name: str) -> frozenset[str]:
+            found = known.get(name)
+            if found is None:
+                found = frozenset(exact.get(name, ())).union(
+                    *(reads for matches, reads in by_glob if matches(name)))
+                if len(known) < 10_000:  # span names are few; never grow without bound
+                    known[name] = found
+            return found
+        return Projection(wants, refs.attributes, attributes_for)
 
     def rule(self, rule_id: str) -> Rule | None:
         return next((r for r in self.rules + self.disabled if r.id == rule_id), None)

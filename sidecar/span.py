@@ -107,13 +107,16 @@ class Trace:
 
 class Projection:
     """What the loaded rules can read: spans whose name no rule selects, and attributes no rule
-    reads or copies into a signal, are dropped right after decoding (the main speed lever)."""
+    reads or copies into a signal, are dropped right after decoding (the main speed lever).
+    `attributes_for(name)` is the set to keep on spans of that name (None keeps everything)."""
 
-    __slots__ = ("wants_name", "attributes")
+    __slots__ = ("wants_name", "attributes", "attributes_for")
 
-    def __init__(self, wants_name: Any, attributes: frozenset[str] | None) -> None:
+    def __init__(self, wants_name: Any, attributes: frozenset[str] | None,
+                 attributes_for: Any = None) -> None:
         self.wants_name = wants_name  # Callable[[str], bool]
-        self.attributes = attributes  # None keeps every attribute
+        self.attributes = attributes  # None keeps every attribute; the union over names
+        self.attributes_for = attributes_for or (lambda name: attributes)
 
     @classmethod
     def everything(cls) -> Projection:

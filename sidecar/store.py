@@ -66,7 +66,7 @@ class _Entry:
         self.trace = trace
         self.opened = now
         self.last_seen = now
-        self.signalled: set[str] = set()
+        self.signalled: set[str] | None = None  # made on the first signal: most traces have none
         self.decided_until: float | None = None  # set while decided and remembered
 
 
@@ -166,7 +166,8 @@ class MemoryStore:
         return claimed
 
     def _remember_evicted(self, trace_id: str, entry: _Entry) -> None:
-        self._evicted_signals[trace_id] = entry.signalled
+        self._evicted_signals[trace_id] = entry.signalled if entry.signalled is not None \
+            else set()
         self._evicted_signals.move_to_end(trace_id)
 
     def _prune_evicted_signals(self) -> None:
@@ -209,8 +210,12 @@ class MemoryStore:
             entry = self._entries.get(trace_id)
             if entry is None:
                 entry = next((e for t, e in self._evicted if t == trace_id), None)
-            signalled = entry.signalled if entry is not None \
-                else self._evicted_signals.get(trace_id)
+            if entry is not None:
+                if entry.signalled is None:
+                    entry.signalled = set()
+                signalled = entry.signalled
+            else:
+                signalled = self._evicted_signals.get(trace_id)
             if signalled is None:
                 return True  # forgotten already: nothing left to deduplicate against
             if rule_id in signalled:

@@ -746,3 +746,19 @@ def test_ruleset_is_frozen_and_digest_depends_on_content() -> None:
     assert isinstance(first, RuleSet)
     assert first.digest != second.digest
     assert first.digest == load_rules_text(GOOD.format(id="r1", span="a")).digest
+
+
+def test_projection_keeps_per_span_name_only_what_the_rules_selecting_it_read() -> None:
+    ruleset = load_rules_text(
+        "rules:\n"
+        "  - id: a\n"
+        "    condition: payment.charge.where(attempt > 1) and count(x).where(k == unique) > 1\n"
+        "    signal: {context: [order_id]}\n"
+        "  - id: b\n"
+        '    condition: \'"GET *".where(http.status_code >= 500)\'\n')
+    projection = ruleset.projection()
+    assert projection.attributes_for("payment.charge") == {"attempt", "order_id"}
+    assert projection.attributes_for("x") == {"k", "order_id"}
+    assert projection.attributes_for("GET /users") == {"http.status_code"}
+    assert projection.attributes_for("unnamed") == frozenset()
+    assert projection.attributes == {"attempt", "k", "order_id", "http.status_code"}

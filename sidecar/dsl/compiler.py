@@ -46,10 +46,12 @@ class References:
     names: frozenset[str] = frozenset()
     globs: frozenset[str] = frozenset()
     attributes: frozenset[str] = frozenset()
+    # (selector text, is glob, attributes read from the spans it selects), for pruning per name
+    selectors: frozenset[tuple[str, bool, frozenset[str]]] = frozenset()
 
     def __or__(self, other: References) -> References:
         return References(self.names | other.names, self.globs | other.globs,
-                          self.attributes | other.attributes)
+                          self.attributes | other.attributes, self.selectors | other.selectors)
 
 
 @dataclass(frozen=True)
@@ -438,14 +440,20 @@ def _pred_attributes(pred: ast.Pred | None) -> set[str]:
 
 
 def _references(node: ast.Expr) -> References:
-    names, globs, attributes = set(), set(), set()
+    reads: dict[tuple[str, bool], set[str]] = {}
     for query in _queries(node):
-        (globs if query.selector.glob else names).add(query.selector.name)
-        attributes |= _pred_attributes(query.where)
+        key = (query.selector.name, query.selector.glob)
+        reads.setdefault(key, set()).update(_pred_attributes(query.where))
     for count in _counts(node):
         if count.unique is not None:
-            attributes.add(count.unique)
-    return References(frozenset(names), frozenset(globs), frozenset(attributes))
+            selector = count.query.selector
+            reads[(selector.name, selector.glob)].add(count.unique)
+    return References(
+        names=frozenset(name for name, glob in reads if not glob),
+        globs=frozenset(name for name, glob in reads if glob),
+        attributes=frozenset(a for attrs in reads.values() for a in attrs),
+        selectors=frozenset((name, glob, frozenset(attrs)) for (name, glob), attrs in reads.items()),
+    )
 
 
 def _counts(node: ast.Expr) -> list[ast.Count]:
