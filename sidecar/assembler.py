@@ -24,11 +24,11 @@ log = logging.getLogger("betrace")
 
 class Assembler:
     def __init__(self, store: TraceStore, ruleset: RuleSet, emitter: Emitter, metrics: Metrics,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.emitter = emitter
         self.metrics = metrics
-        self.clock = clock
+        self.clock = clock  # wall clock: a shared store compares times across processes
         self._dirty: set[str] = set()
         self._wake = threading.Condition()
         self.set_rules(ruleset)
@@ -61,9 +61,10 @@ class Assembler:
         with self._wake:
             dirty, self._dirty = self._dirty, set()
         monotone = self._monotone
-        for trace_id in dirty:
-            found = self.store.with_trace(trace_id, lambda t: self._evaluate(t, monotone))
-            self._emit(found or [])
+        if dirty and monotone:
+            for found in self.store.with_traces(list(dirty),
+                                                lambda t: self._evaluate(t, monotone)):
+                self._emit(found)
         now = self.clock()
         claimed = self.store.claim_due(now)
         for item in claimed:
@@ -75,9 +76,9 @@ class Assembler:
         while not stop.is_set():
             try:
                 self.step()
-            except Exception:  # e.g. the store is unreachable: count, keep going
+            except Exception as exc:  # e.g. the store is unreachable: count, keep going
                 self.metrics.store_errors.labels(operation="decide").inc()
-                log.exception("deciding traces failed; retrying")
+                log.error("deciding traces failed, retrying in 1s: %s", exc)
                 stop.wait(1.0)
                 continue
             due = self.store.next_due()
@@ -106,6 +107,7 @@ class Assembler:
         found = self._evaluate(item.trace, self.ruleset.rules)
         self.metrics.rule_evaluation.observe(time.perf_counter() - started)
         self._emit(found)
+        self.store.finish(item)
 
     def _evaluate(self, trace: Trace, rules: tuple[Rule, ...]) -> list[Violation]:
         found = []

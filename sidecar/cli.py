@@ -96,7 +96,11 @@ def _parser() -> argparse.ArgumentParser:
     _flag(serve, "--signals-out", "FILE|-", "", "append signals as JSON lines ('-' = stdout)")
     _flag(serve, "--export-otlp", "HOST:PORT", "",
           "send violation spans over OTLP gRPC (e.g. back to the collector)")
-    _flag(serve, "--store", "KIND", defaults.store, "trace state: memory")
+    _flag(serve, "--store", "memory|URL", defaults.store,
+          "trace state: memory, or Redis shared by sidecars: redis://[:password@]host:port/db, "
+          "rediss:// (TLS), unix:///path, redis+cluster://host:port[,host:port]")
+    _flag(serve, "--claim-lease", "DURATION", "30s",
+          "with Redis: a trace claimed by a sidecar that dies is decided by another after this")
     _flag(serve, "--reload-interval", "DURATION", "2s", "how often to look for rule changes")
     _flag(serve, "--log-level", "LEVEL", "info", "debug, info, warning or error")
     serve.set_defaults(run=_serve)
@@ -157,7 +161,8 @@ def _serve(args: argparse.Namespace) -> int:
             decided_retention=parse_duration(args.decided_retention) / 1e9,
             max_traces=int(args.max_traces), max_spans_per_trace=int(args.max_spans_per_trace),
             signals_out=args.signals_out or None, export_otlp=args.export_otlp or None,
-            store=args.store, reload_interval=parse_duration(args.reload_interval) / 1e9)
+            store=args.store, claim_lease=parse_duration(args.claim_lease) / 1e9,
+            reload_interval=parse_duration(args.reload_interval) / 1e9)
     except ValueError as exc:
         print(f"betrace serve: {exc}", file=sys.stderr)
         return EXIT_UNUSABLE

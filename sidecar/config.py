@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 from sidecar.store import StoreLimits
 
+STORE_SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
+
 
 @dataclass
 class Settings:
@@ -24,12 +26,14 @@ class Settings:
     decided_retention: float = 60.0
     signals_out: str | None = None  # JSONL signal log: a path, or "-" for stdout
     export_otlp: str | None = None  # host:port receiving violation spans over OTLP gRPC
-    store: str = "memory"
+    store: str = "memory"  # or redis://, rediss://, unix://, redis+cluster://host:port,...
+    claim_lease: float = 30.0  # a trace claimed by a sidecar that dies is re-decided after this
     reload_interval: float = 2.0
 
     def validate(self) -> list[str]:
         problems = []
-        for name in ("decision_wait", "max_trace_age", "decided_retention", "reload_interval"):
+        for name in ("decision_wait", "max_trace_age", "decided_retention", "reload_interval",
+                     "claim_lease"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name.replace('_', '-')} must be positive")
         if self.max_trace_age < self.decision_wait:
@@ -44,13 +48,14 @@ class Settings:
                     split_address(value)
                 except ValueError as exc:
                     problems.append(f"{name.replace('_', '-')}: {exc}")
-        if self.store != "memory":
-            problems.append(f"store {self.store!r} is not supported yet; use 'memory'")
+        if self.store != "memory" and not self.store.startswith(STORE_SCHEMES):
+            problems.append(f"store {self.store!r}: expected memory or a URL starting with "
+                            f"{', '.join(STORE_SCHEMES)}")
         return problems
 
     def limits(self) -> StoreLimits:
         return StoreLimits(self.decision_wait, self.max_trace_age, self.max_traces,
-                           self.max_spans_per_trace, self.decided_retention)
+                           self.max_spans_per_trace, self.decided_retention, self.claim_lease)
 
 
 def split_address(address: str) -> tuple[str, int]:

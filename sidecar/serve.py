@@ -36,7 +36,7 @@ class Sidecar:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.ruleset = ruleset if ruleset is not None else load_rules(settings.rules)
-        self.store = store if store is not None else MemoryStore(settings.limits())
+        self.store = store if store is not None else open_store(settings)
         self._log_file: IO[str] | None = None
         self.emitter = Emitter(self.metrics, self._signal_log(),
                                ViolationSpans(settings.export_otlp) if settings.export_otlp
@@ -71,7 +71,8 @@ class Sidecar:
     def ready(self) -> tuple[bool, str]:
         if self._stop.is_set():
             return False, "shutting down"
-        return True, f"ready: {len(self.ruleset.rules)} rules"
+        ok, store = self.store.healthy()
+        return ok, f"{'ready' if ok else 'not ready'}: {len(self.ruleset.rules)} rules, {store}"
 
     def start(self) -> None:
         if api_implementation.Type() == "python":
@@ -142,6 +143,15 @@ class Sidecar:
             pass
         self.stop()
         return 0
+
+
+def open_store(settings: Settings) -> TraceStore:
+    """The embedded memory store, or Redis shared by every sidecar."""
+    if settings.store == "memory":
+        return MemoryStore(settings.limits())
+    from sidecar.redis_store import RedisStore
+
+    return RedisStore.from_url(settings.store, settings.limits())
 
 
 @contextlib.contextmanager

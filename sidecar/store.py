@@ -28,6 +28,7 @@ class StoreLimits:
     max_traces: int = 50_000  # traces held (open and recently decided)
     max_spans_per_trace: int = 10_000
     decided_retention: float = 60.0  # seconds a decided trace is kept for late spans
+    claim_lease: float = 30.0  # seconds a claimed trace stays with its decider (shared stores)
 
 
 @dataclass
@@ -41,21 +42,26 @@ class AppendResult:
 
 @dataclass(frozen=True)
 class Claimed:
-    """A trace handed to one decider; `reason` is idle, max_age, evicted or shutdown."""
+    """A trace handed to one decider; `reason` is idle, max_age, evicted or shutdown.
+    `handle` is the store's own (a lease, for shared stores); pass it back to `finish`."""
 
     trace: Trace
     reason: str
     due_at: float
+    handle: object = None
 
 
 class TraceStore(Protocol):
     def append(self, batch: Mapping[str, list[Span]], now: float) -> AppendResult: ...
     def claim_due(self, now: float, limit: int = 1000) -> list[Claimed]: ...
+    def finish(self, claimed: Claimed) -> None: ...
     def claim_all(self, now: float) -> list[Claimed]: ...
+    def with_traces(self, trace_ids: list[str], use: Callable[[Trace], T]) -> list[T]: ...
     def with_trace(self, trace_id: str, use: Callable[[Trace], T]) -> T | None: ...
     def signal_once(self, rule_id: str, trace_id: str) -> bool: ...
     def next_due(self) -> float | None: ...
     def counts(self) -> tuple[int, int]: ...  # (open traces, buffered spans)
+    def healthy(self) -> tuple[bool, str]: ...
     def close(self) -> None: ...
 
 
@@ -196,6 +202,19 @@ class MemoryStore:
                         for trace_id, entry in list(self._by_age.items())]
         return claimed
 
+    def finish(self, claimed: Claimed) -> None:
+        """Nothing to do: a trace is decided the moment it is claimed (one decider per process)."""
+
+    def with_traces(self, trace_ids: list[str], use: Callable[[Trace], T]) -> list[T]:
+        """`use` on each open trace among `trace_ids`, while no span can be added to it."""
+        with self._lock:
+            found = []
+            for trace_id in trace_ids:
+                entry = self._entries.get(trace_id)
+                if entry is not None and entry.decided_until is None:
+                    found.append(use(entry.trace))
+            return found
+
     def with_trace(self, trace_id: str, use: Callable[[Trace], T]) -> T | None:
         """Run `use` on an open trace while no span can be added to it."""
         with self._lock:
@@ -238,6 +257,9 @@ class MemoryStore:
     def counts(self) -> tuple[int, int]:
         with self._lock:
             return len(self._by_age), self._spans
+
+    def healthy(self) -> tuple[bool, str]:
+        return True, "memory store"
 
     def close(self) -> None:
         """Nothing to release: memory goes with the process."""

@@ -174,3 +174,20 @@ def sdk_client() -> Iterator[Callable[..., SdkClient]]:
     finally:
         for client in clients:
             client.provider.shutdown()
+
+
+# --- Redis ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[Any]:
+    """One real redis-server for the session (tests flush it as they need)."""
+    from redis_servers import RedisServer
+
+    server = RedisServer().start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def redis_url(redis_server: Any) -> str:
+    return str(redis_server.url)

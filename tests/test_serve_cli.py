@@ -174,7 +174,7 @@ def test_serve_reports_what_it_listens_on_and_decides_buffered_traces_on_sigterm
     assert f"http://127.0.0.1:{metrics_port}/metrics" in line
     assert "2 rule(s) loaded" in line
     assert "decision wait 30s" in line
-    assert http_get(metrics_port, "/readyz") == (200, "ready: 2 rules\n")
+    assert http_get(metrics_port, "/readyz") == (200, "ready: 2 rules, memory store\n")
 
     # A when/always violation: nothing can signal it before the trace is decided.
     tracer = sdk_client(grpc_port).tracer
@@ -224,7 +224,7 @@ def test_sighup_reloads_changed_rules(
     process.wait_for_line("rule reload failed", after=before)
     process.wait_for_line(f"{rules_file}:6:", after=before)  # file:line:column of the error
     assert process.process.poll() is None
-    assert http_get(metrics_port, "/readyz") == (200, "ready: 1 rules\n")
+    assert http_get(metrics_port, "/readyz") == (200, "ready: 1 rules, memory store\n")
 
     process.send(signal.SIGTERM)
     assert process.wait() == 0, process.stderr

@@ -1,8 +1,9 @@
-"""The TraceStore contract: what every trace store (memory today, Redis next) must do.
+"""The TraceStore contract: what every trace store (memory, Redis) must do.
 
-Written against the protocol only (append / claim_due / claim_all / with_trace / signal_once /
-next_due / counts / close) with explicit `now` values, so no test sleeps. A new store joins by
-adding a param to `store_factory`.
+Written against the protocol only (append / claim_due / finish / claim_all / with_trace /
+signal_once / next_due / counts / close) with explicit `now` values, so no test sleeps. Redis
+runs as a real redis-server (see redis_servers.py). A new store joins by adding a param to
+`store_factory`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import redis
 
+from sidecar.redis_store import RedisStore
 from sidecar.span import Span
 from sidecar.store import Claimed, MemoryStore, StoreLimits, TraceStore
 
@@ -20,29 +23,48 @@ A, B, C, D, E = (f"{n:x}" * 32 for n in range(10, 15))  # "aaaa...", "bbbb...", 
 StoreFactory = Callable[..., TraceStore]
 
 
-def _memory(limits: StoreLimits) -> TraceStore:
-    return MemoryStore(limits)
-
-
-STORES: dict[str, Callable[[StoreLimits], TraceStore]] = {"memory": _memory}
-
-
-@pytest.fixture(params=sorted(STORES))
-def store_factory(request: pytest.FixtureRequest) -> Iterator[StoreFactory]:
-    """`store_factory(**limits)`: a fresh, empty store with these StoreLimits; closed after the
-    test."""
+def _factory(request: pytest.FixtureRequest, kind: str) -> Iterator[StoreFactory]:
     made: list[TraceStore] = []
 
     def make(**limits: Any) -> TraceStore:
         limits.setdefault("decision_wait", 10.0)
         limits.setdefault("max_trace_age", 100.0)
-        store = STORES[request.param](StoreLimits(**limits))
+        if kind == "memory":
+            store: TraceStore = MemoryStore(StoreLimits(**limits))
+        else:
+            url = request.getfixturevalue("redis_url")
+            client = redis.Redis.from_url(url)
+            client.flushdb()
+            store = RedisStore(client, StoreLimits(**limits))
         made.append(store)
         return store
 
     yield make
     for store in made:
         store.close()
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store_factory(request: pytest.FixtureRequest) -> Iterator[StoreFactory]:
+    """`store_factory(**limits)`: a fresh, empty store with these StoreLimits, of every kind;
+    closed after the test."""
+    yield from _factory(request, request.param)
+
+
+@pytest.fixture
+def local_store_factory(request: pytest.FixtureRequest) -> Iterator[StoreFactory]:
+    """The memory store only, for what a shared store deliberately does not do: evict for
+    max_traces (Redis is bounded by its maxmemory and TTLs) and decide everything at shutdown
+    (one sidecar stopping must not decide the traces its peers are still assembling)."""
+    yield from _factory(request, "memory")
+
+
+def claim(store: TraceStore, now: float, **kwargs: Any) -> list[Claimed]:
+    """Claim what is due and finish each, as the assembler does after deciding."""
+    claimed = store.claim_due(now, **kwargs)
+    for item in claimed:
+        store.finish(item)
+    return claimed
 
 
 _counter = iter(range(1, 1 << 30))
@@ -73,7 +95,7 @@ def by_trace(claimed: list[Claimed]) -> dict[str, Claimed]:
 def test_an_empty_store_has_nothing_due(store_factory: StoreFactory) -> None:
     store = store_factory()
     assert store.next_due() is None
-    assert store.claim_due(1e9) == []
+    assert claim(store, 1e9) == []
     assert store.claim_all(1e9) == []
     assert store.counts() == (0, 0)
     assert store.with_trace(A, len) is None
@@ -87,9 +109,9 @@ def test_a_trace_is_due_after_decision_wait_without_new_spans_and_not_before(
     assert (result.accepted, result.rejected, result.late, result.evicted) == (2, 0, 0, 0)
     assert result.touched == [A]
     assert store.next_due() == pytest.approx(110.0)
-    assert store.claim_due(100.0) == []
-    assert store.claim_due(109.999) == []
-    [claimed] = store.claim_due(110.0)
+    assert claim(store, 100.0) == []
+    assert claim(store, 109.999) == []
+    [claimed] = claim(store, 110.0)
     assert claimed.reason == "idle"
     assert claimed.trace.trace_id == A
     assert ids(claimed) == {s.span_id for s in sent}
@@ -100,10 +122,10 @@ def test_new_spans_push_the_deadline(store_factory: StoreFactory) -> None:
     store = store_factory(decision_wait=10.0)
     store.append({A: spans(A)}, now=0.0)
     store.append({A: spans(A)}, now=6.0)
-    assert store.claim_due(10.0) == []  # 10s after the first span, but only 4s after the last
+    assert claim(store, 10.0) == []  # 10s after the first span, but only 4s after the last
     assert store.next_due() == pytest.approx(16.0)
-    assert store.claim_due(15.9) == []
-    [claimed] = store.claim_due(16.0)
+    assert claim(store, 15.9) == []
+    [claimed] = claim(store, 16.0)
     assert len(claimed.trace.spans) == 2 and claimed.reason == "idle"
 
 
@@ -112,10 +134,10 @@ def test_max_trace_age_decides_a_trace_that_keeps_receiving_spans(
     store = store_factory(decision_wait=10.0, max_trace_age=30.0)
     for now in (0.0, 5.0, 10.0, 15.0, 20.0, 25.0):
         store.append({A: spans(A)}, now=now)
-        assert store.claim_due(now + 4.9) == []  # never idle for decision_wait
+        assert claim(store, now + 4.9) == []  # never idle for decision_wait
     assert store.next_due() == pytest.approx(30.0)
-    assert store.claim_due(29.9) == []
-    [claimed] = store.claim_due(30.0)
+    assert claim(store, 29.9) == []
+    [claimed] = claim(store, 30.0)
     assert claimed.reason == "max_age"
     assert len(claimed.trace.spans) == 6
     assert claimed.due_at == pytest.approx(30.0)
@@ -126,10 +148,10 @@ def test_claim_returns_each_trace_once(store_factory: StoreFactory) -> None:
     store = store_factory(decision_wait=1.0)
     store.append({A: spans(A), B: spans(B, 2)}, now=0.0)
     store.append({C: spans(C)}, now=0.5)
-    first = by_trace(store.claim_due(5.0))
+    first = by_trace(claim(store, 5.0))
     assert set(first) == {A, B, C}
-    assert store.claim_due(5.0) == []
-    assert store.claim_due(50.0) == []
+    assert claim(store, 5.0) == []
+    assert claim(store, 50.0) == []
     assert store.claim_all(50.0) == []
     assert store.next_due() is None
 
@@ -138,9 +160,9 @@ def test_claim_due_respects_its_limit_and_hands_out_the_rest_later(
         store_factory: StoreFactory) -> None:
     store = store_factory(decision_wait=1.0)
     store.append({t: spans(t) for t in (A, B, C, D, E)}, now=0.0)
-    first = store.claim_due(2.0, limit=2)
+    first = claim(store, 2.0, limit=2)
     assert len(first) == 2
-    rest = store.claim_due(2.0)
+    rest = claim(store, 2.0)
     assert len(rest) == 3
     assert {c.trace.trace_id for c in first + rest} == {A, B, C, D, E}
 
@@ -150,7 +172,7 @@ def test_with_trace_reads_an_open_trace_only(store_factory: StoreFactory) -> Non
     store.append({A: spans(A, 3)}, now=0.0)
     assert store.with_trace(A, lambda trace: (trace.trace_id, len(trace.spans))) == (A, 3)
     assert store.with_trace(B, len) is None
-    store.claim_due(1.0)
+    claim(store, 1.0)
     assert store.with_trace(A, len) is None  # decided: a decider owns it now
 
 
@@ -161,15 +183,15 @@ def test_a_late_span_reopens_a_decided_trace_with_all_earlier_spans(
     store = store_factory(decision_wait=10.0, decided_retention=60.0)
     early = spans(A, 2)
     store.append({A: early}, now=0.0)
-    [decided] = store.claim_due(10.0)
+    [decided] = claim(store, 10.0)
     assert store.counts() == (0, 0)
     late = spans(A)
     result = store.append({A: late}, now=12.0)
     assert result.late == 1 and result.accepted == 1 and result.touched == [A]
     assert store.counts() == (1, 3)
     assert store.with_trace(A, len) == 3
-    assert store.claim_due(21.9) == []  # the re-opened trace waits decision_wait again
-    [again] = store.claim_due(22.0)
+    assert claim(store, 21.9) == []  # the re-opened trace waits decision_wait again
+    [again] = claim(store, 22.0)
     assert again.reason == "idle"
     assert ids(again) == {s.span_id for s in early + late}
     # The first decider's view is not changed under it by the late span.
@@ -183,12 +205,12 @@ def test_signal_once_is_true_once_per_rule_and_trace(store_factory: StoreFactory
     assert store.signal_once("double-charge", A) is False
     assert store.signal_once("other-rule", A) is True
     assert store.signal_once("double-charge", B) is True
-    store.claim_due(1.0)
+    claim(store, 1.0)
     assert store.signal_once("double-charge", A) is False  # decided, still remembered
     store.append({A: spans(A)}, now=2.0)  # re-open
     assert store.signal_once("double-charge", A) is False
     assert store.signal_once("other-rule", A) is False
-    store.claim_due(3.0)
+    claim(store, 3.0)
     assert store.signal_once("double-charge", A) is False
     assert store.signal_once("needs-late-span", A) is True
     assert store.signal_once("needs-late-span", A) is False
@@ -209,13 +231,13 @@ def test_max_spans_per_trace_refuses_the_excess_and_reports_it(
     assert store.with_trace(B, len) == 3
     assert store.counts() == (2, 6)
     # A full trace is still decided with what it holds.
-    claimed = by_trace(store.claim_due(100.0))
+    claimed = by_trace(claim(store, 100.0))
     assert len(claimed[A].trace.spans) == 3 and len(claimed[B].trace.spans) == 3
 
 
 def test_max_traces_decides_the_oldest_open_trace_early_as_evicted(
-        store_factory: StoreFactory) -> None:
-    store = store_factory(decision_wait=10.0, max_traces=3)
+        local_store_factory: StoreFactory) -> None:
+    store = local_store_factory(decision_wait=10.0, max_traces=3)
     first = spans(A, 2)
     store.append({A: first}, now=0.0)
     store.append({B: spans(B)}, now=1.0)
@@ -226,24 +248,24 @@ def test_max_traces_decides_the_oldest_open_trace_early_as_evicted(
     assert store.counts()[0] == 3
     due = store.next_due()
     assert due is not None and due <= 3.0  # the evicted trace is due at once
-    [evicted] = store.claim_due(3.0)  # long before A's decision_wait is up
+    [evicted] = claim(store, 3.0)  # long before A's decision_wait is up
     assert evicted.trace.trace_id == A and evicted.reason == "evicted"
     assert len(evicted.trace.spans) == 3  # with every span it held: nothing silently dropped
-    assert store.claim_due(3.0) == []
-    rest = by_trace(store.claim_due(100.0))
+    assert claim(store, 3.0) == []
+    rest = by_trace(claim(store, 100.0))
     assert set(rest) == {B, C, D} and {c.reason for c in rest.values()} == {"idle"}
 
 
-def test_an_evicted_trace_still_signals_at_most_once(store_factory: StoreFactory) -> None:
+def test_an_evicted_trace_still_signals_at_most_once(local_store_factory: StoreFactory) -> None:
     """An early (monotone) signal sent while the trace was open must not be repeated when the
     evicted trace is decided."""
-    store = store_factory(decision_wait=10.0, max_traces=2)
+    store = local_store_factory(decision_wait=10.0, max_traces=2)
     store.append({A: spans(A, 2)}, now=0.0)
     assert store.signal_once("double-charge", A) is True  # early signal
     store.append({B: spans(B)}, now=1.0)
     store.append({C: spans(C)}, now=2.0)  # evicts A
     assert store.signal_once("double-charge", A) is False  # evicted, not yet claimed
-    [evicted] = store.claim_due(2.0)
+    [evicted] = claim(store, 2.0)
     assert evicted.trace.trace_id == A and evicted.reason == "evicted"
     # The decider now evaluates the evicted trace and asks before signalling:
     assert store.signal_once("double-charge", A) is False
@@ -256,15 +278,15 @@ def test_an_evicted_trace_still_signals_at_most_once(store_factory: StoreFactory
 
 
 def test_every_trace_of_a_large_evicted_batch_still_signals_at_most_once(
-        store_factory: StoreFactory) -> None:
+        local_store_factory: StoreFactory) -> None:
     """Under a flood, one claim may hand out many more evicted traces than max_traces; the
     decider asks signal_once for each of them after the claim."""
-    store = store_factory(decision_wait=10.0, max_traces=2)
+    store = local_store_factory(decision_wait=10.0, max_traces=2)
     traces = [f"{n:032x}" for n in range(1, 13)]
     for now, trace_id in enumerate(traces):
         store.append({trace_id: spans(trace_id)}, now=float(now))
         assert store.signal_once("early-rule", trace_id) is True
-    claimed = by_trace(store.claim_due(12.0))
+    claimed = by_trace(claim(store, 12.0))
     assert set(claimed) == set(traces[:10])
     assert {c.reason for c in claimed.values()} == {"evicted"}
     for trace_id in traces[:10]:
@@ -272,39 +294,39 @@ def test_every_trace_of_a_large_evicted_batch_still_signals_at_most_once(
 
 
 def test_evicted_traces_not_yet_claimed_are_returned_at_shutdown(
-        store_factory: StoreFactory) -> None:
-    store = store_factory(decision_wait=10.0, max_traces=2)
+        local_store_factory: StoreFactory) -> None:
+    store = local_store_factory(decision_wait=10.0, max_traces=2)
     store.append({A: spans(A)}, now=0.0)
     store.append({B: spans(B)}, now=1.0)
     store.append({C: spans(C)}, now=2.0)  # evicts A, nobody claims it before shutdown
     final = by_trace(store.claim_all(3.0))
     assert set(final) == {A, B, C}
     assert store.counts() == (0, 0)
-    assert store.claim_due(1000.0) == []
+    assert claim(store, 1000.0) == []
 
 
 def test_a_full_store_forgets_decided_traces_before_evicting_open_ones(
-        store_factory: StoreFactory) -> None:
-    store = store_factory(decision_wait=1.0, max_traces=2, decided_retention=60.0)
+        local_store_factory: StoreFactory) -> None:
+    store = local_store_factory(decision_wait=1.0, max_traces=2, decided_retention=60.0)
     store.append({A: spans(A)}, now=0.0)
-    assert len(store.claim_due(1.0)) == 1  # A decided, remembered for late spans
+    assert len(claim(store, 1.0)) == 1  # A decided, remembered for late spans
     store.append({B: spans(B)}, now=2.0)
     result = store.append({C: spans(C)}, now=2.5)  # no room: A goes, not the open B
     assert result.evicted == 0
     assert store.counts() == (2, 2)
-    assert store.claim_due(2.5) == []
+    assert claim(store, 2.5) == []
 
 
 def test_decided_traces_are_forgotten_after_decided_retention(
         store_factory: StoreFactory) -> None:
     store = store_factory(decision_wait=1.0, decided_retention=5.0)
     store.append({A: spans(A, 2), B: spans(B, 2)}, now=0.0)
-    assert len(store.claim_due(1.0)) == 2  # both decided at 1.0, remembered until 6.0
+    assert len(claim(store, 1.0)) == 2  # both decided at 1.0, remembered until 6.0
     store.signal_once("double-charge", A)
     store.signal_once("double-charge", B)
     result = store.append({A: spans(A)}, now=5.5)  # within retention: re-opens, whole
     assert result.late == 1 and store.with_trace(A, len) == 3
-    store.claim_due(7.0)  # housekeeping past B's retention
+    claim(store, 7.0)  # housekeeping past B's retention
     result = store.append({B: spans(B)}, now=7.0)
     assert result.late == 0  # B was forgotten: this is a new trace ...
     assert store.with_trace(B, len) == 1  # ... holding only the new span
@@ -313,15 +335,15 @@ def test_decided_traces_are_forgotten_after_decided_retention(
 
 # --- sizes and shutdown ------------------------------------------------------------------------
 
-def test_counts_reflect_open_traces_and_buffered_spans(store_factory: StoreFactory) -> None:
-    store = store_factory(decision_wait=10.0)
+def test_counts_reflect_open_traces_and_buffered_spans(local_store_factory: StoreFactory) -> None:
+    store = local_store_factory(decision_wait=10.0)
     assert store.counts() == (0, 0)
     store.append({A: spans(A, 3)}, now=0.0)
     store.append({B: spans(B, 2)}, now=5.0)
     assert store.counts() == (2, 5)
     store.append({B: spans(B)}, now=6.0)
     assert store.counts() == (2, 6)
-    assert len(store.claim_due(10.0)) == 1  # A
+    assert len(claim(store, 10.0)) == 1  # A
     assert store.counts() == (1, 3)
     store.append({A: spans(A)}, now=11.0)  # A re-opens with its 3 earlier spans
     assert store.counts() == (2, 7)
@@ -329,10 +351,10 @@ def test_counts_reflect_open_traces_and_buffered_spans(store_factory: StoreFacto
     assert store.counts() == (0, 0)
 
 
-def test_claim_all_at_shutdown_returns_every_open_trace(store_factory: StoreFactory) -> None:
-    store = store_factory(decision_wait=10.0)
+def test_claim_all_at_shutdown_returns_every_open_trace(local_store_factory: StoreFactory) -> None:
+    store = local_store_factory(decision_wait=10.0)
     store.append({A: spans(A)}, now=0.0)
-    assert len(store.claim_due(10.0)) == 1  # A decided: not open any more
+    assert len(claim(store, 10.0)) == 1  # A decided: not open any more
     store.append({B: spans(B, 2), C: spans(C)}, now=11.0)
     store.append({D: spans(D)}, now=12.0)
     store.append({A: spans(A)}, now=13.0)  # A re-opened
@@ -342,5 +364,5 @@ def test_claim_all_at_shutdown_returns_every_open_trace(store_factory: StoreFact
     assert len(final[A].trace.spans) == 2 and len(final[B].trace.spans) == 2
     assert store.counts() == (0, 0)
     assert store.next_due() is None
-    assert store.claim_due(1000.0) == []
+    assert claim(store, 1000.0) == []
     assert store.claim_all(1000.0) == []
