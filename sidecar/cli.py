@@ -105,6 +105,30 @@ def _parser() -> argparse.ArgumentParser:
     _flag(serve, "--log-level", "LEVEL", "info", "debug, info, warning or error")
     serve.set_defaults(run=_serve)
 
+    webhook = commands.add_parser(
+        "webhook", help="inject the sidecar into pods: a Kubernetes mutating admission webhook",
+        description="Serve a mutating admission webhook over HTTPS (POST /mutate, AdmissionReview "
+        "admission.k8s.io/v1; GET /healthz) that adds the sidecar container from "
+        "--sidecar-template to Pods labelled or annotated betrace.dev/inject=true (the "
+        "annotation 'false' opts out), except in the webhook's own namespace. It never refuses "
+        "a pod. The template (YAML, or JSON for *.json) is {container: {...}, volumes: [...]} "
+        "and is reloaded when it changes. Every flag can also be set as BETRACE_<FLAG> in the "
+        "environment (flags win). SIGTERM stops it.")
+    _flag(webhook, "--listen", "HOST:PORT", "0.0.0.0:8443", "HTTPS: POST /mutate, GET /healthz")
+    _flag(webhook, "--tls-cert", "FILE", "", "PEM certificate (chain) served (required; "
+          "reloaded when it changes)")
+    _flag(webhook, "--tls-key", "FILE", "", "PEM private key of --tls-cert (required)")
+    _flag(webhook, "--sidecar-template", "FILE", "",
+          "YAML/JSON {container: {...}, volumes: [...]} to inject (required; reloaded when it "
+          "changes)")
+    _flag(webhook, "--metrics-listen", "HOST:PORT", "0.0.0.0:9465",
+          "plain HTTP /metrics, /healthz ('' = off)")
+    _flag(webhook, "--namespace", "NAMESPACE", os.environ.get("POD_NAMESPACE", ""),
+          "the webhook's own namespace, whose pods are never injected (default from "
+          "POD_NAMESPACE)")
+    _flag(webhook, "--log-level", "LEVEL", "info", "debug, info, warning or error")
+    webhook.set_defaults(run=_webhook)
+
     demo = commands.add_parser(
         "demo", help="show the seven incidents caught by a live sidecar",
         description="Start a sidecar in-process on free loopback ports, send the seven incident "
@@ -178,6 +202,37 @@ def _serve(args: argparse.Namespace) -> int:
         return Sidecar(settings, ruleset).serve_forever()
     except OSError as exc:
         print(f"betrace serve: {exc}", file=sys.stderr)
+        return EXIT_UNUSABLE
+
+
+def _webhook(args: argparse.Namespace) -> int:
+    import logging
+
+    from sidecar.webhook import Webhook, WebhookError, WebhookSettings
+
+    if args.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        print(f"betrace webhook: log-level {args.log_level!r} is not one of debug, info, "
+              "warning, error", file=sys.stderr)
+        return EXIT_UNUSABLE
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = WebhookSettings(
+        tls_cert=args.tls_cert, tls_key=args.tls_key, sidecar_template=args.sidecar_template,
+        listen=args.listen, metrics_listen=args.metrics_listen, namespace=args.namespace)
+    problems = settings.validate()
+    if problems:
+        for problem in problems:
+            print(f"betrace webhook: {problem}", file=sys.stderr)
+        return EXIT_UNUSABLE
+    try:
+        webhook = Webhook(settings)
+    except WebhookError as exc:
+        print(f"betrace webhook: {exc}", file=sys.stderr)
+        return EXIT_UNUSABLE
+    try:
+        return webhook.serve_forever()
+    except OSError as exc:
+        print(f"betrace webhook: {exc}", file=sys.stderr)
         return EXIT_UNUSABLE
 
 

@@ -7,7 +7,8 @@ in one slot and the Lua scripts stay single-slot):
     bt:{<trace_id>}:s     list of encoded spans
     bt:{<trace_id>}:m     hash: o opened, l last span, st 0 open / 2 claimed, dt claimed at,
                           tok claim token, lx lease until, f decided (the claim finished)
-    bt:{<trace_id>}:g     set of rule ids that signalled (dedupe survives restarts)
+    bt:{<trace_id>}:g     hash rule id -> "sent", or when a decider reserved it (dedupe that
+                          survives restarts; a stale reservation is a dead decider's)
     bt:{q<N>}:due         sorted set: trace ids by decision deadline (or lease expiry)
     bt:{q<N>}:age         sorted set: trace ids by opened + max_trace_age
     bt:{q<N>}:n           hash: open traces and buffered spans of shard N (for metrics)
@@ -15,13 +16,15 @@ in one slot and the Lua scripts stay single-slot):
 A trace lives in shard crc32(trace_id) % SHARDS. Appending is one script per trace plus the
 deadline updates, all pipelined: one round trip per Export request, never one per span.
 Claiming sets a lease; a sidecar that dies mid-decision leaves the trace to whoever claims it
-after the lease. Every key has a TTL, so nothing outlives its usefulness.
+after the lease. Every trace key has a TTL, so no trace outlives its usefulness; the per-shard
+keys are a fixed set of 3 x SHARDS small keys without one (their sorted sets vanish when empty).
 """
 
 from __future__ import annotations
 
 import binascii
 import threading
+import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -31,6 +34,7 @@ from urllib.parse import urlsplit
 import orjson
 import redis
 from redis.cluster import ClusterNode, RedisCluster
+from redis.exceptions import RedisClusterException
 
 from sidecar.span import KINDS, STATUSES, Span, Trace
 from sidecar.store import AppendResult, Claimed, StoreLimits
@@ -69,6 +73,7 @@ if take > 0 then
 end
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
+redis.call('EXPIRE', KEYS[3], ARGV[3])  -- a re-opened trace keeps the memory of its signals
 return {take, n - take, late, fresh, before}
 """
 
@@ -85,6 +90,16 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT
   table.insert(out, id); table.insert(out, 'max_age')
 end
 return out
+"""
+
+# KEYS: signals. ARGV: rule, now, stale_after, ttl. 1 when this caller may signal.
+_RESERVE_SIGNAL = """
+local state = redis.call('HGET', KEYS[1], ARGV[1])
+if state == 'sent' then return 0 end
+if state and tonumber(ARGV[2]) - tonumber(state) < tonumber(ARGV[3]) then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return 1
 """
 
 # KEYS: spans, meta. ARGV: now, wait, max_age, token, lease_until.
@@ -190,25 +205,60 @@ def _host_port(text: str) -> tuple[str, int]:
 
 
 class RedisStore:
-    """The TraceStore protocol over Redis (standalone or Cluster)."""
+    """The TraceStore protocol over Redis (standalone or Cluster).
 
-    def __init__(self, client: redis.Redis | RedisCluster, limits: StoreLimits = StoreLimits(),
-                 shards: int = SHARDS) -> None:
-        self.client = client
+    `client` is a connected client, or None with `connect` making one on first use (a Redis
+    Cluster client must reach a node to be made at all): until it can, every operation raises
+    redis.ConnectionError, as a standalone client does while its server is down."""
+
+    def __init__(self, client: redis.Redis | RedisCluster | None,
+                 limits: StoreLimits = StoreLimits(), shards: int = SHARDS,
+                 connect: Callable[[], redis.Redis | RedisCluster] | None = None) -> None:
         self.limits = limits
         self.shards = shards
         self.ttl = int(limits.max_trace_age + limits.decided_retention + limits.claim_lease) + 60
+        self._next_shard = 0
+        self._lock = threading.Lock()
+        self._connect = connect
+        self._connecting = threading.Lock()
+        self._client: redis.Redis | RedisCluster | None = None
+        if client is not None:
+            self._use(client)
+        elif connect is None:
+            raise ValueError("RedisStore needs a client or a way to connect")
+
+    def _use(self, client: redis.Redis | RedisCluster) -> None:
         self._append = client.register_script(_APPEND)
         self._claim_shard = client.register_script(_CLAIM_SHARD)
         self._claim_trace = client.register_script(_CLAIM_TRACE)
         self._finish = client.register_script(_FINISH)
         self._release = client.register_script(_RELEASE)
-        self._next_shard = 0
-        self._lock = threading.Lock()
+        self._reserve_signal = client.register_script(_RESERVE_SIGNAL)
+        self._client = client  # last: a client seen by another thread has its scripts
+
+    @property
+    def client(self) -> redis.Redis | RedisCluster:
+        client = self._client
+        if client is None:
+            assert self._connect is not None
+            with self._connecting:
+                if self._client is None:
+                    try:
+                        self._use(self._connect())
+                    except RedisClusterException as exc:  # not a RedisError: say it as one
+                        raise redis.ConnectionError(str(exc)) from exc
+                client = self._client
+        assert client is not None
+        return client
 
     @classmethod
     def from_url(cls, url: str, limits: StoreLimits = StoreLimits()) -> RedisStore:
-        return cls(connect(url), limits)
+        """A store on `url`; a cluster none of whose nodes answers yet is connected to later
+        (the sidecar starts not ready, rather than not at all)."""
+        try:
+            return cls(connect(url), limits)
+        except RedisClusterException:
+            return cls(None, limits, connect=lambda: connect(url))
 
     # --- keys ---
 
@@ -354,12 +404,17 @@ class RedisStore:
         return found[0] if found else None
 
     def signal_once(self, rule_id: str, trace_id: str) -> bool:
+        """Reserve the (rule, trace) signal. The reservation is pending until `signal_sent`. A
+        decider reserves within milliseconds of its claim and a successor claims only after the
+        lease, so a reservation older than half the lease belongs to a decider that died before
+        writing: it is taken over. A crash can repeat a signal (same signal_id), never lose one."""
+        return bool(self._reserve_signal(
+            keys=[self._trace_keys(trace_id)[2]],
+            args=[rule_id, repr(time.time()), self.limits.claim_lease / 2, self.ttl]))
+
+    def signal_sent(self, rule_id: str, trace_id: str) -> None:
         key = self._trace_keys(trace_id)[2]
-        writes = _Batch(self.client)
-        writes.add(key, lambda p: p.sadd(key, rule_id))
-        writes.add(key, lambda p: p.expire(key, self.ttl))
-        added, _ = writes.run()
-        return bool(added)
+        self.client.hset(key, rule_id, "sent")
 
     def next_due(self) -> float | None:
         """The earliest deadline (or lease expiry) in any shard."""
@@ -389,7 +444,8 @@ class RedisStore:
         return True, "redis ok"
 
     def close(self) -> None:
-        self.client.close()
+        if self._client is not None:
+            self._client.close()
 
 
 def encode_span(span: Span) -> bytes:

@@ -7,11 +7,15 @@ two sidecars, or by two replays, carries the same id and can be deduplicated dow
 from __future__ import annotations
 
 import datetime
+import json
 import uuid
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sidecar.rules import Violation, span_order
+
+if TYPE_CHECKING:
+    from sidecar.proto.betrace.v1 import signal_pb2
 
 _SIGNAL_NAMESPACE = uuid.UUID("5b1f2a4e-6c0d-4f57-9a3e-be7ace000001")
 
@@ -59,3 +63,20 @@ class Signal:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def to_proto(self) -> signal_pb2.Signal:
+        """This signal as the `betrace.v1.Signal` message (proto/betrace/v1/signal.proto), whose
+        JSON mapping is the signal log's line. `context` goes through the same JSON encoding as
+        the log (tuples become lists, anything else non-JSON becomes its str())."""
+        # Imported here, not at the top: the generated code checks the protobuf runtime's
+        # version, and writing the signal log must not depend on it.
+        from sidecar.proto.betrace.v1 import signal_pb2
+
+        message = signal_pb2.Signal(
+            signal_id=self.signal_id, rule_id=self.rule_id, rule_name=self.rule_name,
+            severity=self.severity, trace_id=self.trace_id, span_ids=self.span_ids,
+            message=self.message, mode=self.mode, detected_at=self.detected_at,
+            violation_time=self.violation_time)
+        message.context.SetInParent()  # present even when empty, as the log's `{}` parses
+        message.context.update(json.loads(json.dumps(self.context, default=str)))
+        return message

@@ -78,12 +78,13 @@ class RedisServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def start_cluster(masters: int = 3) -> list[RedisServer]:
-    """`masters` cluster-enabled servers, slots split evenly, joined and ready."""
-    nodes = [RedisServer(free_port(below=55000), "--cluster-enabled", "yes",
-                         "--cluster-config-file", "nodes.conf", "--cluster-node-timeout",
-                         "2000").start()
-             for _ in range(masters)]
+def start_cluster(masters: int = 3, ports: list[int] | None = None) -> list[RedisServer]:
+    """`masters` cluster-enabled servers (on `ports` if given), slots split evenly, joined and
+    ready."""
+    ports = ports or [free_port(below=55000) for _ in range(masters)]
+    nodes = [RedisServer(port, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                         "--cluster-node-timeout", "2000").start()
+             for port in ports[:masters]]
     clients = [redis.Redis(port=n.port) for n in nodes]
     per = 16384 // masters
     for i, client in enumerate(clients):

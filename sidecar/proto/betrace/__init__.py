@@ -1,0 +1,1 @@
+"""Generated protobuf package `betrace` (see sidecar/proto/__init__.py)."""
