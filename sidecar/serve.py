@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import signal
 import sys
 import threading
@@ -105,7 +106,7 @@ class Sidecar:
                  f", metrics http://{split_address(s.metrics_listen)[0]}:{self.metrics_port}"
                  "/metrics" if self._metrics_http else "",
                  len(self.ruleset.rules), ", ".join(s.rules), self.ruleset.digest[:12],
-                 s.store, s.decision_wait)
+                 redact(s.store), s.decision_wait)
 
     def stop(self, grace: float = 5.0) -> None:
         """Stop accepting, decide every buffered trace, flush outputs."""
@@ -143,6 +144,11 @@ class Sidecar:
             pass
         self.stop()
         return 0
+
+
+def redact(url: str) -> str:
+    """A store URL fit for a log: the password replaced by ***."""
+    return re.sub(r"(://[^/:@]*:)[^/]*@", r"\1***@", url)
 
 
 def open_store(settings: Settings) -> TraceStore:
