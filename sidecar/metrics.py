@@ -7,7 +7,7 @@ live state (traces and spans buffered) are read from the store at scrape time.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import (
@@ -67,8 +67,13 @@ class Metrics:
                                        "Violation spans or log lines that could not be written.",
                                        ["sink"], registry=r)
 
-    def set_rules(self, enabled: int, digest: str) -> None:
-        self.rules_loaded.set(enabled)
+    def set_rules(self, rules: Iterable[tuple[str, str]], digest: str) -> None:
+        """Publish the active rule set: (rule id, severity) pairs and the files' digest. Each
+        rule's violation series starts at 0, so an alert on increase() sees the first one."""
+        rules = list(rules)
+        for rule_id, severity in rules:
+            self.violations.labels(rule=rule_id, severity=severity)
+        self.rules_loaded.set(len(rules))
         self.rules_info.clear()
         self.rules_info.labels(digest=digest).set(1)
 

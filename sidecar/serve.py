@@ -43,7 +43,8 @@ class Sidecar:
                                ViolationSpans(settings.export_otlp) if settings.export_otlp
                                else None)
         self.assembler = Assembler(self.store, self.ruleset, self.emitter, self.metrics)
-        self.metrics.set_rules(len(self.ruleset.rules), self.ruleset.digest)
+        self.metrics.set_rules(((r.id, r.severity) for r in self.ruleset.rules),
+                               self.ruleset.digest)
         self.metrics.watch_store(self.store.counts)
         self.intake = Intake(self.assembler, self.metrics)
         self.watcher = RuleWatcher(settings.rules, self.ruleset, self._swap_rules, self.metrics,
@@ -67,7 +68,7 @@ class Sidecar:
     def _swap_rules(self, ruleset: RuleSet) -> None:
         self.ruleset = ruleset
         self.assembler.set_rules(ruleset)
-        self.metrics.set_rules(len(ruleset.rules), ruleset.digest)
+        self.metrics.set_rules(((r.id, r.severity) for r in ruleset.rules), ruleset.digest)
 
     def ready(self) -> tuple[bool, str]:
         if self._stop.is_set():

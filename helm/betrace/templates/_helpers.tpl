@@ -1,0 +1,203 @@
+{{/* Names ------------------------------------------------------------------------------- */}}
+
+{{- define "betrace.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "betrace.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* A component's name: <fullname>-<component>, within 63 characters. */}}
+{{- define "betrace.componentName" -}}
+{{- $full := include "betrace.fullname" .root | trunc (int (sub 62 (len .component))) | trimSuffix "-" -}}
+{{- printf "%s-%s" $full .component -}}
+{{- end -}}
+
+{{- define "betrace.rulesConfigMapName" -}}
+{{- .Values.existingRulesConfigMap | default (include "betrace.componentName" (dict "root" . "component" "rules")) -}}
+{{- end -}}
+
+{{- define "betrace.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "betrace.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Labels ------------------------------------------------------------------------------ */}}
+
+{{- define "betrace.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "betrace.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "betrace.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "betrace.labels" -}}
+helm.sh/chart: {{ include "betrace.chart" . }}
+{{ include "betrace.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: betrace
+{{- end -}}
+
+{{/* Labels of one component: {root, component}. */}}
+{{- define "betrace.componentLabels" -}}
+{{ include "betrace.labels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "betrace.componentSelectorLabels" -}}
+{{ include "betrace.selectorLabels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{/* Images ------------------------------------------------------------------------------ */}}
+
+{{- define "betrace.image" -}}
+{{- if .Values.image.digest -}}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Trace store ------------------------------------------------------------------------- */}}
+
+{{/* The --store URL, with $(BETRACE_REDIS_PASSWORD) (expanded by Kubernetes from the Secret)
+     put in its user-info part when redis.existingSecret is set. */}}
+{{- define "betrace.storeURL" -}}
+{{- if .Values.redis.url -}}
+{{- $url := .Values.redis.url -}}
+{{- if .Values.redis.existingSecret -}}
+{{- $parts := splitn "://" 2 $url -}}
+{{- $rest := $parts._1 -}}
+{{- $hostPart := index (splitList "/" $rest) 0 -}}
+{{- if contains "@" $hostPart -}}
+{{- $user := index (splitList "@" $hostPart) 0 -}}
+{{- $url = printf "%s://%s:$(BETRACE_REDIS_PASSWORD)@%s" $parts._0 (index (splitList ":" $user) 0) (trimPrefix (printf "%s@" $user) $rest) -}}
+{{- else -}}
+{{- $url = printf "%s://:$(BETRACE_REDIS_PASSWORD)@%s" $parts._0 $rest -}}
+{{- end -}}
+{{- end -}}
+{{- $url -}}
+{{- else if .Values.redis.bundled.enabled -}}
+{{- printf "redis://%s.%s.svc.%s:6379/0" (include "betrace.componentName" (dict "root" . "component" "redis")) .Release.Namespace .Values.clusterDomain -}}
+{{- else -}}
+memory
+{{- end -}}
+{{- end -}}
+
+{{/* The sidecar ------------------------------------------------------------------------- */}}
+
+{{/* The BeTrace sidecar container (`betrace serve`): one definition, used in the collector
+     pod (mode: collector) and in the webhook's sidecar template (mode: injection). */}}
+{{- define "betrace.sidecarContainer" -}}
+{{- $s := .Values.sidecar -}}
+name: betrace
+image: {{ include "betrace.image" . | quote }}
+imagePullPolicy: {{ .Values.image.pullPolicy }}
+args:
+  - serve
+  - --rules=/etc/betrace/rules
+  - --listen=127.0.0.1:4319
+  - --metrics-listen=0.0.0.0:9464
+  - --decision-wait={{ $s.decisionWait }}
+  - --max-trace-age={{ $s.maxTraceAge }}
+  - --decided-retention={{ $s.decidedRetention }}
+  - --max-traces={{ $s.maxTraces }}
+  - --max-spans-per-trace={{ $s.maxSpansPerTrace }}
+  - --claim-lease={{ $s.claimLease }}
+  - --reload-interval={{ $s.reloadInterval }}
+  - --log-level={{ $s.logLevel }}
+  {{- with $s.exportOtlp }}
+  - --export-otlp={{ . }}
+  {{- end }}
+  {{- with $s.signalsOut }}
+  - --signals-out={{ . }}
+  {{- end }}
+  {{- with $s.extraArgs }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+env:
+  {{- if and .Values.redis.url .Values.redis.existingSecret }}
+  - name: BETRACE_REDIS_PASSWORD
+    valueFrom:
+      secretKeyRef:
+        name: {{ .Values.redis.existingSecret }}
+        key: {{ .Values.redis.passwordKey }}
+  {{- end }}
+  # The store URL goes in the environment, not argv: it may carry the Redis password.
+  - name: BETRACE_STORE
+    value: {{ include "betrace.storeURL" . | quote }}
+  {{- with $s.extraEnv }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+ports:
+  - name: metrics
+    containerPort: 9464
+    protocol: TCP
+{{- with $s.livenessProbe }}
+livenessProbe:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $s.readinessProbe }}
+readinessProbe:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+resources:
+  {{- toYaml $s.resources | nindent 2 }}
+securityContext:
+  {{- toYaml $s.securityContext | nindent 2 }}
+volumeMounts:
+  - name: betrace-rules
+    mountPath: /etc/betrace/rules
+    readOnly: true
+{{- end -}}
+
+{{/* The pod volumes the sidecar container needs. */}}
+{{- define "betrace.sidecarVolumes" -}}
+- name: betrace-rules
+  configMap:
+    name: {{ include "betrace.rulesConfigMapName" . }}
+{{- end -}}
+
+{{/* Pod-level security context shared by every pod of the chart. */}}
+{{- define "betrace.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 65532
+runAsGroup: 65532
+fsGroup: 65532
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{/* Webhook ----------------------------------------------------------------------------- */}}
+
+{{- define "betrace.webhookName" -}}
+{{- include "betrace.componentName" (dict "root" . "component" "webhook") -}}
+{{- end -}}
+
+{{- define "betrace.webhookTLSSecretName" -}}
+{{- include "betrace.componentName" (dict "root" . "component" "webhook-tls") -}}
+{{- end -}}
+
+{{/* DNS names the webhook's serving certificate must carry. */}}
+{{- define "betrace.webhookDNSNames" -}}
+{{- $svc := include "betrace.webhookName" . -}}
+{{- $ns := .Release.Namespace -}}
+{{- toJson (list $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.%s" $svc $ns .Values.clusterDomain)) -}}
+{{- end -}}
