@@ -26,7 +26,7 @@ import binascii
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -330,57 +330,67 @@ class RedisStore:
         for shard, reply in zip(shards, pops.run()):
             for i in range(0, len(reply), 2):
                 candidates.append((reply[i].decode(), reply[i + 1].decode(), shard))
-        claimed: list[Claimed] = []
+        chosen: list[tuple[str, str, int, str]] = []
         seen: set[str] = set()
-        put_back = _Batch(self.client)
+        claims, follow_up = _Batch(self.client), _Batch(self.client)
         for trace_id, reason, shard in candidates:
             if trace_id in seen:
                 continue
             seen.add(trace_id)
-            if len(claimed) >= limit:  # over the limit: due now, for the next call
+            if len(chosen) >= limit:  # over the limit: due now, for the next call
                 due = self._shard_keys(shard)[0]
-                put_back.add(due, lambda p, due=due, t=trace_id: p.zadd(due, {t: now}))
+                follow_up.add(due, lambda p, due=due, t=trace_id: p.zadd(due, {t: now}))
                 continue
-            item = self._claim(trace_id, reason, shard, now, lease_until)
-            if item is not None:
-                claimed.append(item)
-        put_back.run()
+            token = uuid.uuid4().hex
+            keys = self._trace_keys(trace_id)[:2]
+            args = [repr(now), self.limits.decision_wait, self.limits.max_trace_age, token,
+                    repr(lease_until)]
+            claims.add(keys[0], lambda p, keys=keys, args=args:
+                       self._claim_trace(keys=keys, args=args, client=p))
+            chosen.append((trace_id, reason, shard, token))
+        claimed: list[Claimed] = []
+        left: dict[int, list[int]] = {}
+        for (trace_id, reason, shard, token), reply in zip(chosen, claims.run()):
+            verdict = reply[0].decode()
+            due, age, _ = self._shard_keys(shard)
+            if verdict == "later":
+                follow_up.add(due, lambda p, due=due, t=trace_id, at=float(reply[1]):
+                              p.zadd(due, {t: at}))
+            elif verdict in ("gone", "done"):
+                follow_up.add(due, lambda p, keys=[due, age], t=trace_id: self._release(
+                    keys=keys, args=[t, repr(lease_until)], client=p))
+            elif verdict == "claimed":
+                spans = [decode_span(trace_id, raw) for raw in reply[3:]]
+                if reply[2] == b"0":  # it was open: it leaves the shard's live counts
+                    counts = left.setdefault(shard, [0, 0])
+                    counts[0] -= 1
+                    counts[1] -= len(spans)
+                claimed.append(Claimed(Trace(trace_id, spans), reason, float(reply[1]),
+                                       _Lease(token, lease_until, shard)))
+            # "leased": another sidecar is deciding it; its lease says until when
+        for shard, (traces, spans) in left.items():
+            self._count(follow_up, shard, traces, spans)
+        follow_up.run()
         return claimed
 
-    def _claim(self, trace_id: str, reason: str, shard: int, now: float,
-               lease_until: float) -> Claimed | None:
-        token = uuid.uuid4().hex
-        keys = self._trace_keys(trace_id)
-        reply = self._claim_trace(keys=keys[:2], args=[
-            repr(now), self.limits.decision_wait, self.limits.max_trace_age, token,
-            repr(lease_until)])
-        verdict = reply[0].decode()
-        due_key = self._shard_keys(shard)[0]
-        if verdict == "later":
-            self.client.zadd(due_key, {trace_id: float(reply[1])})
-            return None
-        if verdict in ("gone", "done"):
-            self._release(keys=self._shard_keys(shard)[:2], args=[trace_id, repr(lease_until)])
-            return None
-        if verdict == "leased":
-            return None  # another sidecar is deciding it; its lease says until when
-        spans = [decode_span(trace_id, raw) for raw in reply[3:]]
-        if reply[2].decode() == "0":  # it was open: it leaves the shard's live counts
-            counts = _Batch(self.client)
-            self._count(counts, shard, -1, -len(spans))
-            counts.run()
-        return Claimed(Trace(trace_id, spans), reason, float(reply[1]),
-                       _Lease(token, lease_until, shard))
-
-    def finish(self, claimed: Claimed) -> None:
-        lease = claimed.handle
-        assert isinstance(lease, _Lease)
-        trace_id = claimed.trace.trace_id
-        done = self._finish(keys=self._trace_keys(trace_id),
-                            args=[lease.token, int(self.limits.decided_retention) + 1])
-        if done:
-            self._release(keys=self._shard_keys(lease.shard)[:2],
-                          args=[trace_id, repr(lease.until)])
+    def finish(self, claimed: Sequence[Claimed]) -> None:
+        """Mark decided traces (unless a late span re-opened them meanwhile) and drop their
+        deadlines: two round trips per node for the whole batch."""
+        finishes = _Batch(self.client)
+        for item in claimed:
+            keys = self._trace_keys(item.trace.trace_id)
+            token = item.handle.token  # type: ignore[attr-defined]
+            finishes.add(keys[0], lambda p, keys=keys, token=token: self._finish(
+                keys=keys, args=[token, int(self.limits.decided_retention) + 1], client=p))
+        releases = _Batch(self.client)
+        for item, done in zip(claimed, finishes.run()):
+            if done:
+                lease = item.handle
+                assert isinstance(lease, _Lease)
+                keys = self._shard_keys(lease.shard)[:2]
+                releases.add(keys[0], lambda p, keys=keys, t=item.trace.trace_id, at=lease.until:
+                             self._release(keys=keys, args=[t, repr(at)], client=p))
+        releases.run()
 
     def claim_all(self, now: float) -> list[Claimed]:
         """Nothing: the state is shared, and one sidecar stopping must not decide the traces

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
@@ -54,7 +54,7 @@ class Claimed:
 class TraceStore(Protocol):
     def append(self, batch: Mapping[str, list[Span]], now: float) -> AppendResult: ...
     def claim_due(self, now: float, limit: int = 1000) -> list[Claimed]: ...
-    def finish(self, claimed: Claimed) -> None: ...
+    def finish(self, claimed: Sequence[Claimed]) -> None: ...
     def claim_all(self, now: float) -> list[Claimed]: ...
     def with_traces(self, trace_ids: list[str], use: Callable[[Trace], T]) -> list[T]: ...
     def with_trace(self, trace_id: str, use: Callable[[Trace], T]) -> T | None: ...
@@ -203,7 +203,7 @@ class MemoryStore:
                         for trace_id, entry in list(self._by_age.items())]
         return claimed
 
-    def finish(self, claimed: Claimed) -> None:
+    def finish(self, claimed: Sequence[Claimed]) -> None:
         """Nothing to do: a trace is decided the moment it is claimed (one decider per process)."""
 
     def with_traces(self, trace_ids: list[str], use: Callable[[Trace], T]) -> list[T]:

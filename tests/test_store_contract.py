@@ -62,8 +62,7 @@ def local_store_factory(request: pytest.FixtureRequest) -> Iterator[StoreFactory
 def claim(store: TraceStore, now: float, **kwargs: Any) -> list[Claimed]:
     """Claim what is due and finish each, as the assembler does after deciding."""
     claimed = store.claim_due(now, **kwargs)
-    for item in claimed:
-        store.finish(item)
+    store.finish(claimed)
     return claimed
 
 
