@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from sidecar.store import StoreLimits
@@ -64,3 +66,13 @@ def split_address(address: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or int(port) > 65535:
         raise ValueError(f"{address!r} is not HOST:PORT")
     return host.strip("[]") or "0.0.0.0", int(port)
+
+
+@contextlib.contextmanager
+def binding(listener: str, address: str) -> Iterator[None]:
+    """Say which listener could not bind, not just 'Address already in use'."""
+    try:
+        yield
+    except OSError as exc:
+        raise OSError(f"cannot listen for {listener} on {address}: {exc.strerror or exc}") \
+            from None

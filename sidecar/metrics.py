@@ -98,15 +98,16 @@ class _StoreCollector(Collector):
 
 
 class MetricsServer(ThreadingHTTPServer):
-    """`/metrics` for Prometheus, `/healthz` (the process runs) and `/readyz` (rules loaded and
-    the store reachable: what a Kubernetes readiness probe should gate traffic on)."""
+    """`/metrics` for Prometheus, `/healthz` (the process runs) and, given `ready`, `/readyz`
+    (rules loaded and the store reachable: what a Kubernetes readiness probe should gate on).
+    The sidecar and the webhook both serve their registry with it."""
 
     daemon_threads = True
 
-    def __init__(self, metrics: Metrics, address: tuple[str, int],
-                 ready: Callable[[], tuple[bool, str]]) -> None:
+    def __init__(self, registry: CollectorRegistry, address: tuple[str, int],
+                 ready: Callable[[], tuple[bool, str]] | None = None) -> None:
         super().__init__(address, _MetricsHandler)
-        self.metrics = metrics
+        self.registry = registry
         self.ready = ready
 
     def start(self) -> threading.Thread:
@@ -120,15 +121,17 @@ class _MetricsHandler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         path = self.path.split("?")[0]
+        ready = self.server.ready
         if path == "/metrics":
-            self._send(200, CONTENT_TYPE_LATEST, generate_latest(self.server.metrics.registry))
+            self._send(200, CONTENT_TYPE_LATEST, generate_latest(self.server.registry))
         elif path == "/healthz":
             self._send(200, "text/plain", b"ok\n")
-        elif path == "/readyz":
-            ok, reason = self.server.ready()
+        elif path == "/readyz" and ready is not None:
+            ok, reason = ready()
             self._send(200 if ok else 503, "text/plain", f"{reason}\n".encode())
         else:
-            self._send(404, "text/plain", b"not found: try /metrics, /healthz or /readyz\n")
+            paths = "/metrics, /healthz or /readyz" if ready else "/metrics or /healthz"
+            self._send(404, "text/plain", f"not found: try {paths}\n".encode())
 
     def _send(self, status: int, content_type: str, body: bytes) -> None:
         self.send_response(status)

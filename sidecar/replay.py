@@ -8,7 +8,6 @@ and yields at most one signal per rule.
 from __future__ import annotations
 
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 

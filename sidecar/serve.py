@@ -5,19 +5,17 @@ flush the exporters, exit 0).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
 import signal
 import sys
 import threading
-from collections.abc import Iterator
 from typing import IO
 
 from google.protobuf.internal import api_implementation
 
 from sidecar.assembler import Assembler
-from sidecar.config import Settings, split_address
+from sidecar.config import Settings, binding, split_address
 from sidecar.emit import Emitter, ViolationSpans
 from sidecar.ingest import Intake, OtlpHttpServer, grpc_server
 from sidecar.metrics import Metrics, MetricsServer
@@ -84,13 +82,14 @@ class Sidecar:
         self._grpc, self.grpc_port = grpc_server(self.intake, s.listen)
         self._grpc.start()
         if s.http_listen:
-            with _naming("OTLP/HTTP", s.http_listen):
+            with binding("OTLP/HTTP", s.http_listen):
                 self._http = OtlpHttpServer(self.intake, split_address(s.http_listen))
             self.http_port = self._http.server_address[1]
             self._threads.append(self._http.start())
         if s.metrics_listen:
-            with _naming("metrics", s.metrics_listen):
-                self._metrics_http = MetricsServer(self.metrics, split_address(s.metrics_listen),
+            with binding("metrics", s.metrics_listen):
+                self._metrics_http = MetricsServer(self.metrics.registry,
+                                                   split_address(s.metrics_listen),
                                                    self.ready)
             self.metrics_port = self._metrics_http.server_address[1]
             self._threads.append(self._metrics_http.start())
@@ -159,13 +158,3 @@ def open_store(settings: Settings) -> TraceStore:
     from sidecar.redis_store import RedisStore
 
     return RedisStore.from_url(settings.store, settings.limits())
-
-
-@contextlib.contextmanager
-def _naming(listener: str, address: str) -> Iterator[None]:
-    """Say which listener could not bind, not just 'Address already in use'."""
-    try:
-        yield
-    except OSError as exc:
-        raise OSError(f"cannot listen for {listener} on {address}: {exc.strerror or exc}") \
-            from None

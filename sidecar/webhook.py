@@ -67,17 +67,18 @@ import os
 import signal
 import ssl
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import yaml
 from prometheus_client import (
-    CONTENT_TYPE_LATEST, CollectorRegistry, Counter, disable_created_metrics, generate_latest,
+    CollectorRegistry, Counter, disable_created_metrics,
 )
 
-from sidecar.config import split_address
+from sidecar.config import binding, split_address
+from sidecar.metrics import MetricsServer
 
 log = logging.getLogger("betrace.webhook")
 
@@ -570,39 +571,6 @@ class _WebhookHandler(BaseHTTPRequestHandler):
         """Decisions are logged by the injector; access lines would only repeat them."""
 
 
-class MetricsServer(ThreadingHTTPServer):
-    """Plain HTTP `/metrics` (and `/healthz`) for Prometheus."""
-
-    daemon_threads = True
-
-    def __init__(self, registry: CollectorRegistry, address: tuple[str, int]) -> None:
-        super().__init__(address, _MetricsHandler)
-        self.registry = registry
-
-
-class _MetricsHandler(BaseHTTPRequestHandler):
-    server: MetricsServer
-
-    def do_GET(self) -> None:  # noqa: N802
-        path = self.path.split("?")[0]
-        if path == "/metrics":
-            self._send(200, CONTENT_TYPE_LATEST, generate_latest(self.server.registry))
-        elif path == "/healthz":
-            self._send(200, "text/plain", b"ok\n")
-        else:
-            self._send(404, "text/plain", b"not found: try /metrics or /healthz\n")
-
-    def _send(self, status: int, content_type: str, body: bytes) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:
-        """Scrapes every few seconds would drown the log."""
-
-
 class Webhook:
     """One running webhook; the constructor loads the template and the certificate (raising
     WebhookError), `start()` binds the ports (port 0 picks a free one)."""
@@ -622,12 +590,12 @@ class Webhook:
 
     def start(self) -> None:
         s = self.settings
-        with _naming("HTTPS", s.listen):
+        with binding("HTTPS", s.listen):
             self._https = WebhookServer(split_address(s.listen), self.tls.current,
                                         self.injector, s.max_body)
         self.port = self._https.server_address[1]
         if s.metrics_listen:
-            with _naming("metrics", s.metrics_listen):
+            with binding("metrics", s.metrics_listen):
                 try:
                     self._metrics_http = MetricsServer(self.metrics.registry,
                                                        split_address(s.metrics_listen))
@@ -667,13 +635,3 @@ class Webhook:
         self.stop()
         log.info("betrace webhook stopped")
         return 0
-
-
-@contextlib.contextmanager
-def _naming(listener: str, address: str) -> Iterator[None]:
-    """Say which listener could not bind, not just 'Address already in use'."""
-    try:
-        yield
-    except OSError as exc:
-        raise OSError(f"cannot listen for {listener} on {address}: {exc.strerror or exc}") \
-            from None
