@@ -164,18 +164,25 @@ def _flag(parser: argparse.ArgumentParser, flag: str, metavar: str, default: str
                         help=f"{help} [env {env}; default {default!r}]")
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _logging_to_stderr(command: str, level: str) -> bool:
+    """Configure logging for a long-running command; False (after saying why) on a bad level."""
     import logging
 
+    if level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        print(f"betrace {command}: log-level {level!r} is not one of debug, info, warning, "
+              "error", file=sys.stderr)
+        return False
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return True
+
+
+def _serve(args: argparse.Namespace) -> int:
     from sidecar.dsl import parse_duration
     from sidecar.serve import Sidecar
 
-    if args.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        print(f"betrace serve: log-level {args.log_level!r} is not one of debug, info, "
-              "warning, error", file=sys.stderr)
+    if not _logging_to_stderr("serve", args.log_level):
         return EXIT_UNUSABLE
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = Settings(
             rules=[p for p in args.rules.split(",") if p],
@@ -206,16 +213,10 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _webhook(args: argparse.Namespace) -> int:
-    import logging
-
     from sidecar.webhook import Webhook, WebhookError, WebhookSettings
 
-    if args.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        print(f"betrace webhook: log-level {args.log_level!r} is not one of debug, info, "
-              "warning, error", file=sys.stderr)
+    if not _logging_to_stderr("webhook", args.log_level):
         return EXIT_UNUSABLE
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = WebhookSettings(
         tls_cert=args.tls_cert, tls_key=args.tls_key, sidecar_template=args.sidecar_template,
         listen=args.listen, metrics_listen=args.metrics_listen, namespace=args.namespace)

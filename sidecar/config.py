@@ -43,13 +43,7 @@ class Settings:
         for name in ("max_traces", "max_spans_per_trace"):
             if getattr(self, name) < 1:
                 problems.append(f"{name.replace('_', '-')} must be at least 1")
-        for name in ("listen", "http_listen", "metrics_listen"):
-            value = getattr(self, name)
-            if value or name == "listen":
-                try:
-                    split_address(value)
-                except ValueError as exc:
-                    problems.append(f"{name.replace('_', '-')}: {exc}")
+        problems += address_problems(self, "listen", "http_listen", "metrics_listen")
         if self.store != "memory" and not self.store.startswith(STORE_SCHEMES):
             problems.append(f"store {self.store!r}: expected memory or a URL starting with "
                             f"{', '.join(STORE_SCHEMES)}")
@@ -58,6 +52,19 @@ class Settings:
     def limits(self) -> StoreLimits:
         return StoreLimits(self.decision_wait, self.max_trace_age, self.max_traces,
                            self.max_spans_per_trace, self.decided_retention, self.claim_lease)
+
+
+def address_problems(settings: object, required: str, *optional: str) -> list[str]:
+    """What is wrong with HOST:PORT settings; the optional ones may be '' (off)."""
+    problems = []
+    for name in (required, *optional):
+        value = getattr(settings, name)
+        if value or name == required:
+            try:
+                split_address(value)
+            except ValueError as exc:
+                problems.append(f"{name.replace('_', '-')}: {exc}")
+    return problems
 
 
 def split_address(address: str) -> tuple[str, int]:

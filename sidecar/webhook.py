@@ -77,7 +77,7 @@ from prometheus_client import (
     CollectorRegistry, Counter, disable_created_metrics,
 )
 
-from sidecar.config import binding, split_address
+from sidecar.config import address_problems, binding, split_address
 from sidecar.metrics import MetricsServer
 
 log = logging.getLogger("betrace.webhook")
@@ -128,13 +128,7 @@ class WebhookSettings:
                 problems.append(f"{flag} {path!r}: no such file")
             elif not os.path.isfile(path):
                 problems.append(f"{flag} {path!r}: not a file")
-        for name in ("listen", "metrics_listen"):
-            value = getattr(self, name)
-            if value or name == "listen":
-                try:
-                    split_address(value)
-                except ValueError as exc:
-                    problems.append(f"{name.replace('_', '-')}: {exc}")
+        problems += address_problems(self, "listen", "metrics_listen")
         if self.max_body < 1:
             problems.append("max-body must be at least 1")
         return problems
