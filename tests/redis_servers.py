@@ -11,6 +11,7 @@ import tempfile
 import time
 
 import redis
+from processes import stop
 
 
 def redis_binary() -> str:
@@ -67,9 +68,8 @@ class RedisServer:
                 client.close()
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
+        if self.process is not None:
+            stop(self.process)
         self.process = None
 
     def cleanup(self) -> None:

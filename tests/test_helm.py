@@ -37,6 +37,7 @@ from urllib.parse import urlsplit
 import jsonschema
 import pytest
 import yaml
+from processes import stop
 
 REPO = Path(__file__).resolve().parent.parent
 CHART = REPO / "helm" / "betrace"
@@ -657,13 +658,7 @@ class Process:
             time.sleep(0.1)
 
     def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        stop(self.process, grace=15)
         self._out.close()
 
 

@@ -45,6 +45,7 @@ from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.resource.v1 import resource_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 from prometheus_client.parser import text_string_to_metric_families
+from processes import stop
 from redis_servers import RedisServer, free_port, start_cluster
 
 REPO = Path(__file__).resolve().parent.parent
@@ -126,13 +127,7 @@ class Proc:
         self.process.wait(10)
 
     def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        stop(self.process)
         for reader in self._readers:
             reader.join(5)
         for stream in (self.process.stdout, self.process.stderr):

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from processes import stop
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -101,13 +102,7 @@ class Serve:
         return code
 
     def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        stop(self.process)
         self._reader.join(5)
         if self.process.stderr is not None:
             self.process.stderr.close()
