@@ -38,14 +38,13 @@ instead of the memory-store figures above, the Redis store's:
   bytes/span  a sidecar with a 10m decision wait buffers ~200k "typical projected" spans (the
               one rule reads http.response.status_code, http.route and error: 3 attributes
               kept of 10): INFO memory used_memory growth / spans buffered, cross-checked with
-              MEMORY USAGE of sampled trace keys (spans list + meta hash) / their span counts,
+              MEMORY USAGE of sampled trace keys (state + spans list) / their span counts,
               and one typical trace key by key.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import itertools
 import json
 import os
@@ -384,11 +383,9 @@ def redis_target(store: str) -> tuple[str, Callable[[], None]]:
                              "redis://, rediss:// or unix:// URL (the figures read one server's "
                              "INFO)")
         return store, lambda: None
-    spec = importlib.util.spec_from_file_location("redis_servers",
-                                                  ROOT / "tests" / "redis_servers.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(ROOT / "tests"))  # redis_servers and its helpers live there
+    import redis_servers as module
+
     server = module.RedisServer().start()
     return server.url, server.cleanup
 
@@ -492,13 +489,15 @@ def redis_memory(tmp: Path, url: str, client: Any, pool: list[bytes],
                  spans: int) -> dict[str, float]:
     """Bytes of Redis memory per buffered span while nothing is decided."""
     from sidecar.otlp_proto import decode_request
-    from sidecar.redis_store import encode_span
+    from sidecar.redis_store import Vocabulary
     from sidecar.rules import load_rules
 
     projection = load_rules([tmp / "typical.yaml"]).projection()
     local = [span for group in decode_request(ExportTraceServiceRequest.FromString(pool[0]),
                                               projection).batch.values() for span in group]
-    encoded = [encode_span(span) for span in local]
+    rules = load_rules([tmp / "typical.yaml"])
+    vocabulary = Vocabulary(sorted(rules.refs.names | rules.refs.attributes))
+    encoded = [vocabulary.encode(span) for span in local]
     forget(client)
     sc = Sidecar(tmp, "--decision-wait", "10m", "--max-trace-age", "20m", "--store", url,
                  rules="typical.yaml")
@@ -529,19 +528,17 @@ def redis_memory(tmp: Path, url: str, client: Any, pool: list[bytes],
     pipe = client.pipeline(transaction=False)
     for tid in ids:
         pipe.execute_command("MEMORY", "USAGE", f"bt:{{{tid}}}:s", "SAMPLES", "0")
-        pipe.execute_command("MEMORY", "USAGE", f"bt:{{{tid}}}:m", "SAMPLES", "0")
         pipe.llen(f"bt:{{{tid}}}:s")
     replies = pipe.execute()
-    s_bytes, m_bytes, lengths = replies[0::3], replies[1::3], replies[2::3]
-    keyed = (sum(s_bytes) + sum(m_bytes)) / sum(lengths)
+    s_bytes, lengths = replies[0::2], [n - 1 for n in replies[1::2]]  # element 0: the state
+    keyed = sum(s_bytes) / sum(lengths)
     pipe = client.pipeline(transaction=False)
     for shard in range(16):
-        for suffix in ("due", "age", "n"):
+        for suffix in ("due", "n"):
             pipe.execute_command("MEMORY", "USAGE", f"bt:{{q{shard}}}:{suffix}", "SAMPLES", "0")
     index = sum(r or 0 for r in pipe.execute())
-    print(f"  MEMORY USAGE of {len(ids)} sampled traces ({sum(lengths):,} spans): spans lists "
-          f"{sum(s_bytes) / sum(lengths):,.0f} + meta hashes {sum(m_bytes) / sum(lengths):,.0f}"
-          f" = {keyed:,.0f} bytes per span; the 16 shards' due/age/n keys add "
+    print(f"  MEMORY USAGE of {len(ids)} sampled traces ({sum(lengths):,} spans): trace lists "
+          f"(state + spans) {keyed:,.0f} bytes per span; the 16 shards' due/n keys add "
           f"{index / buffered:,.0f} per span ({index / 2**20:.1f} MiB); the rest "
           f"({per_span - keyed - index / buffered:,.0f} per span) is the keyspace and expires "
           "tables' entries and allocator slack")
@@ -549,26 +546,21 @@ def redis_memory(tmp: Path, url: str, client: Any, pool: list[bytes],
     # one typical trace, key by key
     spans_by_count = sorted(zip(lengths, ids))
     count, tid = spans_by_count[len(spans_by_count) // 2]  # the median span count
-    s_key, m_key = f"bt:{{{tid}}}:s", f"bt:{{{tid}}}:m"
+    s_key = f"bt:{{{tid}}}:s"
     raws = client.lrange(s_key, 0, -1)
-    meta = client.hgetall(m_key)
     mu_s = client.execute_command("MEMORY", "USAGE", s_key, "SAMPLES", "0")
-    mu_m = client.execute_command("MEMORY", "USAGE", m_key, "SAMPLES", "0")
-    zsets = [(k, client.zcard(k), client.execute_command("MEMORY", "USAGE", k, "SAMPLES", "0"))
-             for k in ("bt:{q0}:due", "bt:{q0}:age")]
-    print(f"  one typical trace ({count} spans, {mu_s + mu_m} bytes = {(mu_s + mu_m) / count:.0f}"
-          " per span, before its index entries):")
+    due_key = "bt:{q0}:due"
+    card = client.zcard(due_key)
+    usage = client.execute_command("MEMORY", "USAGE", due_key, "SAMPLES", "0")
+    print(f"  one typical trace ({count} spans, {mu_s} bytes = {mu_s / count:.0f} per span, "
+          "before its deadline entry):")
     print(f"    {s_key:<48} {client.object('encoding', s_key).decode():<10} MEMORY USAGE "
-          f"{mu_s:>5}  ({len(raws)} elements, {sum(map(len, raws))} bytes of span encodings, "
-          f"key name {len(s_key)})")
-    print(f"    {m_key:<48} {client.object('encoding', m_key).decode():<10} MEMORY USAGE "
-          f"{mu_m:>5}  ({len(meta)} fields: "
-          + ", ".join(f"{k.decode()}={v.decode()}" for k, v in sorted(meta.items())) + ")")
-    for key, card, usage in zsets:
-        print(f"    {key:<48} {client.object('encoding', key).decode():<10} MEMORY USAGE "
-              f"{usage:>9,}  / {card:,} members = {usage / max(card, 1):.0f} per trace")
-    print(f"  one encoded span: {len(raws[0])} bytes in Redis: {raws[0].decode()}")
-    print(f"  len(encode_span(...)) over request 0's {len(encoded)} projected spans: mean "
+          f"{mu_s:>5}  (state {raws[0].decode()!r}, {sum(map(len, raws[1:]))} bytes of span "
+          f"records, key name {len(s_key)})")
+    print(f"    {due_key:<48} {client.object('encoding', due_key).decode():<10} MEMORY USAGE "
+          f"{usage:>9,}  / {card:,} members = {usage / max(card, 1):.0f} per trace")
+    print(f"  one span record: {len(raws[1])} bytes in Redis: {raws[1]!r}")
+    print(f"  len(Vocabulary.encode(...)) over request 0's {len(encoded)} projected spans: mean "
           f"{statistics.mean(map(len, encoded)):.1f}, min {min(map(len, encoded))}, max "
           f"{max(map(len, encoded))} bytes; {local[0].attributes}", flush=True)
     return {"per_span": per_span, "keyed": keyed, "index": index / buffered,
@@ -605,7 +597,7 @@ def redis_part(tmp: Path, store: str, pool_a: list[bytes], walk_a: float,
          "none set", None),
         ("Redis bytes / buffered span", f"{m['per_span']:,.0f} (used_memory)", "<= 200",
          m["per_span"] <= 200),
-        ("  cross-check: trace keys", f"{m['keyed']:,.0f} (MEMORY USAGE s+m)", "", None),
+        ("  cross-check: trace keys", f"{m['keyed']:,.0f} (MEMORY USAGE)", "", None),
         ("  + shard index keys", f"{m['index']:,.0f} (MEMORY USAGE)", "", None),
     ]
 

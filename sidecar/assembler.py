@@ -2,8 +2,9 @@
 
 Two paths lead to a signal. Rules whose violation can only become true as spans arrive
 (monotone: no `not`, no `always`, no upper bound on a count) are evaluated on every trace that
-just received spans, so they signal within milliseconds. Every rule is evaluated when the trace
-is decided. The store's `signal_once` makes sure each (rule, trace) signals at most once.
+just received spans, so they signal within milliseconds (a trace whose every span came in one
+request is evaluated from that request, not read back from the store). Every rule is evaluated
+when the trace is decided. The store's `reserve_signals` lets each (rule, trace) signal once.
 """
 
 from __future__ import annotations
@@ -29,12 +30,16 @@ class Assembler:
         self.emitter = emitter
         self.metrics = metrics
         self.clock = clock  # wall clock: a shared store compares times across processes
-        self._dirty: set[str] = set()
+        self._dirty: set[str] = set()  # traces that grew: read back for monotone rules
+        self._fresh: dict[str, list[Span]] = {}  # traces whose every span came in one request
         self._wake = threading.Condition()
         self.set_rules(ruleset)
 
     def set_rules(self, ruleset: RuleSet) -> None:
         """Swap the rule set; evaluations already running finish with the old one."""
+        refs = ruleset.refs
+        self.store.use_vocabulary(sorted(
+            refs.names | refs.attributes | {key for rule in ruleset.rules for key in rule.context}))
         self.ruleset = ruleset
         self.projection = ruleset.projection()
         self._monotone: tuple[Rule, ...] = tuple(r for r in ruleset.rules if r.logic.monotone)
@@ -51,7 +56,14 @@ class Assembler:
             log.warning("max_traces reached: %d open trace(s) decided early", result.evicted)
         if self._monotone and result.touched or result.evicted:
             with self._wake:
-                self._dirty.update(result.touched if self._monotone else ())
+                if self._monotone:
+                    new = set(result.new)
+                    for trace_id in result.touched:
+                        if trace_id in new and trace_id not in self._dirty:
+                            self._fresh[trace_id] = batch[trace_id]
+                        else:
+                            self._fresh.pop(trace_id, None)
+                            self._dirty.add(trace_id)
                 self._wake.notify()
         return result
 
@@ -60,11 +72,16 @@ class Assembler:
         Returns how many traces were decided."""
         with self._wake:
             dirty, self._dirty = self._dirty, set()
+            fresh, self._fresh = self._fresh, {}
         monotone = self._monotone
+        found: list[Violation] = []
+        for trace_id, spans in fresh.items():  # the request held the whole trace: no read-back
+            found += self._evaluate(Trace(trace_id, spans), monotone)
         if dirty and monotone:
-            for found in self.store.with_traces(list(dirty),
-                                                lambda t: self._evaluate(t, monotone)):
-                self._emit(found)
+            for violations in self.store.with_traces(list(dirty),
+                                                     lambda t: self._evaluate(t, monotone)):
+                found += violations
+        self._emit(found)
         now = self.clock()
         claimed = self.store.claim_due(now)
         self._decide_all(claimed, now)
@@ -83,7 +100,7 @@ class Assembler:
                 continue
             timeout = idle if due is None else min(idle, max(0.0, due - self.clock()))
             with self._wake:
-                if not self._dirty and not stop.is_set():
+                if not self._dirty and not self._fresh and not stop.is_set():
                     self._wake.wait(timeout)
 
     def wake(self) -> None:
@@ -101,13 +118,14 @@ class Assembler:
     def _decide_all(self, claimed: list[Claimed], now: float) -> None:
         """Evaluate every claimed trace, emit, then tell the store they are decided (in one
         batch: with Redis, one round trip)."""
+        found: list[Violation] = []
         for item in claimed:
             self.metrics.traces_decided.labels(reason=item.reason).inc()
             self.metrics.decision_latency.observe(max(0.0, now - item.due_at))
             started = time.perf_counter()
-            found = self._evaluate(item.trace, self.ruleset.rules)
+            found += self._evaluate(item.trace, self.ruleset.rules)
             self.metrics.rule_evaluation.observe(time.perf_counter() - started)
-            self._emit(found)
+        self._emit(found)
         if claimed:
             self.store.finish(claimed)
 
@@ -124,8 +142,14 @@ class Assembler:
         return found
 
     def _emit(self, violations: list[Violation]) -> None:
-        for violation in violations:
-            rule_id, trace_id = violation.rule.id, violation.trace.trace_id
-            if self.store.signal_once(rule_id, trace_id):
+        """Send the violations the store lets this caller send (one store call for all)."""
+        if not violations:
+            return
+        pairs = [(v.rule.id, v.trace.trace_id) for v in violations]
+        sent = []
+        for violation, pair, mine in zip(violations, pairs, self.store.reserve_signals(pairs)):
+            if mine:
                 self.emitter.emit(violation)
-                self.store.signal_sent(rule_id, trace_id)
+                sent.append(pair)
+        if sent:
+            self.store.signals_sent(sent)

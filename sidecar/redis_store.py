@@ -1,170 +1,217 @@
 """Trace state in Redis, shared by every sidecar: spans of one trace may reach different sidecars,
 and exactly one of them decides it.
 
-Keys (every trace key carries the `{trace_id}` hash tag, so Redis Cluster keeps a trace's keys
-in one slot and the Lua scripts stay single-slot):
+Keys (trace keys carry the `{trace_id}` hash tag, so Redis Cluster keeps a trace's keys in one
+slot and every Lua script stays single-slot):
 
-    bt:{<trace_id>}:s     list of encoded spans
-    bt:{<trace_id>}:m     hash: o opened, l last span, st 0 open / 2 claimed, dt claimed at,
-                          tok claim token, lx lease until, f decided (the claim finished)
+    bt:{<trace_id>}:s     list: element 0 the trace's state "st,opened,last,claimed_at,
+                          lease_until,finished,token" (st 0 open, 2 claimed; times in ms),
+                          then one msgpack record per span
     bt:{<trace_id>}:g     hash rule id -> "sent", or when a decider reserved it (dedupe that
                           survives restarts; a stale reservation is a dead decider's)
-    bt:{q<N>}:due         sorted set: trace ids by decision deadline (or lease expiry)
-    bt:{q<N>}:age         sorted set: trace ids by opened + max_trace_age
+    bt:{q<N>}:due         sorted set: trace ids by decision deadline min(last + decision_wait,
+                          opened + max_trace_age) in ms, or by lease expiry once claimed
     bt:{q<N>}:n           hash: open traces and buffered spans of shard N (for metrics)
+    bt:words:<tag>        the vocabulary records of that tag number strings by (1 day TTL)
 
-A trace lives in shard crc32(trace_id) % SHARDS. Appending is one script per trace plus the
-deadline updates, all pipelined: one round trip per Export request, never one per span.
-Claiming sets a lease; a sidecar that dies mid-decision leaves the trace to whoever claims it
-after the lease. Every trace key has a TTL, so no trace outlives its usefulness; the per-shard
-keys are a fixed set of 3 x SHARDS small keys without one (their sorted sets vanish when empty).
+Memory is the budget that matters (Redis holds every buffered span of every sidecar), so a
+trace is one list whose head is its state, span records are msgpack with binary ids, span names
+and attribute keys the rules read are small numbers (a `Vocabulary`), and each trace has one
+deadline entry. A trace lives in shard crc32(trace_id) % SHARDS. Appending is one
+script per trace, then one script per shard for deadlines and counts: two round trips per
+Export request, never one per span. Claiming sets a lease; a sidecar that dies mid-decision
+leaves the trace to whoever claims it after the lease. Every trace key has a TTL; the 2 x
+SHARDS shard keys are a fixed set of small keys without one (a sorted set vanishes when empty).
 """
 
 from __future__ import annotations
 
 import binascii
+import hashlib
+import os
 import threading
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-import orjson
+import hiredis
+import msgpack
 import redis
 from redis.cluster import ClusterNode, RedisCluster
-from redis.exceptions import RedisClusterException
+from redis.exceptions import NoScriptError, RedisClusterException
 
 from sidecar.span import KINDS, STATUSES, Span, Trace
 from sidecar.store import AppendResult, Claimed, StoreLimits
 
 T = TypeVar("T")
 SHARDS = 16
-PREFIX = "bt"
-_MAX_ARGS = 1000  # spans per script call; Lua's unpack has a stack limit
+PREFIX = "bt:"
+_MAX_ARGS = 1000  # spans or deadline updates per script call; Lua's unpack has a stack limit
 _STATUS_CODE = {name: i for i, name in enumerate(STATUSES)}
 _KIND_CODE = {name: i for i, name in enumerate(KINDS)}
+_U64 = 2**64 - 1
 
-# KEYS: spans, meta, signals. ARGV: now, max_spans, ttl, retention, span...
-_APPEND = """
-local now = tonumber(ARGV[1])
-local n = #ARGV - 4
-local st = redis.call('HGET', KEYS[2], 'st')
-local late, fresh, before = 0, 0, 0
-if st == '2' and now > tonumber(redis.call('HGET', KEYS[2], 'dt')) + tonumber(ARGV[4]) then
-  redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])  -- decided long ago: forgotten, start afresh
-  st = false
+# The trace state at the head of its list, read and written by every trace script.
+_STATE = """
+local function state(key)
+  local raw = redis.call('LINDEX', key, 0)
+  if not raw then return nil end
+  local st, o, l, dt, lx, f, tok =
+    string.match(raw, '^(%d),(%d*),(%d*),(%d*),(%d*),(%d?),(.*)$')
+  return {st = st, o = tonumber(o), l = tonumber(l), dt = tonumber(dt), lx = tonumber(lx),
+          f = f, tok = tok}
 end
-if not st then
-  fresh = 1
-  redis.call('HSET', KEYS[2], 'o', ARGV[1])
+local function num(x) if x then return string.format('%d', x) end return '' end
+local function save(key, m)
+  redis.call('LSET', key, 0, table.concat({m.st, num(m.o), num(m.l), num(m.dt), num(m.lx),
+                                          m.f or '', m.tok or ''}, ','))
 end
-local have = redis.call('LLEN', KEYS[1])
-local take = math.min(n, math.max(tonumber(ARGV[2]) - have, 0))
-if take > 0 then
-  if st == '2' then
-    late, fresh, before = take, 1, have
-    redis.call('HSET', KEYS[2], 'o', ARGV[1])
-    redis.call('HDEL', KEYS[2], 'f')
-  end
-  redis.call('RPUSH', KEYS[1], unpack(ARGV, 5, 4 + take))
-  redis.call('HSET', KEYS[2], 'l', ARGV[1], 'st', '0')
-end
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-redis.call('EXPIRE', KEYS[2], ARGV[3])
-redis.call('EXPIRE', KEYS[3], ARGV[3])  -- a re-opened trace keeps the memory of its signals
-return {take, n - take, late, fresh, before}
 """
 
-# KEYS: due, age. ARGV: now, limit, lease_until. Returns id, reason, id, reason, ...
-_CLAIM_SHARD = """
-local out = {}
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])) do
-  redis.call('ZADD', KEYS[1], ARGV[3], id)
-  table.insert(out, id); table.insert(out, 'idle')
+# KEYS: spans, signals. ARGV: now, max_spans, ttl, retention, wait, max_age, span...
+# Returns taken, refused, late, fresh, spans before, deadline ('' when nothing was taken).
+_APPEND = _STATE + """
+local now = tonumber(ARGV[1])
+local n = #ARGV - 6
+local m = state(KEYS[1])
+local late, fresh, before = 0, 0, 0
+if m and m.st == '2' and now > m.dt + tonumber(ARGV[4]) then
+  redis.call('DEL', KEYS[1], KEYS[2])  -- decided long ago: forgotten, start afresh
+  m = nil
 end
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])) do
-  redis.call('ZREM', KEYS[2], id)
-  redis.call('ZADD', KEYS[1], ARGV[3], id)
-  table.insert(out, id); table.insert(out, 'max_age')
+local have = 0
+if m then have = redis.call('LLEN', KEYS[1]) - 1 end
+local take = math.min(n, math.max(tonumber(ARGV[2]) - have, 0))
+local due = ''
+if take > 0 then
+  if not m then
+    fresh = 1
+    m = {o = now}
+    redis.call('RPUSH', KEYS[1], '')  -- the state's place
+  elseif m.st == '2' then  -- decided: a late span re-opens it with its earlier spans
+    late, fresh, before = take, 1, have
+    m = {o = now}
+  end
+  m.st, m.l = '0', now
+  redis.call('RPUSH', KEYS[1], unpack(ARGV, 7, 6 + take))
+  save(KEYS[1], m)
+  due = num(math.min(now + tonumber(ARGV[5]), m.o + tonumber(ARGV[6])))
 end
+if m then
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])  -- a re-opened trace keeps the memory of its signals
+end
+return {take, n - take, late, fresh, before, due}
+"""
+
+# KEYS: spans. ARGV: now, wait, max_age, token, lease_until.
+# Returns {'claimed', deadline, previous st, reason, span...} or {'later', deadline}, {'gone'},
+# {'done'}, {'leased'}.
+_CLAIM_TRACE = _STATE + """
+local now = tonumber(ARGV[1])
+local m = state(KEYS[1])
+if not m or not m.l then return {'gone'} end
+if m.st == '2' and m.f == '1' then return {'done'} end
+if m.st == '2' and m.lx > now then return {'leased'} end
+local idle, aged = m.l + tonumber(ARGV[2]), m.o + tonumber(ARGV[3])
+local due = math.min(idle, aged)
+if m.st == '0' and due > now then return {'later', num(due)} end
+local out = {'claimed', num(due), m.st, 'idle'}
+if aged <= idle then out[4] = 'max_age' end
+m.st, m.dt, m.lx, m.f, m.tok = '2', now, tonumber(ARGV[5]), nil, ARGV[4]
+save(KEYS[1], m)
+for _, span in ipairs(redis.call('LRANGE', KEYS[1], 1, -1)) do table.insert(out, span) end
 return out
 """
 
-# KEYS: signals. ARGV: rule, now, stale_after, ttl. 1 when this caller may signal.
+# KEYS: spans, signals. ARGV: token, retention. 1 when this claim was still the trace's.
+_FINISH = _STATE + """
+local m = state(KEYS[1])
+if not m or m.st ~= '2' or m.tok ~= ARGV[1] then return 0 end
+m.f = '1'
+save(KEYS[1], m)
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+return 1
+"""
+
+# KEYS: due, counts. ARGV: open traces delta, spans delta, then (op, id, score) triples: 'a' sets
+# the deadline; 'r' drops it unless something moved it since (a late span re-opened the trace).
+_SHARD = """
+if ARGV[1] ~= '0' then redis.call('HINCRBY', KEYS[2], 'traces', ARGV[1]) end
+if ARGV[2] ~= '0' then redis.call('HINCRBY', KEYS[2], 'spans', ARGV[2]) end
+for i = 3, #ARGV, 3 do
+  if ARGV[i] == 'a' then
+    redis.call('ZADD', KEYS[1], ARGV[i + 2], ARGV[i + 1])
+  else
+    local score = redis.call('ZSCORE', KEYS[1], ARGV[i + 1])
+    if score and tonumber(score) == tonumber(ARGV[i + 2]) then
+      redis.call('ZREM', KEYS[1], ARGV[i + 1])
+    end
+  end
+end
+return 0
+"""
+
+# KEYS: due. ARGV: now, limit, lease_until. The due trace ids, moved to their lease expiry.
+_CLAIM_SHARD = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], ARGV[3], id) end
+return ids
+"""
+
+# KEYS: signals. ARGV: rule, now, stale_after, ttl (ms). 1 when this caller may signal.
 _RESERVE_SIGNAL = """
 local state = redis.call('HGET', KEYS[1], ARGV[1])
 if state == 'sent' then return 0 end
 if state and tonumber(ARGV[2]) - tonumber(state) < tonumber(ARGV[3]) then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return 1
 """
 
-# KEYS: spans, meta. ARGV: now, wait, max_age, token, lease_until.
-_CLAIM_TRACE = """
-local m = redis.call('HMGET', KEYS[2], 'st', 'o', 'l', 'lx', 'f')
-local st, now = m[1], tonumber(ARGV[1])
-if not st or not m[3] then return {'gone'} end
-if st == '2' and m[5] then return {'done'} end
-if st ~= '0' and tonumber(m[4]) > now then return {'leased'} end
-local due = math.min(tonumber(m[3]) + tonumber(ARGV[2]), tonumber(m[2]) + tonumber(ARGV[3]))
-if st == '0' and due > now then return {'later', tostring(due)} end
-redis.call('HSET', KEYS[2], 'st', '2', 'dt', ARGV[1], 'tok', ARGV[4], 'lx', ARGV[5])
-local out = {'claimed', tostring(due), st}
-for _, span in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do table.insert(out, span) end
-return out
-"""
 
-# KEYS: spans, meta, signals. ARGV: token, retention.
-_FINISH = """
-if redis.call('HGET', KEYS[2], 'tok') ~= ARGV[1] or redis.call('HGET', KEYS[2], 'st') ~= '2' then
-  return 0
-end
-redis.call('HSET', KEYS[2], 'f', '1')
-for _, key in ipairs(KEYS) do redis.call('EXPIRE', key, ARGV[2]) end
-return 1
-"""
+class _Script:
+    """A Lua script, called by its SHA1 (EVALSHA) and loaded when Redis answers NOSCRIPT."""
 
-# KEYS: due, age. ARGV: id, score the caller set. Drops the due entry unless an append moved
-# it since (the trace re-opened), and the trace's age deadline.
-_RELEASE = """
-local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if score and tonumber(score) == tonumber(ARGV[2]) then redis.call('ZREM', KEYS[1], ARGV[1]) end
-redis.call('ZREM', KEYS[2], ARGV[1])
-return 0
-"""
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+
+_SCRIPTS = APPEND, CLAIM_TRACE, FINISH, SHARD, CLAIM_SHARD, RESERVE_SIGNAL = tuple(map(_Script, (
+    _APPEND, _CLAIM_TRACE, _FINISH, _SHARD, _CLAIM_SHARD, _RESERVE_SIGNAL)))
 
 
 class _Batch:
-    """Commands queued on pipelines, one per Redis node (cluster pipelines refuse scripts), then
-    run: one round trip per node. Replies come back in the order the commands were added."""
+    """Commands gathered per Redis node, then sent: one round trip per node. Replies come back in
+    the order the commands were added."""
 
     def __init__(self, client: redis.Redis | RedisCluster) -> None:
         self.client = client
-        self.pipes: dict[str, tuple[Any, list[int]]] = {}
+        self.nodes: dict[str, tuple[redis.Redis, list[tuple[int, tuple[Any, ...]]]]] = {}
         self.count = 0
 
-    def add(self, key: str, queue: Callable[[Any], object]) -> None:
+    def add(self, key: str, *command: Any) -> None:
         if isinstance(self.client, RedisCluster):
             node = self.client.get_node_from_key(key)
-            name = node.name
+            connection, name = self.client.get_redis_connection(node), node.name
         else:
-            node, name = None, ""
-        group = self.pipes.get(name)
-        if group is None:
-            connection = self.client if node is None else self.client.get_redis_connection(node)
-            group = self.pipes[name] = (connection.pipeline(transaction=False), [])
-        queue(group[0])
-        group[1].append(self.count)
+            connection, name = self.client, ""
+        self.nodes.setdefault(name, (connection, []))[1].append((self.count, command))
         self.count += 1
+
+    def call(self, script: _Script, keys: Sequence[str], args: Sequence[Any]) -> None:
+        self.add(keys[0], "EVALSHA", script.sha, len(keys), *keys, *args)
 
     def run(self) -> list[Any]:
         replies: list[Any] = [None] * self.count
         try:
-            for pipe, positions in self.pipes.values():
-                for position, reply in zip(positions, pipe.execute()):
+            for node, commands in self.nodes.values():
+                for (position, _), reply in zip(commands,
+                                                self._execute(node, [c for _, c in commands])):
                     replies[position] = reply
         except (redis.exceptions.MovedError, redis.exceptions.AskError):
             if isinstance(self.client, RedisCluster):
@@ -172,11 +219,129 @@ class _Batch:
             raise
         return replies
 
+    @staticmethod
+    def _execute(node: redis.Redis, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Run on one node; scripts it does not know yet (a new or restarted Redis) are loaded
+        and only the commands refused with NOSCRIPT run again (the others did run)."""
+        replies = _round_trip(node, commands)
+        missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if missing:
+            _round_trip(node, [("SCRIPT", "LOAD", script.source) for script in _SCRIPTS])
+            for i, reply in zip(missing, _round_trip(node, [commands[i] for i in missing])):
+                replies[i] = reply
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
+
+
+def _round_trip(node: redis.Redis, commands: list[tuple[Any, ...]]) -> list[Any]:
+    """Write every command at once and read every reply (an error reply as its exception).
+    hiredis packs the commands: redis-py's pipeline costs twice the client CPU per command,
+    and a sidecar sends several commands per trace."""
+    pool = node.connection_pool
+    connection = pool.get_connection()
+    try:
+        connection.send_packed_command([b"".join([hiredis.pack_command(c) for c in commands])])
+        replies: list[Any] = []
+        for _ in commands:
+            try:
+                replies.append(connection.read_response())
+            except redis.ResponseError as exc:
+                replies.append(exc)
+    except BaseException:
+        connection.disconnect()  # replies may be left unread: never reuse it
+        raise
+    finally:
+        pool.release(connection)
+    return replies
+
+
+class _ShardUpdates:
+    """Deadline and count changes gathered per shard, sent as one script call per shard."""
+
+    def __init__(self, store: RedisStore) -> None:
+        self.store = store
+        self.shards: dict[int, list[Any]] = {}
+
+    def _ops(self, shard: int) -> list[Any]:
+        return self.shards.setdefault(shard, [0, 0])
+
+    def count(self, shard: int, traces: int, spans: int) -> None:
+        ops = self._ops(shard)
+        ops[0] += traces
+        ops[1] += spans
+
+    def due(self, shard: int, trace_id: str, at_ms: int | str) -> None:
+        self._ops(shard).extend(("a", trace_id, at_ms))
+
+    def release(self, shard: int, trace_id: str, if_ms: int | str) -> None:
+        self._ops(shard).extend(("r", trace_id, if_ms))
+
+    def send(self, batch: _Batch) -> None:
+        for shard, ops in self.shards.items():
+            if ops == [0, 0]:
+                continue
+            keys, triples = self.store._shard_keys(shard), ops[2:]
+            for start in range(0, max(len(triples), 1), 3 * _MAX_ARGS):
+                counts = ops[:2] if start == 0 else [0, 0]
+                batch.call(SHARD, keys, [*counts, *triples[start:start + 3 * _MAX_ARGS]])
+
+
+class Vocabulary:
+    """Span names and attribute keys the rules read, numbered, so a record carries a number for
+    them instead of the string (attribute keys alone are a third of a typical record). The tag is
+    a digest of the words, so a tag always means the same words: sidecars on other rule versions
+    find them under bt:words:<tag>, written again with every append batch so they outlive every
+    record that uses them."""
+
+    def __init__(self, words: Sequence[str]) -> None:
+        self.words = tuple(words)
+        self.number = {word: i for i, word in enumerate(self.words)}
+        self.packed = msgpack.packb(self.words)
+        self.tag = int.from_bytes(hashlib.sha256(self.packed).digest()[:4], "big")
+        self.key = f"{PREFIX}words:{self.tag:08x}"
+
+    def encode(self, span: Span) -> bytes:
+        """One msgpack record: the vocabulary's tag, binary ids, start and duration in ns,
+        status and kind in one small int, then name, service and the attributes as a flat
+        key, value, ... array (their OTLP types kept: bytes stay bytes)."""
+        number = self.number
+        flat: list[Any] = []
+        for key, value in span.attributes.items():
+            flat.append(number.get(key, key))
+            flat.append(value)
+        record = (self.tag, bytes.fromhex(span.span_id), bytes.fromhex(span.parent_span_id),
+                  span.start_ns, span.end_ns - span.start_ns,
+                  _STATUS_CODE[span.status] * 8 + _KIND_CODE[span.kind],
+                  number.get(span.name, span.name), span.service, flat)
+        try:
+            return msgpack.packb(record)
+        except OverflowError:  # a number beyond 64 bits, which OTLP JSON can spell, not carry
+            return msgpack.packb((*record[:3], min(max(record[3], 0), _U64),
+                                  max(min(record[4], 2**63 - 1), -2**63), *record[5:8],
+                                  [_storable(item) for item in flat]))
+
+
+def decode_span(trace_id: str, raw: bytes, words: Callable[[int], tuple[str, ...]]) -> Span:
+    """A record back as a Span; `words(tag)` gives the vocabulary the record was written with."""
+    tag, span_id, parent, start, duration, codes, name, service, flat = msgpack.unpackb(
+        raw, use_list=False)
+    vocabulary = words(tag)
+    if type(name) is int:
+        name = vocabulary[name]
+    pairs = iter(flat)
+    attributes = {vocabulary[key] if type(key) is int else key: value
+                  for key, value in zip(pairs, pairs)}
+    return Span(trace_id, span_id.hex(), name, parent_span_id=parent.hex(), start_ns=start,
+                end_ns=start + duration, status=STATUSES[codes >> 3], kind=KINDS[codes & 7],
+                service=service, attributes=attributes)
+
 
 @dataclass(frozen=True)
 class _Lease:
     token: str
-    until: float
+    until_ms: int
     shard: int
 
 
@@ -204,6 +369,10 @@ def _host_port(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _ms(seconds: float) -> int:
+    return int(seconds * 1000)
+
+
 class RedisStore:
     """The TraceStore protocol over Redis (standalone or Cluster).
 
@@ -221,20 +390,11 @@ class RedisStore:
         self._lock = threading.Lock()
         self._connect = connect
         self._connecting = threading.Lock()
-        self._client: redis.Redis | RedisCluster | None = None
-        if client is not None:
-            self._use(client)
-        elif connect is None:
+        self._client = client
+        self.vocabulary = Vocabulary(())
+        self._vocabularies = {self.vocabulary.tag: self.vocabulary.words}
+        if client is None and connect is None:
             raise ValueError("RedisStore needs a client or a way to connect")
-
-    def _use(self, client: redis.Redis | RedisCluster) -> None:
-        self._append = client.register_script(_APPEND)
-        self._claim_shard = client.register_script(_CLAIM_SHARD)
-        self._claim_trace = client.register_script(_CLAIM_TRACE)
-        self._finish = client.register_script(_FINISH)
-        self._release = client.register_script(_RELEASE)
-        self._reserve_signal = client.register_script(_RESERVE_SIGNAL)
-        self._client = client  # last: a client seen by another thread has its scripts
 
     @property
     def client(self) -> redis.Redis | RedisCluster:
@@ -244,7 +404,7 @@ class RedisStore:
             with self._connecting:
                 if self._client is None:
                     try:
-                        self._use(self._connect())
+                        self._client = self._connect()
                     except RedisClusterException as exc:  # not a RedisError: say it as one
                         raise redis.ConnectionError(str(exc)) from exc
                 client = self._client
@@ -260,137 +420,138 @@ class RedisStore:
         except RedisClusterException:
             return cls(None, limits, connect=lambda: connect(url))
 
+    def use_vocabulary(self, words: Sequence[str]) -> None:
+        """Number these strings in the records appended from now on."""
+        vocabulary = Vocabulary(words)
+        with self._lock:
+            self._vocabularies[vocabulary.tag] = vocabulary.words
+        self.vocabulary = vocabulary
+
+    def _words(self, tag: int) -> tuple[str, ...]:
+        words = self._vocabularies.get(tag)
+        if words is None:  # another sidecar's rule version: read once, it never changes
+            packed = self.client.get(f"{PREFIX}words:{tag:08x}")
+            if packed is None:
+                raise redis.DataError(f"vocabulary {tag:08x} of a stored span is missing")
+            words = msgpack.unpackb(packed, use_list=False)
+            with self._lock:
+                self._vocabularies[tag] = words
+        return words
+
     # --- keys ---
 
     def _trace_keys(self, trace_id: str) -> list[str]:
-        tag = f"{PREFIX}:{{{trace_id}}}"
-        return [f"{tag}:s", f"{tag}:m", f"{tag}:g"]
+        tag = f"{PREFIX}{{{trace_id}}}"
+        return [f"{tag}:s", f"{tag}:g"]
 
     def _shard(self, trace_id: str) -> int:
         return binascii.crc32(trace_id.encode()) % self.shards
 
     def _shard_keys(self, shard: int) -> list[str]:
-        tag = f"{PREFIX}:{{q{shard}}}"
-        return [f"{tag}:due", f"{tag}:age", f"{tag}:n"]
+        tag = f"{PREFIX}{{q{shard}}}"
+        return [f"{tag}:due", f"{tag}:n"]
 
     # --- protocol ---
 
     def append(self, batch: Mapping[str, list[Span]], now: float) -> AppendResult:
         limits = self.limits
+        fixed = [_ms(now), limits.max_spans_per_trace, _ms(self.ttl),
+                 _ms(limits.decided_retention), _ms(limits.decision_wait),
+                 _ms(limits.max_trace_age)]
+        vocabulary = self.vocabulary
         scripts = _Batch(self.client)
-        order = []
+        scripts.add(vocabulary.key, "SET", vocabulary.key, vocabulary.packed, "EX", 86400)
+        order = [""]
+        encode = vocabulary.encode
         for trace_id, spans in batch.items():
-            encoded = [encode_span(s) for s in spans]
+            encoded = [encode(s) for s in spans]
             keys = self._trace_keys(trace_id)
             for start in range(0, len(encoded), _MAX_ARGS):
-                args = [repr(now), limits.max_spans_per_trace, self.ttl,
-                        limits.decided_retention, *encoded[start:start + _MAX_ARGS]]
-                scripts.add(keys[0], lambda p, keys=keys, args=args:
-                            self._append(keys=keys, args=args, client=p))
+                scripts.call(APPEND, keys, [*fixed, *encoded[start:start + _MAX_ARGS]])
                 order.append(trace_id)
         result = AppendResult()
-        updates = _Batch(self.client)
-        opened: dict[int, list[int]] = {}
-        for trace_id, (taken, refused, late, fresh, before) in zip(order, scripts.run()):
+        updates = _ShardUpdates(self)
+        new: dict[str, bool] = {}
+        replies = scripts.run()
+        for trace_id, (taken, refused, late, fresh, before, due) in zip(order[1:], replies[1:]):
             result.accepted += taken
             result.rejected += refused
             result.late += late
             shard = self._shard(trace_id)
-            due, age, _ = self._shard_keys(shard)
             if taken:
-                result.touched.append(trace_id)
-                updates.add(due, lambda p, due=due, t=trace_id:
-                            p.zadd(due, {t: now + limits.decision_wait}))
-                updates.add(age, lambda p, age=age, t=trace_id:
-                            p.zadd(age, {t: now + limits.max_trace_age}, nx=True))
-            counts = opened.setdefault(shard, [0, 0])
-            counts[0] += fresh
-            counts[1] += taken + before
-        for shard, (traces, spans) in opened.items():
-            self._count(updates, shard, traces, spans)
-        updates.run()
+                if not result.touched or result.touched[-1] != trace_id:
+                    result.touched.append(trace_id)
+                updates.due(shard, trace_id, due.decode())
+            if trace_id not in new:  # the first part of this trace's spans says if it is new
+                new[trace_id] = bool(fresh) and not before
+            new[trace_id] = new[trace_id] and not refused
+            updates.count(shard, fresh, taken + before)
+        result.new = [trace_id for trace_id, whole in new.items() if whole]
+        self._send(updates)
         return result
 
-    def _count(self, batch: _Batch, shard: int, traces: int, spans: int) -> None:
-        counter = self._shard_keys(shard)[2]
-        batch.add(counter, lambda p: p.hincrby(counter, "traces", traces))
-        batch.add(counter, lambda p: p.hincrby(counter, "spans", spans))
+    def _send(self, updates: _ShardUpdates) -> None:
+        batch = _Batch(self.client)
+        updates.send(batch)
+        batch.run()
 
     def claim_due(self, now: float, limit: int = 1000) -> list[Claimed]:
-        lease_until = now + self.limits.claim_lease
+        limits = self.limits
+        now_ms, lease_ms = _ms(now), _ms(now + limits.claim_lease)
         with self._lock:  # rotate the starting shard so no shard starves under load
             start, self._next_shard = self._next_shard, (self._next_shard + 1) % self.shards
         shards = [(start + i) % self.shards for i in range(self.shards)]
         pops = _Batch(self.client)
         for shard in shards:
-            keys = self._shard_keys(shard)[:2]
-            pops.add(keys[0], lambda p, keys=keys: self._claim_shard(
-                keys=keys, args=[repr(now), limit, repr(lease_until)], client=p))
-        candidates: list[tuple[str, str, int]] = []
-        for shard, reply in zip(shards, pops.run()):
-            for i in range(0, len(reply), 2):
-                candidates.append((reply[i].decode(), reply[i + 1].decode(), shard))
-        chosen: list[tuple[str, str, int, str]] = []
-        seen: set[str] = set()
-        claims, follow_up = _Batch(self.client), _Batch(self.client)
-        for trace_id, reason, shard in candidates:
-            if trace_id in seen:
-                continue
-            seen.add(trace_id)
-            if len(chosen) >= limit:  # over the limit: due now, for the next call
-                due = self._shard_keys(shard)[0]
-                follow_up.add(due, lambda p, due=due, t=trace_id: p.zadd(due, {t: now}))
-                continue
-            token = uuid.uuid4().hex
-            keys = self._trace_keys(trace_id)[:2]
-            args = [repr(now), self.limits.decision_wait, self.limits.max_trace_age, token,
-                    repr(lease_until)]
-            claims.add(keys[0], lambda p, keys=keys, args=args:
-                       self._claim_trace(keys=keys, args=args, client=p))
-            chosen.append((trace_id, reason, shard, token))
+            pops.call(CLAIM_SHARD, self._shard_keys(shard)[:1], [now_ms, limit, lease_ms])
+        updates = _ShardUpdates(self)
+        chosen: list[tuple[str, int, str]] = []
+        claims = _Batch(self.client)
+        tokens = os.urandom(6).hex()  # this claim's; a trace's token adds its place in it
+        for shard, ids in zip(shards, pops.run()):
+            for raw in ids:
+                trace_id = raw.decode()
+                if len(chosen) >= limit:  # over the limit: due now, for the next call
+                    updates.due(shard, trace_id, now_ms)
+                    continue
+                token = f"{tokens}{len(chosen):x}"
+                claims.call(CLAIM_TRACE, self._trace_keys(trace_id)[:1],
+                            [now_ms, _ms(limits.decision_wait), _ms(limits.max_trace_age), token,
+                             lease_ms])
+                chosen.append((trace_id, shard, token))
         claimed: list[Claimed] = []
-        left: dict[int, list[int]] = {}
-        for (trace_id, reason, shard, token), reply in zip(chosen, claims.run()):
-            verdict = reply[0].decode()
-            due, age, _ = self._shard_keys(shard)
-            if verdict == "later":
-                follow_up.add(due, lambda p, due=due, t=trace_id, at=float(reply[1]):
-                              p.zadd(due, {t: at}))
-            elif verdict in ("gone", "done"):
-                follow_up.add(due, lambda p, keys=[due, age], t=trace_id: self._release(
-                    keys=keys, args=[t, repr(lease_until)], client=p))
-            elif verdict == "claimed":
-                spans = [decode_span(trace_id, raw) for raw in reply[3:]]
+        for (trace_id, shard, token), reply in zip(chosen, claims.run()):
+            verdict = reply[0]
+            if verdict == b"later":
+                updates.due(shard, trace_id, reply[1].decode())
+            elif verdict in (b"gone", b"done"):
+                updates.release(shard, trace_id, lease_ms)
+            elif verdict == b"claimed":
+                spans = [decode_span(trace_id, raw, self._words) for raw in reply[4:]]
                 if reply[2] == b"0":  # it was open: it leaves the shard's live counts
-                    counts = left.setdefault(shard, [0, 0])
-                    counts[0] -= 1
-                    counts[1] -= len(spans)
-                claimed.append(Claimed(Trace(trace_id, spans), reason, float(reply[1]),
-                                       _Lease(token, lease_until, shard)))
-            # "leased": another sidecar is deciding it; its lease says until when
-        for shard, (traces, spans) in left.items():
-            self._count(follow_up, shard, traces, spans)
-        follow_up.run()
+                    updates.count(shard, -1, -len(spans))
+                claimed.append(Claimed(Trace(trace_id, spans), reply[3].decode(),
+                                       int(reply[1]) / 1000, _Lease(token, lease_ms, shard)))
+            # b"leased": another sidecar is deciding it; its lease says until when
+        self._send(updates)
         return claimed
 
     def finish(self, claimed: Sequence[Claimed]) -> None:
         """Mark decided traces (unless a late span re-opened them meanwhile) and drop their
         deadlines: two round trips per node for the whole batch."""
         finishes = _Batch(self.client)
+        retention = _ms(self.limits.decided_retention + 1)
         for item in claimed:
-            keys = self._trace_keys(item.trace.trace_id)
-            token = item.handle.token  # type: ignore[attr-defined]
-            finishes.add(keys[0], lambda p, keys=keys, token=token: self._finish(
-                keys=keys, args=[token, int(self.limits.decided_retention) + 1], client=p))
-        releases = _Batch(self.client)
+            lease = item.handle
+            assert isinstance(lease, _Lease)
+            finishes.call(FINISH, self._trace_keys(item.trace.trace_id), [lease.token, retention])
+        updates = _ShardUpdates(self)
         for item, done in zip(claimed, finishes.run()):
             if done:
                 lease = item.handle
                 assert isinstance(lease, _Lease)
-                keys = self._shard_keys(lease.shard)[:2]
-                releases.add(keys[0], lambda p, keys=keys, t=item.trace.trace_id, at=lease.until:
-                             self._release(keys=keys, args=[t, repr(at)], client=p))
-        releases.run()
+                updates.release(lease.shard, item.trace.trace_id, lease.until_ms)
+        self._send(updates)
 
     def claim_all(self, now: float) -> list[Claimed]:
         """Nothing: the state is shared, and one sidecar stopping must not decide the traces
@@ -401,45 +562,50 @@ class RedisStore:
         """`use` on each trace still open (a snapshot: Redis holds the live one)."""
         reads = _Batch(self.client)
         for trace_id in trace_ids:
-            spans_key, meta_key, _ = self._trace_keys(trace_id)
-            reads.add(meta_key, lambda p, k=meta_key: p.hget(k, "st"))
-            reads.add(spans_key, lambda p, k=spans_key: p.lrange(k, 0, -1))
-        replies = reads.run()
-        return [use(Trace(trace_id, [decode_span(trace_id, raw) for raw in raws]))
-                for trace_id, state, raws in zip(trace_ids, replies[::2], replies[1::2])
-                if state == b"0" and raws]
+            key = self._trace_keys(trace_id)[0]
+            reads.add(key, "LRANGE", key, 0, -1)
+        return [use(Trace(trace_id, [decode_span(trace_id, raw, self._words) for raw in raws[1:]]))
+                for trace_id, raws in zip(trace_ids, reads.run())
+                if len(raws) > 1 and raws[0][:2] == b"0,"]
 
     def with_trace(self, trace_id: str, use: Callable[[Trace], T]) -> T | None:
         found = self.with_traces([trace_id], use)
         return found[0] if found else None
 
-    def signal_once(self, rule_id: str, trace_id: str) -> bool:
-        """Reserve the (rule, trace) signal. The reservation is pending until `signal_sent`. A
-        decider reserves within milliseconds of its claim and a successor claims only after the
-        lease, so a reservation older than half the lease belongs to a decider that died before
-        writing: it is taken over. A crash can repeat a signal (same signal_id), never lose one."""
-        return bool(self._reserve_signal(
-            keys=[self._trace_keys(trace_id)[2]],
-            args=[rule_id, repr(time.time()), self.limits.claim_lease / 2, self.ttl]))
+    def reserve_signals(self, pairs: Sequence[tuple[str, str]]) -> list[bool]:
+        """Reserve (rule, trace) signals, one round trip for all. A reservation is pending until
+        `signals_sent`. A decider reserves within milliseconds of its claim and a successor
+        claims only after the lease, so a reservation older than half the lease belongs to a
+        decider that died before writing: it is taken over. A crash can repeat a signal (same
+        signal_id), never lose one."""
+        batch = _Batch(self.client)
+        args = [_ms(time.time()), _ms(self.limits.claim_lease / 2), _ms(self.ttl)]
+        for rule_id, trace_id in pairs:
+            batch.call(RESERVE_SIGNAL, self._trace_keys(trace_id)[1:], [rule_id, *args])
+        return [bool(reply) for reply in batch.run()]
 
-    def signal_sent(self, rule_id: str, trace_id: str) -> None:
-        key = self._trace_keys(trace_id)[2]
-        self.client.hset(key, rule_id, "sent")
+    def signals_sent(self, pairs: Sequence[tuple[str, str]]) -> None:
+        batch = _Batch(self.client)
+        for rule_id, trace_id in pairs:
+            key = self._trace_keys(trace_id)[1]
+            batch.add(key, "HSET", key, rule_id, "sent")
+        batch.run()
 
     def next_due(self) -> float | None:
         """The earliest deadline (or lease expiry) in any shard."""
         reads = _Batch(self.client)
         for shard in range(self.shards):
-            for key in self._shard_keys(shard)[:2]:
-                reads.add(key, lambda p, k=key: p.zrange(k, 0, 0, withscores=True))
-        scores = [score for reply in reads.run() for _, score in reply]
-        return min(scores) if scores else None
+            key = self._shard_keys(shard)[0]
+            reads.add(key, "ZRANGE", key, 0, 0, "WITHSCORES")
+        scores = [float(reply[0][1] if isinstance(reply[0], list) else reply[1])  # RESP3 / RESP2
+                  for reply in reads.run() if reply]
+        return min(scores) / 1000 if scores else None
 
     def counts(self) -> tuple[int, int]:
         reads = _Batch(self.client)
         for shard in range(self.shards):
-            key = self._shard_keys(shard)[2]
-            reads.add(key, lambda p, k=key: p.hmget(k, "traces", "spans"))
+            key = self._shard_keys(shard)[1]
+            reads.add(key, "HMGET", key, "traces", "spans")
         traces = spans = 0
         for t, s in reads.run():
             traces += int(t or 0)
@@ -458,30 +624,12 @@ class RedisStore:
             self._client.close()
 
 
-def encode_span(span: Span) -> bytes:
-    """A compact JSON array; bytes attribute values become hex text (JSON has no bytes)."""
-    return orjson.dumps(
-        [span.span_id, span.parent_span_id, span.name, span.start_ns,
-         span.end_ns - span.start_ns, _STATUS_CODE[span.status] * 8 + _KIND_CODE[span.kind],
-         span.service, span.attributes],
-        default=_jsonable)
-
-
-def decode_span(trace_id: str, raw: bytes) -> Span:
-    span_id, parent, name, start, duration, codes, service, attributes = orjson.loads(raw)
-    for key, value in attributes.items():
-        if type(value) is list:
-            attributes[key] = _tuple(value)
-    return Span(trace_id, span_id, name, parent_span_id=parent, start_ns=start,
-                end_ns=start + duration, status=STATUSES[codes >> 3], kind=KINDS[codes & 7],
-                service=service, attributes=attributes)
-
-
-def _tuple(values: list[Any]) -> tuple[Any, ...]:
-    return tuple(_tuple(v) if type(v) is list else v for v in values)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return value.hex()
-    raise TypeError(f"cannot store {type(value).__name__} in Redis")
+def _storable(value: Any) -> Any:
+    """Integers beyond 64 bits as their decimal text, everything else as it is."""
+    if type(value) is int and not -2**63 <= value <= _U64:
+        return str(value)
+    if type(value) is tuple:
+        return tuple(map(_storable, value))
+    if type(value) is dict:
+        return {key: _storable(item) for key, item in value.items()}
+    return value

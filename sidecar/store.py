@@ -38,6 +38,8 @@ class AppendResult:
     late: int = 0  # accepted into a trace that had already been decided (it re-opens)
     evicted: int = 0  # open traces pushed to an early decision to make room (max_traces)
     touched: list[str] = field(default_factory=list)  # traces that received spans
+    # traces this batch created, every span accepted: the batch holds the whole trace so far
+    new: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -58,9 +60,12 @@ class TraceStore(Protocol):
     def claim_all(self, now: float) -> list[Claimed]: ...
     def with_traces(self, trace_ids: list[str], use: Callable[[Trace], T]) -> list[T]: ...
     def with_trace(self, trace_id: str, use: Callable[[Trace], T]) -> T | None: ...
-    def signal_once(self, rule_id: str, trace_id: str) -> bool: ...
-    def signal_sent(self, rule_id: str, trace_id: str) -> None: ...
+    # (rule id, trace id) pairs: True for each signal this caller is to send, then confirmed
+    def reserve_signals(self, pairs: Sequence[tuple[str, str]]) -> list[bool]: ...
+    def signals_sent(self, pairs: Sequence[tuple[str, str]]) -> None: ...
     def next_due(self) -> float | None: ...
+    # the span names and attribute keys the rules read: a store may encode them compactly
+    def use_vocabulary(self, words: Sequence[str]) -> None: ...
     def counts(self) -> tuple[int, int]: ...  # (open traces, buffered spans)
     def healthy(self) -> tuple[bool, str]: ...
     def close(self) -> None: ...
@@ -100,6 +105,7 @@ class MemoryStore:
         with self._lock:
             for trace_id, spans in batch.items():
                 entry = self._entries.get(trace_id)
+                new = entry is None
                 if entry is None:
                     self._make_room(result)
                     entry = self._entries[trace_id] = _Entry(Trace(trace_id, ()), now)
@@ -118,6 +124,7 @@ class MemoryStore:
                 if room < len(spans):
                     result.rejected += len(spans) - max(room, 0)
                     spans = spans[:max(room, 0)]
+                    new = False
                 if not spans:
                     continue
                 entry.trace.add(spans)
@@ -127,6 +134,8 @@ class MemoryStore:
                 self._spans += len(spans)
                 result.accepted += len(spans)
                 result.touched.append(trace_id)
+                if new:
+                    result.new.append(trace_id)
         return result
 
     def _make_room(self, result: AppendResult) -> None:
@@ -224,26 +233,29 @@ class MemoryStore:
                 return None
             return use(entry.trace)
 
-    def signal_once(self, rule_id: str, trace_id: str) -> bool:
+    def reserve_signals(self, pairs: Sequence[tuple[str, str]]) -> list[bool]:
         """True for the first caller per (rule, trace) while the trace is remembered."""
         with self._lock:
-            entry = self._entries.get(trace_id)
-            if entry is None:
-                entry = next((e for t, e in self._evicted if t == trace_id), None)
-            if entry is not None:
-                if entry.signalled is None:
-                    entry.signalled = set()
-                signalled = entry.signalled
-            else:
-                signalled = self._evicted_signals.get(trace_id)
-            if signalled is None:
-                return True  # forgotten already: nothing left to deduplicate against
-            if rule_id in signalled:
-                return False
-            signalled.add(rule_id)
-            return True
+            return [self._first_signal(rule_id, trace_id) for rule_id, trace_id in pairs]
 
-    def signal_sent(self, rule_id: str, trace_id: str) -> None:
+    def _first_signal(self, rule_id: str, trace_id: str) -> bool:
+        entry = self._entries.get(trace_id)
+        if entry is None:
+            entry = next((e for t, e in self._evicted if t == trace_id), None)
+        if entry is not None:
+            if entry.signalled is None:
+                entry.signalled = set()
+            signalled = entry.signalled
+        else:
+            signalled = self._evicted_signals.get(trace_id)
+        if signalled is None:
+            return True  # forgotten already: nothing left to deduplicate against
+        if rule_id in signalled:
+            return False
+        signalled.add(rule_id)
+        return True
+
+    def signals_sent(self, pairs: Sequence[tuple[str, str]]) -> None:
         """Nothing to confirm: a process that dies takes its memory store along."""
 
     def next_due(self) -> float | None:
@@ -257,6 +269,9 @@ class MemoryStore:
             if self._by_age:
                 times.append(next(iter(self._by_age.values())).opened + self.limits.max_trace_age)
             return min(times) if times else None
+
+    def use_vocabulary(self, words: Sequence[str]) -> None:
+        """Nothing to encode: spans stay objects."""
 
     def counts(self) -> tuple[int, int]:
         with self._lock:

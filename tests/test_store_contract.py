@@ -1,7 +1,7 @@
 """The TraceStore contract: what every trace store (memory, Redis) must do.
 
 Written against the protocol only (append / claim_due / finish / claim_all / with_trace /
-signal_once / next_due / counts / close) with explicit `now` values, so no test sleeps. Redis
+reserve_signals / next_due / counts / close) with explicit `now` values, so no test sleeps. Redis
 runs as a real redis-server (see redis_servers.py). A new store joins by adding a param to
 `store_factory`.
 """
@@ -197,22 +197,33 @@ def test_a_late_span_reopens_a_decided_trace_with_all_earlier_spans(
     assert ids(decided) == {s.span_id for s in early}
 
 
-def test_signal_once_is_true_once_per_rule_and_trace(store_factory: StoreFactory) -> None:
+def test_signals_are_reserved_in_one_call_and_a_repeat_within_it_is_refused(
+        store_factory: StoreFactory) -> None:
     store = store_factory(decision_wait=1.0)
     store.append({A: spans(A), B: spans(B)}, now=0.0)
-    assert store.signal_once("double-charge", A) is True  # early signal, trace still open
-    assert store.signal_once("double-charge", A) is False
-    assert store.signal_once("other-rule", A) is True
-    assert store.signal_once("double-charge", B) is True
+    pairs = [("double-charge", A), ("double-charge", B), ("double-charge", A), ("other", A)]
+    assert store.reserve_signals(pairs) == [True, True, False, True]
+    store.signals_sent(pairs[:2])
+    assert store.reserve_signals(pairs) == [False, False, False, False]
+    assert store.reserve_signals([]) == []
+
+
+def test_a_signal_is_reserved_once_per_rule_and_trace(store_factory: StoreFactory) -> None:
+    store = store_factory(decision_wait=1.0)
+    store.append({A: spans(A), B: spans(B)}, now=0.0)
+    assert store.reserve_signals([("double-charge", A)]) == [True]  # early signal, still open
+    assert store.reserve_signals([("double-charge", A)]) == [False]
+    assert store.reserve_signals([("other-rule", A)]) == [True]
+    assert store.reserve_signals([("double-charge", B)]) == [True]
     claim(store, 1.0)
-    assert store.signal_once("double-charge", A) is False  # decided, still remembered
+    assert store.reserve_signals([("double-charge", A)]) == [False]  # decided, remembered
     store.append({A: spans(A)}, now=2.0)  # re-open
-    assert store.signal_once("double-charge", A) is False
-    assert store.signal_once("other-rule", A) is False
+    assert store.reserve_signals([("double-charge", A)]) == [False]
+    assert store.reserve_signals([("other-rule", A)]) == [False]
     claim(store, 3.0)
-    assert store.signal_once("double-charge", A) is False
-    assert store.signal_once("needs-late-span", A) is True
-    assert store.signal_once("needs-late-span", A) is False
+    assert store.reserve_signals([("double-charge", A)]) == [False]
+    assert store.reserve_signals([("needs-late-span", A)]) == [True]
+    assert store.reserve_signals([("needs-late-span", A)]) == [False]
 
 
 # --- limits -------------------------------------------------------------------------------------
@@ -260,36 +271,36 @@ def test_an_evicted_trace_still_signals_at_most_once(local_store_factory: StoreF
     evicted trace is decided."""
     store = local_store_factory(decision_wait=10.0, max_traces=2)
     store.append({A: spans(A, 2)}, now=0.0)
-    assert store.signal_once("double-charge", A) is True  # early signal
+    assert store.reserve_signals([("double-charge", A)]) == [True]  # early signal
     store.append({B: spans(B)}, now=1.0)
     store.append({C: spans(C)}, now=2.0)  # evicts A
-    assert store.signal_once("double-charge", A) is False  # evicted, not yet claimed
+    assert store.reserve_signals([("double-charge", A)]) == [False]  # evicted, unclaimed
     [evicted] = claim(store, 2.0)
     assert evicted.trace.trace_id == A and evicted.reason == "evicted"
     # The decider now evaluates the evicted trace and asks before signalling:
-    assert store.signal_once("double-charge", A) is False
-    assert store.signal_once("other-rule", A) is True
-    assert store.signal_once("other-rule", A) is False
+    assert store.reserve_signals([("double-charge", A)]) == [False]
+    assert store.reserve_signals([("other-rule", A)]) == [True]
+    assert store.reserve_signals([("other-rule", A)]) == [False]
     # A straggler of the evicted trace opens it anew (its old spans are gone to make room), but
     # what was signalled is still known.
     store.append({A: spans(A)}, now=3.0)
-    assert store.signal_once("double-charge", A) is False
+    assert store.reserve_signals([("double-charge", A)]) == [False]
 
 
 def test_every_trace_of_a_large_evicted_batch_still_signals_at_most_once(
         local_store_factory: StoreFactory) -> None:
     """Under a flood, one claim may hand out many more evicted traces than max_traces; the
-    decider asks signal_once for each of them after the claim."""
+    decider asks reserve_signals for each of them after the claim."""
     store = local_store_factory(decision_wait=10.0, max_traces=2)
     traces = [f"{n:032x}" for n in range(1, 13)]
     for now, trace_id in enumerate(traces):
         store.append({trace_id: spans(trace_id)}, now=float(now))
-        assert store.signal_once("early-rule", trace_id) is True
+        assert store.reserve_signals([("early-rule", trace_id)]) == [True]
     claimed = by_trace(claim(store, 12.0))
     assert set(claimed) == set(traces[:10])
     assert {c.reason for c in claimed.values()} == {"evicted"}
     for trace_id in traces[:10]:
-        assert store.signal_once("early-rule", trace_id) is False, trace_id
+        assert store.reserve_signals([("early-rule", trace_id)]) == [False], trace_id
 
 
 def test_evicted_traces_not_yet_claimed_are_returned_at_shutdown(
@@ -321,15 +332,15 @@ def test_decided_traces_are_forgotten_after_decided_retention(
     store = store_factory(decision_wait=1.0, decided_retention=5.0)
     store.append({A: spans(A, 2), B: spans(B, 2)}, now=0.0)
     assert len(claim(store, 1.0)) == 2  # both decided at 1.0, remembered until 6.0
-    store.signal_once("double-charge", A)
-    store.signal_once("double-charge", B)
+    store.reserve_signals([("double-charge", A)])
+    store.reserve_signals([("double-charge", B)])
     result = store.append({A: spans(A)}, now=5.5)  # within retention: re-opens, whole
     assert result.late == 1 and store.with_trace(A, len) == 3
     claim(store, 7.0)  # housekeeping past B's retention
     result = store.append({B: spans(B)}, now=7.0)
     assert result.late == 0  # B was forgotten: this is a new trace ...
     assert store.with_trace(B, len) == 1  # ... holding only the new span
-    assert store.signal_once("double-charge", B) is True  # and nothing to deduplicate against
+    assert store.reserve_signals([("double-charge", B)]) == [True]  # nothing to deduplicate
 
 
 # --- sizes and shutdown ------------------------------------------------------------------------
