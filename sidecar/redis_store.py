@@ -17,11 +17,12 @@ slot and every Lua script stays single-slot):
 Memory is the budget that matters (Redis holds every buffered span of every sidecar), so a
 trace is one list whose head is its state, span records are msgpack with binary ids, span names
 and attribute keys the rules read are small numbers (a `Vocabulary`), and each trace has one
-deadline entry. A trace lives in shard crc32(trace_id) % SHARDS. Appending is one
-script per trace, then one script per shard for deadlines and counts: two round trips per
-Export request, never one per span. Claiming sets a lease; a sidecar that dies mid-decision
-leaves the trace to whoever claims it after the lease. Every trace key has a TTL; the 2 x
-SHARDS shard keys are a fixed set of small keys without one (a sorted set vanishes when empty).
+deadline entry. A trace lives in shard crc32(trace_id) % SHARDS. Appending is one script call
+for all the request's traces (one per hash slot on a Cluster), then one per shard for deadlines
+and counts: two round trips per Export request, never one per span. Claiming sets a lease; a
+sidecar that dies mid-decision leaves the trace to whoever claims it after the lease. Every
+trace key has a TTL; the 2 x SHARDS shard keys are a fixed set of small keys without one (a
+sorted set vanishes when empty).
 """
 
 from __future__ import annotations
@@ -70,71 +71,97 @@ local function save(key, m)
 end
 """
 
-# KEYS: spans, signals. ARGV: now, max_spans, ttl, retention, wait, max_age, span...
-# Returns taken, refused, late, fresh, spans before, deadline ('' when nothing was taken).
-_APPEND = _STATE + """
-local now = tonumber(ARGV[1])
-local n = #ARGV - 6
-local m = state(KEYS[1])
-local late, fresh, before = 0, 0, 0
-if m and m.st == '2' and now > m.dt + tonumber(ARGV[4]) then
-  redis.call('DEL', KEYS[1], KEYS[2])  -- decided long ago: forgotten, start afresh
-  m = nil
-end
-local have = 0
-if m then have = redis.call('LLEN', KEYS[1]) - 1 end
-local take = math.min(n, math.max(tonumber(ARGV[2]) - have, 0))
-local due = ''
-if take > 0 then
-  if not m then
-    fresh = 1
-    m = {o = now}
-    redis.call('RPUSH', KEYS[1], '')  -- the state's place
-  elseif m.st == '2' then  -- decided: a late span re-opens it with its earlier spans
-    late, fresh, before = take, 1, have
-    m = {o = now}
-  end
-  m.st, m.l = '0', now
-  redis.call('RPUSH', KEYS[1], unpack(ARGV, 7, 6 + take))
-  save(KEYS[1], m)
-  due = num(math.min(now + tonumber(ARGV[5]), m.o + tonumber(ARGV[6])))
-end
-if m then
-  redis.call('PEXPIRE', KEYS[1], ARGV[3])
-  redis.call('PEXPIRE', KEYS[2], ARGV[3])  -- a re-opened trace keeps the memory of its signals
-end
-return {take, n - take, late, fresh, before, due}
-"""
+# The trace scripts below each serve many traces per call (every trace of a request on a
+# standalone Redis, the traces of one hash slot on a Cluster): KEYS holds each trace's keys in
+# turn, ARGV the shared arguments and then each trace's own, and the reply is one result per trace.
 
-# KEYS: spans. ARGV: now, wait, max_age, token, lease_until.
-# Returns {'claimed', deadline, previous st, reason, span...} or {'later', deadline}, {'gone'},
-# {'done'}, {'leased'}.
-_CLAIM_TRACE = _STATE + """
-local now = tonumber(ARGV[1])
-local m = state(KEYS[1])
-if not m or not m.l then return {'gone'} end
-if m.st == '2' and m.f == '1' then return {'done'} end
-if m.st == '2' and m.lx > now then return {'leased'} end
-local idle, aged = m.l + tonumber(ARGV[2]), m.o + tonumber(ARGV[3])
-local due = math.min(idle, aged)
-if m.st == '0' and due > now then return {'later', num(due)} end
-local out = {'claimed', num(due), m.st, 'idle'}
-if aged <= idle then out[4] = 'max_age' end
-m.st, m.dt, m.lx, m.f, m.tok = '2', now, tonumber(ARGV[5]), nil, ARGV[4]
-save(KEYS[1], m)
-for _, span in ipairs(redis.call('LRANGE', KEYS[1], 1, -1)) do table.insert(out, span) end
+# KEYS: spans, signals of each trace. ARGV: now, max_spans, ttl, retention, wait, max_age, then
+# per trace: its span count, its spans. Per trace: taken, refused, late, fresh, spans before,
+# deadline ('' when nothing was taken).
+_APPEND = _STATE + """
+local now, limit, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+local retention, wait, max_age = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local function append(spans, signals, first, n)
+  local m = state(spans)
+  local late, fresh, before = 0, 0, 0
+  if m and m.st == '2' and now > m.dt + retention then
+    redis.call('DEL', spans, signals)  -- decided long ago: forgotten, start afresh
+    m = nil
+  end
+  local have = 0
+  if m then have = redis.call('LLEN', spans) - 1 end
+  local take = math.min(n, math.max(limit - have, 0))
+  local due = ''
+  if take > 0 then
+    if not m then
+      fresh = 1
+      m = {o = now}
+      redis.call('RPUSH', spans, '')  -- the state's place
+    elseif m.st == '2' then  -- decided: a late span re-opens it with its earlier spans
+      late, fresh, before = take, 1, have
+      m = {o = now}
+    end
+    m.st, m.l = '0', now
+    redis.call('RPUSH', spans, unpack(ARGV, first, first + take - 1))
+    save(spans, m)
+    due = num(math.min(now + wait, m.o + max_age))
+  end
+  if m then
+    redis.call('PEXPIRE', spans, ttl)
+    redis.call('PEXPIRE', signals, ttl)  -- a re-opened trace keeps the memory of its signals
+  end
+  return {take, n - take, late, fresh, before, due}
+end
+local out, at = {}, 7
+for k = 1, #KEYS, 2 do
+  local n = tonumber(ARGV[at])
+  out[#out + 1] = append(KEYS[k], KEYS[k + 1], at + 1, n)
+  at = at + 1 + n
+end
 return out
 """
 
-# KEYS: spans, signals. ARGV: token, retention. 1 when this claim was still the trace's.
+# KEYS: spans of each trace. ARGV: now, wait, max_age, lease_until, then per trace its token.
+# Per trace: {'claimed', deadline, previous st, reason, span...} or {'later', deadline}, {'gone'},
+# {'done'}, {'leased'}.
+_CLAIM_TRACE = _STATE + """
+local now, wait, max_age, lease = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]),
+                                  tonumber(ARGV[4])
+local function claim(spans, token)
+  local m = state(spans)
+  if not m or not m.l then return {'gone'} end
+  if m.st == '2' and m.f == '1' then return {'done'} end
+  if m.st == '2' and m.lx > now then return {'leased'} end
+  local idle, aged = m.l + wait, m.o + max_age
+  local due = math.min(idle, aged)
+  if m.st == '0' and due > now then return {'later', num(due)} end
+  local out = {'claimed', num(due), m.st, 'idle'}
+  if aged <= idle then out[4] = 'max_age' end
+  m.st, m.dt, m.lx, m.f, m.tok = '2', now, lease, nil, token
+  save(spans, m)
+  for _, span in ipairs(redis.call('LRANGE', spans, 1, -1)) do out[#out + 1] = span end
+  return out
+end
+local out = {}
+for k = 1, #KEYS do out[k] = claim(KEYS[k], ARGV[4 + k]) end
+return out
+"""
+
+# KEYS: spans, signals of each trace. ARGV: retention, then per trace its token. Per trace: 1
+# when its claim was still the trace's.
 _FINISH = _STATE + """
-local m = state(KEYS[1])
-if not m or m.st ~= '2' or m.tok ~= ARGV[1] then return 0 end
-m.f = '1'
-save(KEYS[1], m)
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-redis.call('PEXPIRE', KEYS[2], ARGV[2])
-return 1
+local function finish(spans, signals, token)
+  local m = state(spans)
+  if not m or m.st ~= '2' or m.tok ~= token then return 0 end
+  m.f = '1'
+  save(spans, m)
+  redis.call('PEXPIRE', spans, ARGV[1])
+  redis.call('PEXPIRE', signals, ARGV[1])
+  return 1
+end
+local out = {}
+for k = 1, #KEYS, 2 do out[#out + 1] = finish(KEYS[k], KEYS[k + 1], ARGV[1 + (k + 1) / 2]) end
+return out
 """
 
 # KEYS: due, counts. ARGV: open traces delta, spans delta, then (op, id, score) triples: 'a' sets
@@ -162,14 +189,21 @@ for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], ARGV[3], id) end
 return ids
 """
 
-# KEYS: signals. ARGV: rule, now, stale_after, ttl (ms). 1 when this caller may signal.
+# KEYS: signals of each (rule, trace). ARGV: now, stale_after, ttl (ms), then per pair its rule.
+# Per pair: 1 when this caller may signal.
 _RESERVE_SIGNAL = """
-local state = redis.call('HGET', KEYS[1], ARGV[1])
-if state == 'sent' then return 0 end
-if state and tonumber(ARGV[2]) - tonumber(state) < tonumber(ARGV[3]) then return 0 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-return 1
+local now, stale, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+local function reserve(signals, rule)
+  local state = redis.call('HGET', signals, rule)
+  if state == 'sent' then return 0 end
+  if state and now - tonumber(state) < stale then return 0 end
+  redis.call('HSET', signals, rule, ARGV[1])
+  redis.call('PEXPIRE', signals, ttl)
+  return 1
+end
+local out = {}
+for k = 1, #KEYS do out[k] = reserve(KEYS[k], ARGV[3 + k]) end
+return out
 """
 
 
@@ -194,7 +228,8 @@ class _Batch:
         self.nodes: dict[str, tuple[redis.Redis, list[tuple[int, tuple[Any, ...]]]]] = {}
         self.count = 0
 
-    def add(self, key: str, *command: Any) -> None:
+    def add(self, key: str, *command: Any) -> int:
+        """Queue a command for the node holding `key`; its position in `run()`'s replies."""
         if isinstance(self.client, RedisCluster):
             node = self.client.get_node_from_key(key)
             connection, name = self.client.get_redis_connection(node), node.name
@@ -202,9 +237,10 @@ class _Batch:
             connection, name = self.client, ""
         self.nodes.setdefault(name, (connection, []))[1].append((self.count, command))
         self.count += 1
+        return self.count - 1
 
-    def call(self, script: _Script, keys: Sequence[str], args: Sequence[Any]) -> None:
-        self.add(keys[0], "EVALSHA", script.sha, len(keys), *keys, *args)
+    def call(self, script: _Script, keys: Sequence[str], args: Sequence[Any]) -> int:
+        return self.add(keys[0], "EVALSHA", script.sha, len(keys), *keys, *args)
 
     def run(self) -> list[Any]:
         replies: list[Any] = [None] * self.count
@@ -255,6 +291,49 @@ def _round_trip(node: redis.Redis, commands: list[tuple[Any, ...]]) -> list[Any]
     finally:
         pool.release(connection)
     return replies
+
+
+class _PerTrace:
+    """One script call for many traces: all of them on a standalone Redis, those of one hash
+    slot on a Cluster (where a script may touch one slot only). Each trace brings its keys and
+    its own arguments; `results` gives each its element of the reply, in the order added."""
+
+    def __init__(self, batch: _Batch, script: _Script, shared: Sequence[Any]) -> None:
+        self.batch, self.script, self.shared = batch, script, list(shared)
+        self.slot = batch.client.keyslot if isinstance(batch.client, RedisCluster) else None
+        self.open: dict[int, tuple[list[str], list[Any], list[int]]] = {}
+        self.calls: list[tuple[int, list[int]]] = []  # batch position, the traces it serves
+        self.count = 0
+
+    def add(self, keys: Sequence[str], args: Sequence[Any]) -> None:
+        group = self.slot(keys[0]) if self.slot else 0
+        call = self.open.get(group)
+        if call is None:
+            call = self.open[group] = ([], list(self.shared), [])
+        call[0].extend(keys)
+        call[1].extend(args)
+        call[2].append(self.count)
+        self.count += 1
+        if len(call[1]) >= _MAX_ARGS:  # keep each script call (and its reply) moderate
+            self._queue(group)
+
+    def _queue(self, group: int) -> None:
+        keys, args, traces = self.open.pop(group)
+        self.calls.append((self.batch.call(self.script, keys, args), traces))
+
+    def results(self, replies: list[Any]) -> list[Any]:
+        """After the batch ran: one result per trace added."""
+        out: list[Any] = [None] * self.count
+        for position, traces in self.calls:
+            for trace, result in zip(traces, replies[position]):
+                out[trace] = result
+        return out
+
+    def queue(self) -> _PerTrace:
+        """Queue the calls still open on the batch (before it runs)."""
+        for group in list(self.open):
+            self._queue(group)
+        return self
 
 
 class _ShardUpdates:
@@ -461,19 +540,22 @@ class RedisStore:
         vocabulary = self.vocabulary
         scripts = _Batch(self.client)
         scripts.add(vocabulary.key, "SET", vocabulary.key, vocabulary.packed, "EX", 86400)
-        order = [""]
+        appends = _PerTrace(scripts, APPEND, fixed)
+        order = []
         encode = vocabulary.encode
         for trace_id, spans in batch.items():
             encoded = [encode(s) for s in spans]
             keys = self._trace_keys(trace_id)
             for start in range(0, len(encoded), _MAX_ARGS):
-                scripts.call(APPEND, keys, [*fixed, *encoded[start:start + _MAX_ARGS]])
+                part = encoded[start:start + _MAX_ARGS]
+                appends.add(keys, [len(part), *part])
                 order.append(trace_id)
+        appends.queue()
         result = AppendResult()
         updates = _ShardUpdates(self)
         new: dict[str, bool] = {}
-        replies = scripts.run()
-        for trace_id, (taken, refused, late, fresh, before, due) in zip(order[1:], replies[1:]):
+        replies = appends.results(scripts.run())
+        for trace_id, (taken, refused, late, fresh, before, due) in zip(order, replies):
             result.accepted += taken
             result.rejected += refused
             result.late += late
@@ -506,7 +588,9 @@ class RedisStore:
             pops.call(CLAIM_SHARD, self._shard_keys(shard)[:1], [now_ms, limit, lease_ms])
         updates = _ShardUpdates(self)
         chosen: list[tuple[str, int, str]] = []
-        claims = _Batch(self.client)
+        batch = _Batch(self.client)
+        claims = _PerTrace(batch, CLAIM_TRACE, [now_ms, _ms(limits.decision_wait),
+                                                _ms(limits.max_trace_age), lease_ms])
         tokens = os.urandom(6).hex()  # this claim's; a trace's token adds its place in it
         for shard, ids in zip(shards, pops.run()):
             for raw in ids:
@@ -515,12 +599,11 @@ class RedisStore:
                     updates.due(shard, trace_id, now_ms)
                     continue
                 token = f"{tokens}{len(chosen):x}"
-                claims.call(CLAIM_TRACE, self._trace_keys(trace_id)[:1],
-                            [now_ms, _ms(limits.decision_wait), _ms(limits.max_trace_age), token,
-                             lease_ms])
+                claims.add(self._trace_keys(trace_id)[:1], [token])
                 chosen.append((trace_id, shard, token))
         claimed: list[Claimed] = []
-        for (trace_id, shard, token), reply in zip(chosen, claims.run()):
+        claims.queue()
+        for (trace_id, shard, token), reply in zip(chosen, claims.results(batch.run())):
             verdict = reply[0]
             if verdict == b"later":
                 updates.due(shard, trace_id, reply[1].decode())
@@ -539,14 +622,15 @@ class RedisStore:
     def finish(self, claimed: Sequence[Claimed]) -> None:
         """Mark decided traces (unless a late span re-opened them meanwhile) and drop their
         deadlines: two round trips per node for the whole batch."""
-        finishes = _Batch(self.client)
-        retention = _ms(self.limits.decided_retention + 1)
+        batch = _Batch(self.client)
+        finishes = _PerTrace(batch, FINISH, [_ms(self.limits.decided_retention + 1)])
         for item in claimed:
             lease = item.handle
             assert isinstance(lease, _Lease)
-            finishes.call(FINISH, self._trace_keys(item.trace.trace_id), [lease.token, retention])
+            finishes.add(self._trace_keys(item.trace.trace_id), [lease.token])
         updates = _ShardUpdates(self)
-        for item, done in zip(claimed, finishes.run()):
+        finishes.queue()
+        for item, done in zip(claimed, finishes.results(batch.run())):
             if done:
                 lease = item.handle
                 assert isinstance(lease, _Lease)
@@ -579,10 +663,12 @@ class RedisStore:
         decider that died before writing: it is taken over. A crash can repeat a signal (same
         signal_id), never lose one."""
         batch = _Batch(self.client)
-        args = [_ms(time.time()), _ms(self.limits.claim_lease / 2), _ms(self.ttl)]
+        reservations = _PerTrace(batch, RESERVE_SIGNAL, [
+            _ms(time.time()), _ms(self.limits.claim_lease / 2), _ms(self.ttl)])
         for rule_id, trace_id in pairs:
-            batch.call(RESERVE_SIGNAL, self._trace_keys(trace_id)[1:], [rule_id, *args])
-        return [bool(reply) for reply in batch.run()]
+            reservations.add(self._trace_keys(trace_id)[1:], [rule_id])
+        reservations.queue()
+        return [bool(reply) for reply in reservations.results(batch.run())]
 
     def signals_sent(self, pairs: Sequence[tuple[str, str]]) -> None:
         batch = _Batch(self.client)
