@@ -545,6 +545,26 @@ def test_bad_protobuf_over_grpc_is_invalid_argument_and_the_server_keeps_serving
                          reason="invalid") == 1
 
 
+def test_a_retried_export_does_not_count_its_spans_twice(
+        start_sidecar: Callable[..., Running], scrape: Callable[..., Any],
+        wait_until: Callable[..., Any]) -> None:
+    """The collector retries an Export whose answer it lost: the same span ids arrive again.
+    count(payment.charge) > 1 must stay quiet; a second, distinct charge still fires it."""
+    running = start_sidecar()
+    once, twice = (bytes.fromhex(f"{n:032x}") for n in (0xA1, 0xA2))
+    with grpc.insecure_channel(f"127.0.0.1:{running.sidecar.grpc_port}") as channel:
+        export = channel.unary_unary(EXPORT_PATH)
+        for _ in range(2):  # the same request twice
+            export(pb_request(once, ["payment.charge"]).SerializeToString(), timeout=5)
+        export(pb_request(twice, ["payment.charge"]).SerializeToString(), timeout=5)
+        export(pb_request(twice, ["payment.charge"], first_span=2).SerializeToString(),
+               timeout=5)
+    wait_until(lambda: scrape(running.sidecar.metrics_port).value(
+        "betrace_traces_decided_total", reason="idle") == 2, what="both traces decided")
+    assert running.signals("double-charge", twice.hex())
+    assert running.signals(trace_id=once.hex()) == []
+
+
 def test_spans_over_max_spans_per_trace_are_reported_as_partial_success(
         start_sidecar: Callable[..., Running], scrape: Callable[..., Any],
         wait_until: Callable[..., Any]) -> None:
