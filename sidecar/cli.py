@@ -5,14 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
+import time
 from collections.abc import Sequence
 from typing import IO
 
 from sidecar import __version__
-from sidecar.errors import RuleLoadError
-from sidecar.rules import RuleSet, load_rules
 from sidecar.config import Settings
+from sidecar.errors import RuleLoadError
+from sidecar.progress import MODES
+from sidecar.rules import RuleSet, load_rules
 
 EXIT_OK, EXIT_FAILED, EXIT_UNUSABLE, EXIT_SKIPPED_INPUT = 0, 1, 2, 3
 
@@ -57,18 +60,55 @@ def _parser() -> argparse.ArgumentParser:
 
     replay = commands.add_parser(
         "replay", help="evaluate rules over recorded traces",
-        description="Read OTLP JSON traces (the collector file exporter's output: one request "
-        "per line, or one JSON document; .gz too; '-' for stdin), group spans by trace across "
-        "all sources, evaluate each trace once, and write one signal per (rule, trace).",
-        epilog="exit status: 0 done; 1 violations found with --fail-on-violation; 2 could not "
-        "run (bad rules, unreadable source); 3 done, but malformed input was skipped.")
-    replay.add_argument("sources", nargs="+", metavar="SOURCE", help="OTLP JSON file or '-'")
+        description="Read recorded traces - the collector file exporter's output, either format: "
+        "OTLP JSON (one request per line, or one JSON document) or `format: proto` (each "
+        "ExportTraceServiceRequest preceded by its length, 4 bytes big-endian), plain, gzip or "
+        "zstd, recognised by content - group spans by trace across all sources, evaluate each "
+        "trace once, and write one signal per (rule, trace), sorted by rule, time and trace. "
+        "Spans no rule names are dropped unread. A per-rule summary goes to stderr.",
+        epilog="Malformed input is reported as FILE:LINE (JSON) or FILE@BYTE-OFFSET (proto, "
+        "offset in the decompressed data) and skipped; the rest is replayed. "
+        "Exit status: 0 done; 1 violations found with --fail-on-violation; 2 could not run "
+        "(bad rules or options, a source that matches nothing or cannot be read); 3 done, but "
+        "malformed input was skipped.")
+    replay.add_argument("sources", nargs="*", metavar="SOURCE",
+                        help="file, directory (read recursively, hidden entries skipped), glob "
+                        "(quoted globs are expanded too) or '-' for stdin")
+    replay.add_argument("--tempo", metavar="URL",
+                        help="read from Tempo instead of files (needs --since): search with a "
+                        "TraceQL query compiled from the rules, fetch each candidate trace whole")
+    replay.add_argument("--tempo-limit", type=int, default=1000, metavar="N",
+                        help="traces per Tempo search request, at most the server's "
+                        "max_result_limit (default: 1000); fuller windows are split")
+    replay.add_argument("--tempo-org-id", metavar="TENANT",
+                        help="X-Scope-OrgID for a multi-tenant Tempo")
     replay.add_argument("--rules", action="append", required=True, metavar="PATH",
                         help="rule file or directory (repeatable)")
     replay.add_argument("--format", choices=("jsonl", "table", "csv"), default="jsonl")
     replay.add_argument("--out", metavar="FILE", help="write signals here (default: stdout)")
     replay.add_argument("--fail-on-violation", action="store_true",
                         help="exit 1 when any rule fires")
+    replay.add_argument("--since", metavar="TIME",
+                        help="only spans starting at or after TIME: RFC 3339 "
+                        "(2025-02-01T09:30:00Z), a date (UTC), or a duration before now (29d, 6h)")
+    replay.add_argument("--until", metavar="TIME", help="only spans starting before TIME")
+    replay.add_argument("--group-by", metavar="ATTRIBUTE",
+                        help="break each rule's violations down by this attribute (e.g. "
+                        "service.version), read from the offending spans, else any span of the "
+                        "trace; a span's own attribute first, then its resource's")
+    replay.add_argument("--jobs", type=int, default=os.cpu_count() or 1, metavar="N",
+                        help="processes reading files and evaluating partitions, at most one "
+                        f"per source (default: all cores, {os.cpu_count() or 1})")
+    replay.add_argument("--memory", metavar="SIZE",
+                        help="budget for buffered spans over all processes (K, M, G suffixes; "
+                        "default: a quarter of this machine's memory); beyond it spans are "
+                        "spilled to disk")
+    replay.add_argument("--spill-dir", metavar="DIR",
+                        help="where to spill (a temp directory is made and always removed; "
+                        "default: the system's temp directory)")
+    replay.add_argument("--progress", choices=MODES, default="auto",
+                        help="progress on stderr: auto (a redrawn line with spans/s and ETA on a "
+                        "terminal, else a line every 5 s), bar, lines or never")
     replay.set_defaults(run=_replay)
 
     serve = commands.add_parser(
@@ -286,34 +326,80 @@ def _test(args: argparse.Namespace) -> int:
 
 
 def _replay(args: argparse.Namespace) -> int:
-    from sidecar.replay import replay
+    from sidecar.errors import SourceError
+    from sidecar.progress import Progress
+    from sidecar.replay import DEFAULT_MEMORY, ReplayOptions, replay, replay_tempo
     from sidecar.sinks import make_writer
+    from sidecar.sources import expand_sources, parse_moment
+    from sidecar.tempo import TempoError, TempoStats
 
     ruleset = _load(args.rules)
     if ruleset is None:
         return EXIT_UNUSABLE
-    missing = [s for s in args.sources if s != "-" and not os.path.isfile(s)]
-    if missing:
-        for source in missing:
-            print(f"betrace: {source}: no such file", file=sys.stderr)
+    try:
+        if args.tempo and args.sources:
+            raise SourceError("give either SOURCE files or --tempo, not both")
+        if not args.tempo and not args.sources:
+            raise SourceError("nothing to replay: give SOURCE files (or '-') or --tempo URL")
+        if args.tempo and not args.since:
+            raise SourceError("--tempo needs --since (and --until, default now): Tempo is "
+                              "searched over a time range")
+        if args.tempo_limit < 1:
+            raise SourceError(f"--tempo-limit must be at least 1, not {args.tempo_limit}")
+        sources = expand_sources(args.sources) if args.sources else []
+        until = parse_moment(args.until) if args.until else None
+        options = ReplayOptions(
+            memory=_size(args.memory) if args.memory else DEFAULT_MEMORY, jobs=args.jobs,
+            spill_dir=args.spill_dir,
+            since_ns=parse_moment(args.since) if args.since else None,
+            until_ns=until if until is not None or not args.tempo else time.time_ns(),
+            group_by=args.group_by)
+        if options.jobs < 1:
+            raise SourceError(f"--jobs must be at least 1, not {options.jobs}")
+        if options.spill_dir is not None and not os.path.isdir(options.spill_dir):
+            raise SourceError(f"--spill-dir {options.spill_dir}: no such directory")
+        if options.since_ns is not None and options.until_ns is not None \
+                and options.since_ns >= options.until_ns:
+            raise SourceError("--since must be before --until")
+    except (SourceError, ValueError) as exc:
+        print(f"betrace: {exc}", file=sys.stderr)
         return EXIT_UNUSABLE
+    progress = Progress(args.progress, sum(os.path.getsize(s) for s in sources if s != "-"))
     out: IO[str] = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
     try:
         columns = sorted({c for rule in ruleset.rules for c in rule.context})
         writer = make_writer(args.format, out, columns)
-        summary = replay(ruleset, args.sources, writer.write,
-                         on_error=lambda e: print(f"betrace: {e}", file=sys.stderr))
+        def report(error: object) -> None:
+            print(f"betrace: {error}", file=sys.stderr)
+        tempo = TempoStats()
+        if args.tempo:
+            summary = replay_tempo(ruleset, args.tempo, writer.write, on_error=report,
+                                   options=options, limit=args.tempo_limit,
+                                   org_id=args.tempo_org_id, stats=tempo, progress=progress)
+        else:
+            summary = replay(ruleset, sources, writer.write, on_error=report, options=options,
+                             progress=progress)
         writer.close()
     except BrokenPipeError:
         raise  # the reader went away (`| head`): main() ends quietly
-    except OSError as exc:
+    except (OSError, TempoError) as exc:
+        progress.clear()
         print(f"betrace: {exc}", file=sys.stderr)
         return EXIT_UNUSABLE
     finally:
         if args.out:
             out.close()
-    for line in summary.lines():
+    for line in summary.lines() + (tempo.lines() if args.tempo else []):
         print(line, file=sys.stderr)
     if args.fail_on_violation and summary.signals:
         return EXIT_FAILED
-    return EXIT_SKIPPED_INPUT if summary.errors else EXIT_OK
+    incomplete = args.tempo and (tempo.truncated or tempo.missing or tempo.partial)
+    return EXIT_SKIPPED_INPUT if summary.skipped or incomplete else EXIT_OK
+
+
+def _size(text: str) -> int:
+    """`512M`, `2G`, `1.5G`, `65536`: bytes (binary units; a trailing B or iB is allowed)."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?", text.strip(), re.IGNORECASE)
+    if not match or float(match.group(1)) <= 0:
+        raise ValueError(f"invalid --memory {text!r}: expected a size such as 512M or 2G")
+    return max(1, int(float(match.group(1)) * 1024 ** " KMGT".index(match.group(2).upper() or " ")))

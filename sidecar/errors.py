@@ -4,6 +4,7 @@
      +-- ExpressionError          a rule expression is wrong (position is an offset in the text)
      +-- RuleError                a rule file is wrong (position is file:line:column)
      +-- RuleLoadError            one or more RuleErrors, collected so `check` can list them all
+     +-- SourceError              a replay source or option that cannot be used (nothing was read)
 
 An ExpressionError knows only its expression; the rule loader turns it into a RuleError located
 within the YAML file, so every message a user sees names file, line and column.
@@ -83,6 +84,10 @@ class RuleLoadError(BetraceError):
 
     def __str__(self) -> str:
         return "\n".join(str(e) for e in self.errors)
+
+
+class SourceError(BetraceError):
+    """A replay source that matches nothing, or an unusable replay option such as --since."""
 
 
 def line_and_column(text: str, offset: int) -> tuple[int, int]:

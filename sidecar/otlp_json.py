@@ -39,13 +39,17 @@ _EMPTY: Any = object()  # an AnyValue with no value set
 
 @dataclass(frozen=True)
 class InputError:
-    """A piece of input that was skipped, located so an operator can find and fix it."""
+    """A piece of input that was skipped, located so an operator can find and fix it: by line
+    in a text format, by byte offset (`offset`, then `line` is 0) in a binary one."""
 
     source: str
     line: int
     reason: str
+    offset: int | None = None
 
     def __str__(self) -> str:
+        if self.offset is not None:
+            return f"{self.source}@{self.offset}: {self.reason}"
         return f"{self.source}:{self.line}: {self.reason}"
 
 
@@ -81,15 +85,18 @@ def read_spans(
 
 
 def spans_from_request(
-    doc: Any, projection: Projection | None = None, rejected: list[str] | None = None
+    doc: Any, projection: Projection | None = None, rejected: list[str] | None = None,
+    resource_key: str | None = None, resource_values: list[Any] | None = None,
 ) -> list[Span]:
     """The spans of one decoded ExportTraceServiceRequest (a file line, or an OTLP/HTTP JSON body).
 
     A malformed request raises ValueError. A malformed span is skipped and its reason appended to
     `rejected` (what OTLP's partial-success response reports); without a list it raises ValueError.
+    With `resource_values`, the value of the resource attribute `resource_key` (None if absent)
+    is appended for each span returned, in order: a Span keeps only `service.name`.
     """
     bad: list[str] = [] if rejected is None else rejected
-    spans = _decode(doc, projection, bad)
+    spans = _decode(doc, projection, bad, resource_key, resource_values)
     if rejected is None and bad:
         raise ValueError(bad[0])
     return spans
@@ -97,32 +104,10 @@ def spans_from_request(
 
 def _read(stream: IO[bytes], stack: ExitStack, projection: Projection | None,
           report: Callable[[int, str], None]) -> Iterator[Span]:
-    """Decode line by line, or the whole input at once if its first line opens a document."""
     number = 0
     with stack:
         try:
-            numbered = enumerate(stream, 1)
-            for number, line in numbered:
-                if not line.isspace():
-                    break
-            else:
-                return
-            line = line.removeprefix(_BOM)
-            # A JSONL record ends with "}"; a first line ending in "{" or "[" opens a document,
-            # which is then read as one "line" (its errors are located at its first line).
-            if line.rstrip().endswith((b"{", b"[")):
-                lines: Iterator[tuple[int, bytes]] = iter(((number, line + stream.read()),))
-            else:
-                lines = chain(((number, line),), numbered)
-            loads, decode_error = orjson.loads, orjson.JSONDecodeError
-            for number, line in lines:
-                if line.isspace():
-                    continue
-                try:
-                    doc = loads(line)
-                except decode_error as exc:
-                    report(*_locate(exc, number, line))
-                    continue
+            for number, doc in read_requests(stream, report):
                 bad: list[str] = []
                 try:
                     spans = _decode(doc, projection, bad)  # all of a line, so a bad one yields none
@@ -136,6 +121,36 @@ def _read(stream: IO[bytes], stack: ExitStack, projection: Projection | None,
             report(number + 1, f"unreadable gzip data: {exc}")
 
 
+def read_requests(stream: IO[bytes], report: Callable[[int, str], None]
+                  ) -> Iterator[tuple[int, Any]]:
+    """Each parsed JSON request of an open stream with the line it starts on: line by line, or the
+    whole input at once if its first line opens a document. A line that is not JSON is reported
+    and skipped; errors of the stream itself (bad compressed data) are the caller's."""
+    numbered = enumerate(stream, 1)
+    for number, line in numbered:
+        if not line.isspace():
+            break
+    else:
+        return
+    line = line.removeprefix(_BOM)
+    # A JSONL record ends with "}"; a first line ending in "{" or "[" opens a document,
+    # which is then read as one "line" (its errors are located at its first line).
+    if line.rstrip().endswith((b"{", b"[")):
+        lines: Iterator[tuple[int, bytes]] = iter(((number, line + stream.read()),))
+    else:
+        lines = chain(((number, line),), numbered)
+    loads, decode_error = orjson.loads, orjson.JSONDecodeError
+    for number, line in lines:
+        if line.isspace():
+            continue
+        try:
+            doc = loads(line)
+        except decode_error as exc:
+            report(*_locate(exc, number, line))
+            continue
+        yield number, doc
+
+
 def _locate(exc: orjson.JSONDecodeError, first: int, text: bytes) -> tuple[int, str]:
     """Line and reason of a JSON error in `text`, which starts at line `first`."""
     line, last = first + exc.lineno - 1, first + text.rstrip().count(b"\n")
@@ -144,7 +159,9 @@ def _locate(exc: orjson.JSONDecodeError, first: int, text: bytes) -> tuple[int, 
     return line, f"invalid JSON at column {exc.colno}: {exc.msg}"
 
 
-def _decode(doc: Any, projection: Projection | None, bad: list[str]) -> list[Span]:
+def _decode(doc: Any, projection: Projection | None, bad: list[str],
+            resource_key: str | None = None, resource_values: list[Any] | None = None
+            ) -> list[Span]:
     """Raise ValueError for a malformed request; skip a malformed span, appending why to `bad`."""
     if type(doc) is not dict:
         raise ValueError("not a JSON object")
@@ -165,9 +182,12 @@ def _decode(doc: Any, projection: Projection | None, bad: list[str]) -> list[Spa
         resource = entry.get("resource", _NOTHING)
         if type(resource) is not dict:
             raise ValueError("resource is not an object")
-        service = _attributes(resource.get("attributes", []), _SERVICE_NAME).get("service.name")
+        wanted = _SERVICE_NAME if resource_key is None else _SERVICE_NAME | {resource_key}
+        found = _attributes(resource.get("attributes", []), wanted)
+        service = found.get("service.name")
         if type(service) is not str:
             service = None
+        extra = found.get(resource_key) if resource_key is not None else None
         scopes = entry.get("scopeSpans")
         if scopes is None:
             scopes = entry.get("instrumentationLibrarySpans", [])  # OTLP before 0.15
@@ -188,6 +208,8 @@ def _decode(doc: Any, projection: Projection | None, bad: list[str]) -> list[Spa
                     continue
                 if span is not None:
                     spans.append(span)
+                    if resource_values is not None:
+                        resource_values.append(extra)
     return spans
 
 
