@@ -73,7 +73,7 @@ def decode_request(request: ExportTraceServiceRequest, projection: Projection) -
                     continue
                 keep = keep_for(name)
                 if keep is None:
-                    attributes = {kv.key: _value(kv.value) for kv in span.attributes}
+                    attributes = {kv.key: any_value(kv.value) for kv in span.attributes}
                 elif keep:
                     attributes = _kept(span.attributes, keep)
                 else:
@@ -105,13 +105,13 @@ def _kept(key_values: Any, keep: frozenset[str]) -> dict[str, Any]:
     for kv in key_values:
         key = kv.key
         if key in keep:
-            found[key] = _value(kv.value)
+            found[key] = any_value(kv.value)
             if len(found) == wanted:
                 break
     return found
 
 
-def _value(value: Any) -> Any:
+def any_value(value: Any) -> Any:
     """An AnyValue as the rule engine sees it (arrays as tuples, kvlists as dicts)."""
     which = value.WhichOneof("value")
     if which == "string_value":
@@ -123,9 +123,9 @@ def _value(value: Any) -> Any:
     if which == "bool_value":
         return value.bool_value
     if which == "array_value":
-        return tuple(_value(v) for v in value.array_value.values)
+        return tuple(any_value(v) for v in value.array_value.values)
     if which == "kvlist_value":
-        return {kv.key: _value(kv.value) for kv in value.kvlist_value.values}
+        return {kv.key: any_value(kv.value) for kv in value.kvlist_value.values}
     if which == "bytes_value":
         return value.bytes_value
     return None

@@ -18,7 +18,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Status
 
 from sidecar.otlp_proto import VIOLATION_SPAN
-from sidecar.otlp_proto import _value as any_value  # the live path's AnyValue conversion
+from sidecar.otlp_proto import any_value  # the live path's AnyValue conversion
 from sidecar.span import KINDS, STATUSES, Projection, Span
 
 # span_id, parent_span_id, name, start_ns, end_ns, status, kind, service (resource service.name),
