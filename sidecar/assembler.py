@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 
 from sidecar.emit import Emitter
@@ -21,6 +22,7 @@ from sidecar.span import Span, Trace
 from sidecar.store import AppendResult, Claimed, TraceStore
 
 log = logging.getLogger("betrace")
+_QUIET_TRACES = 200_000  # remembered quiet fresh traces (about 100 bytes each)
 
 
 class Assembler:
@@ -43,6 +45,11 @@ class Assembler:
         self.ruleset = ruleset
         self.projection = ruleset.projection()
         self._monotone: tuple[Rule, ...] = tuple(r for r in ruleset.rules if r.logic.monotone)
+        self._others = tuple(r for r in ruleset.rules if not r.logic.monotone)
+        # Fresh traces whose monotone rules found nothing, with their span count then: decided
+        # with no span added since, those rules cannot fire, and only the others run. Replaced
+        # with the rules: a new monotone rule has not looked at them yet.
+        self._quiet: OrderedDict[str, int] = OrderedDict()
 
     def ingest(self, batch: Mapping[str, list[Span]]) -> AppendResult:
         """Add one request's spans (raises what the store raises, e.g. when Redis is down)."""
@@ -75,13 +82,22 @@ class Assembler:
             fresh, self._fresh = self._fresh, {}
         monotone = self._monotone
         found: list[Violation] = []
+        quiet = []
         for trace_id, spans in fresh.items():  # the request held the whole trace: no read-back
-            found += self._evaluate(Trace(trace_id, spans), monotone)
+            violations = self._evaluate(Trace(trace_id, spans), monotone)
+            if violations:
+                found += violations
+            else:
+                quiet.append((trace_id, len(spans)))
         if dirty and monotone:
             for violations in self.store.with_traces(list(dirty),
                                                      lambda t: self._evaluate(t, monotone)):
                 found += violations
         self._emit(found)
+        remembered = self._quiet
+        remembered.update(quiet)
+        while len(remembered) > _QUIET_TRACES:
+            remembered.popitem(last=False)
         now = self.clock()
         claimed = self.store.claim_due(now)
         self._decide_all(claimed, now)
@@ -119,11 +135,13 @@ class Assembler:
         """Evaluate every claimed trace, emit, then tell the store they are decided (in one
         batch: with Redis, one round trip)."""
         found: list[Violation] = []
+        quiet, everything = self._quiet, self.ruleset.rules
         for item in claimed:
             self.metrics.traces_decided.labels(reason=item.reason).inc()
             self.metrics.decision_latency.observe(max(0.0, now - item.due_at))
             started = time.perf_counter()
-            found += self._evaluate(item.trace, self.ruleset.rules)
+            unchanged = quiet.pop(item.trace.trace_id, None) == len(item.trace.spans)
+            found += self._evaluate(item.trace, self._others if unchanged else everything)
             self.metrics.rule_evaluation.observe(time.perf_counter() - started)
         self._emit(found)
         if claimed:
