@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
 
 from sidecar.emit import Emitter
@@ -136,8 +136,9 @@ class Assembler:
         batch: with Redis, one round trip)."""
         found: list[Violation] = []
         quiet, everything = self._quiet, self.ruleset.rules
+        for reason, count in Counter(item.reason for item in claimed).items():
+            self.metrics.traces_decided.labels(reason=reason).inc(count)
         for item in claimed:
-            self.metrics.traces_decided.labels(reason=item.reason).inc()
             self.metrics.decision_latency.observe(max(0.0, now - item.due_at))
             started = time.perf_counter()
             unchanged = quiet.pop(item.trace.trace_id, None) == len(item.trace.spans)

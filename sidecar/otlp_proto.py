@@ -82,14 +82,11 @@ def decode_request(request: ExportTraceServiceRequest, projection: Projection) -
                 if tid is None:
                     tid = hex_ids[trace_id] = trace_id.hex()
                 name = names.setdefault(name, name)
-                record = Span(
-                    tid, span_id.hex(), name,
-                    parent_span_id=span.parent_span_id.hex(),
-                    start_ns=span.start_time_unix_nano, end_ns=span.end_time_unix_nano,
-                    status=STATUSES[span.status.code] if span.status.code < 3 else "UNSET",
-                    kind=KINDS[span.kind] if span.kind < 6 else "UNSPECIFIED",
-                    service=service, attributes=attributes,
-                )
+                record = Span.of(
+                    tid, span_id.hex(), name, span.parent_span_id.hex(),
+                    span.start_time_unix_nano, span.end_time_unix_nano,
+                    STATUSES[span.status.code] if span.status.code < 3 else "UNSET",
+                    KINDS[span.kind] if span.kind < 6 else "UNSPECIFIED", service, attributes)
                 bucket = batch.get(tid)
                 if bucket is None:
                     batch[tid] = [record]

@@ -412,9 +412,8 @@ def decode_span(trace_id: str, raw: bytes, words: Callable[[int], tuple[str, ...
     pairs = iter(flat)
     attributes = {vocabulary[key] if type(key) is int else key: value
                   for key, value in zip(pairs, pairs)}
-    return Span(trace_id, span_id.hex(), name, parent_span_id=parent.hex(), start_ns=start,
-                end_ns=start + duration, status=STATUSES[codes >> 3], kind=KINDS[codes & 7],
-                service=service, attributes=attributes)
+    return Span.of(trace_id, span_id.hex(), name, parent.hex(), start, start + duration,
+                   STATUSES[codes >> 3], KINDS[codes & 7], service, attributes)
 
 
 @dataclass(frozen=True)
