@@ -10,12 +10,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 from opentelemetry.trace import (
     Link, NonRecordingSpan, SpanContext, SpanKind, TraceFlags, set_span_in_context,
@@ -32,17 +34,41 @@ from sidecar.span import Span
 log = logging.getLogger("betrace")
 
 
-class ViolationSpans:
-    """Writes `betrace.violation` spans into the violating traces over OTLP gRPC."""
+class _Counted(SpanExporter):
+    """The OTLP exporter, reporting the violation spans it could not deliver: the batch
+    processor exports in the background, so its failures never reach `ViolationSpans.write`."""
 
-    def __init__(self, endpoint: str, insecure: bool = True) -> None:
+    def __init__(self, inner: SpanExporter, failed: Callable[[int], object]) -> None:
+        self.inner, self.failed = inner, failed
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        result = self.inner.export(spans)
+        if result is not SpanExportResult.SUCCESS:
+            self.failed(len(spans))
+            log.error("could not export %d violation span(s) over OTLP", len(spans))
+        return result
+
+    def shutdown(self) -> None:
+        self.inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self.inner.force_flush(timeout_millis)
+
+
+class ViolationSpans:
+    """Writes `betrace.violation` spans into the violating traces over OTLP gRPC; `failed` is
+    told how many spans each failed export lost (after the exporter's own retries)."""
+
+    def __init__(self, endpoint: str, insecure: bool = True,
+                 failed: Callable[[int], object] = lambda count: None,
+                 timeout: float = 10.0) -> None:
         self.provider = TracerProvider(
             resource=Resource.create({"service.name": "betrace",
                                       "service.version": __version__}),
             sampler=ALWAYS_ON)
+        exporter = OTLPSpanExporter(endpoint=endpoint, insecure=insecure, timeout=timeout)
         self.provider.add_span_processor(BatchSpanProcessor(
-            OTLPSpanExporter(endpoint=endpoint, insecure=insecure),
-            schedule_delay_millis=500))
+            _Counted(exporter, failed), schedule_delay_millis=500))
         self.tracer = self.provider.get_tracer(SCOPE, __version__)
 
     def write(self, violation: Violation, signal: Signal) -> None:

@@ -37,9 +37,10 @@ class Sidecar:
         self.ruleset = ruleset if ruleset is not None else load_rules(settings.rules)
         self.store = store if store is not None else open_store(settings)
         self._log_file: IO[str] | None = None
+        lost = self.metrics.export_failures.labels(sink="otlp").inc
         self.emitter = Emitter(self.metrics, self._signal_log(),
-                               ViolationSpans(settings.export_otlp) if settings.export_otlp
-                               else None)
+                               ViolationSpans(settings.export_otlp, failed=lost)
+                               if settings.export_otlp else None)
         self.assembler = Assembler(self.store, self.ruleset, self.emitter, self.metrics)
         self.metrics.set_rules(((r.id, r.severity) for r in self.ruleset.rules),
                                self.ruleset.digest)

@@ -31,6 +31,7 @@ from opentelemetry.sdk.trace import Span as SdkSpan
 from opentelemetry.sdk.trace import Tracer
 
 from sidecar.config import Settings
+from sidecar.emit import ViolationSpans
 from sidecar.rules import load_rules_text
 from sidecar.serve import Sidecar
 from sidecar.signal import signal_id
@@ -563,6 +564,32 @@ def test_a_retried_export_does_not_count_its_spans_twice(
         "betrace_traces_decided_total", reason="idle") == 2, what="both traces decided")
     assert running.signals("double-charge", twice.hex())
     assert running.signals(trace_id=once.hex()) == []
+
+
+def test_violation_spans_the_collector_never_got_are_counted(
+        start_sidecar: Callable[..., Running], scrape: Callable[..., Any],
+        wait_until: Callable[..., Any]) -> None:
+    """The SDK's batch processor exports in the background: a collector that is down must
+    still show up in betrace_signal_export_failures_total{sink="otlp"}, not only in a log."""
+    import socket
+    with socket.socket() as probe:  # a loopback port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{probe.getsockname()[1]}"
+    running = start_sidecar(export_otlp=dead)
+    emitter = running.sidecar.emitter
+    assert emitter.violation_spans is not None
+    emitter.violation_spans.close()
+    emitter.violation_spans = ViolationSpans(  # the same, giving up after 1s rather than 10s
+        dead, failed=running.sidecar.metrics.export_failures.labels(sink="otlp").inc,
+        timeout=1.0)
+    trace_id = bytes.fromhex(f"{0xB1:032x}")
+    with grpc.insecure_channel(f"127.0.0.1:{running.sidecar.grpc_port}") as channel:
+        channel.unary_unary(EXPORT_PATH)(
+            pb_request(trace_id, ["payment.charge"] * 2).SerializeToString(), timeout=5)
+    wait_until(lambda: running.signals("double-charge", trace_id.hex()), what="signal logged")
+    wait_until(lambda: scrape(running.sidecar.metrics_port).value(
+        "betrace_signal_export_failures_total", sink="otlp") >= 1, timeout=15,
+        what="the lost violation span counted")
 
 
 def test_spans_over_max_spans_per_trace_are_reported_as_partial_success(
