@@ -61,6 +61,11 @@ class Metrics:
         self.reload_failures = Counter(
             "betrace_rule_reload_failures", "Rule reloads refused; the last good rules stay.",
             registry=r)
+        self.rules_current = Gauge(
+            "betrace_rules_current", "1 while the rules on disk are the ones running; 0 from a "
+            "refused reload until a good one (an alert on it clears only once the file is fixed).",
+            registry=r)
+        self.rules_current.set(1)
         self.store_errors = Counter("betrace_store_errors", "Failed trace-store operations.",
                                     ["operation"], registry=r)
         self.export_failures = Counter("betrace_signal_export_failures",

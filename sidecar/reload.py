@@ -48,9 +48,11 @@ class RuleWatcher:
             ruleset = load_rules(self.paths)
         except RuleLoadError as exc:
             self.metrics.reload_failures.inc()
+            self.metrics.rules_current.set(0)
             log.error("rule reload failed; keeping the %s rules loaded before:\n%s",
                       "last good", exc)
             return False
+        self.metrics.rules_current.set(1)
         if ruleset.digest == self.digest:
             return False
         self.apply(ruleset)

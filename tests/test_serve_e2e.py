@@ -699,6 +699,7 @@ def test_hot_reload_swaps_in_valid_rules_and_keeps_the_last_good_ones(
     tracer = sdk_client(running.sidecar.grpc_port).tracer
     first = scrape(port)
     assert first.value("betrace_rules_loaded") == 4
+    assert first.value("betrace_rules_current") == 1
     [digest] = [s.labels["digest"] for s in first.samples if s.name == "betrace_rules_info"]
 
     def refund_trace() -> str:
@@ -723,10 +724,15 @@ def test_hot_reload_swaps_in_valid_rules_and_keeps_the_last_good_ones(
     metrics = scrape(port)
     assert metrics.value("betrace_rule_reloads_total") == 1
     assert metrics.value("betrace_rules_loaded") == 1
+    assert metrics.value("betrace_rules_current") == 0  # the alert fires while the file is bad
     still = refund_trace()
     wait_until(lambda: running.signals("refund-seen", still),
                what="the last good rules still firing")
     assert running.signals(trace_id=before) == []
+
+    rule_file.write_text(REFUND_RULES)  # fixed: the same rules as running, nothing to swap
+    wait_until(lambda: scrape(port).value("betrace_rules_current") == 1, what="back to current")
+    assert scrape(port).value("betrace_rule_reloads_total") == 1
 
 
 # --- health, shutdown, ports ----------------------------------------------------------------
