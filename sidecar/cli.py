@@ -69,19 +69,12 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Malformed input is reported as FILE:LINE (JSON) or FILE@BYTE-OFFSET (proto, "
         "offset in the decompressed data) and skipped; the rest is replayed. "
         "Exit status: 0 done; 1 violations found with --fail-on-violation; 2 could not run "
-        "(bad rules or options, a source that matches nothing or cannot be read); 3 done, but "
-        "malformed input was skipped.")
+        "(bad rules or options, a source that matches nothing or cannot be read, Tempo "
+        "unreachable); 3 done, but malformed input was skipped (with --tempo: or a trace was "
+        "missing, partial, or a search window still full).")
     replay.add_argument("sources", nargs="*", metavar="SOURCE",
                         help="file, directory (read recursively, hidden entries skipped), glob "
                         "(quoted globs are expanded too) or '-' for stdin")
-    replay.add_argument("--tempo", metavar="URL",
-                        help="read from Tempo instead of files (needs --since): search with a "
-                        "TraceQL query compiled from the rules, fetch each candidate trace whole")
-    replay.add_argument("--tempo-limit", type=int, default=1000, metavar="N",
-                        help="traces per Tempo search request, at most the server's "
-                        "max_result_limit (default: 1000); fuller windows are split")
-    replay.add_argument("--tempo-org-id", metavar="TENANT",
-                        help="X-Scope-OrgID for a multi-tenant Tempo")
     replay.add_argument("--rules", action="append", required=True, metavar="PATH",
                         help="rule file or directory (repeatable)")
     replay.add_argument("--format", choices=("jsonl", "table", "csv"), default="jsonl")
@@ -109,6 +102,14 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("--progress", choices=MODES, default="auto",
                         help="progress on stderr: auto (a redrawn line with spans/s and ETA on a "
                         "terminal, else a line every 5 s), bar, lines or never")
+    replay.add_argument("--tempo", metavar="URL",
+                        help="read from Tempo instead of files (needs --since): search with a "
+                        "TraceQL query compiled from the rules, fetch each candidate trace whole")
+    replay.add_argument("--tempo-limit", type=int, default=1000, metavar="N",
+                        help="traces per Tempo search request, at most the server's "
+                        "max_result_limit (default: 1000); fuller windows are split")
+    replay.add_argument("--tempo-org-id", metavar="TENANT",
+                        help="X-Scope-OrgID for a multi-tenant Tempo")
     replay.set_defaults(run=_replay)
 
     serve = commands.add_parser(
