@@ -15,8 +15,10 @@ Which pods get the sidecar:
 - without a container named `betrace` already (containers, initContainers or
   ephemeralContainers): such a pod is allowed as it is.
 
-The mutation is a JSONPatch that appends the template's container to `/spec/containers`, its
-volumes to `/spec/volumes` (creating the array when the pod has none), and sets the annotation
+The mutation is a JSONPatch that appends the template's container to `/spec/containers` (or, when
+the container says `restartPolicy: Always`, puts it first in `/spec/initContainers`: a native
+sidecar, Kubernetes 1.29+, which does not keep a Job's pod running), its volumes to
+`/spec/volumes` (creating the array when the pod has none), and sets the annotation
 `betrace.dev/injected: "true"`. A template volume whose name the pod already uses for a different
 volume would make the pod invalid, so that pod is left alone, with a warning.
 
@@ -182,6 +184,9 @@ def _check_template(doc: Any) -> SidecarTemplate:
                             f"pod is recognised), not {name!r}")
     if not isinstance(container.get("image"), str) or not container["image"].strip():
         raise TemplateError("container needs an `image:`")
+    if container.get("restartPolicy", "Always") != "Always":
+        raise TemplateError("container `restartPolicy:` can only be Always (a native sidecar, "
+                            f"Kubernetes 1.29+), not {container['restartPolicy']!r}")
     volumes = doc.get("volumes") or []
     if not isinstance(volumes, list):
         raise TemplateError("`volumes:` must be a list of Kubernetes volumes")
@@ -355,7 +360,15 @@ def _patch(pod: dict[str, Any], spec: dict[str, Any], metadata: dict[str, Any],
            volumes: list[dict[str, Any]], template: SidecarTemplate) -> list[dict[str, Any]]:
     ops: list[dict[str, Any]] = []
     container = copy.deepcopy(template.container)
-    if isinstance(spec.get("containers"), list):
+    if container.get("restartPolicy") == "Always":  # a native sidecar: first init container,
+        # so it runs for the other init containers too and never keeps a Job's pod alive
+        if isinstance(spec.get("initContainers"), list):
+            ops.append({"op": "add", "path": pointer("spec", "initContainers", "0"),
+                        "value": container})
+        else:
+            ops.append({"op": "add", "path": pointer("spec", "initContainers"),
+                        "value": [container]})
+    elif isinstance(spec.get("containers"), list):
         ops.append({"op": "add", "path": pointer("spec", "containers", "-"), "value": container})
     else:
         ops.append({"op": "add", "path": pointer("spec", "containers"), "value": [container]})

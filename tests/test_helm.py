@@ -46,6 +46,7 @@ DOCKERFILE = REPO / "Dockerfile"
 RELEASE, NAMESPACE = "betrace", "observability"
 # The chart says kubeVersion >=1.25; validate against that and the newest schemas shipped.
 K8S_VERSIONS = ("1.25.0", "1.37.0")
+NATIVE_SIDECAR_VERSIONS = ("1.29.0", "1.37.0")  # restartPolicy on init containers
 CUSTOM_KINDS = {"PodMonitor", "PrometheusRule", "Certificate", "Issuer"}
 
 
@@ -82,6 +83,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
             "enabled": True, "issuerRef": {"name": "corp-ca", "kind": "ClusterIssuer"}}}},
     "injection-generated-certs": {"mode": "injection",
                                   "webhook": {"namespaces": ["shop", "payments"]}},
+    "injection-native-sidecar": {"mode": "injection", "webhook": {"nativeSidecar": True}},
     "injection-monitoring-redis": {
         "mode": "injection", "metrics": MONITORING,
         "redis": {"url": "rediss://betrace@redis.data:6380/1", "existingSecret": "redis-auth"}},
@@ -264,11 +266,11 @@ CUSTOM_SCHEMAS = {
 }
 
 
-def validate_object(obj: dict[str, Any]) -> None:
+def validate_object(obj: dict[str, Any], versions: tuple[str, ...] = K8S_VERSIONS) -> None:
     if obj["kind"] in CUSTOM_KINDS:
         jsonschema.validate(obj, CUSTOM_SCHEMAS[obj["kind"]])
         return
-    for version in K8S_VERSIONS:
+    for version in versions:
         kubernetes_validate.validate(obj, version, strict=True)
 
 
@@ -276,7 +278,7 @@ def test_kubernetes_validate_has_the_schemas_used() -> None:
     from kubernetes_validate import utils
 
     versions = utils.all_versions()
-    for version in K8S_VERSIONS:
+    for version in K8S_VERSIONS + NATIVE_SIDECAR_VERSIONS:
         assert version in versions
 
 
@@ -292,16 +294,32 @@ def test_every_rendered_object_is_valid(scenarios: dict[str, Rendered], scenario
                                  f"{exc}") from exc
         if obj["kind"] != "MutatingWebhookConfiguration":  # cluster-scoped
             assert obj["metadata"]["namespace"] in (NAMESPACE, "shop", "payments"), obj
-    # The injected sidecar is a container too: validate it inside a Pod that uses it.
+    # The injected sidecar is a container too: validate it inside a Pod that uses it, where the
+    # webhook puts it (a native sidecar among the init containers).
     if any(o["metadata"]["name"] == f"{RELEASE}-sidecar-template"
            for o in rendered.all("ConfigMap")):
         template = rendered.sidecar_template()
+        sidecar = template["container"]
+        native = sidecar.get("restartPolicy") == "Always"
         pod = {"apiVersion": "v1", "kind": "Pod",
                "metadata": {"name": "app", "namespace": "shop"},
                "spec": {"containers": [{"name": "app", "image": "example/app:1"},
-                                       template["container"]],
+                                       *([] if native else [sidecar])],
+                        "initContainers": [sidecar] if native else [],
                         "volumes": template["volumes"]}}
-        validate_object(pod)
+        validate_object(pod, NATIVE_SIDECAR_VERSIONS if native else K8S_VERSIONS)
+
+
+def test_native_sidecar_is_a_template_option(scenarios: dict[str, Rendered],
+                                             tmp_path: Path) -> None:
+    from sidecar.webhook import load_template
+
+    assert "restartPolicy" not in scenarios["injection-generated-certs"].sidecar()
+    native = scenarios["injection-native-sidecar"]
+    assert native.sidecar()["restartPolicy"] == "Always"
+    path = tmp_path / "sidecar.yaml"  # and the webhook takes the rendered template as it is
+    path.write_text(native.get("ConfigMap", f"{RELEASE}-sidecar-template")["data"]["sidecar.yaml"])
+    assert load_template(str(path)).container["restartPolicy"] == "Always"
 
 
 def test_names_are_unique_per_kind_and_namespace(scenarios: dict[str, Rendered]) -> None:

@@ -291,6 +291,24 @@ def test_an_annotated_pod_without_volumes_or_annotations_gets_the_arrays_created
     assert len(patched["spec"]["volumes"]) == 1
 
 
+def test_a_native_sidecar_template_goes_first_in_the_init_containers(
+        start_webhook: Callable[..., Running], template_file: Path) -> None:
+    """`restartPolicy: Always` (Kubernetes 1.29+): the sidecar starts before the pod's other init
+    containers and, unlike a regular container, does not keep a Job's pod from completing."""
+    template_file.write_text(TEMPLATE.replace("  image:", "  restartPolicy: Always\n  image:", 1))
+    hook = start_webhook()
+    pod = make_pod(labels={"betrace.dev/inject": "true"})
+    patched = apply_patch(pod, patch_of(hook.post(make_review(pod))) or [])
+    assert [c["name"] for c in patched["spec"]["containers"]] == ["app"]
+    [sidecar] = patched["spec"]["initContainers"]
+    assert sidecar["name"] == "betrace" and sidecar["restartPolicy"] == "Always"
+
+    migrate = {"name": "migrate", "image": "example/migrate:1"}
+    pod["spec"]["initContainers"] = [migrate]
+    patched = apply_patch(pod, patch_of(hook.post(make_review(pod))) or [])
+    assert [c["name"] for c in patched["spec"]["initContainers"]] == ["betrace", "migrate"]
+
+
 def test_json_pointer_escaping() -> None:
     assert pointer("metadata", "annotations", "betrace.dev/injected") == \
         "/metadata/annotations/betrace.dev~1injected"
@@ -544,6 +562,7 @@ def test_json_template(tmp_path: Path) -> None:
     ("container: {image: x}\nvolumes: [{name: a}, {name: a}]\n", "listed twice"),
     ("container: {image: x, env: [{name: D, value: 2024-01-01}]}\n", "JSON cannot carry"),
     ("container: [oops\n", "not valid YAML"),
+    ("container: {image: x, restartPolicy: OnFailure}\n", "can only be Always"),
     ("- just\n- a list\n", "expected a mapping"),
 ])
 def test_bad_templates_are_named(tmp_path: Path, text: str, message: str) -> None:
