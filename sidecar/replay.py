@@ -143,8 +143,9 @@ def replay_tempo(ruleset: RuleSet, url: str, emit: Callable[[Signal], None],
     started = time.perf_counter()
     summary = ReplaySummary(sources=1, group_by=options.group_by)
     summary.rules = {rule.id: RuleStats() for rule in ruleset.rules}
-    keep = SpanFilter.of(ruleset.projection(), options.since_ns, options.until_ns,
-                         options.group_by)
+    # The range picks traces (Tempo's search); each is then evaluated whole, spans outside the
+    # range included: cutting a trace at the range's edge could make a rule cry wolf.
+    keep = SpanFilter.of(ruleset.projection(), group_by=options.group_by)
     plan = Plan(ruleset.rules, keep, "", 1, 1, options.memory, time.time_ns(), options.group_by)
     worker = Worker(plan, [0, 0])
     progress = progress or Progress("never")

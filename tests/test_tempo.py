@@ -552,3 +552,20 @@ def test_an_unreachable_tempo_is_a_clear_error_naming_the_url() -> None:
                           f"http://127.0.0.1:{port}", "--since", "1h")
     assert done.returncode == 2, done.stderr
     assert f"127.0.0.1:{port}" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_trace_straddling_the_range_is_evaluated_whole(fake: FakeTempo, tempo: str,
+                                                        tmp_path: Path) -> None:
+    """--since/--until pick the traces; cutting one at the edge would drop its audit.log and
+    make the rule cry wolf."""
+    rules = tmp_path / "admin.yaml"
+    rules.write_text("rules:\n  - id: audited\n    when: trace.has(admin.action)\n"
+                     "    always: trace.has(audit.log)\n")
+    audit, action = trace(7, ("audit.log", {}), ("admin.action", {}))
+    audit.start_ns, audit.end_ns = (T0 - 100) * NS, (T0 - 99) * NS  # before --since
+    fake.add([audit, action])
+    done = betrace_replay("--rules", str(rules), "--tempo", tempo, "--since", moment(T0 - 5),
+                          "--until", moment(T0 + 5))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == ""
+    assert "1 fetched" in done.stderr
