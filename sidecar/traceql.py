@@ -17,8 +17,11 @@ when the rule is the in-DSL `when {} always {} never {}` form):
   because Tempo may evaluate a trace split across blocks in pieces. `count(A) > count(B)` needs
   an A, `<` needs a B, `!=` needs either; `==`, `<=`, `>=` hold when both are zero: nothing.
   `count(X).where(a == unique)` needs an X (presence of `a` is not pushed: `!= nil` is recent).
-- `A before B` needs both an A and a B (`{A} && {B}`), ignoring order and `within`.
-- `and`/`or` map to the spanset operators `&&`/`||`; `not` is pushed inwards (De Morgan), and
+- `A before B` needs an A (and a B; see `and`), ignoring order and `within`.
+- `or` maps to the spanset operator `||`. Of an `and`, only one side is pushed (the first that
+  narrows anything): Tempo may evaluate a trace that is still split across blocks one block at a
+  time, so `{A} && {B}` could miss a trace whose A and B spans sit in different blocks, for the
+  same reason counts are never pushed. `not` is pushed inwards (De Morgan), and
   a negated existence (`not trace.has(X)`, or `always { trace.has(X) }`) needs nothing. A rule
   that needs nothing makes the whole query `{ }`: every trace in the range is fetched.
 
@@ -137,16 +140,11 @@ class _Spanset:
 
 
 @dataclass(frozen=True)
-class _Both:
-    parts: tuple[TraceCond, ...]
-
-
-@dataclass(frozen=True)
 class _Either:
     parts: tuple[TraceCond, ...]
 
 
-TraceCond = _Spanset | _Both | _Either
+TraceCond = _Spanset | _Either
 
 
 def _spanset(cond: SpanCond | None) -> TraceCond | None:
@@ -156,15 +154,9 @@ def _spanset(cond: SpanCond | None) -> TraceCond | None:
 
 
 def _both(parts: Iterable[TraceCond | None]) -> TraceCond | None:
-    flat: list[TraceCond] = []
-    for part in parts:
-        for item in part.parts if isinstance(part, _Both) else () if part is None else (part,):
-            if item not in flat:
-                flat.append(item)
-    # `{a && b} && {a}`: the second adds nothing once a span meets the first
-    kept = [p for p in flat if not (isinstance(p, _Spanset) and any(
-        q is not p and isinstance(q, _Spanset) and q.implies(p) for q in flat))]
-    return None if not kept else kept[0] if len(kept) == 1 else _Both(tuple(kept))
+    """What a trace meeting every part must meet, as one condition Tempo can check block by
+    block: the first part that narrows anything (see the module docstring on `and`)."""
+    return next((part for part in parts if part is not None), None)
 
 
 def _either(parts: Iterable[TraceCond | None]) -> TraceCond | None:
@@ -186,8 +178,7 @@ def _render(cond: TraceCond | None, nested: bool = False) -> str:
         return ANY_TRACE
     if isinstance(cond, _Spanset):
         return "{ " + " && ".join(_render_span(t, nested=True) for t in cond.terms) + " }"
-    joiner = " && " if isinstance(cond, _Both) else " || "
-    text = joiner.join(_render(p, nested=True) for p in cond.parts)
+    text = " || ".join(_render(p, nested=True) for p in cond.parts)
     return f"({text})" if nested else text
 
 

@@ -249,10 +249,10 @@ def test_synthetic_rules_do_narrow() -> None:
                                    'span.duration_ms > 2 || span.duration_ms > 2.5) } || '
                                    '{ name = "refund" && (duration >= 3ms || '
                                    'span.duration_ms >= 3 || span.duration_ms >= 3.0) }')
-    assert queries["before"] == ('{ name = "checkout" && span.paid = true } && '
-                                 '{ name = "refund" }')
-    assert queries["count-negated"] == ('{ name = "checkout" } && '
-                                        '({ name = "refund" } || { name = "checkout" })')
+    # Of an `and`, one side only: Tempo may check a trace split across blocks block by block.
+    assert queries["before"] == '{ name = "checkout" && span.paid = true }'
+    assert queries["count-negated"] == '{ name = "checkout" }'
+    assert not any("} && {" in q or "} && (" in q for q in queries.values())
     assert sum(q == ANY_TRACE for q in queries.values()) == 0
 
 
