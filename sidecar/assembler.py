@@ -25,6 +25,18 @@ log = logging.getLogger("betrace")
 _QUIET_TRACES = 200_000  # remembered quiet fresh traces (about 100 bytes each)
 
 
+class _Active:
+    """A rule set with what the decider keeps about it, swapped as one on a reload."""
+
+    def __init__(self, ruleset: RuleSet) -> None:
+        self.ruleset = ruleset
+        self.monotone = tuple(r for r in ruleset.rules if r.logic.monotone)
+        self.others = tuple(r for r in ruleset.rules if not r.logic.monotone)
+        # Fresh traces whose monotone rules found nothing, with their span count then: decided
+        # with no span added since, those rules cannot fire, and only the others run.
+        self.quiet: OrderedDict[str, int] = OrderedDict()
+
+
 class Assembler:
     def __init__(self, store: TraceStore, ruleset: RuleSet, emitter: Emitter, metrics: Metrics,
                  clock: Callable[[], float] = time.time) -> None:
@@ -38,18 +50,17 @@ class Assembler:
         self.set_rules(ruleset)
 
     def set_rules(self, ruleset: RuleSet) -> None:
-        """Swap the rule set; evaluations already running finish with the old one."""
+        """Swap the rule set in one assignment; evaluations already running finish with the
+        old one (and its memory of quiet traces, which the new rules have not seen)."""
         refs = ruleset.refs
         self.store.use_vocabulary(sorted(
             refs.names | refs.attributes | {key for rule in ruleset.rules for key in rule.context}))
-        self.ruleset = ruleset
         self.projection = ruleset.projection()
-        self._monotone: tuple[Rule, ...] = tuple(r for r in ruleset.rules if r.logic.monotone)
-        self._others = tuple(r for r in ruleset.rules if not r.logic.monotone)
-        # Fresh traces whose monotone rules found nothing, with their span count then: decided
-        # with no span added since, those rules cannot fire, and only the others run. Replaced
-        # with the rules: a new monotone rule has not looked at them yet.
-        self._quiet: OrderedDict[str, int] = OrderedDict()
+        self.active = _Active(ruleset)
+
+    @property
+    def ruleset(self) -> RuleSet:
+        return self.active.ruleset
 
     def ingest(self, batch: Mapping[str, list[Span]]) -> AppendResult:
         """Add one request's spans (raises what the store raises, e.g. when Redis is down)."""
@@ -61,9 +72,10 @@ class Assembler:
             log.warning("refused %d span(s): trace over max_spans_per_trace", result.rejected)
         if result.evicted:
             log.warning("max_traces reached: %d open trace(s) decided early", result.evicted)
-        if self._monotone and result.touched or result.evicted:
+        monotone = self.active.monotone
+        if monotone and result.touched or result.evicted:
             with self._wake:
-                if self._monotone:
+                if monotone:
                     new = set(result.new)
                     for trace_id in result.touched:
                         if trace_id in new and trace_id not in self._dirty:
@@ -80,7 +92,8 @@ class Assembler:
         with self._wake:
             dirty, self._dirty = self._dirty, set()
             fresh, self._fresh = self._fresh, {}
-        monotone = self._monotone
+        active = self.active  # one rule set for the whole step, whatever a reload does meanwhile
+        monotone = active.monotone
         found: list[Violation] = []
         quiet = []
         for trace_id, spans in fresh.items():  # the request held the whole trace: no read-back
@@ -94,13 +107,13 @@ class Assembler:
                                                      lambda t: self._evaluate(t, monotone)):
                 found += violations
         self._emit(found)
-        remembered = self._quiet
+        remembered = active.quiet
         remembered.update(quiet)
         while len(remembered) > _QUIET_TRACES:
             remembered.popitem(last=False)
         now = self.clock()
         claimed = self.store.claim_due(now)
-        self._decide_all(claimed, now)
+        self._decide_all(claimed, now, active)
         return len(claimed)
 
     def run(self, stop: threading.Event, idle: float = 0.25) -> None:
@@ -128,21 +141,21 @@ class Assembler:
         self.step()
         now = self.clock()
         claimed = self.store.claim_all(now)
-        self._decide_all(claimed, now)
+        self._decide_all(claimed, now, self.active)
         return len(claimed)
 
-    def _decide_all(self, claimed: list[Claimed], now: float) -> None:
+    def _decide_all(self, claimed: list[Claimed], now: float, active: _Active) -> None:
         """Evaluate every claimed trace, emit, then tell the store they are decided (in one
         batch: with Redis, one round trip)."""
         found: list[Violation] = []
-        quiet, everything = self._quiet, self.ruleset.rules
+        quiet, everything = active.quiet, active.ruleset.rules
         for reason, count in Counter(item.reason for item in claimed).items():
             self.metrics.traces_decided.labels(reason=reason).inc(count)
         for item in claimed:
             self.metrics.decision_latency.observe(max(0.0, now - item.due_at))
             started = time.perf_counter()
             unchanged = quiet.pop(item.trace.trace_id, None) == len(item.trace.spans)
-            found += self._evaluate(item.trace, self._others if unchanged else everything)
+            found += self._evaluate(item.trace, active.others if unchanged else everything)
             self.metrics.rule_evaluation.observe(time.perf_counter() - started)
         self._emit(found)
         if claimed:
