@@ -77,7 +77,7 @@ end
 
 # KEYS: spans, signals of each trace. ARGV: now, max_spans, ttl, retention, wait, max_age, then
 # per trace: its span count, its spans. Per trace: taken, refused, late, fresh, spans before,
-# deadline ('' when nothing was taken).
+# deadline ('' unless the trace is open).
 _APPEND = _STATE + """
 local now, limit, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
 local retention, wait, max_age = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -104,7 +104,9 @@ local function append(spans, signals, first, n)
     m.st, m.l = '0', now
     redis.call('RPUSH', spans, unpack(ARGV, first, first + take - 1))
     save(spans, m)
-    due = num(math.min(now + wait, m.o + max_age))
+  end
+  if m and m.st == '0' then  -- also when nothing was taken: a retry re-sends the deadline
+    due = num(math.min(m.l + wait, m.o + max_age))  -- that a failed round trip left unset
   end
   if m then
     redis.call('PEXPIRE', spans, ttl)
@@ -559,9 +561,9 @@ class RedisStore:
             result.rejected += refused
             result.late += late
             shard = self._shard(trace_id)
-            if taken:
-                if not result.touched or result.touched[-1] != trace_id:
-                    result.touched.append(trace_id)
+            if taken and (not result.touched or result.touched[-1] != trace_id):
+                result.touched.append(trace_id)
+            if due:
                 updates.due(shard, trace_id, due.decode())
             if trace_id not in new:  # the first part of this trace's spans says if it is new
                 new[trace_id] = bool(fresh) and not before

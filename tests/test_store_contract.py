@@ -376,3 +376,35 @@ def test_claim_all_at_shutdown_returns_every_open_trace(local_store_factory: Sto
     assert store.next_due() is None
     assert claim(store, 1000.0) == []
     assert store.claim_all(1000.0) == []
+
+
+def test_a_retry_after_an_append_failed_halfway_leaves_the_trace_due(
+        request: pytest.FixtureRequest) -> None:
+    """Redis only: the spans are stored by one round trip and the deadline set by the next. If
+    the connection drops in between, Export fails and the collector retries the same spans; even
+    when the retry is refused outright (max_spans_per_trace), the trace must become due."""
+
+    class DropsTheSecondRoundTrip(RedisStore):
+        dropped = False
+
+        def _send(self, updates: Any) -> None:
+            if not self.dropped:
+                self.dropped = True
+                raise redis.ConnectionError("connection reset after the spans were stored")
+            super()._send(updates)
+
+    client = redis.Redis.from_url(request.getfixturevalue("redis_url"))
+    client.flushdb()
+    store = DropsTheSecondRoundTrip(client, StoreLimits(decision_wait=1.0,
+                                                        max_spans_per_trace=2))
+    try:
+        batch = {A: spans(A, 2)}
+        with pytest.raises(redis.ConnectionError):
+            store.append(batch, now=0.0)
+        retry = store.append(batch, now=0.5)  # the collector's retry: both refused
+        assert (retry.accepted, retry.rejected) == (0, 2)
+        assert store.next_due() == pytest.approx(1.0)
+        [decided] = claim(store, 2.0)
+        assert decided.trace.trace_id == A and len(decided.trace.spans) == 2
+    finally:
+        store.close()
