@@ -162,11 +162,14 @@ class ProtoDecoder:
             service = group = None
             resource = resource_spans.resource.attributes
             if resource:
-                service = _any(resource.get("service.name", b""))
+                try:
+                    service = _any(resource.get("service.name", b""))
+                    if keep.resource_key is not None:
+                        group = _any(resource.get(keep.resource_key, b""))
+                except (DecodeError, ValueError) as exc:  # the spans still count
+                    bad.append(f"invalid resource attribute: {_reason(exc)}")
                 if type(service) is not str:
                     service = None
-                if keep.resource_key is not None:
-                    group = _any(resource.get(keep.resource_key, b""))
             for scope in resource_spans.scope_spans:
                 if tags is not None and not any(tag in scope for tag in tags):
                     continue
@@ -217,12 +220,14 @@ class ProtoDecoder:
                     attributes = {key: _any(value) for key, value in raw.items()}
                 else:
                     attributes = _NO_ATTRIBUTES
+                status = _STATUS_BYTES.get(span.status) or _status(span.status)
             except (DecodeError, ValueError) as exc:
-                bad.append(f"span {name!r}: invalid attribute: {exc}")
+                reason = _reason(exc) if isinstance(exc, DecodeError) else exc
+                bad.append(f"span {name!r}: invalid attribute or status: {reason}")
                 continue
             parent = span.parent_span_id
             record = (span_id.hex(), parent.hex() if parent != _ZERO_SPAN else "", name, start,
-                      span.end, _STATUS_BYTES.get(span.status) or _status(span.status),
+                      span.end, status,
                       _KIND.get(span.kind, "UNSPECIFIED"), service,
                       attributes or _NO_ATTRIBUTES, group)
             bucket = batch.get(tid)

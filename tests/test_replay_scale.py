@@ -347,6 +347,41 @@ def test_corrupt_frames_and_lines_are_located_counted_and_skipped(
     assert with_fail.returncode == EXIT_FAILED  # violations win over skipped input
 
 
+def field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field, written by hand to carry bytes no encoder would."""
+    size, length = len(payload), b""
+    while size > 0x7F:
+        length += bytes([size & 0x7F | 0x80])
+        size >>= 7
+    return bytes([number << 3 | 2]) + length + bytes([size]) + payload
+
+
+def test_a_bad_status_or_resource_value_skips_that_item_not_the_run(
+        rules: Path, tmp_path: Path) -> None:
+    """Garbage where a Status or a resource AnyValue belongs is reported, and the rest of the
+    request is still read: the span with the bad status is skipped, the spans under the bad
+    resource are kept (without a service)."""
+    def admin(trace: int) -> bytes:
+        return Span(trace_id=bytes([trace]) * 16, span_id=bytes([trace]) * 8,
+                    name="admin.action", start_time_unix_nano=BASE_NS,
+                    end_time_unix_nano=BASE_NS + 1).SerializeToString()
+
+    bad_status = admin(1) + field(15, b"\xff\xff")
+    bad_resource = field(1, field(1, b"service.name") + field(2, b"\xff\xff"))
+    request = (field(1, field(2, field(2, bad_status) + field(2, admin(2))))
+               + field(1, field(1, bad_resource) + field(2, field(2, admin(3)))))
+    path = tmp_path / "odd.pb"
+    path.write_bytes(struct.pack(">I", len(request)) + request)
+    result = betrace("replay", "--rules", rules, path)
+    assert result.returncode == EXIT_SKIPPED_INPUT, result.stderr
+    reported = [x for x in result.stderr.splitlines() if x.startswith("betrace: ")]
+    assert reported == [
+        f"betrace: {path}@0: span 'admin.action': invalid attribute or status: Wire format was "
+        "corrupt",
+        f"betrace: {path}@0: invalid resource attribute: Wire format was corrupt"]
+    assert {s["trace_id"] for s in signals(result.stdout)} == {"02" * 16, "03" * 16}
+
+
 def test_an_implausible_frame_length_ends_that_file_only(rules: Path, tmp_path: Path,
                                                           shop: tuple[list[Any], set[Any]]) -> None:
     reqs, expected = shop
