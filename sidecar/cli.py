@@ -82,9 +82,13 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("--fail-on-violation", action="store_true",
                         help="exit 1 when any rule fires")
     replay.add_argument("--since", metavar="TIME",
-                        help="only spans starting at or after TIME: RFC 3339 "
+                        help="only traces with a span starting at or after TIME: RFC 3339 "
                         "(2025-02-01T09:30:00Z), a date (UTC), or a duration before now (29d, 6h)")
-    replay.add_argument("--until", metavar="TIME", help="only spans starting before TIME")
+    replay.add_argument("--until", metavar="TIME",
+                        help="only traces with a span starting before TIME")
+    replay.add_argument("--edge", metavar="DURATION", default="5m",
+                        help="with --since/--until, spans this far outside the range are read "
+                        "too, so a trace crossing its edge is evaluated whole (default: 5m)")
     replay.add_argument("--group-by", metavar="ATTRIBUTE",
                         help="break each rule's violations down by this attribute (e.g. "
                         "service.version), read from the offending spans, else any span of the "
@@ -354,7 +358,7 @@ def _replay(args: argparse.Namespace) -> int:
             spill_dir=args.spill_dir,
             since_ns=parse_moment(args.since) if args.since else None,
             until_ns=until if until is not None or not args.tempo else time.time_ns(),
-            group_by=args.group_by)
+            edge_ns=_edge(args.edge), group_by=args.group_by)
         if options.jobs < 1:
             raise SourceError(f"--jobs must be at least 1, not {options.jobs}")
         if options.spill_dir is not None and not os.path.isdir(options.spill_dir):
@@ -396,6 +400,17 @@ def _replay(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     incomplete = args.tempo and (tempo.truncated or tempo.missing or tempo.partial)
     return EXIT_SKIPPED_INPUT if summary.skipped or incomplete else EXIT_OK
+
+
+def _edge(text: str) -> int:
+    from sidecar.dsl import parse_duration
+    from sidecar.errors import SourceError
+
+    try:
+        return parse_duration(text)
+    except ValueError:
+        raise SourceError(f"invalid --edge {text!r}: expected a duration such as 5m or 30s") \
+            from None
 
 
 def _size(text: str) -> int:

@@ -77,6 +77,9 @@ class Plan:
     share: int  # memory budget of one process
     detected_ns: int
     group_by: str | None
+    # --since/--until: only traces with a span starting in [since, until) are evaluated (whole,
+    # with the spans read beyond the edge); None: every trace
+    window: tuple[int, int] | None = None
 
 
 @dataclass
@@ -199,6 +202,10 @@ class Worker:
         rules = [(rule, RuleStats()) for rule in plan.rules]
         group = attribute_getter(plan.group_by) if plan.group_by is not None else None
         signals = []
+        if plan.window is not None:
+            since, until = plan.window
+            traces = {trace_id: records for trace_id, records in traces.items()
+                      if any(since <= r[3] < until for r in records)}
         for trace_id, records in traces.items():
             if len(records) > 1 and len({r[0] for r in records}) < len(records):
                 records = _first_copies(records)

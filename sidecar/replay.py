@@ -55,6 +55,7 @@ def _default_memory() -> int:
 
 
 DEFAULT_MEMORY = _default_memory()
+DEFAULT_EDGE_NS = 5 * 60 * 10**9  # the live sidecar's default max trace age
 _MAX_PARTITIONS = 512
 _TEMPO_BATCH = 1000  # whole traces from Tempo evaluated at a time
 _POLL_SECONDS = 0.2
@@ -65,8 +66,9 @@ class ReplayOptions:
     memory: int = DEFAULT_MEMORY  # bytes of buffered spans, over all processes
     jobs: int = 1
     spill_dir: str | None = None  # where the temp directory goes (default: tempfile's)
-    since_ns: int | None = None  # keep spans starting at or after this
+    since_ns: int | None = None  # evaluate traces with a span starting at or after this
     until_ns: int | None = None  # ... and before this
+    edge_ns: int = DEFAULT_EDGE_NS  # spans this far outside are read too: such traces whole
     group_by: str | None = None  # break violations down by this attribute
 
 
@@ -113,7 +115,12 @@ def replay(ruleset: RuleSet, sources: Sequence[str], emit: Callable[[Signal], No
     summary = ReplaySummary(sources=len(sources), group_by=options.group_by)
     summary.rules = {rule.id: RuleStats() for rule in ruleset.rules}
     refs = ruleset.refs
-    keep = SpanFilter.of(ruleset.projection(), options.since_ns, options.until_ns,
+    window = None
+    if options.since_ns is not None or options.until_ns is not None:
+        window = (options.since_ns or 0, 2**64 if options.until_ns is None else options.until_ns)
+    keep = SpanFilter.of(ruleset.projection(),
+                         None if window is None else max(0, window[0] - options.edge_ns),
+                         None if window is None else window[1] + options.edge_ns,
                          options.group_by, None if refs.globs else refs.names)
     jobs = max(1, min(options.jobs, len(sources)))  # files are the unit of parallel reading
     share = max(1, options.memory // jobs)
@@ -123,7 +130,7 @@ def replay(ruleset: RuleSet, sources: Sequence[str], emit: Callable[[Signal], No
     with tempfile.TemporaryDirectory(prefix="betrace-replay-", dir=options.spill_dir) as spill, \
             _gc_paused():
         plan = Plan(ruleset.rules, keep, spill, partitions, jobs, share, time.time_ns(),
-                     options.group_by)
+                     options.group_by, window)
         run = _run_here if jobs == 1 else _run_pool
         reads, outcomes, summary.spilled_bytes = run(plan, sources, progress, jobs)
     progress.clear()
@@ -146,7 +153,8 @@ def replay_tempo(ruleset: RuleSet, url: str, emit: Callable[[Signal], None],
     # The range picks traces (Tempo's search); each is then evaluated whole, spans outside the
     # range included: cutting a trace at the range's edge could make a rule cry wolf.
     keep = SpanFilter.of(ruleset.projection(), group_by=options.group_by)
-    plan = Plan(ruleset.rules, keep, "", 1, 1, options.memory, time.time_ns(), options.group_by)
+    plan = Plan(ruleset.rules, keep, "", 1, 1, options.memory, time.time_ns(), options.group_by,
+                None)
     worker = Worker(plan, [0, 0])
     progress = progress or Progress("never")
     errors: list[InputError] = []

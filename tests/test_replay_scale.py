@@ -449,6 +449,29 @@ def test_since_and_until_filter_spans_by_start(rules: Path, tmp_path: Path,
     assert "--since must be before --until" in backwards.stderr
 
 
+def test_a_trace_crossing_the_range_edge_is_evaluated_whole(rules: Path,
+                                                            tmp_path: Path) -> None:
+    """An admin.action just before --until and its audit.log just after: cut at the edge, the
+    trace would look unaudited. Spans within --edge are read, so it is evaluated whole; a trace
+    with no span in the range is not evaluated at all."""
+    until = BASE_NS + 60 * MINUTE
+    crossing, outside = b"\x0c" * 16, b"\x0d" * 16
+    data = tmp_path / "edge.pb"
+    data.write_bytes(frames(requests([
+        span(crossing, "admin.action", until - 1_000_000, "admin"),
+        span(crossing, "audit.log", until + 1_000_000, "audit"),
+        span(outside, "admin.action", until + MINUTE, "admin")])))
+    moment = "2025-02-01T01:00:00Z"
+    whole = betrace("replay", "--rules", rules, "--until", moment, data)
+    assert whole.returncode == EXIT_OK, whole.stderr
+    assert whole.stdout == ""
+    assert "replayed 1 traces" in whole.stderr
+    cut = betrace("replay", "--rules", rules, "--until", moment, "--edge", "0s", data)
+    assert [s["trace_id"] for s in signals(cut.stdout)] == [crossing.hex()]
+    bad = betrace("replay", "--rules", rules, "--until", moment, "--edge", "soon", data)
+    assert bad.returncode == EXIT_UNUSABLE and "invalid --edge 'soon'" in bad.stderr
+
+
 def test_parse_moment() -> None:
     now = BASE_NS
     assert parse_moment("2025-02-01T00:00:00Z") == BASE_NS
