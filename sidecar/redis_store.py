@@ -28,6 +28,7 @@ sorted set vanishes when empty).
 from __future__ import annotations
 
 import binascii
+import logging
 import hashlib
 import os
 import threading
@@ -47,9 +48,11 @@ from sidecar.span import KINDS, STATUSES, Span, Trace
 from sidecar.store import AppendResult, Claimed, StoreLimits
 
 T = TypeVar("T")
+log = logging.getLogger("betrace")
 SHARDS = 16
 PREFIX = "bt:"
 _MAX_ARGS = 1000  # spans or deadline updates per script call; Lua's unpack has a stack limit
+_CLAIMS_PER_CALL = 100  # a claim's reply carries every span: keep it well inside the timeout
 _STATUS_CODE = {name: i for i, name in enumerate(STATUSES)}
 _KIND_CODE = {name: i for i, name in enumerate(KINDS)}
 _U64 = 2**64 - 1
@@ -300,8 +303,10 @@ class _PerTrace:
     slot on a Cluster (where a script may touch one slot only). Each trace brings its keys and
     its own arguments; `results` gives each its element of the reply, in the order added."""
 
-    def __init__(self, batch: _Batch, script: _Script, shared: Sequence[Any]) -> None:
+    def __init__(self, batch: _Batch, script: _Script, shared: Sequence[Any],
+                 traces_per_call: int = _MAX_ARGS) -> None:
         self.batch, self.script, self.shared = batch, script, list(shared)
+        self.traces_per_call = traces_per_call
         self.slot = batch.client.keyslot if isinstance(batch.client, RedisCluster) else None
         self.open: dict[int, tuple[list[str], list[Any], list[int]]] = {}
         self.calls: list[tuple[int, list[int]]] = []  # batch position, the traces it serves
@@ -316,8 +321,8 @@ class _PerTrace:
         call[1].extend(args)
         call[2].append(self.count)
         self.count += 1
-        if len(call[1]) >= _MAX_ARGS:  # keep each script call (and its reply) moderate
-            self._queue(group)
+        if len(call[1]) >= _MAX_ARGS or len(call[2]) >= self.traces_per_call:
+            self._queue(group)  # keep each script call, and its reply, moderate
 
     def _queue(self, group: int) -> None:
         keys, args, traces = self.open.pop(group)
@@ -591,7 +596,8 @@ class RedisStore:
         chosen: list[tuple[str, int, str]] = []
         batch = _Batch(self.client)
         claims = _PerTrace(batch, CLAIM_TRACE, [now_ms, _ms(limits.decision_wait),
-                                                _ms(limits.max_trace_age), lease_ms])
+                                                _ms(limits.max_trace_age), lease_ms],
+                           traces_per_call=_CLAIMS_PER_CALL)
         tokens = os.urandom(6).hex()  # this claim's; a trace's token adds its place in it
         for shard, ids in zip(shards, pops.run()):
             for raw in ids:
@@ -611,7 +617,12 @@ class RedisStore:
             elif verdict in (b"gone", b"done"):
                 updates.release(shard, trace_id, lease_ms)
             elif verdict == b"claimed":
-                spans = [decode_span(trace_id, raw, self._words) for raw in reply[4:]]
+                try:  # one unreadable trace must not hold up the others: it stays claimed
+                    spans = [decode_span(trace_id, raw, self._words) for raw in reply[4:]]
+                except (ValueError, TypeError, LookupError, redis.DataError) as exc:
+                    log.error("trace %s cannot be read (%s); retried after the lease",
+                              trace_id, exc)
+                    continue
                 if reply[2] == b"0":  # it was open: it leaves the shard's live counts
                     updates.count(shard, -1, -len(spans))
                 claimed.append(Claimed(Trace(trace_id, spans), reply[3].decode(),

@@ -408,3 +408,19 @@ def test_a_retry_after_an_append_failed_halfway_leaves_the_trace_due(
         assert decided.trace.trace_id == A and len(decided.trace.spans) == 2
     finally:
         store.close()
+
+
+def test_an_unreadable_trace_does_not_hold_up_the_others(
+        request: pytest.FixtureRequest) -> None:
+    """Redis only: a record that cannot be decoded (say its vocabulary is gone) is logged and
+    left claimed, and the rest of the batch is decided."""
+    client = redis.Redis.from_url(request.getfixturevalue("redis_url"))
+    client.flushdb()
+    store = RedisStore(client, StoreLimits(decision_wait=1.0))
+    try:
+        store.append({A: spans(A), B: spans(B)}, now=0.0)
+        client.rpush(f"bt:{{{A}}}:s", b"\xc1 not msgpack")
+        decided = claim(store, 2.0)
+        assert [c.trace.trace_id for c in decided] == [B]
+    finally:
+        store.close()
