@@ -31,8 +31,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `betrace replay ... | head` is fine
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as exc:
+        return 143 if isinstance(exc, _Terminated) else 130
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C, so that `with` blocks clean up (replay's
+    temp directory and worker processes)."""
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise _Terminated
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -331,6 +340,8 @@ def _test(args: argparse.Namespace) -> int:
 
 
 def _replay(args: argparse.Namespace) -> int:
+    import signal
+
     from sidecar.errors import SourceError
     from sidecar.progress import Progress
     from sidecar.replay import DEFAULT_MEMORY, ReplayOptions, replay, replay_tempo
@@ -338,6 +349,7 @@ def _replay(args: argparse.Namespace) -> int:
     from sidecar.sources import expand_sources, parse_moment
     from sidecar.tempo import TempoError, TempoStats
 
+    signal.signal(signal.SIGTERM, _terminated)
     ruleset = _load(args.rules)
     if ruleset is None:
         return EXIT_UNUSABLE

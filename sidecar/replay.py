@@ -309,6 +309,7 @@ class _Process:
 
 def _serve(connection: Any, plan: Plan, slots: Any, stdin: int | None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's, which stops us
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # and the parent's stop() terminates us
     if stdin is not None:  # the parent's, for the worker that gets "-"
         sys.stdin = open(stdin, encoding="utf-8", closefd=True)  # noqa: SIM115
     worker = Worker(plan, slots)

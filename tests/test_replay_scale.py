@@ -533,9 +533,10 @@ def test_progress_is_quiet_when_short_and_drawn_when_asked(
                      r"[\d.]+ KiB, ETA \d+:\d\d", drawn.stderr)
 
 
-@pytest.mark.parametrize("jobs", ["1", "2"])
-def test_ctrl_c_stops_and_removes_the_temp_directory(rules: Path, tmp_path: Path,
-                                                     jobs: str) -> None:
+@pytest.mark.parametrize(("jobs", "stop", "status"), [
+    ("1", signal.SIGINT, 130), ("2", signal.SIGINT, 130), ("2", signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_stops_and_removes_the_temp_directory(
+        rules: Path, tmp_path: Path, jobs: str, stop: signal.Signals, status: int) -> None:
     fifo = tmp_path / "never-written"
     os.mkfifo(fifo)  # reading it blocks: the replay is mid-read when interrupted
     other = tmp_path / "other.jsonl"  # a second source, so that two processes run
@@ -553,8 +554,8 @@ def test_ctrl_c_stops_and_removes_the_temp_directory(rules: Path, tmp_path: Path
             time.sleep(0.02)
         assert list(spill.iterdir()), "the replay made its temp directory"
         time.sleep(0.3)  # let it block in the read
-        process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=20) == 130
+        process.send_signal(stop)
+        assert process.wait(timeout=20) == status
     finally:
         if process.poll() is None:
             process.kill()
