@@ -15,7 +15,7 @@ import logging
 import threading
 import zlib
 from concurrent import futures
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any
 
 import grpc
@@ -28,7 +28,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 
 from sidecar.assembler import Assembler
-from sidecar.metrics import Metrics
+from sidecar.metrics import Metrics, QuietHandler
 from sidecar.otlp_json import spans_from_request
 from sidecar.otlp_proto import VIOLATION_SPAN, Decoded, decode_request, parse_request
 from sidecar.span import Projection
@@ -166,7 +166,7 @@ MAX_HTTP_BODY = MAX_MESSAGE_BYTES
 _PROTOBUF, _JSON = "application/x-protobuf", "application/json"
 
 
-class _OtlpHttpHandler(BaseHTTPRequestHandler):
+class _OtlpHttpHandler(QuietHandler):
     server: OtlpHttpServer
     protocol_version = "HTTP/1.1"
 
@@ -190,7 +190,7 @@ class _OtlpHttpHandler(BaseHTTPRequestHandler):
         except StoreUnavailable as exc:
             return self._status(503, code_pb2.UNAVAILABLE, str(exc), content_type,
                                 {"Retry-After": "1"})
-        self._send(200, content_type, response)
+        self._send_message(200, content_type, response)
 
     def _body(self) -> bytes:
         length = int(self.headers.get("Content-Length") or 0)
@@ -211,20 +211,14 @@ class _OtlpHttpHandler(BaseHTTPRequestHandler):
 
     def _status(self, http_status: int, code: int, message: str,
                 content_type: str = _PROTOBUF, headers: dict[str, str] | None = None) -> None:
-        self._send(http_status, content_type, status_pb2.Status(code=code, message=message),
-                   headers)
+        self._send_message(http_status, content_type,
+                           status_pb2.Status(code=code, message=message), headers)
 
-    def _send(self, http_status: int, content_type: str, message: Any,
-              headers: dict[str, str] | None = None) -> None:
+    def _send_message(self, http_status: int, content_type: str, message: Any,
+                      headers: dict[str, str] | None = None) -> None:
         body = (json.dumps(json_format.MessageToDict(message)).encode()
                 if content_type == _JSON else message.SerializeToString())
-        self.send_response(http_status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(body)
+        self._send(http_status, content_type, body, headers)
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("otlp-http: " + format, *args)

@@ -121,7 +121,25 @@ class MetricsServer(ThreadingHTTPServer):
         return thread
 
 
-class _MetricsHandler(BaseHTTPRequestHandler):
+class QuietHandler(BaseHTTPRequestHandler):
+    """An HTTP handler that answers with whole bodies and writes no access lines: scrapes and
+    admission reviews every few seconds would drown the log."""
+
+    def _send(self, status: int, content_type: str, body: bytes,
+              headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        """Nothing: see the class."""
+
+
+class _MetricsHandler(QuietHandler):
     server: MetricsServer
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
@@ -138,12 +156,3 @@ class _MetricsHandler(BaseHTTPRequestHandler):
             paths = "/metrics, /healthz or /readyz" if ready else "/metrics or /healthz"
             self._send(404, "text/plain", f"not found: try {paths}\n".encode())
 
-    def _send(self, status: int, content_type: str, body: bytes) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:
-        """Scrapes every few seconds would drown the log."""

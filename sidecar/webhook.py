@@ -71,7 +71,7 @@ import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any
 
 import yaml
@@ -80,7 +80,7 @@ from prometheus_client import (
 )
 
 from sidecar.config import address_problems, binding, split_address
-from sidecar.metrics import MetricsServer
+from sidecar.metrics import MetricsServer, QuietHandler
 
 log = logging.getLogger("betrace.webhook")
 
@@ -527,7 +527,7 @@ class WebhookServer(ThreadingHTTPServer):
         log.debug("connection from %s failed", client_address[0], exc_info=True)
 
 
-class _WebhookHandler(BaseHTTPRequestHandler):
+class _WebhookHandler(QuietHandler):  # decisions are logged by the injector
     server: WebhookServer
     timeout = REQUEST_TIMEOUT
     server_version = "betrace-webhook"
@@ -567,15 +567,6 @@ class _WebhookHandler(BaseHTTPRequestHandler):
             left -= len(chunk)
         return f"the review is {length} bytes, over the {limit}-byte limit"
 
-    def _send(self, status: int, content_type: str, body: bytes) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:
-        """Decisions are logged by the injector; access lines would only repeat them."""
 
 
 class Webhook:
