@@ -162,7 +162,7 @@ class Assembler:
             self.store.finish(claimed)
 
     def _evaluate(self, trace: Trace, rules: tuple[Rule, ...]) -> list[Violation]:
-        trace = without_repeats(trace)
+        trace = trace.without_repeats()
         found = []
         for rule in rules:
             try:
@@ -187,14 +187,3 @@ class Assembler:
         if sent:
             self.store.signals_sent(sent)
 
-
-def without_repeats(trace: Trace) -> Trace:
-    """The trace with each span id once (its first copy). A collector retries an Export whose
-    answer it did not get, and a store may keep both copies: counting them twice would make
-    `count(x) > n` rules cry wolf."""
-    spans = trace.spans
-    if len({span.span_id for span in spans}) == len(spans):
-        return trace
-    seen: set[str] = set()
-    return Trace(trace.trace_id, [span for span in spans
-                                  if span.span_id not in seen and not seen.add(span.span_id)])

@@ -207,9 +207,7 @@ class Worker:
             traces = {trace_id: records for trace_id, records in traces.items()
                       if any(since <= r[3] < until for r in records)}
         for trace_id, records in traces.items():
-            if len(records) > 1 and len({r[0] for r in records}) < len(records):
-                records = _first_copies(records)
-            trace = Trace(trace_id, [_RecordSpan(trace_id, r) for r in records])
+            trace = Trace(trace_id, [_RecordSpan(trace_id, r) for r in records]).without_repeats()
             for rule, stats in rules:
                 if rule.applies(trace):
                     stats.applied += 1
@@ -225,13 +223,6 @@ class Worker:
 def _partition(trace_id: str, count: int, depth: int) -> int:
     """A trace's partition among `count`: each split depth hashes other digits of the id."""
     return int(trace_id[24 - 8 * depth:32 - 8 * depth], 16) % count
-
-
-def _first_copies(records: list[Record]) -> list[Record]:
-    """Each span id once, as the live path evaluates it: a collector retries an Export whose
-    answer it missed, and its file exporter then writes the spans twice."""
-    seen: set[str] = set()
-    return [r for r in records if r[0] not in seen and not seen.add(r[0])]  # type: ignore[func-returns-value]
 
 
 def _group(violation: Violation, get: Callable[[Span], Any]) -> str:

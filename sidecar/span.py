@@ -103,6 +103,17 @@ class Trace:
                 bucket.append(span)
         self._glob_cache.clear()
 
+    def without_repeats(self) -> Trace:
+        """The trace with each span id once (its first copy). A collector retries an Export
+        whose answer it did not get, and a store or a file exporter may then keep both copies:
+        counting them twice would make `count(x) > n` rules cry wolf."""
+        spans = self.spans
+        if len(spans) < 2 or len({span.span_id for span in spans}) == len(spans):
+            return self
+        seen: set[str] = set()
+        return Trace(self.trace_id, [span for span in spans
+                                     if span.span_id not in seen and not seen.add(span.span_id)])
+
     def named(self, name: str) -> list[Span]:
         return self.by_name.get(name, [])
 

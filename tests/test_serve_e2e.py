@@ -568,13 +568,10 @@ def test_a_retried_export_does_not_count_its_spans_twice(
 
 def test_violation_spans_the_collector_never_got_are_counted(
         start_sidecar: Callable[..., Running], scrape: Callable[..., Any],
-        wait_until: Callable[..., Any]) -> None:
+        wait_until: Callable[..., Any], free_port: Callable[[], int]) -> None:
     """The SDK's batch processor exports in the background: a collector that is down must
     still show up in betrace_signal_export_failures_total{sink="otlp"}, not only in a log."""
-    import socket
-    with socket.socket() as probe:  # a loopback port nothing listens on
-        probe.bind(("127.0.0.1", 0))
-        dead = f"127.0.0.1:{probe.getsockname()[1]}"
+    dead = f"127.0.0.1:{free_port()}"  # nothing listens there
     running = start_sidecar(export_otlp=dead)
     emitter = running.sidecar.emitter
     assert emitter.violation_spans is not None

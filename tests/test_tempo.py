@@ -7,10 +7,9 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -434,10 +433,9 @@ def test_search_errors_name_the_url(fake: FakeTempo, tempo: str) -> None:
         client_for(tempo)[0].search("{ }", T0, T0 + 10)
 
 
-def test_unreachable_tempo_and_timeouts(fake: FakeTempo, tempo: str) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        closed = f"http://127.0.0.1:{sock.getsockname()[1]}"
+def test_unreachable_tempo_and_timeouts(fake: FakeTempo, tempo: str,
+                                        free_port: Callable[[], int]) -> None:
+    closed = f"http://127.0.0.1:{free_port()}"
     client, slept = client_for(closed, retries=2)
     with pytest.raises(TempoError, match=rf"{closed}/api/search.*after 3 attempts"):
         client.search("{ }", T0, T0 + 10)
@@ -544,10 +542,9 @@ def test_betrace_replay_refuses_unusable_tempo_options(args: tuple[str, ...],
     assert done.returncode == 2 and message in done.stderr, done.stderr
 
 
-def test_an_unreachable_tempo_is_a_clear_error_naming_the_url() -> None:
-    with socket.socket() as probe:  # a loopback port nothing listens on
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+def test_an_unreachable_tempo_is_a_clear_error_naming_the_url(
+        free_port: Callable[[], int]) -> None:
+    port = free_port()  # nothing listens there
     done = betrace_replay("--rules", str(RULES / "payments.yaml"), "--tempo",
                           f"http://127.0.0.1:{port}", "--since", "1h")
     assert done.returncode == 2, done.stderr
