@@ -2,9 +2,13 @@
 
 Two paths lead to a signal. Rules whose violation can only become true as spans arrive
 (monotone: no `not`, no `always`, no upper bound on a count) are evaluated on every trace that
-just received spans, so they signal within milliseconds (a trace whose every span came in one
-request is evaluated from that request, not read back from the store). Every rule is evaluated
-when the trace is decided. The store's `reserve_signals` lets each (rule, trace) signal once.
+just received spans, so they signal within milliseconds. Every rule holds when the trace is
+decided. The store's `reserve_signals` lets each (rule, trace) signal once.
+
+A trace whose every span came in one request (the common case behind a batching collector) is
+evaluated by every rule straight from that request, and the verdict is kept with the trace's
+version: decided with nothing added since, it is neither read back from the store nor
+evaluated again.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from sidecar.span import Span, Trace
 from sidecar.store import AppendResult, Claimed, TraceStore
 
 log = logging.getLogger("betrace")
-_QUIET_TRACES = 200_000  # remembered quiet fresh traces (about 100 bytes each)
+_VERDICTS = 200_000  # remembered verdicts on fresh traces (about 200 bytes each)
+_NONE: tuple[Violation, ...] = ()
 
 
 class _Active:
@@ -31,10 +36,14 @@ class _Active:
     def __init__(self, ruleset: RuleSet) -> None:
         self.ruleset = ruleset
         self.monotone = tuple(r for r in ruleset.rules if r.logic.monotone)
-        self.others = tuple(r for r in ruleset.rules if not r.logic.monotone)
-        # Fresh traces whose monotone rules found nothing, with their span count then: decided
-        # with no span added since, those rules cannot fire, and only the others run.
-        self.quiet: OrderedDict[str, int] = OrderedDict()
+        # Fresh traces evaluated by every rule: their version then, and what the rules that are
+        # not monotone found (the monotone ones signalled at once). Decided at that version,
+        # the verdict stands.
+        self.verdicts: OrderedDict[str, tuple[object, tuple[Violation, ...]]] = OrderedDict()
+
+    def known(self, trace_id: str) -> object:
+        verdict = self.verdicts.get(trace_id)
+        return None if verdict is None else verdict[0]
 
 
 class Assembler:
@@ -45,13 +54,14 @@ class Assembler:
         self.metrics = metrics
         self.clock = clock  # wall clock: a shared store compares times across processes
         self._dirty: set[str] = set()  # traces that grew: read back for monotone rules
-        self._fresh: dict[str, list[Span]] = {}  # traces whose every span came in one request
+        # traces whose every span came in one request: those spans, and the trace's version
+        self._fresh: dict[str, tuple[list[Span], object]] = {}
         self._wake = threading.Condition()
         self.set_rules(ruleset)
 
     def set_rules(self, ruleset: RuleSet) -> None:
         """Swap the rule set in one assignment; evaluations already running finish with the
-        old one (and its memory of quiet traces, which the new rules have not seen)."""
+        old one (and its verdicts, which the new rules have not given)."""
         refs = ruleset.refs
         self.store.use_vocabulary(sorted(
             refs.names | refs.attributes | {key for rule in ruleset.rules for key in rule.context}))
@@ -72,16 +82,16 @@ class Assembler:
             log.warning("refused %d span(s): trace over max_spans_per_trace", result.rejected)
         if result.evicted:
             log.warning("max_traces reached: %d open trace(s) decided early", result.evicted)
-        monotone = self.active.monotone
-        if monotone and result.touched or result.evicted:
+        if result.touched or result.evicted:
+            monotone, new, fresh = self.active.monotone, result.new, self._fresh
             with self._wake:
-                if monotone:
-                    new = set(result.new)
-                    for trace_id in result.touched:
-                        if trace_id in new and trace_id not in self._dirty:
-                            self._fresh[trace_id] = batch[trace_id]
-                        else:
-                            self._fresh.pop(trace_id, None)
+                for trace_id in result.touched:
+                    version = new.get(trace_id)
+                    if version is not None and trace_id not in self._dirty:
+                        fresh[trace_id] = (batch[trace_id], version)
+                    else:
+                        fresh.pop(trace_id, None)
+                        if monotone:
                             self._dirty.add(trace_id)
                 self._wake.notify()
         return result
@@ -93,26 +103,30 @@ class Assembler:
             dirty, self._dirty = self._dirty, set()
             fresh, self._fresh = self._fresh, {}
         active = self.active  # one rule set for the whole step, whatever a reload does meanwhile
-        monotone = active.monotone
+        monotone, everything = active.monotone, active.ruleset.rules
         found: list[Violation] = []
-        quiet = []
-        for trace_id, spans in fresh.items():  # the request held the whole trace: no read-back
-            violations = self._evaluate(Trace(trace_id, spans), monotone)
+        verdicts = []
+        observe = self.metrics.rule_evaluation.observe
+        for trace_id, (spans, version) in fresh.items():  # the whole trace: no read-back
+            started = time.perf_counter()
+            violations = self._evaluate(Trace(trace_id, spans), everything)
+            observe(time.perf_counter() - started)
+            later = _NONE
             if violations:
-                found += violations
-            else:
-                quiet.append((trace_id, len(spans)))
+                found += [v for v in violations if v.rule.logic.monotone]
+                later = tuple(v for v in violations if not v.rule.logic.monotone)
+            verdicts.append((trace_id, (version, later)))
         if dirty and monotone:
             for violations in self.store.with_traces(list(dirty),
                                                      lambda t: self._evaluate(t, monotone)):
                 found += violations
-        self._emit(found)
-        remembered = active.quiet
-        remembered.update(quiet)
-        while len(remembered) > _QUIET_TRACES:
+        self._emit(found)  # before the verdicts are kept: if it fails, decisions evaluate again
+        remembered = active.verdicts
+        remembered.update(verdicts)
+        while len(remembered) > _VERDICTS:
             remembered.popitem(last=False)
         now = self.clock()
-        claimed = self.store.claim_due(now)
+        claimed = self.store.claim_due(now, known=active.known)
         self._decide_all(claimed, now, active)
         return len(claimed)
 
@@ -140,23 +154,30 @@ class Assembler:
         """Decide every open trace now (shutdown). Returns how many were decided."""
         self.step()
         now = self.clock()
-        claimed = self.store.claim_all(now)
-        self._decide_all(claimed, now, self.active)
+        active = self.active
+        claimed = self.store.claim_all(now, known=active.known)
+        self._decide_all(claimed, now, active)
         return len(claimed)
 
     def _decide_all(self, claimed: list[Claimed], now: float, active: _Active) -> None:
-        """Evaluate every claimed trace, emit, then tell the store they are decided (in one
-        batch: with Redis, one round trip)."""
+        """Evaluate every claimed trace (or take its verdict, when it is the version the
+        verdict was given on), emit, then tell the store they are decided (in one batch: with
+        Redis, one round trip)."""
         found: list[Violation] = []
-        quiet, everything = active.quiet, active.ruleset.rules
+        verdicts, everything = active.verdicts, active.ruleset.rules
+        latency, evaluation = self.metrics.decision_latency, self.metrics.rule_evaluation
         for reason, count in Counter(item.reason for item in claimed).items():
             self.metrics.traces_decided.labels(reason=reason).inc(count)
         for item in claimed:
-            self.metrics.decision_latency.observe(max(0.0, now - item.due_at))
+            latency.observe(max(0.0, now - item.due_at))
+            verdict = verdicts.pop(item.trace_id, None)
+            if item.trace is None:  # unchanged since its verdict (the store checked the version)
+                assert verdict is not None, "the store skipped a trace this decider never saw"
+                found += verdict[1]
+                continue
             started = time.perf_counter()
-            unchanged = quiet.pop(item.trace.trace_id, None) == len(item.trace.spans)
-            found += self._evaluate(item.trace, active.others if unchanged else everything)
-            self.metrics.rule_evaluation.observe(time.perf_counter() - started)
+            found += self._evaluate(item.trace, everything)
+            evaluation.observe(time.perf_counter() - started)
         self._emit(found)
         if claimed:
             self.store.finish(claimed)

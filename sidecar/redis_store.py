@@ -45,7 +45,7 @@ from redis.cluster import ClusterNode, RedisCluster
 from redis.exceptions import NoScriptError, RedisClusterException
 
 from sidecar.span import KINDS, STATUSES, Span, Trace
-from sidecar.store import AppendResult, Claimed, StoreLimits
+from sidecar.store import AppendResult, Claimed, Known, StoreLimits
 
 T = TypeVar("T")
 log = logging.getLogger("betrace")
@@ -80,7 +80,8 @@ end
 
 # KEYS: spans, signals of each trace. ARGV: now, max_spans, ttl, retention, wait, max_age, then
 # per trace: its span count, its spans. Per trace: taken, refused, late, fresh, spans before,
-# deadline ('' unless the trace is open).
+# deadline ('' unless the trace is open), version ('' unless this call created the trace: its
+# opened time and span count, which identify what a claim that knows it need not read back).
 _APPEND = _STATE + """
 local now, limit, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
 local retention, wait, max_age = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -115,7 +116,9 @@ local function append(spans, signals, first, n)
     redis.call('PEXPIRE', spans, ttl)
     redis.call('PEXPIRE', signals, ttl)  -- a re-opened trace keeps the memory of its signals
   end
-  return {take, n - take, late, fresh, before, due}
+  local version = ''  -- a trace this call created: its version, for claims that know it
+  if fresh == 1 and before == 0 then version = num(m.o) .. ':' .. (have + take) end
+  return {take, n - take, late, fresh, before, due, version}
 end
 local out, at = {}, 7
 for k = 1, #KEYS, 2 do
@@ -126,13 +129,14 @@ end
 return out
 """
 
-# KEYS: spans of each trace. ARGV: now, wait, max_age, lease_until, then per trace its token.
-# Per trace: {'claimed', deadline, previous st, reason, span...} or {'later', deadline}, {'gone'},
-# {'done'}, {'leased'}.
+# KEYS: spans of each trace. ARGV: now, wait, max_age, lease_until, then per trace its token
+# and the version the caller knows ('' if none). Per trace: {'claimed', deadline, previous st,
+# reason, span count, 'same' or '', span...} (no spans when 'same': the caller knows them), or
+# {'later', deadline}, {'gone'}, {'done'}, {'leased'}.
 _CLAIM_TRACE = _STATE + """
 local now, wait, max_age, lease = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]),
                                   tonumber(ARGV[4])
-local function claim(spans, token)
+local function claim(spans, token, known)
   local m = state(spans)
   if not m or not m.l then return {'gone'} end
   if m.st == '2' and m.f == '1' then return {'done'} end
@@ -140,15 +144,19 @@ local function claim(spans, token)
   local idle, aged = m.l + wait, m.o + max_age
   local due = math.min(idle, aged)
   if m.st == '0' and due > now then return {'later', num(due)} end
-  local out = {'claimed', num(due), m.st, 'idle'}
+  local n = redis.call('LLEN', spans) - 1
+  local out = {'claimed', num(due), m.st, 'idle', n, ''}
   if aged <= idle then out[4] = 'max_age' end
+  if known ~= '' and known == num(m.o) .. ':' .. n then out[6] = 'same' end
   m.st, m.dt, m.lx, m.f, m.tok = '2', now, lease, nil, token
   save(spans, m)
-  for _, span in ipairs(redis.call('LRANGE', spans, 1, -1)) do out[#out + 1] = span end
+  if out[6] == '' then
+    for _, span in ipairs(redis.call('LRANGE', spans, 1, -1)) do out[#out + 1] = span end
+  end
   return out
 end
 local out = {}
-for k = 1, #KEYS do out[k] = claim(KEYS[k], ARGV[4 + k]) end
+for k = 1, #KEYS do out[k] = claim(KEYS[k], ARGV[3 + 2 * k], ARGV[4 + 2 * k]) end
 return out
 """
 
@@ -169,29 +177,44 @@ for k = 1, #KEYS, 2 do out[#out + 1] = finish(KEYS[k], KEYS[k + 1], ARGV[1 + (k 
 return out
 """
 
-# KEYS: due, counts. ARGV: open traces delta, spans delta, then (op, id, score) triples: 'a' sets
-# the deadline; 'r' drops it unless something moved it since (a late span re-opened the trace).
+# KEYS: due, counts of each shard. ARGV per shard: open traces delta, spans delta, how many
+# (op, id, score) triples follow, the triples: 'a' sets the deadline; 'r' drops it unless
+# something moved it since (a late span re-opened the trace).
 _SHARD = """
-if ARGV[1] ~= '0' then redis.call('HINCRBY', KEYS[2], 'traces', ARGV[1]) end
-if ARGV[2] ~= '0' then redis.call('HINCRBY', KEYS[2], 'spans', ARGV[2]) end
-for i = 3, #ARGV, 3 do
-  if ARGV[i] == 'a' then
-    redis.call('ZADD', KEYS[1], ARGV[i + 2], ARGV[i + 1])
-  else
-    local score = redis.call('ZSCORE', KEYS[1], ARGV[i + 1])
-    if score and tonumber(score) == tonumber(ARGV[i + 2]) then
-      redis.call('ZREM', KEYS[1], ARGV[i + 1])
+local at = 1
+for k = 1, #KEYS, 2 do
+  local due, counts, n = KEYS[k], KEYS[k + 1], tonumber(ARGV[at + 2])
+  if ARGV[at] ~= '0' then redis.call('HINCRBY', counts, 'traces', ARGV[at]) end
+  if ARGV[at + 1] ~= '0' then redis.call('HINCRBY', counts, 'spans', ARGV[at + 1]) end
+  for i = at + 3, at + 3 * n, 3 do
+    if ARGV[i] == 'a' then
+      redis.call('ZADD', due, ARGV[i + 2], ARGV[i + 1])
+    else
+      local score = redis.call('ZSCORE', due, ARGV[i + 1])
+      if score and tonumber(score) == tonumber(ARGV[i + 2]) then
+        redis.call('ZREM', due, ARGV[i + 1])
+      end
     end
   end
+  at = at + 3 + 3 * n
 end
 return 0
 """
 
-# KEYS: due. ARGV: now, limit, lease_until. The due trace ids, moved to their lease expiry.
+# KEYS: due of each shard. ARGV: now, limit, lease_until. Per shard: its due trace ids (at most
+# `limit` in all), moved to their lease expiry.
 _CLAIM_SHARD = """
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
-for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], ARGV[3], id) end
-return ids
+local left, out = tonumber(ARGV[2]), {}
+for k = 1, #KEYS do
+  local ids = {}
+  if left > 0 then
+    ids = redis.call('ZRANGEBYSCORE', KEYS[k], '-inf', ARGV[1], 'LIMIT', 0, left)
+    for _, id in ipairs(ids) do redis.call('ZADD', KEYS[k], ARGV[3], id) end
+    left = left - #ids
+  end
+  out[k] = ids
+end
+return out
 """
 
 # KEYS: signals of each (rule, trace). ARGV: now, stale_after, ttl (ms), then per pair its rule.
@@ -298,10 +321,10 @@ def _round_trip(node: redis.Redis, commands: list[tuple[Any, ...]]) -> list[Any]
     return replies
 
 
-class _PerTrace:
-    """One script call for many traces: all of them on a standalone Redis, those of one hash
-    slot on a Cluster (where a script may touch one slot only). Each trace brings its keys and
-    its own arguments; `results` gives each its element of the reply, in the order added."""
+class _PerSlot:
+    """One script call for many traces (or shards): all of them on a standalone Redis, those of
+    one hash slot on a Cluster (where a script may touch one slot only). Each brings its keys
+    and its own arguments; `results` gives each its element of the reply, in the order added."""
 
     def __init__(self, batch: _Batch, script: _Script, shared: Sequence[Any],
                  traces_per_call: int = _MAX_ARGS) -> None:
@@ -336,7 +359,7 @@ class _PerTrace:
                 out[trace] = result
         return out
 
-    def queue(self) -> _PerTrace:
+    def queue(self) -> _PerSlot:
         """Queue the calls still open on the batch (before it runs)."""
         for group in list(self.open):
             self._queue(group)
@@ -344,7 +367,8 @@ class _PerTrace:
 
 
 class _ShardUpdates:
-    """Deadline and count changes gathered per shard, sent as one script call per shard."""
+    """Deadline and count changes gathered per shard, sent in one script call (one per hash
+    slot on a Cluster)."""
 
     def __init__(self, store: RedisStore) -> None:
         self.store = store
@@ -365,13 +389,16 @@ class _ShardUpdates:
         self._ops(shard).extend(("r", trace_id, if_ms))
 
     def send(self, batch: _Batch) -> None:
+        calls = _PerSlot(batch, SHARD, ())
         for shard, ops in self.shards.items():
             if ops == [0, 0]:
                 continue
             keys, triples = self.store._shard_keys(shard), ops[2:]
             for start in range(0, max(len(triples), 1), 3 * _MAX_ARGS):
+                part = triples[start:start + 3 * _MAX_ARGS]
                 counts = ops[:2] if start == 0 else [0, 0]
-                batch.call(SHARD, keys, [*counts, *triples[start:start + 3 * _MAX_ARGS]])
+                calls.add(keys, [*counts, len(part) // 3, *part])
+        calls.queue()
 
 
 class Vocabulary:
@@ -546,7 +573,7 @@ class RedisStore:
         vocabulary = self.vocabulary
         scripts = _Batch(self.client)
         scripts.add(vocabulary.key, "SET", vocabulary.key, vocabulary.packed, "EX", 86400)
-        appends = _PerTrace(scripts, APPEND, fixed)
+        appends = _PerSlot(scripts, APPEND, fixed)
         order = []
         encode = vocabulary.encode
         for trace_id, spans in batch.items():
@@ -559,9 +586,11 @@ class RedisStore:
         appends.queue()
         result = AppendResult()
         updates = _ShardUpdates(self)
-        new: dict[str, bool] = {}
+        created: dict[str, list[Any]] = {}  # trace id -> [opened, spans taken], while whole
         replies = appends.results(scripts.run())
-        for trace_id, (taken, refused, late, fresh, before, due) in zip(order, replies):
+        previous = None
+        for trace_id, (taken, refused, late, fresh, before, due, version) in zip(order, replies):
+            first, previous = trace_id != previous, trace_id  # a trace's parts come in a row
             result.accepted += taken
             result.rejected += refused
             result.late += late
@@ -570,11 +599,17 @@ class RedisStore:
                 result.touched.append(trace_id)
             if due:
                 updates.due(shard, trace_id, due.decode())
-            if trace_id not in new:  # the first part of this trace's spans says if it is new
-                new[trace_id] = bool(fresh) and not before
-            new[trace_id] = new[trace_id] and not refused
+            # The first part of a trace's spans says whether this call created it; the version
+            # counts only this batch's spans, so one interleaved from elsewhere changes it.
+            if first and version:
+                created[trace_id] = [version.split(b":")[0], taken]
+            elif trace_id in created:
+                created[trace_id][1] += taken
+            if refused:
+                created.pop(trace_id, None)
             updates.count(shard, fresh, taken + before)
-        result.new = [trace_id for trace_id, whole in new.items() if whole]
+        result.new = {trace_id: b"%s:%d" % (opened, count)
+                      for trace_id, (opened, count) in created.items()}
         self._send(updates)
         return result
 
@@ -583,30 +618,34 @@ class RedisStore:
         updates.send(batch)
         batch.run()
 
-    def claim_due(self, now: float, limit: int = 1000) -> list[Claimed]:
+    def claim_due(self, now: float, limit: int = 1000,
+                  known: Known | None = None) -> list[Claimed]:
         limits = self.limits
         now_ms, lease_ms = _ms(now), _ms(now + limits.claim_lease)
         with self._lock:  # rotate the starting shard so no shard starves under load
             start, self._next_shard = self._next_shard, (self._next_shard + 1) % self.shards
         shards = [(start + i) % self.shards for i in range(self.shards)]
         pops = _Batch(self.client)
+        popping = _PerSlot(pops, CLAIM_SHARD, [now_ms, limit, lease_ms])
         for shard in shards:
-            pops.call(CLAIM_SHARD, self._shard_keys(shard)[:1], [now_ms, limit, lease_ms])
+            popping.add(self._shard_keys(shard)[:1], ())
+        popping.queue()
         updates = _ShardUpdates(self)
         chosen: list[tuple[str, int, str]] = []
         batch = _Batch(self.client)
-        claims = _PerTrace(batch, CLAIM_TRACE, [now_ms, _ms(limits.decision_wait),
+        claims = _PerSlot(batch, CLAIM_TRACE, [now_ms, _ms(limits.decision_wait),
                                                 _ms(limits.max_trace_age), lease_ms],
                            traces_per_call=_CLAIMS_PER_CALL)
         tokens = os.urandom(6).hex()  # this claim's; a trace's token adds its place in it
-        for shard, ids in zip(shards, pops.run()):
+        for shard, ids in zip(shards, popping.results(pops.run())):
             for raw in ids:
                 trace_id = raw.decode()
                 if len(chosen) >= limit:  # over the limit: due now, for the next call
                     updates.due(shard, trace_id, now_ms)
                     continue
                 token = f"{tokens}{len(chosen):x}"
-                claims.add(self._trace_keys(trace_id)[:1], [token])
+                claims.add(self._trace_keys(trace_id)[:1],
+                           [token, known and known(trace_id) or b""])
                 chosen.append((trace_id, shard, token))
         claimed: list[Claimed] = []
         claims.queue()
@@ -617,16 +656,19 @@ class RedisStore:
             elif verdict in (b"gone", b"done"):
                 updates.release(shard, trace_id, lease_ms)
             elif verdict == b"claimed":
-                try:  # one unreadable trace must not hold up the others: it stays claimed
-                    spans = [decode_span(trace_id, raw, self._words) for raw in reply[4:]]
-                except (ValueError, TypeError, LookupError, redis.DataError) as exc:
-                    log.error("trace %s cannot be read (%s); retried after the lease",
-                              trace_id, exc)
-                    continue
+                trace = None  # the caller knows every span: not read back
+                if reply[5] != b"same":
+                    try:  # one unreadable trace must not hold up the others: it stays claimed
+                        trace = Trace(trace_id, [decode_span(trace_id, raw, self._words)
+                                                 for raw in reply[6:]])
+                    except (ValueError, TypeError, LookupError, redis.DataError) as exc:
+                        log.error("trace %s cannot be read (%s); retried after the lease",
+                                  trace_id, exc)
+                        continue
                 if reply[2] == b"0":  # it was open: it leaves the shard's live counts
-                    updates.count(shard, -1, -len(spans))
-                claimed.append(Claimed(Trace(trace_id, spans), reply[3].decode(),
-                                       int(reply[1]) / 1000, _Lease(token, lease_ms, shard)))
+                    updates.count(shard, -1, -reply[4])
+                claimed.append(Claimed(trace_id, trace, reply[3].decode(), int(reply[1]) / 1000,
+                                       _Lease(token, lease_ms, shard)))
             # b"leased": another sidecar is deciding it; its lease says until when
         self._send(updates)
         return claimed
@@ -635,21 +677,21 @@ class RedisStore:
         """Mark decided traces (unless a late span re-opened them meanwhile) and drop their
         deadlines: two round trips per node for the whole batch."""
         batch = _Batch(self.client)
-        finishes = _PerTrace(batch, FINISH, [_ms(self.limits.decided_retention + 1)])
+        finishes = _PerSlot(batch, FINISH, [_ms(self.limits.decided_retention + 1)])
         for item in claimed:
             lease = item.handle
             assert isinstance(lease, _Lease)
-            finishes.add(self._trace_keys(item.trace.trace_id), [lease.token])
+            finishes.add(self._trace_keys(item.trace_id), [lease.token])
         updates = _ShardUpdates(self)
         finishes.queue()
         for item, done in zip(claimed, finishes.results(batch.run())):
             if done:
                 lease = item.handle
                 assert isinstance(lease, _Lease)
-                updates.release(lease.shard, item.trace.trace_id, lease.until_ms)
+                updates.release(lease.shard, item.trace_id, lease.until_ms)
         self._send(updates)
 
-    def claim_all(self, now: float) -> list[Claimed]:
+    def claim_all(self, now: float, known: Known | None = None) -> list[Claimed]:
         """Nothing: the state is shared, and one sidecar stopping must not decide the traces
         other sidecars are still assembling. They (or this one, restarted) decide them."""
         return []
@@ -675,7 +717,7 @@ class RedisStore:
         decider that died before writing: it is taken over. A crash can repeat a signal (same
         signal_id), never lose one."""
         batch = _Batch(self.client)
-        reservations = _PerTrace(batch, RESERVE_SIGNAL, [
+        reservations = _PerSlot(batch, RESERVE_SIGNAL, [
             _ms(time.time()), _ms(self.limits.claim_lease / 2), _ms(self.ttl)])
         for rule_id, trace_id in pairs:
             reservations.add(self._trace_keys(trace_id)[1:], [rule_id])

@@ -10,11 +10,12 @@ early-decided traces are reported in the results for the caller to count.
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import NamedTuple, Protocol, TypeVar
 
 from sidecar.span import Span, Trace
 
@@ -38,26 +39,33 @@ class AppendResult:
     late: int = 0  # accepted into a trace that had already been decided (it re-opens)
     evicted: int = 0  # open traces pushed to an early decision to make room (max_traces)
     touched: list[str] = field(default_factory=list)  # traces that received spans
-    # traces this batch created, every span accepted: the batch holds the whole trace so far
-    new: list[str] = field(default_factory=list)
+    # Traces this batch created, every span accepted (the batch holds the whole trace so far),
+    # each with its version: opaque, equal only while nothing is added (see `claim_due`).
+    new: dict[str, object] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class Claimed:
+class Claimed(NamedTuple):
     """A trace handed to one decider; `reason` is idle, max_age, evicted or shutdown.
-    `handle` is the store's own (a lease, for shared stores); pass it back to `finish`."""
+    `trace` is None when the trace is still the version the caller said it knew (`known`):
+    the caller has seen every span, so the store does not read them back. `handle` is the
+    store's own (a lease, for shared stores); pass it back to `finish`."""
 
-    trace: Trace
+    trace_id: str
+    trace: Trace | None
     reason: str
     due_at: float
     handle: object = None
 
 
+Known = Callable[[str], object]  # trace id -> the version the caller has seen (None: none)
+
+
 class TraceStore(Protocol):
     def append(self, batch: Mapping[str, list[Span]], now: float) -> AppendResult: ...
-    def claim_due(self, now: float, limit: int = 1000) -> list[Claimed]: ...
+    def claim_due(self, now: float, limit: int = 1000,
+                  known: Known | None = None) -> list[Claimed]: ...
     def finish(self, claimed: Sequence[Claimed]) -> None: ...
-    def claim_all(self, now: float) -> list[Claimed]: ...
+    def claim_all(self, now: float, known: Known | None = None) -> list[Claimed]: ...
     def with_traces(self, trace_ids: list[str], use: Callable[[Trace], T]) -> list[T]: ...
     def with_trace(self, trace_id: str, use: Callable[[Trace], T]) -> T | None: ...
     # (rule id, trace id) pairs: True for each signal this caller is to send, then confirmed
@@ -72,14 +80,21 @@ class TraceStore(Protocol):
 
 
 class _Entry:
-    __slots__ = ("trace", "opened", "last_seen", "signalled", "decided_until")
+    __slots__ = ("trace", "serial", "opened", "last_seen", "signalled", "decided_until")
 
-    def __init__(self, trace: Trace, now: float) -> None:
+    def __init__(self, trace: Trace, serial: int, now: float) -> None:
         self.trace = trace
+        self.serial = serial  # new with each instance of the trace: part of its version
         self.opened = now
         self.last_seen = now
         self.signalled: set[str] | None = None  # made on the first signal: most traces have none
         self.decided_until: float | None = None  # set while decided and remembered
+
+
+def _claimed(trace_id: str, entry: _Entry, reason: str, due_at: float,
+             known: Known | None) -> Claimed:
+    unchanged = known is not None and known(trace_id) == (entry.serial, len(entry.trace.spans))
+    return Claimed(trace_id, None if unchanged else entry.trace, reason, due_at)
 
 
 class MemoryStore:
@@ -98,6 +113,7 @@ class MemoryStore:
         # max_traces at each claim, once the batch claimed before has been decided.
         self._evicted_signals: OrderedDict[str, set[str]] = OrderedDict()
         self._spans = 0
+        self._serials = itertools.count()
 
     def append(self, batch: Mapping[str, list[Span]], now: float) -> AppendResult:
         result = AppendResult()
@@ -108,7 +124,8 @@ class MemoryStore:
                 new = entry is None
                 if entry is None:
                     self._make_room(result)
-                    entry = self._entries[trace_id] = _Entry(Trace(trace_id, ()), now)
+                    entry = self._entries[trace_id] = _Entry(Trace(trace_id, ()),
+                                                             next(self._serials), now)
                     entry.signalled = self._evicted_signals.pop(trace_id, entry.signalled)
                     self._by_age[trace_id] = entry
                 elif entry.decided_until is not None:
@@ -116,6 +133,7 @@ class MemoryStore:
                     del self._decided[trace_id]
                     entry.decided_until = None
                     entry.trace = Trace(trace_id, entry.trace.spans)
+                    entry.serial = next(self._serials)
                     entry.opened = now
                     self._by_age[trace_id] = entry
                     self._spans += len(entry.trace.spans)
@@ -135,7 +153,7 @@ class MemoryStore:
                 result.accepted += len(spans)
                 result.touched.append(trace_id)
                 if new:
-                    result.new.append(trace_id)
+                    result.new[trace_id] = (entry.serial, len(entry.trace.spans))
         return result
 
     def _make_room(self, result: AppendResult) -> None:
@@ -153,7 +171,8 @@ class MemoryStore:
         self._evicted.append((trace_id, entry))
         result.evicted += 1
 
-    def claim_due(self, now: float, limit: int = 1000) -> list[Claimed]:
+    def claim_due(self, now: float, limit: int = 1000,
+                  known: Known | None = None) -> list[Claimed]:
         wait, max_age = self.limits.decision_wait, self.limits.max_trace_age
         claimed: list[Claimed] = []
         with self._lock:
@@ -161,18 +180,19 @@ class MemoryStore:
             while self._evicted and len(claimed) < limit:
                 trace_id, entry = self._evicted.pop()
                 self._remember_evicted(trace_id, entry)
-                claimed.append(Claimed(entry.trace, "evicted", now))
+                claimed.append(_claimed(trace_id, entry, "evicted", now, known))
             while self._by_activity and len(claimed) < limit:
                 trace_id, entry = next(iter(self._by_activity.items()))
                 if entry.last_seen + wait > now:
                     break
-                claimed.append(self._decide(trace_id, entry, "idle", entry.last_seen + wait, now))
+                claimed.append(self._decide(trace_id, entry, "idle", entry.last_seen + wait, now,
+                                            known))
             while self._by_age and len(claimed) < limit:
                 trace_id, entry = next(iter(self._by_age.items()))
                 if entry.opened + max_age > now:
                     break
                 claimed.append(self._decide(trace_id, entry, "max_age", entry.opened + max_age,
-                                            now))
+                                            now, known))
             while self._decided:
                 trace_id, entry = next(iter(self._decided.items()))
                 if entry.decided_until is None or entry.decided_until > now:
@@ -191,24 +211,24 @@ class MemoryStore:
             self._evicted_signals.popitem(last=False)
 
     def _decide(self, trace_id: str, entry: _Entry, reason: str, due_at: float,
-                now: float) -> Claimed:
+                now: float, known: Known | None) -> Claimed:
         self._by_activity.pop(trace_id, None)
         self._by_age.pop(trace_id, None)
         self._spans -= len(entry.trace.spans)
         entry.decided_until = now + self.limits.decided_retention
         self._decided[trace_id] = entry
-        return Claimed(entry.trace, reason, due_at)
+        return _claimed(trace_id, entry, reason, due_at, known)
 
-    def claim_all(self, now: float) -> list[Claimed]:
+    def claim_all(self, now: float, known: Known | None = None) -> list[Claimed]:
         """Every open trace, for a final decision at shutdown."""
         with self._lock:
             self._prune_evicted_signals()
             claimed = []
             for trace_id, entry in self._evicted:
                 self._remember_evicted(trace_id, entry)
-                claimed.append(Claimed(entry.trace, "shutdown", now))
+                claimed.append(_claimed(trace_id, entry, "shutdown", now, known))
             self._evicted.clear()
-            claimed += [self._decide(trace_id, entry, "shutdown", now, now)
+            claimed += [self._decide(trace_id, entry, "shutdown", now, now, known)
                         for trace_id, entry in list(self._by_age.items())]
         return claimed
 

@@ -1,11 +1,15 @@
-"""The assembler against a reload that lands in the middle of a decision step (the reload thread
-runs whenever it likes). The real store, rules, emitter and metrics; only the moment of the
-reload is forced, from inside the step's own evaluation."""
+"""The assembler: against a reload that lands in the middle of a decision step (the reload thread
+runs whenever it likes), and keeping verdicts on traces it saw whole. The real stores, rules,
+emitter and metrics; only the moment of the reload is forced, from inside the step's own
+evaluation."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+import pytest
+import redis
 from prometheus_client import CollectorRegistry
 
 from sidecar.assembler import Assembler
@@ -13,7 +17,8 @@ from sidecar.emit import Emitter
 from sidecar.metrics import Metrics
 from sidecar.rules import Violation, load_rules_text
 from sidecar.span import Span
-from sidecar.store import MemoryStore, StoreLimits
+from sidecar.redis_store import RedisStore
+from sidecar.store import MemoryStore, StoreLimits, TraceStore
 
 OLD = """rules:
   - id: big-refund
@@ -57,3 +62,75 @@ def test_a_reload_during_a_step_does_not_let_the_new_rules_skip_a_trace() -> Non
     now[0] += 5
     assembler.step()  # the decision, under the new rule: 100 > 50
     assert emitter.rules == ["big-refund"]
+
+
+# --- verdicts on traces seen whole --------------------------------------------------------------
+
+UNAUDITED = """rules:
+  - id: unaudited-admin
+    when: trace.has(admin.action)
+    always: trace.has(audit.log)
+  - id: unlocked-write
+    condition: trace.has(db.write) and not trace.has(lock.acquire)
+  - id: big-refund
+    condition: refund.where(amount > 1000)
+"""
+
+
+@pytest.fixture(params=["memory", "redis"])
+def make_store(request: pytest.FixtureRequest) -> Callable[[], TraceStore]:
+    def make() -> TraceStore:
+        limits = StoreLimits(decision_wait=1.0)
+        if request.param == "memory":
+            return MemoryStore(limits)
+        client = redis.Redis.from_url(request.getfixturevalue("redis_url"))
+        client.flushdb()
+        return RedisStore(client, limits)
+    return make
+
+
+def span(name: str, n: int, **attributes: Any) -> Span:
+    return Span(TRACE, f"{n:016x}", name, start_ns=n, end_ns=n + 1, attributes=attributes)
+
+
+def assembled(store: TraceStore) -> tuple[Assembler, Recording, list[float]]:
+    now = [1000.0]
+    metrics = Metrics(CollectorRegistry())
+    emitter = Recording(metrics)
+    return (Assembler(store, load_rules_text(UNAUDITED), emitter, metrics, clock=lambda: now[0]),
+            emitter, now)
+
+
+def test_a_verdict_given_on_a_whole_request_is_kept_until_the_decision(
+        make_store: Callable[[], TraceStore]) -> None:
+    """Fresh traces meet every rule at once, but only the monotone ones signal then: the
+    others wait for the decision, which takes the kept verdict."""
+    assembler, emitter, now = assembled(make_store())
+    assembler.ingest({TRACE: [span("admin.action", 1), span("refund", 2, amount=5000)]})
+    assembler.step()
+    assert emitter.rules == ["big-refund"]  # monotone: at once
+    now[0] += 2
+    assert assembler.step() == 1
+    assert sorted(emitter.rules) == ["big-refund", "unaudited-admin"]  # once each
+
+
+def test_a_violation_found_on_the_first_request_is_withdrawn_by_a_later_span(
+        make_store: Callable[[], TraceStore]) -> None:
+    assembler, emitter, now = assembled(make_store())
+    assembler.ingest({TRACE: [span("admin.action", 1)]})
+    assembler.step()  # the verdict then: unaudited
+    assembler.ingest({TRACE: [span("audit.log", 2)]})
+    now[0] += 2
+    assert assembler.step() == 1
+    assert emitter.rules == []
+
+
+def test_a_quiet_verdict_does_not_hide_what_a_later_span_completes(
+        make_store: Callable[[], TraceStore]) -> None:
+    assembler, emitter, now = assembled(make_store())
+    assembler.ingest({TRACE: [span("http.request", 1)]})
+    assembler.step()  # quiet then
+    assembler.ingest({TRACE: [span("db.write", 2)]})
+    now[0] += 2
+    assert assembler.step() == 1
+    assert emitter.rules == ["unlocked-write"]

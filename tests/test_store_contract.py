@@ -83,8 +83,8 @@ def ids(claimed: Claimed) -> set[str]:
     return {s.span_id for s in claimed.trace.spans}
 
 
-def by_trace(claimed: list[Claimed]) -> dict[str, Claimed]:
-    out = {c.trace.trace_id: c for c in claimed}
+def by_id(claimed: list[Claimed]) -> dict[str, Claimed]:
+    out = {c.trace_id: c for c in claimed}
     assert len(out) == len(claimed), f"a trace was claimed twice in one call: {claimed}"
     return out
 
@@ -147,7 +147,7 @@ def test_claim_returns_each_trace_once(store_factory: StoreFactory) -> None:
     store = store_factory(decision_wait=1.0)
     store.append({A: spans(A), B: spans(B, 2)}, now=0.0)
     store.append({C: spans(C)}, now=0.5)
-    first = by_trace(claim(store, 5.0))
+    first = by_id(claim(store, 5.0))
     assert set(first) == {A, B, C}
     assert claim(store, 5.0) == []
     assert claim(store, 50.0) == []
@@ -173,6 +173,72 @@ def test_with_trace_reads_an_open_trace_only(store_factory: StoreFactory) -> Non
     assert store.with_trace(B, len) is None
     claim(store, 1.0)
     assert store.with_trace(A, len) is None  # decided: a decider owns it now
+
+
+# --- versions: what a decider has already seen --------------------------------------------------
+
+def test_a_trace_still_at_the_version_its_append_reported_is_not_read_back(
+        store_factory: StoreFactory) -> None:
+    store = store_factory(decision_wait=10.0)
+    result = store.append({A: spans(A, 2), B: spans(B, 3)}, now=0.0)
+    assert set(result.new) == {A, B}
+    claimed = by_id(claim(store, 10.0, known=result.new.get))
+    assert claimed[A].trace is None and claimed[B].trace is None
+    assert claimed[A].reason == "idle" and claimed[A].due_at == pytest.approx(10.0)
+    assert store.counts() == (0, 0)
+    # Decided all the same: a span now re-opens the trace with the earlier ones.
+    late = store.append({A: spans(A)}, now=11.0)
+    assert late.late == 1 and A not in late.new and store.with_trace(A, len) == 3
+
+
+def test_a_trace_that_grew_after_its_version_is_read_back_whole(
+        store_factory: StoreFactory) -> None:
+    store = store_factory(decision_wait=10.0)
+    first = store.append({A: spans(A, 2), B: spans(B, 2)}, now=0.0)
+    grown = store.append({A: spans(A)}, now=1.0)
+    assert A not in grown.new  # the batch holds only part of A
+    retried = store.append({B: spans(B, 2)}, now=1.0)  # a retry's copy counts as growth
+    assert B not in retried.new
+    claimed = by_id(claim(store, 11.0, known=first.new.get))
+    assert claimed[A].trace is not None and len(claimed[A].trace.spans) == 3
+    assert claimed[B].trace is not None and len(claimed[B].trace.spans) == 4
+
+
+def test_without_known_versions_every_trace_is_read_back(store_factory: StoreFactory) -> None:
+    store = store_factory(decision_wait=10.0)
+    store.append({A: spans(A, 2)}, now=0.0)
+    [claimed] = claim(store, 10.0, known=lambda trace_id: None)
+    assert claimed.trace is not None and len(claimed.trace.spans) == 2
+
+
+def test_a_trace_made_again_after_it_was_forgotten_has_a_new_version(
+        store_factory: StoreFactory) -> None:
+    """Another decider may have decided (and the store forgotten) a trace whose version this
+    one remembers; spans arriving later make it again, with as many spans, but not the same."""
+    store = store_factory(decision_wait=1.0, decided_retention=5.0)
+    before = store.append({A: spans(A, 2)}, now=0.0)
+    claim(store, 1.0)  # decided without `known`, as another sidecar would
+    claim(store, 7.0)  # past the retention: forgotten
+    again = store.append({A: spans(A, 2)}, now=7.0)
+    assert A in again.new and again.new[A] != before.new[A]
+    [claimed] = claim(store, 8.0, known=before.new.get)
+    assert claimed.trace is not None and len(claimed.trace.spans) == 2
+
+
+def test_a_batch_with_refused_spans_does_not_hold_the_whole_trace(
+        store_factory: StoreFactory) -> None:
+    store = store_factory(max_spans_per_trace=3)
+    result = store.append({A: spans(A, 5), B: spans(B, 2)}, now=0.0)
+    assert result.rejected == 2 and set(result.new) == {B}
+
+
+def test_a_trace_of_more_spans_than_one_script_call_takes_keeps_its_version(
+        store_factory: StoreFactory) -> None:
+    store = store_factory(decision_wait=10.0)
+    result = store.append({A: spans(A, 2500)}, now=0.0)
+    assert result.accepted == 2500 and A in result.new
+    [claimed] = claim(store, 10.0, known=result.new.get)
+    assert claimed.trace is None
 
 
 # --- late spans and signalling once -------------------------------------------------------------
@@ -241,7 +307,7 @@ def test_max_spans_per_trace_refuses_the_excess_and_reports_it(
     assert store.with_trace(B, len) == 3
     assert store.counts() == (2, 6)
     # A full trace is still decided with what it holds.
-    claimed = by_trace(claim(store, 100.0))
+    claimed = by_id(claim(store, 100.0))
     assert len(claimed[A].trace.spans) == 3 and len(claimed[B].trace.spans) == 3
 
 
@@ -262,7 +328,7 @@ def test_max_traces_decides_the_oldest_open_trace_early_as_evicted(
     assert evicted.trace.trace_id == A and evicted.reason == "evicted"
     assert len(evicted.trace.spans) == 3  # with every span it held: nothing silently dropped
     assert claim(store, 3.0) == []
-    rest = by_trace(claim(store, 100.0))
+    rest = by_id(claim(store, 100.0))
     assert set(rest) == {B, C, D} and {c.reason for c in rest.values()} == {"idle"}
 
 
@@ -296,7 +362,7 @@ def test_every_trace_of_a_large_evicted_batch_still_signals_at_most_once(
     for now, trace_id in enumerate(traces):
         store.append({trace_id: spans(trace_id)}, now=float(now))
         assert store.reserve_signals([("early-rule", trace_id)]) == [True]
-    claimed = by_trace(claim(store, 12.0))
+    claimed = by_id(claim(store, 12.0))
     assert set(claimed) == set(traces[:10])
     assert {c.reason for c in claimed.values()} == {"evicted"}
     for trace_id in traces[:10]:
@@ -309,7 +375,7 @@ def test_evicted_traces_not_yet_claimed_are_returned_at_shutdown(
     store.append({A: spans(A)}, now=0.0)
     store.append({B: spans(B)}, now=1.0)
     store.append({C: spans(C)}, now=2.0)  # evicts A, nobody claims it before shutdown
-    final = by_trace(store.claim_all(3.0))
+    final = by_id(store.claim_all(3.0))
     assert set(final) == {A, B, C}
     assert store.counts() == (0, 0)
     assert claim(store, 1000.0) == []
@@ -368,7 +434,7 @@ def test_claim_all_at_shutdown_returns_every_open_trace(local_store_factory: Sto
     store.append({B: spans(B, 2), C: spans(C)}, now=11.0)
     store.append({D: spans(D)}, now=12.0)
     store.append({A: spans(A)}, now=13.0)  # A re-opened
-    final = by_trace(store.claim_all(14.0))
+    final = by_id(store.claim_all(14.0))
     assert set(final) == {A, B, C, D}
     assert {c.reason for c in final.values()} == {"shutdown"}
     assert len(final[A].trace.spans) == 2 and len(final[B].trace.spans) == 2
