@@ -6,9 +6,9 @@ just received spans, so they signal within milliseconds. Every rule holds when t
 decided. The store's `reserve_signals` lets each (rule, trace) signal once.
 
 A trace whose every span came in one request (the common case behind a batching collector) is
-evaluated by every rule straight from that request, and the verdict is kept with the trace's
-version: decided with nothing added since, it is neither read back from the store nor
-evaluated again.
+evaluated by every rule straight from that request. When no rule fires, the trace's version is
+kept: decided with nothing added since, it is neither read back from the store nor evaluated
+again (with Redis, claiming it decides it).
 """
 
 from __future__ import annotations
@@ -26,8 +26,7 @@ from sidecar.span import Span, Trace
 from sidecar.store import AppendResult, Claimed, TraceStore
 
 log = logging.getLogger("betrace")
-_VERDICTS = 200_000  # remembered verdicts on fresh traces (about 200 bytes each)
-_NONE: tuple[Violation, ...] = ()
+_QUIET_TRACES = 200_000  # remembered quiet fresh traces (about 200 bytes each)
 
 
 class _Active:
@@ -36,14 +35,9 @@ class _Active:
     def __init__(self, ruleset: RuleSet) -> None:
         self.ruleset = ruleset
         self.monotone = tuple(r for r in ruleset.rules if r.logic.monotone)
-        # Fresh traces evaluated by every rule: their version then, and what the rules that are
-        # not monotone found (the monotone ones signalled at once). Decided at that version,
-        # the verdict stands.
-        self.verdicts: OrderedDict[str, tuple[object, tuple[Violation, ...]]] = OrderedDict()
-
-    def known(self, trace_id: str) -> object:
-        verdict = self.verdicts.get(trace_id)
-        return None if verdict is None else verdict[0]
+        # Fresh traces on which no rule fired, with their version then: decided at that
+        # version, they are quiet without another look.
+        self.quiet: OrderedDict[str, object] = OrderedDict()
 
 
 class Assembler:
@@ -61,7 +55,7 @@ class Assembler:
 
     def set_rules(self, ruleset: RuleSet) -> None:
         """Swap the rule set in one assignment; evaluations already running finish with the
-        old one (and its verdicts, which the new rules have not given)."""
+        old one (and its memory of quiet traces, which the new rules have not seen)."""
         refs = ruleset.refs
         self.store.use_vocabulary(sorted(
             refs.names | refs.attributes | {key for rule in ruleset.rules for key in rule.context}))
@@ -105,28 +99,27 @@ class Assembler:
         active = self.active  # one rule set for the whole step, whatever a reload does meanwhile
         monotone, everything = active.monotone, active.ruleset.rules
         found: list[Violation] = []
-        verdicts = []
+        quiet = []
         observe = self.metrics.rule_evaluation.observe
         for trace_id, (spans, version) in fresh.items():  # the whole trace: no read-back
             started = time.perf_counter()
             violations = self._evaluate(Trace(trace_id, spans), everything)
             observe(time.perf_counter() - started)
-            later = _NONE
-            if violations:
+            if violations:  # the monotone ones signal now, the others at the decision
                 found += [v for v in violations if v.rule.logic.monotone]
-                later = tuple(v for v in violations if not v.rule.logic.monotone)
-            verdicts.append((trace_id, (version, later)))
+            else:
+                quiet.append((trace_id, version))
         if dirty and monotone:
             for violations in self.store.with_traces(list(dirty),
                                                      lambda t: self._evaluate(t, monotone)):
                 found += violations
-        self._emit(found)  # before the verdicts are kept: if it fails, decisions evaluate again
-        remembered = active.verdicts
-        remembered.update(verdicts)
-        while len(remembered) > _VERDICTS:
+        self._emit(found)
+        remembered = active.quiet
+        remembered.update(quiet)
+        while len(remembered) > _QUIET_TRACES:
             remembered.popitem(last=False)
         now = self.clock()
-        claimed = self.store.claim_due(now, known=active.known)
+        claimed = self.store.claim_due(now, known=remembered.get)
         self._decide_all(claimed, now, active)
         return len(claimed)
 
@@ -155,25 +148,22 @@ class Assembler:
         self.step()
         now = self.clock()
         active = self.active
-        claimed = self.store.claim_all(now, known=active.known)
+        claimed = self.store.claim_all(now, known=active.quiet.get)
         self._decide_all(claimed, now, active)
         return len(claimed)
 
     def _decide_all(self, claimed: list[Claimed], now: float, active: _Active) -> None:
-        """Evaluate every claimed trace (or take its verdict, when it is the version the
-        verdict was given on), emit, then tell the store they are decided (in one batch: with
-        Redis, one round trip)."""
+        """Evaluate every claimed trace that is not quiet already, emit, then tell the store
+        they are decided (in one batch: with Redis, one round trip)."""
         found: list[Violation] = []
-        verdicts, everything = active.verdicts, active.ruleset.rules
+        quiet, everything = active.quiet, active.ruleset.rules
         latency, evaluation = self.metrics.decision_latency, self.metrics.rule_evaluation
         for reason, count in Counter(item.reason for item in claimed).items():
             self.metrics.traces_decided.labels(reason=reason).inc(count)
         for item in claimed:
             latency.observe(max(0.0, now - item.due_at))
-            verdict = verdicts.pop(item.trace_id, None)
-            if item.trace is None:  # unchanged since its verdict (the store checked the version)
-                assert verdict is not None, "the store skipped a trace this decider never saw"
-                found += verdict[1]
+            quiet.pop(item.trace_id, None)
+            if item.trace is None:  # quiet at the version this decider saw: nothing to do
                 continue
             started = time.perf_counter()
             found += self._evaluate(item.trace, everything)

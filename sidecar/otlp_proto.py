@@ -20,6 +20,7 @@ SCOPE = "betrace"
 _ZERO_TRACE = bytes(16)
 _ZERO_SPAN = bytes(8)
 _NO_ATTRIBUTES: dict[str, Any] = {}  # shared by every span that keeps none: never mutated
+_STATUS, _KIND = dict(enumerate(STATUSES)), dict(enumerate(KINDS))
 
 
 @dataclass
@@ -45,8 +46,10 @@ def decode_request(request: ExportTraceServiceRequest, projection: Projection) -
     out = Decoded()
     wants, keep_for = projection.wants_name, projection.attributes_for
     batch = out.batch
-    hex_ids: dict[bytes, str] = {}  # one str per trace id and per span name, not one per span
-    names: dict[str, str] = {}
+    hex_ids: dict[bytes, str] = {}  # one str per trace id, not one per span
+    # per span name: the one str for it, and the attributes to keep (None: every one); a name
+    # no rule selects maps to None
+    names: dict[str, tuple[str, frozenset[str] | None] | None] = {}
     for resource_spans in request.resource_spans:
         service = None
         for kv in resource_spans.resource.attributes:
@@ -58,35 +61,39 @@ def decode_request(request: ExportTraceServiceRequest, projection: Projection) -
             out.received += len(spans)
             for span in spans:
                 name = span.name
-                if name == VIOLATION_SPAN:
-                    out.own += 1
-                    continue
-                if not wants(name):
-                    out.not_selected += 1
+                try:
+                    selected = names[name]
+                except KeyError:
+                    selected = names[name] = (name, keep_for(name)) \
+                        if wants(name) and name != VIOLATION_SPAN else None
+                if selected is None:
+                    if name == VIOLATION_SPAN:
+                        out.own += 1
+                    else:
+                        out.not_selected += 1
                     continue
                 trace_id, span_id = span.trace_id, span.span_id
-                if len(trace_id) != 16 or trace_id == _ZERO_TRACE:
-                    out.invalid.append(f"span {name!r}: invalid trace_id {trace_id.hex()!r}")
-                    continue
+                tid = hex_ids.get(trace_id)
+                if tid is None:
+                    if len(trace_id) != 16 or trace_id == _ZERO_TRACE:
+                        out.invalid.append(f"span {name!r}: invalid trace_id {trace_id.hex()!r}")
+                        continue
+                    tid = hex_ids[trace_id] = trace_id.hex()
                 if len(span_id) != 8 or span_id == _ZERO_SPAN:
                     out.invalid.append(f"span {name!r}: invalid span_id {span_id.hex()!r}")
                     continue
-                keep = keep_for(name)
+                name, keep = selected
                 if keep is None:
                     attributes = {kv.key: any_value(kv.value) for kv in span.attributes}
                 elif keep:
                     attributes = _kept(span.attributes, keep)
                 else:
                     attributes = _NO_ATTRIBUTES
-                tid = hex_ids.get(trace_id)
-                if tid is None:
-                    tid = hex_ids[trace_id] = trace_id.hex()
-                name = names.setdefault(name, name)
                 record = Span.of(
                     tid, span_id.hex(), name, span.parent_span_id.hex(),
                     span.start_time_unix_nano, span.end_time_unix_nano,
-                    STATUSES[span.status.code] if span.status.code < 3 else "UNSET",
-                    KINDS[span.kind] if span.kind < 6 else "UNSPECIFIED", service, attributes)
+                    _STATUS.get(span.status.code, "UNSET"), _KIND.get(span.kind, "UNSPECIFIED"),
+                    service, attributes)
                 bucket = batch.get(tid)
                 if bucket is None:
                     batch[tid] = [record]

@@ -5,6 +5,7 @@ flush the exporters, exit 0).
 
 from __future__ import annotations
 
+import gc
 import logging
 import re
 import signal
@@ -141,10 +142,21 @@ class Sidecar:
         signal.signal(signal.SIGINT, lambda *_: stop.set())
         signal.signal(signal.SIGHUP, lambda *_: self.watcher.poke())
         self.start()
+        collect_less()
         while not stop.wait(1.0):
             pass
         self.stop()
         return 0
+
+
+def collect_less() -> None:
+    """Tune the cyclic garbage collector for a long-running ingest process. What start-up made
+    (modules, rules, clients) lives as long as the process, so it is frozen out of every
+    collection; and a 512-span request makes thousands of containers that die young, so the
+    youngest generation is collected after 10,000 allocations instead of 700 (at the default,
+    collections took about a tenth of the sidecar's CPU under load)."""
+    gc.freeze()
+    gc.set_threshold(10_000, 10, 10)
 
 
 def redact(url: str) -> str:

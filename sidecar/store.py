@@ -46,9 +46,9 @@ class AppendResult:
 
 class Claimed(NamedTuple):
     """A trace handed to one decider; `reason` is idle, max_age, evicted or shutdown.
-    `trace` is None when the trace is still the version the caller said it knew (`known`):
-    the caller has seen every span, so the store does not read them back. `handle` is the
-    store's own (a lease, for shared stores); pass it back to `finish`."""
+    `trace` is None when the trace is still at the version the caller found quiet (`known`):
+    nothing is left to decide, so the store neither reads it back nor needs it finished.
+    `handle` is the store's own (a lease, for shared stores); pass it back to `finish`."""
 
     trace_id: str
     trace: Trace | None
@@ -57,7 +57,7 @@ class Claimed(NamedTuple):
     handle: object = None
 
 
-Known = Callable[[str], object]  # trace id -> the version the caller has seen (None: none)
+Known = Callable[[str], object]  # trace id -> the version the caller found quiet, or None
 
 
 class TraceStore(Protocol):

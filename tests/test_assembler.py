@@ -1,5 +1,5 @@
 """The assembler: against a reload that lands in the middle of a decision step (the reload thread
-runs whenever it likes), and keeping verdicts on traces it saw whole. The real stores, rules,
+runs whenever it likes), and on traces it saw whole. The real stores, rules,
 emitter and metrics; only the moment of the reload is forced, from inside the step's own
 evaluation."""
 
@@ -64,7 +64,7 @@ def test_a_reload_during_a_step_does_not_let_the_new_rules_skip_a_trace() -> Non
     assert emitter.rules == ["big-refund"]
 
 
-# --- verdicts on traces seen whole --------------------------------------------------------------
+# --- traces seen whole ----------------------------------------------------------------------------
 
 UNAUDITED = """rules:
   - id: unaudited-admin
@@ -101,10 +101,10 @@ def assembled(store: TraceStore) -> tuple[Assembler, Recording, list[float]]:
             emitter, now)
 
 
-def test_a_verdict_given_on_a_whole_request_is_kept_until_the_decision(
+def test_a_fresh_trace_signals_monotone_rules_at_once_and_the_others_at_its_decision(
         make_store: Callable[[], TraceStore]) -> None:
-    """Fresh traces meet every rule at once, but only the monotone ones signal then: the
-    others wait for the decision, which takes the kept verdict."""
+    """A trace seen whole meets every rule at once, but only the monotone ones may signal
+    before the decision; each rule signals once."""
     assembler, emitter, now = assembled(make_store())
     assembler.ingest({TRACE: [span("admin.action", 1), span("refund", 2, amount=5000)]})
     assembler.step()
@@ -118,7 +118,7 @@ def test_a_violation_found_on_the_first_request_is_withdrawn_by_a_later_span(
         make_store: Callable[[], TraceStore]) -> None:
     assembler, emitter, now = assembled(make_store())
     assembler.ingest({TRACE: [span("admin.action", 1)]})
-    assembler.step()  # the verdict then: unaudited
+    assembler.step()  # unaudited then: not quiet
     assembler.ingest({TRACE: [span("audit.log", 2)]})
     now[0] += 2
     assert assembler.step() == 1

@@ -177,17 +177,20 @@ def test_with_trace_reads_an_open_trace_only(store_factory: StoreFactory) -> Non
 
 # --- versions: what a decider has already seen --------------------------------------------------
 
-def test_a_trace_still_at_the_version_its_append_reported_is_not_read_back(
+def test_a_trace_still_at_the_version_found_quiet_is_decided_by_its_claim(
         store_factory: StoreFactory) -> None:
+    """The decider found it quiet from its only request: nothing to read back, nothing left to
+    decide, so the claim itself decides it (no `finish`)."""
     store = store_factory(decision_wait=10.0)
     result = store.append({A: spans(A, 2), B: spans(B, 3)}, now=0.0)
     assert set(result.new) == {A, B}
-    claimed = by_id(claim(store, 10.0, known=result.new.get))
+    claimed = by_id(store.claim_due(10.0, known=result.new.get))
     assert claimed[A].trace is None and claimed[B].trace is None
     assert claimed[A].reason == "idle" and claimed[A].due_at == pytest.approx(10.0)
     assert store.counts() == (0, 0)
-    # Decided all the same: a span now re-opens the trace with the earlier ones.
-    late = store.append({A: spans(A)}, now=11.0)
+    assert store.next_due() is None  # no lease left to expire
+    assert store.claim_due(20.0) == []
+    late = store.append({A: spans(A)}, now=21.0)  # decided: a late span re-opens it whole
     assert late.late == 1 and A not in late.new and store.with_trace(A, len) == 3
 
 
@@ -490,3 +493,20 @@ def test_an_unreadable_trace_does_not_hold_up_the_others(
         assert [c.trace.trace_id for c in decided] == [B]
     finally:
         store.close()
+
+
+def test_numbers_beyond_64_bits_are_stored(store_factory: StoreFactory) -> None:
+    """OTLP JSON can spell integers no protobuf field carries; the Redis store keeps them as
+    their decimal text (and clamps times), where the memory store keeps the int."""
+    store = store_factory(decision_wait=1.0)
+    big = Span(A, "00000000000000b1", "payment.charge", start_ns=2**70, end_ns=2**70 + 5,
+               attributes={"amount": 2**70, "nested": (1, -2**70)})
+    store.append({A: [big, *spans(A)]}, now=0.0)  # one packer: it goes on after the big one
+    [claimed] = claim(store, 1.0)
+    assert claimed.trace is not None and len(claimed.trace.spans) == 2
+    [read] = [s for s in claimed.trace.spans if s.span_id == "00000000000000b1"]
+    if isinstance(store, RedisStore):
+        assert read.attributes == {"amount": str(2**70), "nested": (1, str(-2**70))}
+        assert read.start_ns == 2**64 - 1
+    else:
+        assert read.attributes == {"amount": 2**70, "nested": (1, -2**70)}
