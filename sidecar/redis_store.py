@@ -34,8 +34,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 from urllib.parse import urlsplit
 
 import hiredis
@@ -465,8 +464,7 @@ def decode_span(trace_id: str, raw: bytes, words: Callable[[int], tuple[str, ...
                    STATUSES[codes >> 3], KINDS[codes & 7], service, attributes)
 
 
-@dataclass(frozen=True)
-class _Lease:
+class _Lease(NamedTuple):
     token: str
     until_ms: int
     shard: int
@@ -671,10 +669,11 @@ class RedisStore:
             elif verdict in (b"gone", b"done"):
                 updates.release(shard, trace_id, lease_ms)
             elif verdict == b"claimed":
-                trace = None  # quiet at a version the caller knows: decided already
+                trace, lease = None, None  # quiet at a version the caller knows: decided
                 if reply[5] == b"same":
                     updates.release(shard, trace_id, lease_ms)
                 else:
+                    lease = _Lease(token, lease_ms, shard)
                     try:  # one unreadable trace must not hold up the others: it stays claimed
                         trace = Trace(trace_id, [decode_span(trace_id, raw, self._words)
                                                  for raw in reply[6:]])
@@ -685,7 +684,7 @@ class RedisStore:
                 if reply[2] == b"0":  # it was open: it leaves the shard's live counts
                     updates.count(shard, -1, -reply[4])
                 claimed.append(Claimed(trace_id, trace, reply[3].decode(), int(reply[1]) / 1000,
-                                       _Lease(token, lease_ms, shard)))
+                                       lease))
             # b"leased": another sidecar is deciding it; its lease says until when
         self._send(updates)
         return claimed
