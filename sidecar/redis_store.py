@@ -423,13 +423,14 @@ class Vocabulary:
         self.key = f"{PREFIX}words:{self.tag:08x}"
 
     def encode(self, span: Span) -> bytes:
-        return self.encoder()(span)
+        return self.encoder(set())(span)
 
-    def encoder(self) -> Callable[[Span], bytes]:
+    def encoder(self, altered: set[str]) -> Callable[[Span], bytes]:
         """A function making one msgpack record per span: the vocabulary's tag, binary ids,
         start and duration in ns, status and kind in one small int, then name, service and the
         attributes as a flat key, value, ... array (their OTLP types kept: bytes stay bytes).
-        One per batch: it reuses its packer (a packer per span costs a third more)."""
+        One per batch: it reuses its packer (a packer per span costs a third more). Traces
+        whose records had to differ from their spans (numbers beyond 64 bits) go in `altered`."""
         number, tag, pack = self.number, self.tag, msgpack.Packer().pack
 
         def encode(span: Span) -> bytes:
@@ -444,6 +445,7 @@ class Vocabulary:
             try:
                 return pack(record)
             except OverflowError:  # a number beyond 64 bits: OTLP JSON can spell, not carry it
+                altered.add(span.trace_id)
                 return pack((*record[:3], min(max(record[3], 0), _U64),
                              max(min(record[4], 2**63 - 1), -2**63), *record[5:8],
                              [_storable(item) for item in flat]))
@@ -588,7 +590,8 @@ class RedisStore:
         scripts.add(vocabulary.key, "SET", vocabulary.key, vocabulary.packed, "EX", 86400)
         appends = _PerSlot(scripts, APPEND, fixed)
         order = []
-        encode = vocabulary.encoder()
+        altered: set[str] = set()  # what rules read back differs from the request's spans
+        encode = vocabulary.encoder(altered)
         for trace_id, spans in batch.items():
             encoded = [encode(s) for s in spans]
             keys = self._trace_keys(trace_id)
@@ -622,7 +625,7 @@ class RedisStore:
                 created.pop(trace_id, None)
             updates.count(shard, fresh, taken + before)
         result.new = {trace_id: b"%s:%d" % (opened, count)
-                      for trace_id, (opened, count) in created.items()}
+                      for trace_id, (opened, count) in created.items() if trace_id not in altered}
         self._send(updates)
         return result
 

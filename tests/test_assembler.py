@@ -134,3 +134,26 @@ def test_a_quiet_verdict_does_not_hide_what_a_later_span_completes(
     now[0] += 2
     assert assembler.step() == 1
     assert emitter.rules == ["unlocked-write"]
+
+
+def test_a_trace_stored_altered_is_judged_on_what_is_stored(redis_url: str) -> None:
+    """Redis keeps integers beyond 64 bits (OTLP JSON can spell them) as decimal text; a trace
+    so altered is not judged from its request, or it would meet the rules as a number on one
+    sidecar and as text on another."""
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    now = [1000.0]
+    metrics = Metrics(CollectorRegistry())
+    emitter = Recording(metrics)
+    rules = load_rules_text("""rules:
+  - id: small-refund
+    condition: trace.has(refund) and not refund.where(amount > 1000)
+""")
+    assembler = Assembler(RedisStore(client, StoreLimits(decision_wait=1.0)), rules, emitter,
+                          metrics, clock=lambda: now[0])
+    result = assembler.ingest({TRACE: [span("refund", 1, amount=2**70)]})
+    assert result.new == {}
+    assembler.step()
+    now[0] += 2
+    assert assembler.step() == 1
+    assert emitter.rules == ["small-refund"]  # "1180591620717411303424" is no number > 1000
