@@ -37,7 +37,7 @@ from urllib.parse import urlsplit
 import jsonschema
 import pytest
 import yaml
-from processes import stop
+from processes import closed_at_end, stop
 
 REPO = Path(__file__).resolve().parent.parent
 CHART = REPO / "helm" / "betrace"
@@ -682,18 +682,7 @@ class Process:
 
 @pytest.fixture
 def processes(tmp_path: Path) -> Iterator[Callable[[list[str], dict[str, str]], Process]]:
-    started: list[Process] = []
-
-    def start(args: list[str], env: dict[str, str]) -> Process:
-        process = Process(args, env, tmp_path)
-        started.append(process)
-        return process
-
-    try:
-        yield start
-    finally:
-        for process in started:
-            process.close()
+    yield from closed_at_end(lambda args, env: Process(args, env, tmp_path))
 
 
 def local_args(args: list[str], replace: dict[str, str]) -> list[str]:

@@ -45,7 +45,7 @@ from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.resource.v1 import resource_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 from prometheus_client.parser import text_string_to_metric_families
-from processes import stop
+from processes import closed_at_end, stop
 from redis_servers import RedisServer, free_port, start_cluster
 
 REPO = Path(__file__).resolve().parent.parent
@@ -195,35 +195,18 @@ def rules_file(tmp_path: Path) -> Path:
 def serve(tmp_path: Path, rules_file: Path) -> Iterator[Callable[..., Serve]]:
     """`serve(store_url, *extra_flags)`: a started (not yet listening) `betrace serve`; every
     one still running is stopped at the end of the test."""
-    started: list[Serve] = []
+    numbers = itertools.count()
 
     def start(store: str, *extra: str) -> Serve:
-        process = Serve(store, rules_file, tmp_path / f"signals-{len(started)}.jsonl", *extra)
-        started.append(process)
-        return process
+        return Serve(store, rules_file, tmp_path / f"signals-{next(numbers)}.jsonl", *extra)
 
-    try:
-        yield start
-    finally:
-        for process in started:
-            process.close()
+    yield from closed_at_end(start)
 
 
 @pytest.fixture
 def helpers() -> Iterator[Callable[..., Proc]]:
     """`helpers(*args)`: a `python -c HELPER *args` subprocess, ended at the end of the test."""
-    started: list[Proc] = []
-
-    def start(*args: str) -> Proc:
-        process = Proc([sys.executable, "-c", HELPER, *args])
-        started.append(process)
-        return process
-
-    try:
-        yield start
-    finally:
-        for process in started:
-            process.close()
+    yield from closed_at_end(lambda *args: Proc([sys.executable, "-c", HELPER, *args]))
 
 
 @pytest.fixture

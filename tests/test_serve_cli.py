@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from processes import stop
+from processes import closed_at_end, stop
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -112,18 +112,10 @@ class Serve:
 def serve() -> Iterator[Callable[..., Serve]]:
     """`serve(*args, env=None)`: start `betrace serve` with these arguments; killed (if still
     running) at the end of the test."""
-    started: list[Serve] = []
-
     def start(*args: str, env: dict[str, str] | None = None) -> Serve:
-        process = Serve(list(args), env if env is not None else clean_env())
-        started.append(process)
-        return process
+        return Serve(list(args), env if env is not None else clean_env())
 
-    try:
-        yield start
-    finally:
-        for process in started:
-            process.close()
+    yield from closed_at_end(start)
 
 
 @pytest.fixture
