@@ -75,12 +75,16 @@ end
 
 # The trace scripts below each serve many traces per call (every trace of a request on a
 # standalone Redis, the traces of one hash slot on a Cluster): KEYS holds each trace's keys in
-# turn, ARGV the shared arguments and then each trace's own, and the reply is one result per trace.
+# turn, ARGV the shared arguments and then each trace's own. Replies are flat arrays of strings
+# and numbers, never arrays of arrays: Redis 6 writes every nested array of a script's reply to
+# the socket on its own (a 100-trace reply arrived in 30 to 50 segments, each a wake-up and a read
+# for the sidecar).
 
 # KEYS: spans, signals of each trace. ARGV: now, max_spans, ttl, retention, wait, max_age, then
-# per trace: its span count, its spans. Per trace: taken, refused, late, fresh, spans before,
-# deadline ('' unless the trace is open), version ('' unless this call created the trace: its
-# opened time and span count, which identify what a claim that knows it need not read back).
+# per trace: its span count, its spans. Per trace one string "taken,refused,late,fresh,spans
+# before,deadline,version": deadline '' unless the trace is open, version '' unless this call
+# created the trace (its opened time and span count: what a claim that knows it need not read
+# back).
 _APPEND = _STATE + """
 local now, limit, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
 local retention, wait, max_age = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -117,7 +121,7 @@ local function append(spans, signals, first, n)
   end
   local version = ''  -- a trace this call created: its version, for claims that know it
   if fresh == 1 and before == 0 then version = num(m.o) .. ':' .. (have + take) end
-  return {take, n - take, late, fresh, before, due, version}
+  return table.concat({take, n - take, late, fresh, before, due, version}, ',')
 end
 local out, at = {}, 7
 for k = 1, #KEYS, 2 do
@@ -130,39 +134,41 @@ return out
 
 # KEYS: spans, signals of each trace. ARGV: now, wait, max_age, lease_until, retention, then
 # per trace its token and the version at which the caller found it quiet ('' if none). Per
-# trace: {'claimed', deadline, previous st, reason, span count, 'same' or '', span...}, where
-# 'same' means still at that version: decided here and then, like FINISH, and no spans sent;
-# or {'later', deadline}, {'gone'}, {'done'}, {'leased'}.
+# trace a head "claimed,deadline,previous st,reason,span count,same-or-empty" then, unless
+# 'same', its spans; 'same' means still at that version: decided here and then, like FINISH.
+# Or the head alone: "later,deadline", "gone", "done", "leased".
 _CLAIM_TRACE = _STATE + """
 local now, wait, max_age, lease = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]),
                                   tonumber(ARGV[4])
+local out = {}
 local function claim(spans, signals, token, known)
   local m = state(spans)
-  if not m or not m.l then return {'gone'} end
-  if m.st == '2' and m.f == '1' then return {'done'} end
-  if m.st == '2' and m.lx > now then return {'leased'} end
+  if not m or not m.l then out[#out + 1] = 'gone' return end
+  if m.st == '2' and m.f == '1' then out[#out + 1] = 'done' return end
+  if m.st == '2' and m.lx > now then out[#out + 1] = 'leased' return end
   local idle, aged = m.l + wait, m.o + max_age
   local due = math.min(idle, aged)
-  if m.st == '0' and due > now then return {'later', num(due)} end
+  if m.st == '0' and due > now then out[#out + 1] = 'later,' .. num(due) return end
   local n = redis.call('LLEN', spans) - 1
-  local out = {'claimed', num(due), m.st, 'idle', n, ''}
-  if aged <= idle then out[4] = 'max_age' end
+  local reason = 'idle'
+  if aged <= idle then reason = 'max_age' end
+  local head = table.concat({'claimed', num(due), m.st, reason, n}, ',') .. ','
   m.st, m.dt, m.lx, m.f, m.tok = '2', now, lease, nil, token
   if known ~= '' and known == num(m.o) .. ':' .. n then
-    out[6], m.f = 'same', '1'
+    m.f = '1'
     save(spans, m)
     redis.call('PEXPIRE', spans, ARGV[5])
     redis.call('PEXPIRE', signals, ARGV[5])
-    return out
+    out[#out + 1] = head .. 'same'
+    return
   end
   save(spans, m)
+  out[#out + 1] = head
   for _, span in ipairs(redis.call('LRANGE', spans, 1, -1)) do out[#out + 1] = span end
-  return out
 end
-local out = {}
 for k = 1, #KEYS, 2 do
   local at = 5 + k  -- this trace's token, then its version
-  out[#out + 1] = claim(KEYS[k], KEYS[k + 1], ARGV[at], ARGV[at + 1])
+  claim(KEYS[k], KEYS[k + 1], ARGV[at], ARGV[at + 1])
 end
 return out
 """
@@ -208,8 +214,8 @@ end
 return 0
 """
 
-# KEYS: due of each shard. ARGV: now, limit, lease_until. Per shard: its due trace ids (at most
-# `limit` in all), moved to their lease expiry.
+# KEYS: due of each shard. ARGV: now, limit, lease_until. Per shard: its due trace ids joined by
+# ',' (at most `limit` in all), moved to their lease expiry.
 _CLAIM_SHARD = """
 local left, out = tonumber(ARGV[2]), {}
 for k = 1, #KEYS do
@@ -219,7 +225,7 @@ for k = 1, #KEYS do
     for _, id in ipairs(ids) do redis.call('ZADD', KEYS[k], ARGV[3], id) end
     left = left - #ids
   end
-  out[k] = ids
+  out[k] = table.concat(ids, ',')
 end
 return out
 """
@@ -334,8 +340,10 @@ class _PerSlot:
     and its own arguments; `results` gives each its element of the reply, in the order added."""
 
     def __init__(self, batch: _Batch, script: _Script, shared: Sequence[Any],
-                 traces_per_call: int = _MAX_ARGS) -> None:
+                 traces_per_call: int = _MAX_ARGS,
+                 split: Callable[[list[Any]], list[Any]] = list) -> None:
         self.batch, self.script, self.shared = batch, script, list(shared)
+        self.split = split  # a call's flat reply -> one result per trace
         self.traces_per_call = traces_per_call
         self.slot = batch.client.keyslot if isinstance(batch.client, RedisCluster) else None
         self.open: dict[int, tuple[list[str], list[Any], list[int]]] = {}
@@ -362,7 +370,7 @@ class _PerSlot:
         """After the batch ran: one result per trace added."""
         out: list[Any] = [None] * self.count
         for position, traces in self.calls:
-            for trace, result in zip(traces, replies[position]):
+            for trace, result in zip(traces, self.split(replies[position])):
                 out[trace] = result
         return out
 
@@ -371,6 +379,18 @@ class _PerSlot:
         for group in list(self.open):
             self._queue(group)
         return self
+
+
+def _claim_results(flat: list[bytes]) -> list[tuple[list[bytes], list[bytes]]]:
+    """CLAIM_TRACE's flat reply as (head fields, spans) per trace."""
+    out, at = [], 0
+    while at < len(flat):
+        head = flat[at].split(b",")
+        at += 1
+        count = int(head[4]) if head[0] == b"claimed" and head[5] != b"same" else 0
+        out.append((head, flat[at:at + count]))
+        at += count
+    return out
 
 
 class _ShardUpdates:
@@ -605,7 +625,9 @@ class RedisStore:
         created: dict[str, list[Any]] = {}  # trace id -> [opened, spans taken], while whole
         replies = appends.results(scripts.run())
         previous = None
-        for trace_id, (taken, refused, late, fresh, before, due, version) in zip(order, replies):
+        for trace_id, reply in zip(order, replies):
+            taken, refused, late, fresh, before = map(int, reply.split(b",", 5)[:5])
+            due, version = reply.rsplit(b",", 2)[1:]
             first, previous = trace_id != previous, trace_id  # a trace's parts come in a row
             result.accepted += taken
             result.rejected += refused
@@ -652,10 +674,10 @@ class RedisStore:
         claims = _PerSlot(batch, CLAIM_TRACE, [now_ms, _ms(limits.decision_wait),
                                                 _ms(limits.max_trace_age), lease_ms,
                                                 _ms(limits.decided_retention + 1)],
-                           traces_per_call=_CLAIMS_PER_CALL)
+                           traces_per_call=_CLAIMS_PER_CALL, split=_claim_results)
         tokens = os.urandom(6).hex()  # this claim's; a trace's token adds its place in it
         for shard, ids in zip(shards, popping.results(pops.run())):
-            for raw in ids:
+            for raw in ids.split(b",") if ids else ():
                 trace_id = raw.decode()
                 if len(chosen) >= limit:  # over the limit: due now, for the next call
                     updates.due(shard, trace_id, now_ms)
@@ -665,28 +687,29 @@ class RedisStore:
                 chosen.append((trace_id, shard, token))
         claimed: list[Claimed] = []
         claims.queue()
-        for (trace_id, shard, token), reply in zip(chosen, claims.results(batch.run())):
-            verdict = reply[0]
+        for (trace_id, shard, token), (head, spans) in zip(chosen,
+                                                          claims.results(batch.run())):
+            verdict = head[0]
             if verdict == b"later":
-                updates.due(shard, trace_id, reply[1].decode())
+                updates.due(shard, trace_id, head[1].decode())
             elif verdict in (b"gone", b"done"):
                 updates.release(shard, trace_id, lease_ms)
             elif verdict == b"claimed":
                 trace, lease = None, None  # quiet at a version the caller knows: decided
-                if reply[5] == b"same":
+                if head[5] == b"same":
                     updates.release(shard, trace_id, lease_ms)
                 else:
                     lease = _Lease(token, lease_ms, shard)
                     try:  # one unreadable trace must not hold up the others: it stays claimed
                         trace = Trace(trace_id, [decode_span(trace_id, raw, self._words)
-                                                 for raw in reply[6:]])
+                                                 for raw in spans])
                     except (ValueError, TypeError, LookupError, redis.DataError) as exc:
                         log.error("trace %s cannot be read (%s); retried after the lease",
                                   trace_id, exc)
                         continue
-                if reply[2] == b"0":  # it was open: it leaves the shard's live counts
-                    updates.count(shard, -1, -reply[4])
-                claimed.append(Claimed(trace_id, trace, reply[3].decode(), int(reply[1]) / 1000,
+                if head[2] == b"0":  # it was open: it leaves the shard's live counts
+                    updates.count(shard, -1, -int(head[4]))
+                claimed.append(Claimed(trace_id, trace, head[3].decode(), int(head[1]) / 1000,
                                        lease))
             # b"leased": another sidecar is deciding it; its lease says until when
         self._send(updates)
