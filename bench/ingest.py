@@ -32,7 +32,9 @@ instead of the memory-store figures above, the Redis store's:
   A/redis     N workload-A requests into a sidecar on the Redis store (decision wait 1s), as
               fast as it takes them: spans accepted per second of sidecar CPU (utime+stime
               from /proc/<pid>/stat) over the sending alone, and over the sending plus the
-              deciding (until betrace_spans_buffered is back to 0), each / the walk limit;
+              deciding (until betrace_spans_buffered is back to 0), each / the walk limit
+              in spans per CPU second of the walking thread (CPU over CPU: a busy host slows
+              the walk's wall clock, not its CPU); --rounds of it, each with its own walk;
               Redis CPU share = redis-server CPU seconds (INFO cpu) / sidecar CPU seconds over
               the same interval.
   bytes/span  a sidecar with a 10m decision wait buffers ~200k "typical projected" spans (the
@@ -60,7 +62,7 @@ import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
@@ -189,12 +191,17 @@ def decode(value: AnyValue) -> Any:
     return getattr(value, which) if which else None
 
 
-def walk_limit(pool: list[bytes], repeat: int = 3) -> tuple[float, float]:
-    """Spans/s of parse + read everything (median of `repeat` passes after an untimed one), and
-    the share of a core this thread got meanwhile (below ~0.9: other processes competed)."""
-    rates, wall, cpu = [], time.perf_counter(), time.thread_time()
+class Walk(NamedTuple):
+    rate: float  # spans/s of wall time
+    share: float  # of a core this thread got meanwhile (below ~0.9: other processes competed)
+    per_cpu: float  # spans per CPU second of this thread: the yardstick for per-core figures
+
+
+def walk_limit(pool: list[bytes], repeat: int = 3) -> Walk:
+    """Parse + read everything: the median of `repeat` passes after an untimed one."""
+    rates, per_cpu, wall, cpu = [], [], time.perf_counter(), time.thread_time()
     for _ in range(repeat + 1):
-        started, spans = time.perf_counter(), 0
+        started, used, spans = time.perf_counter(), time.thread_time(), 0
         for body in pool:
             out = [{"trace_id": s.trace_id.hex(), "span_id": s.span_id.hex(), "name": s.name,
                     "attributes": {pair.key: decode(pair.value) for pair in s.attributes}}
@@ -202,7 +209,10 @@ def walk_limit(pool: list[bytes], repeat: int = 3) -> tuple[float, float]:
                    for ss in rs.scope_spans for s in ss.spans]
             spans += len(out)
         rates.append(spans / (time.perf_counter() - started))
-    return statistics.median(rates[1:]), (time.thread_time() - cpu) / (time.perf_counter() - wall)
+        per_cpu.append(spans / (time.thread_time() - used))
+    return Walk(statistics.median(rates[1:]),
+                (time.thread_time() - cpu) / (time.perf_counter() - wall),
+                statistics.median(per_cpu[1:]))
 
 
 def free_port() -> int:
@@ -581,9 +591,9 @@ def redis_part(tmp: Path, store: str, pool_a: list[bytes], walk_a: float,
         started = time.perf_counter()
         rounds = []  # each against the walk limit measured just before it: the host drifts
         for number in range(args.rounds):
-            limit = walk_a if number == 0 else walk_limit(pool_a)[0]
-            print(f"round {number + 1} of {args.rounds}: walk limit A {limit:,.0f} spans/s",
-                  flush=True)
+            limit = walk_a if number == 0 else walk_limit(pool_a).per_cpu
+            print(f"round {number + 1} of {args.rounds}: walk limit A {limit:,.0f} spans per CPU "
+                  "second", flush=True)
             rounds.append(redis_throughput(tmp, url, client, pool_a, limit, args.redis_requests))
         ratios = sorted(r["total"] / r["limit"] for r in rounds)
         a = sorted(rounds, key=lambda r: r["total"] / r["limit"])[len(rounds) // 2]  # median
@@ -595,7 +605,7 @@ def redis_part(tmp: Path, store: str, pool_a: list[bytes], walk_a: float,
         client.close()
         cleanup()
     return [
-        ("walk limit A (median round)", f"{a['limit']:,.0f} spans/s", "reference", None),
+        ("walk limit A (median round)", f"{a['limit']:,.0f} spans/CPU s", "reference", None),
         ("A/redis sending, per core", f"{a['ingest']:,.0f} spans/s = "
          f"{a['ingest'] / a['limit']:.2f}x", "", None),
         ("A/redis +deciding, per core", f"{a['total']:,.0f} spans/s = "
@@ -642,8 +652,9 @@ def main() -> int:
           f"({sum(map(len, pool_a)) / len(pool_a) / 1024:.0f} KiB each) in "
           f"{time.perf_counter() - started:.1f}s; {os.cpu_count()} CPUs, "
           f"{CONCURRENCY} requests in flight")
-    walk_a, share_a = walk_limit(pool_a)
-    walk_b, share_b = walk_limit(pool_b) if pool_b else (0.0, 1.0)
+    first_a = walk_limit(pool_a)
+    walk_a, share_a = first_a.rate, first_a.share
+    walk_b, share_b = walk_limit(pool_b)[:2] if pool_b else (0.0, 1.0)
     print(f"walk limit: A {walk_a:,.0f} spans/s" + (f", B {walk_b:,.0f} spans/s" if pool_b else "")
           + f" (got {share_a:.0%}" + (f" / {share_b:.0%}" if pool_b else "")
           + f" of a core; load average {os.getloadavg()[0]:.2f})", flush=True)
@@ -653,7 +664,7 @@ def main() -> int:
         tmp = Path(name)
         (tmp / "rules.yaml").write_text(RULES)
         if on_redis:
-            rows = redis_part(tmp, args.store, pool_a, walk_a, args)
+            rows = redis_part(tmp, args.store, pool_a, first_a.per_cpu, args)
             table(rows)
             print(f"\ntotal {time.perf_counter() - started:.0f}s")
             return 0
