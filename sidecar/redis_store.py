@@ -695,6 +695,8 @@ class RedisStore:
             elif verdict in (b"gone", b"done"):
                 updates.release(shard, trace_id, lease_ms)
             elif verdict == b"claimed":
+                if head[2] == b"0":  # it was open: it leaves the shard's live counts
+                    updates.count(shard, -1, -int(head[4]))
                 trace, lease = None, None  # quiet at a version the caller knows: decided
                 if head[5] == b"same":
                     updates.release(shard, trace_id, lease_ms)
@@ -707,8 +709,6 @@ class RedisStore:
                         log.error("trace %s cannot be read (%s); retried after the lease",
                                   trace_id, exc)
                         continue
-                if head[2] == b"0":  # it was open: it leaves the shard's live counts
-                    updates.count(shard, -1, -int(head[4]))
                 claimed.append(Claimed(trace_id, trace, head[3].decode(), int(head[1]) / 1000,
                                        lease))
             # b"leased": another sidecar is deciding it; its lease says until when
