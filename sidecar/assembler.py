@@ -1,14 +1,15 @@
 """Assemble and decide: spans go into the store; traces come out when due and are evaluated.
 
-Two paths lead to a signal. Rules whose violation can only become true as spans arrive
-(monotone: no `not`, no `always`, no upper bound on a count) are evaluated on every trace that
-just received spans, so they signal within milliseconds. Every rule holds when the trace is
-decided. The store's `reserve_signals` lets each (rule, trace) signal once.
+Every request's spans meet every rule as they arrive, grouped by trace. Rules whose violation
+can only become true as spans arrive (monotone: no `not`, no `always`, no upper bound on a count)
+signal from there, within milliseconds; so do they on traces that grew, read back whole. Every
+rule holds when the trace is decided. The store's `reserve_signals` lets each (rule, trace)
+signal once.
 
-A trace whose every span came in one request (the common case behind a batching collector) is
-evaluated by every rule straight from that request. When no rule fires, the trace's version is
-kept: decided with nothing added since, it is neither read back from the store nor evaluated
-again (with Redis, claiming it decides it).
+A trace whose every span came in one request (the common case behind a batching collector) and
+on which no rule fires is decided on arrival: the store keeps its spans for whatever comes later
+but sets it no deadline, so it is neither claimed, read back nor evaluated again. A span that
+arrives later opens it again and it is decided whole, as any other trace.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Callable, Mapping
 
 from sidecar.emit import Emitter
@@ -26,18 +27,7 @@ from sidecar.span import Span, Trace
 from sidecar.store import AppendResult, Claimed, TraceStore
 
 log = logging.getLogger("betrace")
-_QUIET_TRACES = 200_000  # remembered quiet fresh traces (about 200 bytes each)
-
-
-class _Active:
-    """A rule set with what the decider keeps about it, swapped as one on a reload."""
-
-    def __init__(self, ruleset: RuleSet) -> None:
-        self.ruleset = ruleset
-        self.monotone = tuple(r for r in ruleset.rules if r.logic.monotone)
-        # Fresh traces on which no rule fired, with their version then: decided at that
-        # version, they are quiet without another look.
-        self.quiet: OrderedDict[str, object] = OrderedDict()
+_CLAIMS = 1000  # traces claimed per round
 
 
 class Assembler:
@@ -48,96 +38,110 @@ class Assembler:
         self.metrics = metrics
         self.clock = clock  # wall clock: a shared store compares times across processes
         self._dirty: set[str] = set()  # traces that grew: read back for monotone rules
-        # traces whose every span came in one request: those spans, and the trace's version
-        self._fresh: dict[str, tuple[list[Span], object]] = {}
+        self._found: list[Violation] = []  # monotone violations found on arrival, to signal
         self._wake = threading.Condition()
         self.set_rules(ruleset)
 
     def set_rules(self, ruleset: RuleSet) -> None:
-        """Swap the rule set in one assignment; evaluations already running finish with the
-        old one (and its memory of quiet traces, which the new rules have not seen)."""
+        """Swap the rule set; evaluations already running finish with the old one."""
         refs = ruleset.refs
         self.store.use_vocabulary(sorted(
             refs.names | refs.attributes | {key for rule in ruleset.rules for key in rule.context}))
         self.projection = ruleset.projection()
-        self.active = _Active(ruleset)
-
-    @property
-    def ruleset(self) -> RuleSet:
-        return self.active.ruleset
+        self.ruleset = ruleset
+        self.monotone = tuple(r for r in ruleset.rules if r.logic.monotone)
 
     def ingest(self, batch: Mapping[str, list[Span]]) -> AppendResult:
-        """Add one request's spans (raises what the store raises, e.g. when Redis is down)."""
-        result = self.store.append(batch, self.clock())
-        if result.late:
-            self.metrics.late_spans.inc(result.late)
-        if result.rejected:
-            self.metrics.spans_rejected.labels(reason="max_spans_per_trace").inc(result.rejected)
-            log.warning("refused %d span(s): trace over max_spans_per_trace", result.rejected)
-        if result.evicted:
-            log.warning("max_traces reached: %d open trace(s) decided early", result.evicted)
-        if result.touched or result.evicted:
-            monotone, new, fresh = self.active.monotone, result.new, self._fresh
-            with self._wake:
-                for trace_id in result.touched:
-                    version = new.get(trace_id)
-                    if version is not None and trace_id not in self._dirty:
-                        fresh[trace_id] = (batch[trace_id], version)
-                    else:
-                        fresh.pop(trace_id, None)
-                        if monotone:
-                            self._dirty.add(trace_id)
-                self._wake.notify()
-        return result
-
-    def step(self) -> int:
-        """Evaluate traces that just grew (monotone rules) and decide traces that are due.
-        Returns how many traces were decided."""
-        with self._wake:
-            dirty, self._dirty = self._dirty, set()
-            fresh, self._fresh = self._fresh, {}
-        active = self.active  # one rule set for the whole step, whatever a reload does meanwhile
-        monotone, everything = active.monotone, active.ruleset.rules
+        """Judge one request's spans by trace, then add them (raises what the store raises,
+        e.g. when Redis is down: nothing found is signalled then, the sender retries)."""
+        rules = self.ruleset.rules  # one rule set for the whole request
         found: list[Violation] = []
-        quiet = []
+        quiet: set[str] = set()
         observe = self.metrics.rule_evaluation.observe
-        for trace_id, (spans, version) in fresh.items():  # the whole trace: no read-back
+        for trace_id, spans in batch.items():
             started = time.perf_counter()
-            violations = self._evaluate(Trace(trace_id, spans), everything)
+            violations = self._evaluate(Trace(trace_id, spans), rules)
             observe(time.perf_counter() - started)
             if violations:  # the monotone ones signal now, the others at the decision
                 found += [v for v in violations if v.rule.logic.monotone]
             else:
-                quiet.append((trace_id, version))
-        if dirty and monotone:
-            for violations in self.store.with_traces(list(dirty),
-                                                     lambda t: self._evaluate(t, monotone)):
-                found += violations
-        self._emit(found)
-        remembered = active.quiet
-        remembered.update(quiet)
-        while len(remembered) > _QUIET_TRACES:
-            remembered.popitem(last=False)
-        now = self.clock()
-        claimed = self.store.claim_due(now, known=remembered.get)
-        self._decide_all(claimed, now, active)
-        return len(claimed)
+                quiet.add(trace_id)
+        result = self.store.append(batch, self.clock(), quiet)
+        metrics = self.metrics
+        if result.late:
+            metrics.late_spans.inc(result.late)
+        if result.rejected:
+            metrics.spans_rejected.labels(reason="max_spans_per_trace").inc(result.rejected)
+            log.warning("refused %d span(s): trace over max_spans_per_trace", result.rejected)
+        if result.evicted:
+            log.warning("max_traces reached: %d open trace(s) decided early", result.evicted)
+        if result.quiet:
+            metrics.traces_decided.labels(reason="arrival").inc(result.quiet)
+        # What was found holds for traces stored as they came; the others (there before, some
+        # spans refused, or stored altered) are read back whole for the monotone rules.
+        created = result.created
+        found = [v for v in found if v.trace.trace_id in created]
+        grew = [t for t in result.touched if t not in created] if self.monotone else []
+        if found or grew or result.evicted:
+            with self._wake:
+                self._found += found
+                self._dirty.update(grew)
+                self._wake.notify()
+        return result
 
-    def run(self, stop: threading.Event, idle: float = 0.25) -> None:
-        """Decide traces until `stop` is set; sleep until the next deadline or new spans."""
+    def step(self) -> int:
+        """Signal what arrivals found, then decide the traces that are due. Returns how many
+        traces were decided."""
+        self._signal_arrivals()
+        return self._decide_due()
+
+    def run(self, stop: threading.Event, idle: float = 0.25, tick: float = 0.05) -> None:
+        """Decide traces until `stop` is set. What arrivals found is signalled at once; due
+        traces are claimed in rounds at least `tick` apart, so deadlines falling a few ms apart
+        cost one round (a claim is several round trips to a shared store), and at most `idle`
+        apart, to see deadlines other sidecars set."""
+        next_round = 0.0
         while not stop.is_set():
             try:
-                self.step()
-                due = self.store.next_due()
+                self._signal_arrivals()
+                now = self.clock()
+                if now >= next_round:
+                    backlog = self._decide_due() >= _CLAIMS
+                    due = self.store.next_due()
+                    now = self.clock()
+                    if backlog:
+                        next_round = now
+                    elif due is None:
+                        next_round = now + idle
+                    else:
+                        next_round = min(now + idle, max(due, now + tick))
             except Exception as exc:  # e.g. the store is unreachable: count, keep going
                 self.metrics.store_errors.labels(operation="decide").inc()
                 log.error("deciding traces failed, retrying in 1s: %s", exc)
                 stop.wait(1.0)
                 continue
-            timeout = idle if due is None else min(idle, max(0.0, due - self.clock()))
             with self._wake:
-                if not self._dirty and not self._fresh and not stop.is_set():
-                    self._wake.wait(timeout)
+                if not self._dirty and not self._found and not stop.is_set():
+                    self._wake.wait(max(0.0, next_round - self.clock()))
+
+    def _signal_arrivals(self) -> None:
+        """Signal the monotone violations arrivals found, and those of traces that grew (read
+        back whole: a rule may need spans from several requests)."""
+        with self._wake:
+            dirty, self._dirty = self._dirty, set()
+            found, self._found = self._found, []
+        monotone = self.monotone
+        if dirty and monotone:
+            for violations in self.store.with_traces(list(dirty),
+                                                     lambda t: self._evaluate(t, monotone)):
+                found += violations
+        self._emit(found)
+
+    def _decide_due(self) -> int:
+        now = self.clock()
+        claimed = self.store.claim_due(now, _CLAIMS)
+        self._decide_all(claimed, now)
+        return len(claimed)
 
     def wake(self) -> None:
         with self._wake:
@@ -147,26 +151,22 @@ class Assembler:
         """Decide every open trace now (shutdown). Returns how many were decided."""
         self.step()
         now = self.clock()
-        active = self.active
-        claimed = self.store.claim_all(now, known=active.quiet.get)
-        self._decide_all(claimed, now, active)
+        claimed = self.store.claim_all(now)
+        self._decide_all(claimed, now)
         return len(claimed)
 
-    def _decide_all(self, claimed: list[Claimed], now: float, active: _Active) -> None:
-        """Evaluate every claimed trace that is not quiet already, emit, then tell the store
-        they are decided (in one batch: with Redis, one round trip)."""
+    def _decide_all(self, claimed: list[Claimed], now: float) -> None:
+        """Evaluate every claimed trace, emit, then tell the store they are decided (in one
+        batch: with Redis, one round trip)."""
         found: list[Violation] = []
-        quiet, everything = active.quiet, active.ruleset.rules
+        rules = self.ruleset.rules  # one rule set for the whole batch
         latency, evaluation = self.metrics.decision_latency, self.metrics.rule_evaluation
         for reason, count in Counter(item.reason for item in claimed).items():
             self.metrics.traces_decided.labels(reason=reason).inc(count)
         for item in claimed:
             latency.observe(max(0.0, now - item.due_at))
-            quiet.pop(item.trace_id, None)
-            if item.trace is None:  # quiet at the version this decider saw: nothing to do
-                continue
             started = time.perf_counter()
-            found += self._evaluate(item.trace, everything)
+            found += self._evaluate(item.trace, rules)
             evaluation.observe(time.perf_counter() - started)
         self._emit(found)
         if claimed:

@@ -46,7 +46,8 @@ class Metrics:
                                   registry=r)
         self.traces_decided = Counter(
             "betrace_traces_decided", "Traces decided, by why: idle (decision_wait), max_age, "
-            "evicted (max_traces), shutdown.", ["reason"], registry=r)
+            "evicted (max_traces), shutdown, arrival (whole in one request, no rule fired).",
+            ["reason"], registry=r)
         self.decision_latency = Histogram(
             "betrace_decision_latency_seconds", "Delay from a trace falling due to its decision.",
             buckets=_LATENCY_BUCKETS, registry=r)

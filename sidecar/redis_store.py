@@ -4,9 +4,9 @@ and exactly one of them decides it.
 Keys (trace keys carry the `{trace_id}` hash tag, so Redis Cluster keeps a trace's keys in one
 slot and every Lua script stays single-slot):
 
-    bt:{<trace_id>}:s     list: element 0 the trace's state "st,opened,last,claimed_at,
-                          lease_until,finished,token" (st 0 open, 2 claimed; times in ms),
-                          then one msgpack record per span
+    bt:{<trace_id>}:s     list: element 0 the trace's state "st,opened,last,decided_at,
+                          lease_until,finished,token" (st 0 open, 2 claimed, 3 decided on
+                          arrival; times in ms), then one msgpack record per span
     bt:{<trace_id>}:g     hash rule id -> "sent", or when a decider reserved it (dedupe that
                           survives restarts; a stale reservation is a dead decider's)
     bt:{q<N>}:due         sorted set: trace ids by decision deadline min(last + decision_wait,
@@ -17,7 +17,7 @@ slot and every Lua script stays single-slot):
 Memory is the budget that matters (Redis holds every buffered span of every sidecar), so a
 trace is one list whose head is its state, span records are msgpack with binary ids, span names
 and attribute keys the rules read are small numbers (a `Vocabulary`), and each trace has one
-deadline entry. A trace lives in shard crc32(trace_id) % SHARDS. Appending is one script call
+deadline entry (none when decided on arrival). A trace lives in shard crc32(trace_id) % SHARDS. Appending is one script call
 for all the request's traces (one per hash slot on a Cluster), then one per shard for deadlines
 and counts: two round trips per Export request, never one per span. Claiming sets a lease; a
 sidecar that dies mid-decision leaves the trace to whoever claims it after the lease. Every
@@ -33,7 +33,7 @@ import hashlib
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, NamedTuple, TypeVar
 from urllib.parse import urlsplit
 
@@ -44,7 +44,7 @@ from redis.cluster import ClusterNode, RedisCluster
 from redis.exceptions import NoScriptError, RedisClusterException
 
 from sidecar.span import KINDS, STATUSES, Span, Trace
-from sidecar.store import AppendResult, Claimed, Known, StoreLimits
+from sidecar.store import AppendResult, Claimed, StoreLimits
 
 T = TypeVar("T")
 log = logging.getLogger("betrace")
@@ -81,17 +81,18 @@ end
 # for the sidecar).
 
 # KEYS: spans, signals of each trace. ARGV: now, max_spans, ttl, retention, wait, max_age, then
-# per trace: its span count, its spans. Per trace one string "taken,refused,late,fresh,spans
-# before,deadline,version": deadline '' unless the trace is open, version '' unless this call
-# created the trace (its opened time and span count: what a claim that knows it need not read
-# back).
+# per trace: its span count, '1' if the caller found it quiet, its spans. Per trace one string
+# "taken,refused,late,counted,spans before,deadline,made": counted 1 when the trace (re)joins
+# the open traces, deadline '' unless it is open, made 'n' when this call created it open and 'q'
+# when it created it decided on arrival (quiet, every span taken: no deadline, st 3 with its
+# would-be deadline as the time decided).
 _APPEND = _STATE + """
 local now, limit, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
 local retention, wait, max_age = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local function append(spans, signals, first, n)
+local function append(spans, signals, first, n, quiet)
   local m = state(spans)
-  local late, fresh, before = 0, 0, 0
-  if m and m.st == '2' and now > m.dt + retention then
+  local late, counted, before, made = 0, 0, 0, ''
+  if m and m.st ~= '0' and now > m.dt + retention then
     redis.call('DEL', spans, signals)  -- decided long ago: forgotten, start afresh
     m = nil
   end
@@ -101,50 +102,56 @@ local function append(spans, signals, first, n)
   local due = ''
   if take > 0 then
     if not m then
-      fresh = 1
+      counted, made = 1, 'n'
       m = {o = now}
       redis.call('RPUSH', spans, '')  -- the state's place
-    elseif m.st == '2' then  -- decided: a late span re-opens it with its earlier spans
-      late, fresh, before = take, 1, have
-      m = {o = now}
+    elseif m.st ~= '0' then  -- decided: a span re-opens it with its earlier spans; it is late
+      counted, before = 1, have  -- unless decided on arrival and still inside its wait
+      if m.st == '2' or now > m.dt then
+        late = take
+        m = {o = now}
+      else
+        m = {o = m.o}
+      end
     end
     m.st, m.l = '0', now
     redis.call('RPUSH', spans, unpack(ARGV, first, first + take - 1))
+    if made == 'n' and quiet == '1' and take == n then
+      counted, made = 0, 'q'
+      m.st, m.dt, m.f = '3', now + math.min(wait, max_age), '1'
+    end
     save(spans, m)
   end
   if m and m.st == '0' then  -- also when nothing was taken: a retry re-sends the deadline
     due = num(math.min(m.l + wait, m.o + max_age))  -- that a failed round trip left unset
   end
-  if m then
+  if made == 'q' then
+    redis.call('PEXPIRE', spans, m.dt - now + retention + 1000)
+  elseif m then
     redis.call('PEXPIRE', spans, ttl)
     redis.call('PEXPIRE', signals, ttl)  -- a re-opened trace keeps the memory of its signals
   end
-  local version = ''  -- a trace this call created: its version, for claims that know it
-  if fresh == 1 and before == 0 then version = num(m.o) .. ':' .. (have + take) end
-  return table.concat({take, n - take, late, fresh, before, due, version}, ',')
+  return table.concat({take, n - take, late, counted, before, due, made}, ',')
 end
 local out, at = {}, 7
 for k = 1, #KEYS, 2 do
   local n = tonumber(ARGV[at])
-  out[#out + 1] = append(KEYS[k], KEYS[k + 1], at + 1, n)
-  at = at + 1 + n
+  out[#out + 1] = append(KEYS[k], KEYS[k + 1], at + 2, n, ARGV[at + 1])
+  at = at + 2 + n
 end
 return out
 """
 
-# KEYS: spans, signals of each trace. ARGV: now, wait, max_age, lease_until, retention, then
-# per trace its token and the version at which the caller found it quiet ('' if none). Per
-# trace a head "claimed,deadline,previous st,reason,span count,same-or-empty" then, unless
-# 'same', its spans; 'same' means still at that version: decided here and then, like FINISH.
-# Or the head alone: "later,deadline", "gone", "done", "leased".
+# KEYS: spans of each trace. ARGV: now, wait, max_age, lease_until, then per trace its token. Per trace a head "claimed,deadline,previous st,reason,span count" then its spans, or the
+# head alone: "later,deadline", "gone", "done" (decided, also on arrival), "leased".
 _CLAIM_TRACE = _STATE + """
 local now, wait, max_age, lease = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]),
                                   tonumber(ARGV[4])
 local out = {}
-local function claim(spans, signals, token, known)
+local function claim(spans, token)
   local m = state(spans)
   if not m or not m.l then out[#out + 1] = 'gone' return end
-  if m.st == '2' and m.f == '1' then out[#out + 1] = 'done' return end
+  if m.st == '3' or (m.st == '2' and m.f == '1') then out[#out + 1] = 'done' return end
   if m.st == '2' and m.lx > now then out[#out + 1] = 'leased' return end
   local idle, aged = m.l + wait, m.o + max_age
   local due = math.min(idle, aged)
@@ -152,24 +159,12 @@ local function claim(spans, signals, token, known)
   local n = redis.call('LLEN', spans) - 1
   local reason = 'idle'
   if aged <= idle then reason = 'max_age' end
-  local head = table.concat({'claimed', num(due), m.st, reason, n}, ',') .. ','
+  out[#out + 1] = table.concat({'claimed', num(due), m.st, reason, n}, ',')
   m.st, m.dt, m.lx, m.f, m.tok = '2', now, lease, nil, token
-  if known ~= '' and known == num(m.o) .. ':' .. n then
-    m.f = '1'
-    save(spans, m)
-    redis.call('PEXPIRE', spans, ARGV[5])
-    redis.call('PEXPIRE', signals, ARGV[5])
-    out[#out + 1] = head .. 'same'
-    return
-  end
   save(spans, m)
-  out[#out + 1] = head
   for _, span in ipairs(redis.call('LRANGE', spans, 1, -1)) do out[#out + 1] = span end
 end
-for k = 1, #KEYS, 2 do
-  local at = 5 + k  -- this trace's token, then its version
-  claim(KEYS[k], KEYS[k + 1], ARGV[at], ARGV[at + 1])
-end
+for k = 1, #KEYS do claim(KEYS[k], ARGV[4 + k]) end
 return out
 """
 
@@ -387,7 +382,7 @@ def _claim_results(flat: list[bytes]) -> list[tuple[list[bytes], list[bytes]]]:
     while at < len(flat):
         head = flat[at].split(b",")
         at += 1
-        count = int(head[4]) if head[0] == b"claimed" and head[5] != b"same" else 0
+        count = int(head[4]) if head[0] == b"claimed" else 0
         out.append((head, flat[at:at + count]))
         at += count
     return out
@@ -600,7 +595,8 @@ class RedisStore:
 
     # --- protocol ---
 
-    def append(self, batch: Mapping[str, list[Span]], now: float) -> AppendResult:
+    def append(self, batch: Mapping[str, list[Span]], now: float,
+               quiet: Collection[str] = ()) -> AppendResult:
         limits = self.limits
         fixed = [_ms(now), limits.max_spans_per_trace, _ms(self.ttl),
                  _ms(limits.decided_retention), _ms(limits.decision_wait),
@@ -615,19 +611,20 @@ class RedisStore:
         for trace_id, spans in batch.items():
             encoded = [encode(s) for s in spans]
             keys = self._trace_keys(trace_id)
+            # Decided on arrival only when the caller judged what is stored, all in one call.
+            flag = b"1" if (trace_id in quiet and len(encoded) <= _MAX_ARGS
+                            and trace_id not in altered) else b"0"
             for start in range(0, len(encoded), _MAX_ARGS):
                 part = encoded[start:start + _MAX_ARGS]
-                appends.add(keys, [len(part), *part])
+                appends.add(keys, [len(part), flag, *part])
                 order.append(trace_id)
         appends.queue()
         result = AppendResult()
         updates = _ShardUpdates(self)
-        created: dict[str, list[Any]] = {}  # trace id -> [opened, spans taken], while whole
-        replies = appends.results(scripts.run())
         previous = None
-        for trace_id, reply in zip(order, replies):
-            taken, refused, late, fresh, before = map(int, reply.split(b",", 5)[:5])
-            due, version = reply.rsplit(b",", 2)[1:]
+        for trace_id, reply in zip(order, appends.results(scripts.run())):
+            taken, refused, late, counted, before = map(int, reply.split(b",", 5)[:5])
+            due, made = reply.rsplit(b",", 2)[1:]
             first, previous = trace_id != previous, trace_id  # a trace's parts come in a row
             result.accepted += taken
             result.rejected += refused
@@ -637,17 +634,15 @@ class RedisStore:
                 result.touched.append(trace_id)
             if due:
                 updates.due(shard, trace_id, due.decode())
-            # The first part of a trace's spans says whether this call created it; the version
-            # counts only this batch's spans, so one interleaved from elsewhere changes it.
-            if first and version:
-                created[trace_id] = [version.split(b":")[0], taken]
-            elif trace_id in created:
-                created[trace_id][1] += taken
-            if refused:
-                created.pop(trace_id, None)
-            updates.count(shard, fresh, taken + before)
-        result.new = {trace_id: b"%s:%d" % (opened, count)
-                      for trace_id, (opened, count) in created.items() if trace_id not in altered}
+            # Created by the first part; a later part's refusal means it is not whole.
+            if first and made:
+                result.created.add(trace_id)
+            if made == b"q":  # not open: neither counted nor due
+                result.quiet += 1
+            else:
+                updates.count(shard, counted, taken + before)
+            if refused or trace_id in altered:
+                result.created.discard(trace_id)
         self._send(updates)
         return result
 
@@ -656,8 +651,7 @@ class RedisStore:
         updates.send(batch)
         batch.run()
 
-    def claim_due(self, now: float, limit: int = 1000,
-                  known: Known | None = None) -> list[Claimed]:
+    def claim_due(self, now: float, limit: int = 1000) -> list[Claimed]:
         limits = self.limits
         now_ms, lease_ms = _ms(now), _ms(now + limits.claim_lease)
         with self._lock:  # rotate the starting shard so no shard starves under load
@@ -672,8 +666,7 @@ class RedisStore:
         chosen: list[tuple[str, int, str]] = []
         batch = _Batch(self.client)
         claims = _PerSlot(batch, CLAIM_TRACE, [now_ms, _ms(limits.decision_wait),
-                                                _ms(limits.max_trace_age), lease_ms,
-                                                _ms(limits.decided_retention + 1)],
+                                                _ms(limits.max_trace_age), lease_ms],
                            traces_per_call=_CLAIMS_PER_CALL, split=_claim_results)
         tokens = os.urandom(6).hex()  # this claim's; a trace's token adds its place in it
         for shard, ids in zip(shards, popping.results(pops.run())):
@@ -683,7 +676,7 @@ class RedisStore:
                     updates.due(shard, trace_id, now_ms)
                     continue
                 token = f"{tokens}{len(chosen):x}"
-                claims.add(self._trace_keys(trace_id), [token, known and known(trace_id) or b""])
+                claims.add(self._trace_keys(trace_id)[:1], [token])
                 chosen.append((trace_id, shard, token))
         claimed: list[Claimed] = []
         claims.queue()
@@ -697,29 +690,22 @@ class RedisStore:
             elif verdict == b"claimed":
                 if head[2] == b"0":  # it was open: it leaves the shard's live counts
                     updates.count(shard, -1, -int(head[4]))
-                trace, lease = None, None  # quiet at a version the caller knows: decided
-                if head[5] == b"same":
-                    updates.release(shard, trace_id, lease_ms)
-                else:
-                    lease = _Lease(token, lease_ms, shard)
-                    try:  # one unreadable trace must not hold up the others: it stays claimed
-                        trace = Trace(trace_id, [decode_span(trace_id, raw, self._words)
-                                                 for raw in spans])
-                    except (ValueError, TypeError, LookupError, redis.DataError) as exc:
-                        log.error("trace %s cannot be read (%s); retried after the lease",
-                                  trace_id, exc)
-                        continue
+                try:  # one unreadable trace must not hold up the others: it stays claimed
+                    trace = Trace(trace_id, [decode_span(trace_id, raw, self._words)
+                                             for raw in spans])
+                except (ValueError, TypeError, LookupError, redis.DataError) as exc:
+                    log.error("trace %s cannot be read (%s); retried after the lease",
+                              trace_id, exc)
+                    continue
                 claimed.append(Claimed(trace_id, trace, head[3].decode(), int(head[1]) / 1000,
-                                       lease))
+                                       _Lease(token, lease_ms, shard)))
             # b"leased": another sidecar is deciding it; its lease says until when
         self._send(updates)
         return claimed
 
     def finish(self, claimed: Sequence[Claimed]) -> None:
         """Mark decided traces (unless a late span re-opened them meanwhile) and drop their
-        deadlines: two round trips per node for the whole batch. Those claimed without their
-        spans were decided by the claim."""
-        claimed = [item for item in claimed if item.trace is not None]
+        deadlines: two round trips per node for the whole batch."""
         if not claimed:
             return
         batch = _Batch(self.client)
@@ -737,7 +723,7 @@ class RedisStore:
                 updates.release(lease.shard, item.trace_id, lease.until_ms)
         self._send(updates)
 
-    def claim_all(self, now: float, known: Known | None = None) -> list[Claimed]:
+    def claim_all(self, now: float) -> list[Claimed]:
         """Nothing: the state is shared, and one sidecar stopping must not decide the traces
         other sidecars are still assembling. They (or this one, restarted) decide them."""
         return []

@@ -6,14 +6,19 @@ arrived for `decision_wait`, or `max_trace_age` after it opened. A decided trace
 `decided_retention`, so a late span re-opens it with all its earlier spans and a rule that has
 already signalled for it stays quiet. Limits never drop data silently: refused spans and
 early-decided traces are reported in the results for the caller to count.
+
+A trace that a batch creates, whole (every span accepted), and that the caller names `quiet` (no
+rule fires on it) is decided on arrival: it gets no deadline, so nobody claims it. It is kept
+like a decided trace, as if decided at the deadline it would have had: a span arriving before
+that deadline opens it again as if it had never been decided (not late), one arriving after it is
+late.
 """
 
 from __future__ import annotations
 
-import itertools
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol, TypeVar
 
@@ -39,33 +44,29 @@ class AppendResult:
     late: int = 0  # accepted into a trace that had already been decided (it re-opens)
     evicted: int = 0  # open traces pushed to an early decision to make room (max_traces)
     touched: list[str] = field(default_factory=list)  # traces that received spans
-    # Traces this batch created, every span accepted (the batch holds the whole trace so far),
-    # each with its version: opaque, equal only while nothing is added (see `claim_due`).
-    new: dict[str, object] = field(default_factory=dict)
+    # Traces this batch created and stored as given (every span accepted, none altered): the
+    # batch holds the whole trace so far
+    created: set[str] = field(default_factory=set)
+    quiet: int = 0  # of those, how many were decided on arrival (named quiet by the caller)
 
 
 class Claimed(NamedTuple):
     """A trace handed to one decider; `reason` is idle, max_age, evicted or shutdown.
-    `trace` is None when the trace is still at the version the caller found quiet (`known`):
-    nothing is left to decide, so the store neither reads it back nor needs it finished.
     `handle` is the store's own (a lease, for shared stores); pass it back to `finish`."""
 
     trace_id: str
-    trace: Trace | None
+    trace: Trace
     reason: str
     due_at: float
     handle: object = None
 
 
-Known = Callable[[str], object]  # trace id -> the version the caller found quiet, or None
-
-
 class TraceStore(Protocol):
-    def append(self, batch: Mapping[str, list[Span]], now: float) -> AppendResult: ...
-    def claim_due(self, now: float, limit: int = 1000,
-                  known: Known | None = None) -> list[Claimed]: ...
+    def append(self, batch: Mapping[str, list[Span]], now: float,
+               quiet: Collection[str] = ()) -> AppendResult: ...
+    def claim_due(self, now: float, limit: int = 1000) -> list[Claimed]: ...
     def finish(self, claimed: Sequence[Claimed]) -> None: ...
-    def claim_all(self, now: float, known: Known | None = None) -> list[Claimed]: ...
+    def claim_all(self, now: float) -> list[Claimed]: ...
     def with_traces(self, trace_ids: list[str], use: Callable[[Trace], T]) -> list[T]: ...
     def with_trace(self, trace_id: str, use: Callable[[Trace], T]) -> T | None: ...
     # (rule id, trace id) pairs: True for each signal this caller is to send, then confirmed
@@ -80,21 +81,17 @@ class TraceStore(Protocol):
 
 
 class _Entry:
-    __slots__ = ("trace", "serial", "opened", "last_seen", "signalled", "decided_until")
+    __slots__ = ("trace", "opened", "last_seen", "signalled", "decided_at", "decided_until")
 
-    def __init__(self, trace: Trace, serial: int, now: float) -> None:
+    def __init__(self, trace: Trace, now: float) -> None:
         self.trace = trace
-        self.serial = serial  # new with each instance of the trace: part of its version
         self.opened = now
         self.last_seen = now
         self.signalled: set[str] | None = None  # made on the first signal: most traces have none
-        self.decided_until: float | None = None  # set while decided and remembered
-
-
-def _claimed(trace_id: str, entry: _Entry, reason: str, due_at: float,
-             known: Known | None) -> Claimed:
-    unchanged = known is not None and known(trace_id) == (entry.serial, len(entry.trace.spans))
-    return Claimed(trace_id, None if unchanged else entry.trace, reason, due_at)
+        # Set while decided and remembered: when (on arrival: when it would have been), and
+        # until when it is kept.
+        self.decided_at: float | None = None
+        self.decided_until: float | None = None
 
 
 class MemoryStore:
@@ -113,47 +110,56 @@ class MemoryStore:
         # max_traces at each claim, once the batch claimed before has been decided.
         self._evicted_signals: OrderedDict[str, set[str]] = OrderedDict()
         self._spans = 0
-        self._serials = itertools.count()
 
-    def append(self, batch: Mapping[str, list[Span]], now: float) -> AppendResult:
+    def append(self, batch: Mapping[str, list[Span]], now: float,
+               quiet: Collection[str] = ()) -> AppendResult:
         result = AppendResult()
-        limit = self.limits.max_spans_per_trace
+        limits = self.limits
         with self._lock:
             for trace_id, spans in batch.items():
                 entry = self._entries.get(trace_id)
-                new = entry is None
+                new = whole = entry is None
                 if entry is None:
                     self._make_room(result)
-                    entry = self._entries[trace_id] = _Entry(Trace(trace_id, ()),
-                                                             next(self._serials), now)
+                    entry = self._entries[trace_id] = _Entry(Trace(trace_id, ()), now)
                     entry.signalled = self._evicted_signals.pop(trace_id, entry.signalled)
-                    self._by_age[trace_id] = entry
                 elif entry.decided_until is not None:
                     # Re-open with a fresh Trace: a decider may still be reading the old one.
                     del self._decided[trace_id]
-                    entry.decided_until = None
+                    if now > entry.decided_at:  # not while it would still have been waiting
+                        result.late += len(spans)
+                        entry.opened = now
+                    entry.decided_at = entry.decided_until = None
                     entry.trace = Trace(trace_id, entry.trace.spans)
-                    entry.serial = next(self._serials)
-                    entry.opened = now
                     self._by_age[trace_id] = entry
+                    self._by_activity[trace_id] = entry
                     self._spans += len(entry.trace.spans)
-                    result.late += len(spans)
-                room = limit - len(entry.trace.spans)
+                room = limits.max_spans_per_trace - len(entry.trace.spans)
                 if room < len(spans):
                     result.rejected += len(spans) - max(room, 0)
                     spans = spans[:max(room, 0)]
-                    new = False
+                    whole = False
                 if not spans:
+                    if not entry.trace.spans:  # made for nothing: forget it again
+                        del self._entries[trace_id]
                     continue
                 entry.trace.add(spans)
                 entry.last_seen = now
+                result.accepted += len(spans)
+                result.touched.append(trace_id)
+                if whole:
+                    result.created.add(trace_id)
+                if whole and trace_id in quiet:  # decided on arrival, as of its would-be deadline
+                    entry.decided_at = now + min(limits.decision_wait, limits.max_trace_age)
+                    entry.decided_until = entry.decided_at + limits.decided_retention
+                    self._decided[trace_id] = entry
+                    result.quiet += 1
+                    continue
+                if new:
+                    self._by_age[trace_id] = entry
                 self._by_activity[trace_id] = entry
                 self._by_activity.move_to_end(trace_id)
                 self._spans += len(spans)
-                result.accepted += len(spans)
-                result.touched.append(trace_id)
-                if new:
-                    result.new[trace_id] = (entry.serial, len(entry.trace.spans))
         return result
 
     def _make_room(self, result: AppendResult) -> None:
@@ -171,8 +177,7 @@ class MemoryStore:
         self._evicted.append((trace_id, entry))
         result.evicted += 1
 
-    def claim_due(self, now: float, limit: int = 1000,
-                  known: Known | None = None) -> list[Claimed]:
+    def claim_due(self, now: float, limit: int = 1000) -> list[Claimed]:
         wait, max_age = self.limits.decision_wait, self.limits.max_trace_age
         claimed: list[Claimed] = []
         with self._lock:
@@ -180,19 +185,18 @@ class MemoryStore:
             while self._evicted and len(claimed) < limit:
                 trace_id, entry = self._evicted.pop()
                 self._remember_evicted(trace_id, entry)
-                claimed.append(_claimed(trace_id, entry, "evicted", now, known))
+                claimed.append(Claimed(trace_id, entry.trace, "evicted", now))
             while self._by_activity and len(claimed) < limit:
                 trace_id, entry = next(iter(self._by_activity.items()))
                 if entry.last_seen + wait > now:
                     break
-                claimed.append(self._decide(trace_id, entry, "idle", entry.last_seen + wait, now,
-                                            known))
+                claimed.append(self._decide(trace_id, entry, "idle", entry.last_seen + wait, now))
             while self._by_age and len(claimed) < limit:
                 trace_id, entry = next(iter(self._by_age.items()))
                 if entry.opened + max_age > now:
                     break
                 claimed.append(self._decide(trace_id, entry, "max_age", entry.opened + max_age,
-                                            now, known))
+                                            now))
             while self._decided:
                 trace_id, entry = next(iter(self._decided.items()))
                 if entry.decided_until is None or entry.decided_until > now:
@@ -211,24 +215,25 @@ class MemoryStore:
             self._evicted_signals.popitem(last=False)
 
     def _decide(self, trace_id: str, entry: _Entry, reason: str, due_at: float,
-                now: float, known: Known | None) -> Claimed:
+                now: float) -> Claimed:
         self._by_activity.pop(trace_id, None)
         self._by_age.pop(trace_id, None)
         self._spans -= len(entry.trace.spans)
+        entry.decided_at = now
         entry.decided_until = now + self.limits.decided_retention
         self._decided[trace_id] = entry
-        return _claimed(trace_id, entry, reason, due_at, known)
+        return Claimed(trace_id, entry.trace, reason, due_at)
 
-    def claim_all(self, now: float, known: Known | None = None) -> list[Claimed]:
+    def claim_all(self, now: float) -> list[Claimed]:
         """Every open trace, for a final decision at shutdown."""
         with self._lock:
             self._prune_evicted_signals()
             claimed = []
             for trace_id, entry in self._evicted:
                 self._remember_evicted(trace_id, entry)
-                claimed.append(_claimed(trace_id, entry, "shutdown", now, known))
+                claimed.append(Claimed(trace_id, entry.trace, "shutdown", now))
             self._evicted.clear()
-            claimed += [self._decide(trace_id, entry, "shutdown", now, now, known)
+            claimed += [self._decide(trace_id, entry, "shutdown", now, now)
                         for trace_id, entry in list(self._by_age.items())]
         return claimed
 

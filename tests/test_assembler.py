@@ -1,6 +1,6 @@
 """The assembler: against a reload that lands in the middle of a decision step (the reload thread
 runs whenever it likes), and on traces it saw whole. The real stores, rules,
-emitter and metrics; only the moment of the reload is forced, from inside the step's own
+emitter and metrics; only the moment of the reload is forced, from inside the assembler's own
 evaluation."""
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ class Recording(Emitter):
         return super().emit(violation)
 
 
-class ReloadedMidStep(Assembler):
+class ReloadedMidEvaluation(Assembler):
     """Swaps in NEW right after the first evaluation of the old rules, as the reload thread
     could."""
 
@@ -49,19 +49,26 @@ class ReloadedMidStep(Assembler):
         return found
 
 
-def test_a_reload_during_a_step_does_not_let_the_new_rules_skip_a_trace() -> None:
-    """A fresh trace that the old monotone rule found quiet must still meet the new rule."""
+def test_a_reload_applies_to_what_arrives_after_it() -> None:
+    """A request is judged by one rule set: the one loaded when it arrived. Its trace, quiet
+    under the old rules, is decided on arrival by them; the next request meets the new ones."""
     now = [1000.0]
     metrics = Metrics(CollectorRegistry())
     emitter = Recording(metrics)
-    assembler = ReloadedMidStep(MemoryStore(StoreLimits(decision_wait=1.0)),
-                                load_rules_text(OLD), emitter, metrics, clock=lambda: now[0])
-    assembler.ingest({TRACE: [Span(TRACE, "00000000000000a1", "refund", start_ns=1, end_ns=2,
-                                   attributes={"amount": 100})]})
-    assembler.step()  # early evaluation with the old rule: quiet; the reload lands here
+    assembler = ReloadedMidEvaluation(MemoryStore(StoreLimits(decision_wait=1.0)),
+                                      load_rules_text(OLD), emitter, metrics,
+                                      clock=lambda: now[0])
+    second = TRACE.replace("01", "ff", 1)
+    for trace_id in (TRACE, second):
+        result = assembler.ingest({trace_id: [
+            Span(trace_id, "00000000000000a1", "refund", start_ns=1, end_ns=2,
+                 attributes={"amount": 100})]})
+        assembler.step()
+    assert result.quiet == 0  # the second: 100 > 50
     now[0] += 5
-    assembler.step()  # the decision, under the new rule: 100 > 50
+    assert assembler.step() == 1
     assert emitter.rules == ["big-refund"]
+    assert metrics.traces_decided.labels(reason="arrival")._value.get() == 1
 
 
 # --- traces seen whole ----------------------------------------------------------------------------
@@ -152,7 +159,7 @@ def test_a_trace_stored_altered_is_judged_on_what_is_stored(redis_url: str) -> N
     assembler = Assembler(RedisStore(client, StoreLimits(decision_wait=1.0)), rules, emitter,
                           metrics, clock=lambda: now[0])
     result = assembler.ingest({TRACE: [span("refund", 1, amount=2**70)]})
-    assert result.new == {}
+    assert result.quiet == 0  # quiet as a number, but stored as text: decided as stored
     assembler.step()
     now[0] += 2
     assert assembler.step() == 1

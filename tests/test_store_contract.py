@@ -175,73 +175,99 @@ def test_with_trace_reads_an_open_trace_only(store_factory: StoreFactory) -> Non
     assert store.with_trace(A, len) is None  # decided: a decider owns it now
 
 
-# --- versions: what a decider has already seen --------------------------------------------------
+# --- decided on arrival: a whole trace no rule fires on ------------------------------------------
 
-def test_a_trace_still_at_the_version_found_quiet_is_decided_by_its_claim(
+def test_a_quiet_trace_a_batch_makes_whole_is_decided_on_arrival(
         store_factory: StoreFactory) -> None:
-    """The decider found it quiet from its only request: nothing to read back, nothing left to
-    decide, so the claim itself decides it (no `finish`)."""
+    """Named quiet by the caller and created whole by the batch: no deadline, not open, never
+    claimed; the others in the batch are open as usual."""
     store = store_factory(decision_wait=10.0)
-    result = store.append({A: spans(A, 2), B: spans(B, 3)}, now=0.0)
-    assert set(result.new) == {A, B}
-    claimed = by_id(store.claim_due(10.0, known=result.new.get))
-    assert claimed[A].trace is None and claimed[B].trace is None
-    assert claimed[A].reason == "idle" and claimed[A].due_at == pytest.approx(10.0)
+    result = store.append({A: spans(A, 2), B: spans(B, 3)}, now=0.0, quiet={A})
+    assert result.created == {A, B} and result.quiet == 1
+    assert result.accepted == 5 and sorted(result.touched) == [A, B]
+    assert store.counts() == (1, 3)
+    assert store.with_trace(A, len) is None and store.with_trace(B, len) == 3
+    assert store.next_due() == pytest.approx(10.0)
+    assert [c.trace_id for c in claim(store, 10.0)] == [B]
+    assert store.next_due() is None
+    assert claim(store, 1000.0) == []
     assert store.counts() == (0, 0)
-    assert store.next_due() is None  # no lease left to expire
-    assert store.claim_due(20.0) == []
-    late = store.append({A: spans(A)}, now=21.0)  # decided: a late span re-opens it whole
-    assert late.late == 1 and A not in late.new and store.with_trace(A, len) == 3
 
 
-def test_a_trace_that_grew_after_its_version_is_read_back_whole(
+def test_only_a_trace_the_batch_creates_is_decided_on_arrival(
         store_factory: StoreFactory) -> None:
-    store = store_factory(decision_wait=10.0)
-    first = store.append({A: spans(A, 2), B: spans(B, 2)}, now=0.0)
-    grown = store.append({A: spans(A)}, now=1.0)
-    assert A not in grown.new  # the batch holds only part of A
-    retried = store.append({B: spans(B, 2)}, now=1.0)  # a retry's copy counts as growth
-    assert B not in retried.new
-    claimed = by_id(claim(store, 11.0, known=first.new.get))
-    assert claimed[A].trace is not None and len(claimed[A].trace.spans) == 3
-    assert claimed[B].trace is not None and len(claimed[B].trace.spans) == 4
-
-
-def test_without_known_versions_every_trace_is_read_back(store_factory: StoreFactory) -> None:
     store = store_factory(decision_wait=10.0)
     store.append({A: spans(A, 2)}, now=0.0)
-    [claimed] = claim(store, 10.0, known=lambda trace_id: None)
-    assert claimed.trace is not None and len(claimed.trace.spans) == 2
+    grown = store.append({A: spans(A), B: spans(B, 2)}, now=1.0, quiet={A})
+    assert grown.created == {B} and grown.quiet == 0  # the batch holds only part of A
+    retried = store.append({B: spans(B, 2)}, now=1.0, quiet={B})  # a retry's copy too
+    assert retried.created == set() and retried.quiet == 0
+    claimed = by_id(claim(store, 11.0))
+    assert len(claimed[A].trace.spans) == 3 and len(claimed[B].trace.spans) == 4
 
 
-def test_a_trace_made_again_after_it_was_forgotten_has_a_new_version(
+def test_a_span_within_its_wait_opens_a_trace_decided_on_arrival_again_not_late(
         store_factory: StoreFactory) -> None:
-    """Another decider may have decided (and the store forgotten) a trace whose version this
-    one remembers; spans arriving later make it again, with as many spans, but not the same."""
+    """As if it had never been decided: its opening time stands (max_trace_age counts from
+    it), the earlier spans rejoin the open counts, and it is decided whole."""
+    store = store_factory(decision_wait=10.0, max_trace_age=12.0)
+    early = spans(A, 2)
+    store.append({A: early}, now=0.0, quiet={A})
+    later = spans(A)
+    result = store.append({A: later}, now=5.0, quiet={A})
+    assert result.late == 0 and result.accepted == 1 and result.touched == [A]
+    assert result.created == set() and result.quiet == 0
+    assert store.counts() == (1, 3) and store.with_trace(A, len) == 3
+    assert claim(store, 11.9) == []
+    [decided] = claim(store, 12.0)
+    assert decided.reason == "max_age" and decided.due_at == pytest.approx(12.0)
+    assert ids(decided) == {s.span_id for s in early + later}
+
+
+def test_a_span_after_its_wait_is_late_for_a_trace_decided_on_arrival(
+        store_factory: StoreFactory) -> None:
+    store = store_factory(decision_wait=10.0, decided_retention=60.0)
+    store.append({A: spans(A, 2)}, now=0.0, quiet={A})
+    result = store.append({A: spans(A)}, now=11.0)
+    assert result.late == 1 and result.created == set()
+    assert store.counts() == (1, 3)
+    assert claim(store, 20.9) == []
+    [decided] = claim(store, 21.0)
+    assert decided.reason == "idle" and len(decided.trace.spans) == 3
+
+
+def test_a_trace_decided_on_arrival_is_forgotten_after_its_retention(
+        store_factory: StoreFactory) -> None:
+    """Kept for decided_retention after the deadline it would have had, then forgotten: a
+    span arriving later starts a new trace."""
     store = store_factory(decision_wait=1.0, decided_retention=5.0)
-    before = store.append({A: spans(A, 2)}, now=0.0)
-    claim(store, 1.0)  # decided without `known`, as another sidecar would
-    claim(store, 7.0)  # past the retention: forgotten
-    again = store.append({A: spans(A, 2)}, now=7.0)
-    assert A in again.new and again.new[A] != before.new[A]
-    [claimed] = claim(store, 8.0, known=before.new.get)
-    assert claimed.trace is not None and len(claimed.trace.spans) == 2
+    store.append({A: spans(A, 2)}, now=0.0, quiet={A})
+    claim(store, 6.5)
+    again = store.append({A: spans(A)}, now=6.5)
+    assert again.late == 0 and again.created == {A}
+    assert store.with_trace(A, len) == 1
 
 
 def test_a_batch_with_refused_spans_does_not_hold_the_whole_trace(
         store_factory: StoreFactory) -> None:
     store = store_factory(max_spans_per_trace=3)
-    result = store.append({A: spans(A, 5), B: spans(B, 2)}, now=0.0)
-    assert result.rejected == 2 and set(result.new) == {B}
+    result = store.append({A: spans(A, 5), B: spans(B, 2)}, now=0.0, quiet={A, B})
+    assert result.rejected == 2 and result.created == {B} and result.quiet == 1
+    assert store.counts() == (1, 3) and store.with_trace(A, len) == 3
 
 
-def test_a_trace_of_more_spans_than_one_script_call_takes_keeps_its_version(
+def test_a_trace_of_more_spans_than_one_script_call_takes_is_stored_whole(
         store_factory: StoreFactory) -> None:
+    """A store may leave such a trace open rather than decide it on arrival; either way it
+    holds every span."""
     store = store_factory(decision_wait=10.0)
-    result = store.append({A: spans(A, 2500)}, now=0.0)
-    assert result.accepted == 2500 and A in result.new
-    [claimed] = claim(store, 10.0, known=result.new.get)
-    assert claimed.trace is None
+    result = store.append({A: spans(A, 2500)}, now=0.0, quiet={A})
+    assert result.accepted == 2500 and result.created == {A}
+    claimed = claim(store, 10.0)
+    if result.quiet:
+        assert claimed == [] and store.counts() == (0, 0)
+    else:
+        assert [len(c.trace.spans) for c in claimed] == [2500]
 
 
 # --- late spans and signalling once -------------------------------------------------------------
