@@ -368,10 +368,18 @@ def latency(tmp: Path, requests: int, rate: float) -> tuple[list[float], int]:
     return found, len(bodies) - len(found)
 
 
+# The bench rules and one that fires on every trace as it arrives (so each stays buffered
+# rather than being decided on arrival) and only at the decision (`not`), 10 minutes away.
+HOLDING_RULES = RULES + """  - id: bench-hold
+    condition: not trace.has(bench.never)
+"""
+
+
 def memory(tmp: Path, pool: list[bytes], spans: int) -> tuple[float, float, float]:
     """(RSS bytes per buffered span, spans buffered, RSS growth) while nothing is decided."""
+    (tmp / "holding.yaml").write_text(HOLDING_RULES)
     sc = Sidecar(tmp, "--decision-wait", "10m", "--max-trace-age", "20m",
-                 "--max-traces", "1000000")
+                 "--max-traces", "1000000", rules="holding.yaml")
     try:
         send(sc, pool, 0, count=2)  # warm-up: first-request allocations are not per span
         time.sleep(0.5)
