@@ -646,7 +646,7 @@ def main() -> int:
     parser.add_argument("--memory-spans", type=int, default=200_000)
     parser.add_argument("--redis-requests", type=int, default=200,
                         help="workload-A requests sent to the Redis-store sidecar per round")
-    parser.add_argument("--rounds", type=int, default=3,
+    parser.add_argument("--rounds", type=int, default=5,
                         help="Redis throughput rounds, each with its own walk limit; the "
                              "median ratio is reported")
     parser.add_argument("--store", default="memory",
