@@ -99,22 +99,18 @@ class Assembler:
         """Decide traces until `stop` is set. What arrivals found is signalled at once; due
         traces are claimed in rounds at least `tick` apart, so deadlines falling a few ms apart
         cost one round (a claim is several round trips to a shared store), and at most `idle`
-        apart, to see deadlines other sidecars set."""
+        apart, to see deadlines other sidecars set. Rounds are timed on the monotonic clock:
+        a wall clock stepped back must not hold them up."""
         next_round = 0.0
         while not stop.is_set():
             try:
                 self._signal_arrivals()
-                now = self.clock()
-                if now >= next_round:
-                    backlog = self._decide_due() >= _CLAIMS
+                if time.monotonic() >= next_round:
+                    delay = 0.0 if self._decide_due() >= _CLAIMS else idle  # 0: a backlog
                     due = self.store.next_due()
-                    now = self.clock()
-                    if backlog:
-                        next_round = now
-                    elif due is None:
-                        next_round = now + idle
-                    else:
-                        next_round = min(now + idle, max(due, now + tick))
+                    if delay and due is not None:
+                        delay = min(idle, max(tick, due - self.clock()))
+                    next_round = time.monotonic() + delay
             except Exception as exc:  # e.g. the store is unreachable: count, keep going
                 self.metrics.store_errors.labels(operation="decide").inc()
                 log.error("deciding traces failed, retrying in 1s: %s", exc)
@@ -122,7 +118,7 @@ class Assembler:
                 continue
             with self._wake:
                 if not self._dirty and not self._found and not stop.is_set():
-                    self._wake.wait(max(0.0, next_round - self.clock()))
+                    self._wake.wait(max(0.0, next_round - time.monotonic()))
 
     def _signal_arrivals(self) -> None:
         """Signal the monotone violations arrivals found, and those of traces that grew (read

@@ -17,9 +17,10 @@ slot and every Lua script stays single-slot):
 Memory is the budget that matters (Redis holds every buffered span of every sidecar), so a
 trace is one list whose head is its state, span records are msgpack with binary ids, span names
 and attribute keys the rules read are small numbers (a `Vocabulary`), and each trace has one
-deadline entry (none when decided on arrival). A trace lives in shard crc32(trace_id) % SHARDS. Appending is one script call
-for all the request's traces (one per hash slot on a Cluster), then one per shard for deadlines
-and counts: two round trips per Export request, never one per span. Claiming sets a lease; a
+deadline entry (none when decided on arrival). A trace lives in shard crc32(trace_id) % SHARDS.
+Appending is one script call for all the request's traces (one per hash slot on a Cluster),
+then one per shard for deadlines and counts: two round trips per Export request, never one per
+span. Claiming sets a lease; a
 sidecar that dies mid-decision leaves the trace to whoever claims it after the lease. Every
 trace key has a TTL; the 2 x SHARDS shard keys are a fixed set of small keys without one (a
 sorted set vanishes when empty).
@@ -107,12 +108,8 @@ local function append(spans, signals, first, n, quiet)
       redis.call('RPUSH', spans, '')  -- the state's place
     elseif m.st ~= '0' then  -- decided: a span re-opens it with its earlier spans; it is late
       counted, before = 1, have  -- unless decided on arrival and still inside its wait
-      if m.st == '2' or now > m.dt then
-        late = take
-        m = {o = now}
-      else
-        m = {o = m.o}
-      end
+      if m.st == '2' or now > m.dt then late = take end
+      m = {o = now}
     end
     m.st, m.l = '0', now
     redis.call('RPUSH', spans, unpack(ARGV, first, first + take - 1))
@@ -125,9 +122,9 @@ local function append(spans, signals, first, n, quiet)
   if m and m.st == '0' then  -- also when nothing was taken: a retry re-sends the deadline
     due = num(math.min(m.l + wait, m.o + max_age))  -- that a failed round trip left unset
   end
-  if made == 'q' then
+  if made == 'q' then  -- kept for late spans as if decided at its deadline
     redis.call('PEXPIRE', spans, m.dt - now + retention + 1000)
-  elseif m then
+  elseif due ~= '' then
     redis.call('PEXPIRE', spans, ttl)
     redis.call('PEXPIRE', signals, ttl)  -- a re-opened trace keeps the memory of its signals
   end
@@ -142,8 +139,9 @@ end
 return out
 """
 
-# KEYS: spans of each trace. ARGV: now, wait, max_age, lease_until, then per trace its token. Per trace a head "claimed,deadline,previous st,reason,span count" then its spans, or the
-# head alone: "later,deadline", "gone", "done" (decided, also on arrival), "leased".
+# KEYS: spans of each trace. ARGV: now, wait, max_age, lease_until, then per trace its token.
+# Per trace a head "claimed,deadline,previous st,reason,span count" then its spans, or the head
+# alone: "later,deadline", "gone", "done" (decided, also on arrival), "leased".
 _CLAIM_TRACE = _STATE + """
 local now, wait, max_age, lease = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]),
                                   tonumber(ARGV[4])

@@ -10,8 +10,8 @@ early-decided traces are reported in the results for the caller to count.
 A trace that a batch creates, whole (every span accepted), and that the caller names `quiet` (no
 rule fires on it) is decided on arrival: it gets no deadline, so nobody claims it. It is kept
 like a decided trace, as if decided at the deadline it would have had: a span arriving before
-that deadline opens it again as if it had never been decided (not late), one arriving after it is
-late.
+that deadline opens it again (not late; it opens then, for `max_trace_age`), one arriving after
+it is late.
 """
 
 from __future__ import annotations
@@ -81,17 +81,15 @@ class TraceStore(Protocol):
 
 
 class _Entry:
-    __slots__ = ("trace", "opened", "last_seen", "signalled", "decided_at", "decided_until")
+    __slots__ = ("trace", "opened", "last_seen", "signalled", "decided_until", "quiet_until")
 
     def __init__(self, trace: Trace, now: float) -> None:
         self.trace = trace
         self.opened = now
         self.last_seen = now
         self.signalled: set[str] | None = None  # made on the first signal: most traces have none
-        # Set while decided and remembered: when (on arrival: when it would have been), and
-        # until when it is kept.
-        self.decided_at: float | None = None
-        self.decided_until: float | None = None
+        self.decided_until: float | None = None  # set while decided: kept until then
+        self.quiet_until: float | None = None  # decided on arrival: its would-be deadline
 
 
 class MemoryStore:
@@ -120,29 +118,29 @@ class MemoryStore:
                 entry = self._entries.get(trace_id)
                 new = whole = entry is None
                 if entry is None:
-                    self._make_room(result)
+                    self._make_room(result, now)
                     entry = self._entries[trace_id] = _Entry(Trace(trace_id, ()), now)
                     entry.signalled = self._evicted_signals.pop(trace_id, entry.signalled)
-                elif entry.decided_until is not None:
-                    # Re-open with a fresh Trace: a decider may still be reading the old one.
-                    del self._decided[trace_id]
-                    if now > entry.decided_at:  # not while it would still have been waiting
-                        result.late += len(spans)
-                        entry.opened = now
-                    entry.decided_at = entry.decided_until = None
-                    entry.trace = Trace(trace_id, entry.trace.spans)
-                    self._by_age[trace_id] = entry
-                    self._by_activity[trace_id] = entry
-                    self._spans += len(entry.trace.spans)
                 room = limits.max_spans_per_trace - len(entry.trace.spans)
                 if room < len(spans):
                     result.rejected += len(spans) - max(room, 0)
                     spans = spans[:max(room, 0)]
                     whole = False
                 if not spans:
-                    if not entry.trace.spans:  # made for nothing: forget it again
+                    if new:  # made for nothing: forget it again
                         del self._entries[trace_id]
                     continue
+                if entry.decided_until is not None:
+                    # Decided: the span re-opens it with its earlier spans, in a fresh Trace (a
+                    # decider may still be reading the old one). It is late unless the trace was
+                    # decided on arrival and would still be waiting.
+                    del self._decided[trace_id]
+                    if entry.quiet_until is None or now > entry.quiet_until:
+                        result.late += len(spans)
+                    entry.opened, entry.decided_until, entry.quiet_until = now, None, None
+                    entry.trace = Trace(trace_id, entry.trace.spans)
+                    self._by_age[trace_id] = entry
+                    self._spans += len(entry.trace.spans)
                 entry.trace.add(spans)
                 entry.last_seen = now
                 result.accepted += len(spans)
@@ -150,8 +148,8 @@ class MemoryStore:
                 if whole:
                     result.created.add(trace_id)
                 if whole and trace_id in quiet:  # decided on arrival, as of its would-be deadline
-                    entry.decided_at = now + min(limits.decision_wait, limits.max_trace_age)
-                    entry.decided_until = entry.decided_at + limits.decided_retention
+                    entry.quiet_until = now + min(limits.decision_wait, limits.max_trace_age)
+                    entry.decided_until = entry.quiet_until + limits.decided_retention
                     self._decided[trace_id] = entry
                     result.quiet += 1
                     continue
@@ -162,13 +160,18 @@ class MemoryStore:
                 self._spans += len(spans)
         return result
 
-    def _make_room(self, result: AppendResult) -> None:
-        """Forget the oldest decided trace, else push the oldest open one to a decision now."""
+    def _make_room(self, result: AppendResult, now: float) -> None:
+        """Forget the oldest decided trace, else push the oldest open one to a decision now. A
+        trace decided on arrival and still inside its wait is as good as open: its loss counts
+        as an eviction (and it is decided again, for the count and its signals' memory)."""
         if len(self._entries) < self.limits.max_traces:
             return
         if self._decided:
-            trace_id, _ = self._decided.popitem(last=False)
+            trace_id, entry = self._decided.popitem(last=False)
             del self._entries[trace_id]
+            if entry.quiet_until is not None and now <= entry.quiet_until:
+                self._evicted.append((trace_id, entry))
+                result.evicted += 1
             return
         trace_id, entry = self._by_age.popitem(last=False)
         self._by_activity.pop(trace_id, None)
@@ -219,7 +222,6 @@ class MemoryStore:
         self._by_activity.pop(trace_id, None)
         self._by_age.pop(trace_id, None)
         self._spans -= len(entry.trace.spans)
-        entry.decided_at = now
         entry.decided_until = now + self.limits.decided_retention
         self._decided[trace_id] = entry
         return Claimed(trace_id, entry.trace, reason, due_at)

@@ -5,6 +5,8 @@ evaluation."""
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -160,7 +162,34 @@ def test_a_trace_stored_altered_is_judged_on_what_is_stored(redis_url: str) -> N
                           metrics, clock=lambda: now[0])
     result = assembler.ingest({TRACE: [span("refund", 1, amount=2**70)]})
     assert result.quiet == 0  # quiet as a number, but stored as text: decided as stored
+    assert TRACE not in result.created  # nor is what was found on arrival signalled
     assembler.step()
     now[0] += 2
     assert assembler.step() == 1
     assert emitter.rules == ["small-refund"]  # "1180591620717411303424" is no number > 1000
+
+
+def test_the_decider_keeps_deciding_when_the_wall_clock_steps_back() -> None:
+    """Its rounds are timed on the monotonic clock: after the wall clock steps back 5 s, a trace
+    due 0.2 s later (by the stepped clock) is decided about then, not 5 s later."""
+    offset = [0.0]
+    metrics = Metrics(CollectorRegistry())
+    emitter = Recording(metrics)
+    assembler = Assembler(MemoryStore(StoreLimits(decision_wait=0.2)), load_rules_text(UNAUDITED),
+                          emitter, metrics, clock=lambda: time.time() - offset[0])
+    stop = threading.Event()
+    decider = threading.Thread(target=assembler.run, args=(stop,), daemon=True)
+    decider.start()
+    try:
+        time.sleep(0.1)  # a round on the clock as it was
+        offset[0] = 5.0
+        assembler.ingest({TRACE: [span("admin.action", 1)]})  # unaudited: signals when decided
+        started = time.monotonic()
+        while not emitter.rules and time.monotonic() - started < 3:
+            time.sleep(0.01)
+        assert emitter.rules == ["unaudited-admin"]
+        assert time.monotonic() - started < 2
+    finally:
+        stop.set()
+        assembler.wake()
+        decider.join(5)

@@ -8,6 +8,7 @@ runs as a real redis-server (see redis_servers.py). A new store joins by adding 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -208,9 +209,9 @@ def test_only_a_trace_the_batch_creates_is_decided_on_arrival(
 
 def test_a_span_within_its_wait_opens_a_trace_decided_on_arrival_again_not_late(
         store_factory: StoreFactory) -> None:
-    """As if it had never been decided: its opening time stands (max_trace_age counts from
-    it), the earlier spans rejoin the open counts, and it is decided whole."""
-    store = store_factory(decision_wait=10.0, max_trace_age=12.0)
+    """Open again, whole: the earlier spans rejoin the open counts, and it opens now (for
+    max_trace_age, which counts from here: 5 + 8, not 0 + 8)."""
+    store = store_factory(decision_wait=10.0, max_trace_age=8.0)
     early = spans(A, 2)
     store.append({A: early}, now=0.0, quiet={A})
     later = spans(A)
@@ -218,10 +219,36 @@ def test_a_span_within_its_wait_opens_a_trace_decided_on_arrival_again_not_late(
     assert result.late == 0 and result.accepted == 1 and result.touched == [A]
     assert result.created == set() and result.quiet == 0
     assert store.counts() == (1, 3) and store.with_trace(A, len) == 3
-    assert claim(store, 11.9) == []
-    [decided] = claim(store, 12.0)
-    assert decided.reason == "max_age" and decided.due_at == pytest.approx(12.0)
+    assert store.next_due() == pytest.approx(13.0)
+    assert claim(store, 12.9) == []
+    [decided] = claim(store, 13.0)
+    assert decided.reason == "max_age" and decided.due_at == pytest.approx(13.0)
     assert ids(decided) == {s.span_id for s in early + later}
+
+
+def test_open_traces_stay_in_order_of_age_around_one_opened_again(
+        store_factory: StoreFactory) -> None:
+    """B opens at 1, A (decided on arrival at 0) opens again at 5: B reaches max_trace_age
+    first, and A is not held up behind it."""
+    store = store_factory(decision_wait=10.0, max_trace_age=12.0)
+    store.append({A: spans(A)}, now=0.0, quiet={A})
+    store.append({B: spans(B)}, now=1.0)
+    store.append({A: spans(A)}, now=5.0)
+    store.append({A: spans(A), B: spans(B)}, now=9.0)
+    assert [c.trace_id for c in claim(store, 13.0)] == [B]
+    assert claim(store, 16.9) == []
+    assert [c.trace_id for c in claim(store, 17.0)] == [A]
+
+
+def test_a_refused_span_leaves_a_trace_decided_on_arrival_decided(
+        store_factory: StoreFactory) -> None:
+    store = store_factory(decision_wait=10.0, max_spans_per_trace=2)
+    store.append({A: spans(A, 2)}, now=0.0, quiet={A})
+    result = store.append({A: spans(A)}, now=5.0)
+    assert result.rejected == 1 and result.accepted == 0 and result.late == 0
+    assert result.touched == [] and store.counts() == (0, 0)
+    assert store.with_trace(A, len) is None and store.next_due() is None
+    assert claim(store, 100.0) == []
 
 
 def test_a_span_after_its_wait_is_late_for_a_trace_decided_on_arrival(
@@ -236,16 +263,53 @@ def test_a_span_after_its_wait_is_late_for_a_trace_decided_on_arrival(
     assert decided.reason == "idle" and len(decided.trace.spans) == 3
 
 
-def test_a_trace_decided_on_arrival_is_forgotten_after_its_retention(
+def test_a_trace_decided_on_arrival_is_kept_for_its_retention_then_forgotten(
         store_factory: StoreFactory) -> None:
-    """Kept for decided_retention after the deadline it would have had, then forgotten: a
-    span arriving later starts a new trace."""
+    """Kept for decided_retention after the deadline it would have had (1 + 5), then
+    forgotten: a span arriving later starts a new trace."""
     store = store_factory(decision_wait=1.0, decided_retention=5.0)
     store.append({A: spans(A, 2)}, now=0.0, quiet={A})
-    claim(store, 6.5)
-    again = store.append({A: spans(A)}, now=6.5)
-    assert again.late == 0 and again.created == {A}
-    assert store.with_trace(A, len) == 1
+    store.append({B: spans(B, 2)}, now=0.0, quiet={B})
+    claim(store, 5.9)
+    kept = store.append({A: spans(A)}, now=5.9)
+    assert kept.late == 1 and kept.created == set() and store.with_trace(A, len) == 3
+    claim(store, 6.1)
+    again = store.append({B: spans(B)}, now=6.1)
+    assert again.late == 0 and again.created == {B}
+    assert store.with_trace(B, len) == 1
+
+
+def test_redis_keeps_a_trace_decided_on_arrival_for_its_retention_only(redis_url: str) -> None:
+    """Its key expires decided_retention (+1s) after the deadline it would have had, not after
+    an open trace's TTL; a refused span does not extend it; a span taken opens it, with the
+    open trace's TTL."""
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    store = RedisStore(client, StoreLimits(decision_wait=10.0, decided_retention=60.0,
+                                           max_spans_per_trace=3))
+    now = time.time()
+    store.append({A: spans(A, 3), B: spans(B, 2)}, now=now, quiet={A, B})
+    keys = {t: f"bt:{{{t}}}:s" for t in (A, B)}
+    for key in keys.values():
+        assert 70_000 - 2_000 < client.pttl(key) <= 71_000
+    assert store.append({A: spans(A)}, now=now + 1).rejected == 1
+    assert client.pttl(keys[A]) <= 71_000
+    assert store.append({B: spans(B)}, now=now + 1).accepted == 1
+    assert client.pttl(keys[B]) > 71_000 and client.pttl(keys[B]) <= store.ttl * 1000
+
+
+def test_a_span_racing_the_claim_of_its_trace_is_late(store_factory: StoreFactory) -> None:
+    """Its clock read before the claim's: the trace is decided all the same, so the span is
+    late and re-opens it for another decision_wait, from the span's time."""
+    store = store_factory(decision_wait=10.0, max_trace_age=30.0)
+    store.append({A: spans(A)}, now=0.0)
+    store.append({A: spans(A)}, now=25.0)
+    [decided] = claim(store, 30.010)
+    assert decided.reason == "max_age"
+    result = store.append({A: spans(A)}, now=30.005)
+    assert result.late == 1
+    assert store.next_due() == pytest.approx(40.005)
+    assert claim(store, 30.02) == []
 
 
 def test_a_batch_with_refused_spans_does_not_hold_the_whole_trace(
@@ -454,6 +518,24 @@ def test_counts_reflect_open_traces_and_buffered_spans(local_store_factory: Stor
     assert store.counts() == (2, 7)
     store.claim_all(12.0)
     assert store.counts() == (0, 0)
+
+
+def test_a_trace_decided_on_arrival_pushed_out_inside_its_wait_counts_as_evicted(
+        local_store_factory: StoreFactory) -> None:
+    """Inside its wait it is as good as open: losing it to max_traces is an eviction (counted,
+    decided again for its signals' memory); past its wait it is forgotten like any decided
+    trace."""
+    store = local_store_factory(decision_wait=10.0, max_traces=2)
+    store.append({A: spans(A)}, now=0.0, quiet={A})
+    store.append({B: spans(B)}, now=1.0)
+    assert store.append({C: spans(C)}, now=2.0).evicted == 1
+    [evicted] = claim(store, 2.0)
+    assert evicted.trace_id == A and evicted.reason == "evicted"
+    store = local_store_factory(decision_wait=1.0, max_traces=2)
+    store.append({A: spans(A)}, now=0.0, quiet={A})
+    store.append({B: spans(B)}, now=1.5)
+    assert store.append({C: spans(C)}, now=2.0).evicted == 0
+    assert claim(store, 2.0) == [] and store.with_trace(A, len) is None
 
 
 def test_claim_all_at_shutdown_returns_every_open_trace(local_store_factory: StoreFactory) -> None:
