@@ -106,10 +106,10 @@ class Assembler:
             try:
                 self._signal_arrivals()
                 if time.monotonic() >= next_round:
-                    delay = 0.0 if self._decide_due() >= _CLAIMS else idle  # 0: a backlog
-                    due = self.store.next_due()
-                    if delay and due is not None:
-                        delay = min(idle, max(tick, due - self.clock()))
+                    delay = 0.0  # a full round: there may be more due at once
+                    if self._decide_due() < _CLAIMS:
+                        due = self.store.next_due()
+                        delay = idle if due is None else min(idle, max(tick, due - self.clock()))
                     next_round = time.monotonic() + delay
             except Exception as exc:  # e.g. the store is unreachable: count, keep going
                 self.metrics.store_errors.labels(operation="decide").inc()

@@ -101,7 +101,10 @@ class MemoryStore:
         self._entries: dict[str, _Entry] = {}
         self._by_activity: OrderedDict[str, _Entry] = OrderedDict()  # open, least recent first
         self._by_age: OrderedDict[str, _Entry] = OrderedDict()  # open, oldest first
-        self._decided: OrderedDict[str, _Entry] = OrderedDict()  # decided, oldest first
+        # Decided traces, kept for late spans: claimed ones by time of decision, those decided
+        # on arrival by time of arrival (each in the order it expires).
+        self._decided: OrderedDict[str, _Entry] = OrderedDict()
+        self._quiet: OrderedDict[str, _Entry] = OrderedDict()
         self._evicted: list[tuple[str, _Entry]] = []  # open traces pushed out by max_traces
         # Rules that signalled on evicted traces already handed out: the spans are gone, but the
         # decision (and a late span) must not signal the same (rule, trace) again. Pruned to
@@ -134,7 +137,7 @@ class MemoryStore:
                     # Decided: the span re-opens it with its earlier spans, in a fresh Trace (a
                     # decider may still be reading the old one). It is late unless the trace was
                     # decided on arrival and would still be waiting.
-                    del self._decided[trace_id]
+                    del (self._decided if entry.quiet_until is None else self._quiet)[trace_id]
                     if entry.quiet_until is None or now > entry.quiet_until:
                         result.late += len(spans)
                     entry.opened, entry.decided_until, entry.quiet_until = now, None, None
@@ -150,7 +153,7 @@ class MemoryStore:
                 if whole and trace_id in quiet:  # decided on arrival, as of its would-be deadline
                     entry.quiet_until = now + min(limits.decision_wait, limits.max_trace_age)
                     entry.decided_until = entry.quiet_until + limits.decided_retention
-                    self._decided[trace_id] = entry
+                    self._quiet[trace_id] = entry
                     result.quiet += 1
                     continue
                 if new:
@@ -166,8 +169,8 @@ class MemoryStore:
         as an eviction (and it is decided again, for the count and its signals' memory)."""
         if len(self._entries) < self.limits.max_traces:
             return
-        if self._decided:
-            trace_id, entry = self._decided.popitem(last=False)
+        if self._decided or self._quiet:
+            trace_id, entry = (self._decided or self._quiet).popitem(last=False)
             del self._entries[trace_id]
             if entry.quiet_until is not None and now <= entry.quiet_until:
                 self._evicted.append((trace_id, entry))
@@ -200,12 +203,13 @@ class MemoryStore:
                     break
                 claimed.append(self._decide(trace_id, entry, "max_age", entry.opened + max_age,
                                             now))
-            while self._decided:
-                trace_id, entry = next(iter(self._decided.items()))
-                if entry.decided_until is None or entry.decided_until > now:
-                    break
-                del self._decided[trace_id]
-                del self._entries[trace_id]
+            for decided in (self._decided, self._quiet):  # forget what has expired
+                while decided:
+                    trace_id, entry = next(iter(decided.items()))
+                    if entry.decided_until is None or entry.decided_until > now:
+                        break
+                    del decided[trace_id]
+                    del self._entries[trace_id]
         return claimed
 
     def _remember_evicted(self, trace_id: str, entry: _Entry) -> None:

@@ -298,6 +298,30 @@ def test_redis_keeps_a_trace_decided_on_arrival_for_its_retention_only(redis_url
     assert client.pttl(keys[B]) > 71_000 and client.pttl(keys[B]) <= store.ttl * 1000
 
 
+def test_decided_traces_are_forgotten_on_time_whichever_way_they_were_decided(
+        store_factory: StoreFactory) -> None:
+    """A decided at 101 (kept until 161) is forgotten at 165 although B, decided on arrival at
+    100, is kept until 170."""
+    store = store_factory(decision_wait=10.0, decided_retention=60.0)
+    store.append({A: spans(A)}, now=91.0)
+    store.append({B: spans(B)}, now=100.0, quiet={B})
+    assert [c.trace_id for c in claim(store, 101.0)] == [A]
+    claim(store, 165.0)
+    again = store.append({A: spans(A)}, now=165.0)
+    assert again.late == 0 and again.created == {A}
+    assert store.with_trace(A, len) == 1
+
+
+def test_only_refused_spans_leave_a_decided_trace_decided(store_factory: StoreFactory) -> None:
+    store = store_factory(decision_wait=10.0, max_spans_per_trace=2)
+    store.append({A: spans(A, 2)}, now=0.0)
+    [decided] = claim(store, 10.0)
+    result = store.append({A: spans(A)}, now=11.0)
+    assert result.rejected == 1 and result.late == 0 and result.touched == []
+    assert store.counts() == (0, 0) and store.next_due() is None
+    assert store.with_trace(A, len) is None
+
+
 def test_a_span_racing_the_claim_of_its_trace_is_late(store_factory: StoreFactory) -> None:
     """Its clock read before the claim's: the trace is decided all the same, so the span is
     late and re-opens it for another decision_wait, from the span's time."""
@@ -536,6 +560,18 @@ def test_a_trace_decided_on_arrival_pushed_out_inside_its_wait_counts_as_evicted
     store.append({B: spans(B)}, now=1.5)
     assert store.append({C: spans(C)}, now=2.0).evicted == 0
     assert claim(store, 2.0) == [] and store.with_trace(A, len) is None
+
+
+def test_a_decided_trace_is_forgotten_before_one_decided_on_arrival_inside_its_wait(
+        local_store_factory: StoreFactory) -> None:
+    """Forgetting a claimed, decided trace costs nothing; B, inside its wait, stays."""
+    store = local_store_factory(decision_wait=10.0, max_traces=2)
+    store.append({A: spans(A)}, now=-9.0)
+    store.append({B: spans(B)}, now=0.0, quiet={B})
+    assert [c.trace_id for c in claim(store, 1.0)] == [A]
+    assert store.append({C: spans(C)}, now=2.0).evicted == 0
+    assert claim(store, 2.0) == []
+    assert store.append({B: spans(B)}, now=3.0).late == 0 and store.with_trace(B, len) == 2
 
 
 def test_claim_all_at_shutdown_returns_every_open_trace(local_store_factory: StoreFactory) -> None:
