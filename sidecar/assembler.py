@@ -82,7 +82,7 @@ class Assembler:
         created = result.created
         found = [v for v in found if v.trace.trace_id in created]
         grew = [t for t in result.touched if t not in created] if self.monotone else []
-        if found or grew or result.evicted:
+        if found or grew:  # (evicted traces wait for the next claim round, like due ones)
             with self._wake:
                 self._found += found
                 self._dirty.update(grew)
