@@ -695,7 +695,7 @@ class RedisStore:
                     log.error("trace %s cannot be read (%s); retried after the lease",
                               trace_id, exc)
                     continue
-                claimed.append(Claimed(trace_id, trace, head[3].decode(), int(head[1]) / 1000,
+                claimed.append(Claimed(trace, head[3].decode(), int(head[1]) / 1000,
                                        _Lease(token, lease_ms, shard)))
             # b"leased": another sidecar is deciding it; its lease says until when
         self._send(updates)

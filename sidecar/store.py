@@ -54,11 +54,14 @@ class Claimed(NamedTuple):
     """A trace handed to one decider; `reason` is idle, max_age, evicted or shutdown.
     `handle` is the store's own (a lease, for shared stores); pass it back to `finish`."""
 
-    trace_id: str
     trace: Trace
     reason: str
     due_at: float
     handle: object = None
+
+    @property
+    def trace_id(self) -> str:
+        return self.trace.trace_id
 
 
 class TraceStore(Protocol):
@@ -191,7 +194,7 @@ class MemoryStore:
             while self._evicted and len(claimed) < limit:
                 trace_id, entry = self._evicted.pop()
                 self._remember_evicted(trace_id, entry)
-                claimed.append(Claimed(trace_id, entry.trace, "evicted", now))
+                claimed.append(Claimed(entry.trace, "evicted", now))
             while self._by_activity and len(claimed) < limit:
                 trace_id, entry = next(iter(self._by_activity.items()))
                 if entry.last_seen + wait > now:
@@ -228,7 +231,7 @@ class MemoryStore:
         self._spans -= len(entry.trace.spans)
         entry.decided_until = now + self.limits.decided_retention
         self._decided[trace_id] = entry
-        return Claimed(trace_id, entry.trace, reason, due_at)
+        return Claimed(entry.trace, reason, due_at)
 
     def claim_all(self, now: float) -> list[Claimed]:
         """Every open trace, for a final decision at shutdown."""
@@ -237,7 +240,7 @@ class MemoryStore:
             claimed = []
             for trace_id, entry in self._evicted:
                 self._remember_evicted(trace_id, entry)
-                claimed.append(Claimed(trace_id, entry.trace, "shutdown", now))
+                claimed.append(Claimed(entry.trace, "shutdown", now))
             self._evicted.clear()
             claimed += [self._decide(trace_id, entry, "shutdown", now, now)
                         for trace_id, entry in list(self._by_age.items())]
