@@ -20,17 +20,16 @@ and attribute keys the rules read are small numbers (a `Vocabulary`), and each t
 deadline entry (none when decided on arrival). A trace lives in shard crc32(trace_id) % SHARDS.
 Appending is one script call for all the request's traces (one per hash slot on a Cluster),
 then one per shard for deadlines and counts: two round trips per Export request, never one per
-span. Claiming sets a lease; a
-sidecar that dies mid-decision leaves the trace to whoever claims it after the lease. Every
-trace key has a TTL; the 2 x SHARDS shard keys are a fixed set of small keys without one (a
-sorted set vanishes when empty).
+span. Claiming sets a lease; a sidecar that dies mid-decision leaves the trace to whoever claims
+it after the lease. Every trace key has a TTL; the 2 x SHARDS shard keys are a fixed set of
+small keys without one (a sorted set vanishes when empty).
 """
 
 from __future__ import annotations
 
 import binascii
-import logging
 import hashlib
+import logging
 import os
 import threading
 import time
@@ -115,7 +114,7 @@ local function append(spans, signals, first, n, quiet)
     redis.call('RPUSH', spans, unpack(ARGV, first, first + take - 1))
     if made == 'n' and quiet == '1' and take == n then
       counted, made = 0, 'q'
-      m.st, m.dt, m.f = '3', now + math.min(wait, max_age), '1'
+      m.st, m.dt = '3', now + math.min(wait, max_age)
     end
     save(spans, m)
   end
