@@ -66,7 +66,8 @@ from typing import Any, NamedTuple
 
 import grpc
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
 )
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
@@ -508,9 +509,9 @@ def redis_throughput(tmp: Path, url: str, client: Any, pool: list[bytes], limit:
 def redis_memory(tmp: Path, url: str, client: Any, pool: list[bytes],
                  spans: int) -> dict[str, float]:
     """Bytes of Redis memory per buffered span while nothing is decided."""
-    from sidecar.otlp_proto import decode_request
-    from sidecar.redis_store import Vocabulary
+    from sidecar.otlp.protobuf import decode_request
     from sidecar.rules import load_rules
+    from sidecar.stores.redis.records import Vocabulary
 
     projection = load_rules([tmp / "typical.yaml"]).projection()
     local = [span for group in decode_request(ExportTraceServiceRequest.FromString(pool[0]),

@@ -34,8 +34,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from sidecar.model.spans import Span, Trace  # noqa: E402
 from sidecar.rules import load_rules  # noqa: E402
-from sidecar.span import Span, Trace  # noqa: E402
 
 SPANS_PER_TRACE = 10
 MS = 1_000_000  # ns per ms

@@ -12,9 +12,9 @@ from collections.abc import Sequence
 from typing import IO
 
 from sidecar import __version__
-from sidecar.config import Settings
-from sidecar.errors import RuleLoadError
-from sidecar.progress import MODES
+from sidecar.live.config import Settings
+from sidecar.model.errors import RuleLoadError
+from sidecar.replay.progress import MODES
 from sidecar.rules import RuleSet, load_rules
 
 EXIT_OK, EXIT_FAILED, EXIT_UNUSABLE, EXIT_SKIPPED_INPUT = 0, 1, 2, 3
@@ -196,8 +196,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from sidecar.demo import run_demo
     from sidecar.dsl import parse_duration
+    from sidecar.live.demo import run_demo
 
     ruleset = _load([args.rules])
     if ruleset is None:
@@ -233,7 +233,7 @@ def _logging_to_stderr(command: str, level: str) -> bool:
 
 def _serve(args: argparse.Namespace) -> int:
     from sidecar.dsl import parse_duration
-    from sidecar.serve import Sidecar
+    from sidecar.live.app import Sidecar
 
     if not _logging_to_stderr("serve", args.log_level):
         return EXIT_UNUSABLE
@@ -267,7 +267,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _webhook(args: argparse.Namespace) -> int:
-    from sidecar.webhook import Webhook, WebhookError, WebhookSettings
+    from sidecar.k8s.webhook import Webhook, WebhookError, WebhookSettings
 
     if not _logging_to_stderr("webhook", args.log_level):
         return EXIT_UNUSABLE
@@ -324,7 +324,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _test(args: argparse.Namespace) -> int:
-    from sidecar.rule_tests import report, run_examples, write_junit
+    from sidecar.rules.examples import report, run_examples, write_junit
 
     ruleset = _load(args.paths)
     if ruleset is None:
@@ -342,12 +342,12 @@ def _test(args: argparse.Namespace) -> int:
 def _replay(args: argparse.Namespace) -> int:
     import signal
 
-    from sidecar.errors import SourceError
-    from sidecar.progress import Progress
-    from sidecar.replay import DEFAULT_MEMORY, ReplayOptions, replay, replay_tempo
-    from sidecar.sinks import make_writer
-    from sidecar.sources import expand_sources, parse_moment
-    from sidecar.tempo import TempoError, TempoStats
+    from sidecar.model.errors import SourceError
+    from sidecar.model.signal_writers import make_writer
+    from sidecar.replay.progress import Progress
+    from sidecar.replay.runner import DEFAULT_MEMORY, ReplayOptions, replay, replay_tempo
+    from sidecar.replay.sources import expand_sources, parse_moment
+    from sidecar.replay.tempo import TempoError, TempoStats
 
     signal.signal(signal.SIGTERM, _terminated)
     ruleset = _load(args.rules)
@@ -416,7 +416,7 @@ def _replay(args: argparse.Namespace) -> int:
 
 def _edge(text: str) -> int:
     from sidecar.dsl import parse_duration
-    from sidecar.errors import SourceError
+    from sidecar.model.errors import SourceError
 
     try:
         return parse_duration(text)

@@ -2,7 +2,7 @@
 
 Two parts, both modelled on Tempo's documentation, not on our client:
 
-- `compile_traceql`: an evaluator for the subset of TraceQL that sidecar.traceql writes, with
+- `compile_traceql`: an evaluator for the subset of TraceQL that sidecar.dsl.traceql writes, with
   Tempo's documented typing (https://grafana.com/docs/tempo/latest/traceql/construct-traceql-queries/):
   no coercion between types, and no int/float comparison either (Tempo issue #4332: `{ span.f = 3 }`
   never matches a float attribute); regexes fully anchored; `=` on an array matches any element.
@@ -28,7 +28,7 @@ from typing import Any
 
 import re2
 
-from sidecar.span import Span
+from sidecar.model.spans import Span
 
 SpanTest = Callable[[Span], bool]
 TraceTest = Callable[[list[Span]], bool]

@@ -14,13 +14,14 @@ import pytest
 import redis
 from prometheus_client import CollectorRegistry
 
-from sidecar.assembler import Assembler
-from sidecar.emit import Emitter
-from sidecar.metrics import Metrics
+from sidecar.live.assembler import Assembler
+from sidecar.live.exporters import Emitter
+from sidecar.live.metrics import Metrics
+from sidecar.model.spans import Span
 from sidecar.rules import Violation, load_rules_text
-from sidecar.span import Span
-from sidecar.redis_store import RedisStore
-from sidecar.store import MemoryStore, StoreLimits, TraceStore
+from sidecar.stores import StoreLimits, TraceStore
+from sidecar.stores.memory import MemoryStore
+from sidecar.stores.redis.store import RedisStore
 
 OLD = """rules:
   - id: big-refund
@@ -66,7 +67,7 @@ def test_a_reload_applies_to_what_arrives_after_it() -> None:
             Span(trace_id, "00000000000000a1", "refund", start_ns=1, end_ns=2,
                  attributes={"amount": 100})]})
         assembler.step()
-    assert result.quiet == 0  # the second: 100 > 50
+    assert result.decided_on_arrival == 0  # the second: 100 > 50
     now[0] += 5
     assert assembler.step() == 1
     assert emitter.rules == ["big-refund"]
@@ -161,7 +162,7 @@ def test_a_trace_stored_altered_is_judged_on_what_is_stored(redis_url: str) -> N
     assembler = Assembler(RedisStore(client, StoreLimits(decision_wait=1.0)), rules, emitter,
                           metrics, clock=lambda: now[0])
     result = assembler.ingest({TRACE: [span("refund", 1, amount=2**70)]})
-    assert result.quiet == 0  # quiet as a number, but stored as text: decided as stored
+    assert result.decided_on_arrival == 0  # quiet as a number, but stored as text: decided as stored
     assert TRACE not in result.created  # nor is what was found on arrival signalled
     assembler.step()
     now[0] += 2

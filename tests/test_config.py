@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from sidecar.config import Settings
-from sidecar.serve import redact
+from sidecar.live.app import redact
+from sidecar.live.config import Settings
 
 
 @pytest.mark.parametrize(("url", "shown"), [

@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 import yaml
 
-from sidecar.compact import trace_from_compact
-from sidecar.errors import RuleLoadError
+from sidecar.model.errors import RuleLoadError
+from sidecar.model.spans import Trace
 from sidecar.rules import load_rules_text
-from sidecar.span import Trace
+from sidecar.rules.compact import trace_from_compact
 
 CASES_DIR = Path(__file__).parent / "conformance"
 

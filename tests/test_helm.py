@@ -312,7 +312,7 @@ def test_every_rendered_object_is_valid(scenarios: dict[str, Rendered], scenario
 
 def test_native_sidecar_is_a_template_option(scenarios: dict[str, Rendered],
                                              tmp_path: Path) -> None:
-    from sidecar.webhook import load_template
+    from sidecar.k8s.webhook import load_template
 
     assert "restartPolicy" not in scenarios["injection-generated-certs"].sidecar()
     native = scenarios["injection-native-sidecar"]
@@ -618,7 +618,7 @@ def test_external_redis_password_comes_from_the_secret(scenarios: dict[str, Rend
     url = urlsplit(env["BETRACE_STORE"])
     assert (url.scheme, url.username, url.password, url.hostname, url.port, url.path) == \
         ("redis", "", "s3cr3t", "redis-master.data", 6379, "/0")
-    from sidecar.config import Settings
+    from sidecar.live.config import Settings
 
     assert Settings(store=env["BETRACE_STORE"]).validate() == []
     assert "s3cr3t" not in json.dumps(rendered.objects)
@@ -902,7 +902,7 @@ def test_injected_sidecar_is_the_collector_modes_sidecar(render: Callable[..., R
     assert template["volumes"] == [{"name": "betrace-rules",
                                     "configMap": {"name": f"{RELEASE}-rules"}}]
     # The webhook's own loader accepts the rendered template.
-    from sidecar.webhook import load_template
+    from sidecar.k8s.webhook import load_template
 
     path = tmp_path / "sidecar.yaml"
     path.write_text(injection_mode.get("ConfigMap",

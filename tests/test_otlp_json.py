@@ -15,8 +15,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sidecar.otlp_json import InputError, read_spans, spans_from_request
-from sidecar.span import Projection, Span
+from sidecar.model.spans import Projection, Span
+from sidecar.otlp.json_spans import InputError, read_spans, spans_from_request
 
 TRACE = "5b8efff798038103d269b633813fc60c"
 SPAN = "eee19b7ec3c1b174"

@@ -12,12 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.compact import trace_from_compact
-from sidecar.dsl import compile_expression
-from sidecar.dsl.parser import MAX_EXPRESSION_BYTES
-from sidecar.errors import ExpressionError, RuleError, RuleLoadError
+from sidecar.dsl import MAX_EXPRESSION_BYTES, compile_expression
+from sidecar.model.errors import ExpressionError, RuleError, RuleLoadError
+from sidecar.model.spans import Trace
 from sidecar.rules import load_rules, load_rules_text
-from sidecar.span import Trace
+from sidecar.rules.compact import trace_from_compact
 
 CONSTRUCTS = ("a name, a \"quoted string\", a number, count(...), trace.has(...), not, '('")
 

@@ -8,11 +8,11 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sidecar.compact import trace_from_compact
 from sidecar.dsl import compile_expression, parse
-from sidecar.errors import ExpressionError, RuleLoadError
+from sidecar.model.errors import ExpressionError, RuleLoadError
+from sidecar.model.spans import Trace
 from sidecar.rules import EXAMPLE_KEYS, RULE_KEYS, SIGNAL_KEYS, load_rules_text
-from sidecar.span import Trace
+from sidecar.rules.compact import trace_from_compact
 
 BOUNDED = settings(max_examples=200, deadline=None,
                    suppress_health_check=[HealthCheck.too_slow])

@@ -31,9 +31,10 @@ import pytest
 from google.protobuf import descriptor_pb2, json_format
 from google.protobuf.descriptor import FieldDescriptor
 
+from sidecar.model.signal_writers import JsonLinesWriter
+from sidecar.model.signals import Signal, signal_id
+from sidecar.otlp.signals import signal_message
 from sidecar.proto.betrace.v1 import signal_pb2
-from sidecar.signal import Signal, signal_id
-from sidecar.sinks import JsonLinesWriter
 
 REPO = Path(__file__).resolve().parent.parent
 PROTO_ROOT = REPO / "proto"
@@ -238,7 +239,7 @@ def test_the_readme_signal_is_written_as_before_and_is_the_json_mapping() -> Non
         '"attempt": [1, 2], "amount_cents": 12999}, '
         '"mode": "replay", "detected_at": "2026-11-23T11:33:40.236Z", '
         '"violation_time": "2026-10-09T09:31:05.431Z"}')
-    assert _assert_line_is_the_mapping(line) == _signal().to_proto()
+    assert _assert_line_is_the_mapping(line) == signal_message(_signal())
 
 
 @pytest.mark.parametrize("changes", [
@@ -254,7 +255,7 @@ def test_the_readme_signal_is_written_as_before_and_is_the_json_mapping() -> Non
 def test_edge_cases_of_the_log_are_the_json_mapping(changes: dict[str, Any]) -> None:
     signal = _signal(**changes)
     message = _assert_line_is_the_mapping(_log_line(signal))
-    assert message == signal.to_proto()
+    assert message == signal_message(signal)
     assert message.HasField("violation_time") == (signal.violation_time is not None)
     assert message.HasField("context")
 

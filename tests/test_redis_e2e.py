@@ -44,8 +44,8 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.resource.v1 import resource_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
-from prometheus_client.parser import text_string_to_metric_families
 from processes import closed_at_end, stop
+from prometheus_client.parser import text_string_to_metric_families
 from redis_servers import RedisServer, free_port, start_cluster
 
 REPO = Path(__file__).resolve().parent.parent
@@ -468,9 +468,9 @@ def test_traces_split_across_sidecars_signal_exactly_once(
 HELPER = r"""
 import json, sys, time
 import redis
-from sidecar.redis_store import RedisStore
-from sidecar.span import Span
-from sidecar.store import StoreLimits
+from sidecar.stores.redis.store import RedisStore
+from sidecar.model.spans import Span
+from sidecar.stores.trace_store import StoreLimits
 
 url, want, lease = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 extra = sys.argv[4:]  # append TRACE_ID then mark RULE: append one admin.action, reserve_signals

@@ -25,11 +25,11 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue, KeyValueList
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
 
-from sidecar.errors import SourceError
-from sidecar.otlp_proto import decode_request
-from sidecar.records import SpanFilter
+from sidecar.model.errors import SourceError
+from sidecar.otlp.lean_protobuf import SpanFilter
+from sidecar.otlp.protobuf import decode_request
+from sidecar.replay.sources import expand_sources, parse_moment, read_source
 from sidecar.rules import load_rules_text
-from sidecar.sources import expand_sources, parse_moment, read_source
 
 REPO = Path(__file__).resolve().parent.parent
 EXIT_OK, EXIT_FAILED, EXIT_UNUSABLE, EXIT_SKIPPED_INPUT = 0, 1, 2, 3

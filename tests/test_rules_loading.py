@@ -12,12 +12,12 @@ from typing import Any
 import pytest
 import yaml
 
-from sidecar.compact import trace_from_compact
-from sidecar.errors import RuleError, RuleLoadError
-from sidecar.rule_tests import report, run_examples
+from sidecar.model.errors import RuleError, RuleLoadError
+from sidecar.model.signals import Signal, signal_id
+from sidecar.model.spans import Span, Trace
 from sidecar.rules import RuleSet, load_rules, load_rules_text
-from sidecar.signal import Signal, signal_id
-from sidecar.span import Span, Trace
+from sidecar.rules.compact import trace_from_compact
+from sidecar.rules.examples import report, run_examples
 
 REPO = Path(__file__).resolve().parent.parent
 RULES_DIR = REPO / "rules"
@@ -578,7 +578,7 @@ def payment_signal(spans: list[dict[str, Any]] = RETRY, seed: str = "t1",
     rule = load_rules_text(PAYMENT_RULE).rules[0]
     violation = rule.evaluate(trace_from_compact(spans, seed=seed))
     assert violation is not None
-    return Signal.from_violation(violation, mode, DETECTED_NS)
+    return violation.signal(mode, DETECTED_NS)
 
 
 def test_signal_from_violation_in_full() -> None:
@@ -634,7 +634,7 @@ def test_signal_span_ids_and_trace_id_of_real_spans() -> None:
     rule = load_rules_text(PAYMENT_RULE).rules[0]
     violation = rule.evaluate(Trace(trace_id, spans))
     assert violation is not None
-    signal = Signal.from_violation(violation, "live", DETECTED_NS)
+    signal = violation.signal("live", DETECTED_NS)
     assert signal.trace_id == trace_id
     assert signal.span_ids == ["00000000000000a1", "00000000000000b2", "00000000000000c3"]
     assert signal.context["payment_intent_id"] == ["pi_1", "pi_3"]
@@ -655,7 +655,7 @@ rules:
              for n in (1, 2, 2)]
     violation = rule.evaluate(trace_from_compact(spans))
     assert violation is not None
-    context = Signal.from_violation(violation, "replay", DETECTED_NS).context
+    context = violation.signal("replay", DETECTED_NS).context
     assert context == {"server.address": "pricing", "attempt": [1, 2]}
 
 
@@ -665,7 +665,7 @@ def test_signal_context_keeps_types_apart() -> None:
     spans = [{"name": "a", "attributes": {"v": value}} for value in (1, True, "1", 1.0)]
     violation = rule.evaluate(trace_from_compact(spans))
     assert violation is not None
-    assert Signal.from_violation(violation, "replay", 0).context == {"v": [1, True, "1"]}
+    assert violation.signal("replay", 0).context == {"v": [1, True, "1"]}
 
 
 def test_when_rule_signal_names_the_when_spans() -> None:
@@ -673,7 +673,7 @@ def test_when_rule_signal_names_the_when_spans() -> None:
     violation = rule.evaluate(trace_from_compact(
         [{"name": "GET /x"}, {"name": "admin.action", "attributes": {"op": "delete"}}]))
     assert violation is not None
-    assert Signal.from_violation(violation, "live", 0).span_ids == ["0000000000000002"]
+    assert violation.signal("live", 0).span_ids == ["0000000000000002"]
 
 
 # --- the shipped catalog and its JSON Schema ----------------------------------------------------

@@ -30,11 +30,11 @@ from opentelemetry.proto.trace.v1 import trace_pb2
 from opentelemetry.sdk.trace import Span as SdkSpan
 from opentelemetry.sdk.trace import Tracer
 
-from sidecar.config import Settings
-from sidecar.emit import ViolationSpans
+from sidecar.live.app import Sidecar
+from sidecar.live.config import Settings
+from sidecar.live.exporters import ViolationSpans
+from sidecar.model.signals import signal_id
 from sidecar.rules import load_rules_text
-from sidecar.serve import Sidecar
-from sidecar.signal import signal_id
 
 RULES = """
 rules:

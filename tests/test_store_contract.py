@@ -15,9 +15,10 @@ from typing import Any
 import pytest
 import redis
 
-from sidecar.redis_store import RedisStore
-from sidecar.span import Span
-from sidecar.store import Claimed, MemoryStore, StoreLimits, TraceStore
+from sidecar.model.spans import Span
+from sidecar.stores import Claimed, StoreLimits, TraceStore
+from sidecar.stores.memory import MemoryStore
+from sidecar.stores.redis.store import RedisStore
 
 A, B, C, D, E = (f"{n:x}" * 32 for n in range(10, 15))  # "aaaa...", "bbbb...", ...
 
@@ -178,13 +179,13 @@ def test_with_trace_reads_an_open_trace_only(store_factory: StoreFactory) -> Non
 
 # --- decided on arrival: a whole trace no rule fires on ------------------------------------------
 
-def test_a_quiet_trace_a_batch_makes_whole_is_decided_on_arrival(
+def test_a_clean_trace_a_batch_makes_whole_is_decided_on_arrival(
         store_factory: StoreFactory) -> None:
-    """Named quiet by the caller and created whole by the batch: no deadline, not open, never
+    """Named by the caller (no rule fires on it) and created whole by the batch: no deadline, not open, never
     claimed; the others in the batch are open as usual."""
     store = store_factory(decision_wait=10.0)
-    result = store.append({A: spans(A, 2), B: spans(B, 3)}, now=0.0, quiet={A})
-    assert result.created == {A, B} and result.quiet == 1
+    result = store.append({A: spans(A, 2), B: spans(B, 3)}, now=0.0, decide_on_arrival={A})
+    assert result.created == {A, B} and result.decided_on_arrival == 1
     assert result.accepted == 5 and sorted(result.touched) == [A, B]
     assert store.counts() == (1, 3)
     assert store.with_trace(A, len) is None and store.with_trace(B, len) == 3
@@ -199,10 +200,10 @@ def test_only_a_trace_the_batch_creates_is_decided_on_arrival(
         store_factory: StoreFactory) -> None:
     store = store_factory(decision_wait=10.0)
     store.append({A: spans(A, 2)}, now=0.0)
-    grown = store.append({A: spans(A), B: spans(B, 2)}, now=1.0, quiet={A})
-    assert grown.created == {B} and grown.quiet == 0  # the batch holds only part of A
-    retried = store.append({B: spans(B, 2)}, now=1.0, quiet={B})  # a retry's copy too
-    assert retried.created == set() and retried.quiet == 0
+    grown = store.append({A: spans(A), B: spans(B, 2)}, now=1.0, decide_on_arrival={A})
+    assert grown.created == {B} and grown.decided_on_arrival == 0  # the batch holds only part of A
+    retried = store.append({B: spans(B, 2)}, now=1.0, decide_on_arrival={B})  # a retry's copy too
+    assert retried.created == set() and retried.decided_on_arrival == 0
     claimed = by_id(claim(store, 11.0))
     assert len(claimed[A].trace.spans) == 3 and len(claimed[B].trace.spans) == 4
 
@@ -213,11 +214,11 @@ def test_a_span_within_its_wait_opens_a_trace_decided_on_arrival_again_not_late(
     max_trace_age, which counts from here: 5 + 8, not 0 + 8)."""
     store = store_factory(decision_wait=10.0, max_trace_age=8.0)
     early = spans(A, 2)
-    store.append({A: early}, now=0.0, quiet={A})
+    store.append({A: early}, now=0.0, decide_on_arrival={A})
     later = spans(A)
-    result = store.append({A: later}, now=5.0, quiet={A})
+    result = store.append({A: later}, now=5.0, decide_on_arrival={A})
     assert result.late == 0 and result.accepted == 1 and result.touched == [A]
-    assert result.created == set() and result.quiet == 0
+    assert result.created == set() and result.decided_on_arrival == 0
     assert store.counts() == (1, 3) and store.with_trace(A, len) == 3
     assert store.next_due() == pytest.approx(13.0)
     assert claim(store, 12.9) == []
@@ -231,7 +232,7 @@ def test_open_traces_stay_in_order_of_age_around_one_opened_again(
     """B opens at 1, A (decided on arrival at 0) opens again at 5: B reaches max_trace_age
     first, and A is not held up behind it."""
     store = store_factory(decision_wait=10.0, max_trace_age=12.0)
-    store.append({A: spans(A)}, now=0.0, quiet={A})
+    store.append({A: spans(A)}, now=0.0, decide_on_arrival={A})
     store.append({B: spans(B)}, now=1.0)
     store.append({A: spans(A)}, now=5.0)
     store.append({A: spans(A), B: spans(B)}, now=9.0)
@@ -243,7 +244,7 @@ def test_open_traces_stay_in_order_of_age_around_one_opened_again(
 def test_a_refused_span_leaves_a_trace_decided_on_arrival_decided(
         store_factory: StoreFactory) -> None:
     store = store_factory(decision_wait=10.0, max_spans_per_trace=2)
-    store.append({A: spans(A, 2)}, now=0.0, quiet={A})
+    store.append({A: spans(A, 2)}, now=0.0, decide_on_arrival={A})
     result = store.append({A: spans(A)}, now=5.0)
     assert result.rejected == 1 and result.accepted == 0 and result.late == 0
     assert result.touched == [] and store.counts() == (0, 0)
@@ -254,7 +255,7 @@ def test_a_refused_span_leaves_a_trace_decided_on_arrival_decided(
 def test_a_span_after_its_wait_is_late_for_a_trace_decided_on_arrival(
         store_factory: StoreFactory) -> None:
     store = store_factory(decision_wait=10.0, decided_retention=60.0)
-    store.append({A: spans(A, 2)}, now=0.0, quiet={A})
+    store.append({A: spans(A, 2)}, now=0.0, decide_on_arrival={A})
     result = store.append({A: spans(A)}, now=11.0)
     assert result.late == 1 and result.created == set()
     assert store.counts() == (1, 3)
@@ -268,8 +269,8 @@ def test_a_trace_decided_on_arrival_is_kept_for_its_retention_then_forgotten(
     """Kept for decided_retention after the deadline it would have had (1 + 5), then
     forgotten: a span arriving later starts a new trace."""
     store = store_factory(decision_wait=1.0, decided_retention=5.0)
-    store.append({A: spans(A, 2)}, now=0.0, quiet={A})
-    store.append({B: spans(B, 2)}, now=0.0, quiet={B})
+    store.append({A: spans(A, 2)}, now=0.0, decide_on_arrival={A})
+    store.append({B: spans(B, 2)}, now=0.0, decide_on_arrival={B})
     claim(store, 5.9)
     kept = store.append({A: spans(A)}, now=5.9)
     assert kept.late == 1 and kept.created == set() and store.with_trace(A, len) == 3
@@ -288,7 +289,7 @@ def test_redis_keeps_a_trace_decided_on_arrival_for_its_retention_only(redis_url
     store = RedisStore(client, StoreLimits(decision_wait=10.0, decided_retention=60.0,
                                            max_spans_per_trace=3))
     now = time.time()
-    store.append({A: spans(A, 3), B: spans(B, 2)}, now=now, quiet={A, B})
+    store.append({A: spans(A, 3), B: spans(B, 2)}, now=now, decide_on_arrival={A, B})
     keys = {t: f"bt:{{{t}}}:s" for t in (A, B)}
     for key in keys.values():
         assert 70_000 - 2_000 < client.pttl(key) <= 71_000
@@ -304,7 +305,7 @@ def test_decided_traces_are_forgotten_on_time_whichever_way_they_were_decided(
     100, is kept until 170."""
     store = store_factory(decision_wait=10.0, decided_retention=60.0)
     store.append({A: spans(A)}, now=91.0)
-    store.append({B: spans(B)}, now=100.0, quiet={B})
+    store.append({B: spans(B)}, now=100.0, decide_on_arrival={B})
     assert [c.trace_id for c in claim(store, 101.0)] == [A]
     claim(store, 165.0)
     again = store.append({A: spans(A)}, now=165.0)
@@ -339,8 +340,8 @@ def test_a_span_racing_the_claim_of_its_trace_is_late(store_factory: StoreFactor
 def test_a_batch_with_refused_spans_does_not_hold_the_whole_trace(
         store_factory: StoreFactory) -> None:
     store = store_factory(max_spans_per_trace=3)
-    result = store.append({A: spans(A, 5), B: spans(B, 2)}, now=0.0, quiet={A, B})
-    assert result.rejected == 2 and result.created == {B} and result.quiet == 1
+    result = store.append({A: spans(A, 5), B: spans(B, 2)}, now=0.0, decide_on_arrival={A, B})
+    assert result.rejected == 2 and result.created == {B} and result.decided_on_arrival == 1
     assert store.counts() == (1, 3) and store.with_trace(A, len) == 3
 
 
@@ -349,10 +350,10 @@ def test_a_trace_of_more_spans_than_one_script_call_takes_is_stored_whole(
     """A store may leave such a trace open rather than decide it on arrival; either way it
     holds every span."""
     store = store_factory(decision_wait=10.0)
-    result = store.append({A: spans(A, 2500)}, now=0.0, quiet={A})
+    result = store.append({A: spans(A, 2500)}, now=0.0, decide_on_arrival={A})
     assert result.accepted == 2500 and result.created == {A}
     claimed = claim(store, 10.0)
-    if result.quiet:
+    if result.decided_on_arrival:
         assert claimed == [] and store.counts() == (0, 0)
     else:
         assert [len(c.trace.spans) for c in claimed] == [2500]
@@ -550,13 +551,13 @@ def test_a_trace_decided_on_arrival_pushed_out_inside_its_wait_counts_as_evicted
     decided again for its signals' memory); past its wait it is forgotten like any decided
     trace."""
     store = local_store_factory(decision_wait=10.0, max_traces=2)
-    store.append({A: spans(A)}, now=0.0, quiet={A})
+    store.append({A: spans(A)}, now=0.0, decide_on_arrival={A})
     store.append({B: spans(B)}, now=1.0)
     assert store.append({C: spans(C)}, now=2.0).evicted == 1
     [evicted] = claim(store, 2.0)
     assert evicted.trace_id == A and evicted.reason == "evicted"
     store = local_store_factory(decision_wait=1.0, max_traces=2)
-    store.append({A: spans(A)}, now=0.0, quiet={A})
+    store.append({A: spans(A)}, now=0.0, decide_on_arrival={A})
     store.append({B: spans(B)}, now=1.5)
     assert store.append({C: spans(C)}, now=2.0).evicted == 0
     assert claim(store, 2.0) == [] and store.with_trace(A, len) is None
@@ -567,7 +568,7 @@ def test_a_decided_trace_is_forgotten_before_one_decided_on_arrival_inside_its_w
     """Forgetting a claimed, decided trace costs nothing; B, inside its wait, stays."""
     store = local_store_factory(decision_wait=10.0, max_traces=2)
     store.append({A: spans(A)}, now=-9.0)
-    store.append({B: spans(B)}, now=0.0, quiet={B})
+    store.append({B: spans(B)}, now=0.0, decide_on_arrival={B})
     assert [c.trace_id for c in claim(store, 1.0)] == [A]
     assert store.append({C: spans(C)}, now=2.0).evicted == 0
     assert claim(store, 2.0) == []

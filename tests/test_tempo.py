@@ -18,18 +18,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tempo_fake import FakeTempo, compile_traceql, serve
 
-from sidecar.compact import trace_from_compact
-from sidecar.otlp_json import InputError
-from sidecar.rules import RuleSet, load_rules, load_rules_text
-from sidecar.span import Projection, Span, Trace
-from sidecar.tempo import (
+from sidecar.dsl.traceql import ANY_TRACE, pushdowns, rule_query, traceql_for
+from sidecar.model.spans import Projection, Span, Trace
+from sidecar.otlp.json_spans import InputError
+from sidecar.replay.tempo import (
     TempoClient,
     TempoError,
     TempoStats,
     normalize_trace_id,
     tempo_traces,
 )
-from sidecar.traceql import ANY_TRACE, pushdowns, rule_query, traceql_for
+from sidecar.rules import RuleSet, load_rules, load_rules_text
+from sidecar.rules.compact import trace_from_compact
 
 RULES = Path(__file__).resolve().parent.parent / "rules"
 T0 = 1_790_000_000  # seconds; compact example spans start here
@@ -278,7 +278,7 @@ def test_a_window_full_at_one_second_is_reported(fake: FakeTempo, tempo: str,
                                                  caplog: pytest.LogCaptureFixture) -> None:
     ids = {fake.add(trace(n, ("payment.charge", {}))) for n in range(1, 6)}  # one second
     client, _ = client_for(tempo)
-    with caplog.at_level(logging.WARNING, logger="sidecar.tempo"):
+    with caplog.at_level(logging.WARNING, logger="sidecar.replay.tempo"):
         found = client.search('{ name = "payment.charge" }', T0 - 10, T0 + 10, limit=2)
     assert set(found) < ids and len(found) >= 2
     assert client.stats.truncated >= 1
@@ -387,7 +387,7 @@ def test_an_expired_trace_is_counted_and_skipped(fake: FakeTempo, tempo: str,
     fake.expired.add(gone)
     client, _ = client_for(tempo)
     stats = TempoStats()
-    with caplog.at_level(logging.WARNING, logger="sidecar.tempo"):
+    with caplog.at_level(logging.WARNING, logger="sidecar.replay.tempo"):
         got = run(tempo, payments(), client, errors := [], stats=stats)
     assert set(got) == {kept} and not errors
     assert (stats.candidates, stats.fetched, stats.missing) == (2, 1, 1)

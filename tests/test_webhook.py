@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from sidecar.webhook import TemplateError, Webhook, WebhookSettings, load_template, pointer
+from sidecar.k8s.webhook import TemplateError, Webhook, WebhookSettings, load_template, pointer
 
 REPO = Path(__file__).resolve().parent.parent
 OWN_NAMESPACE = "betrace-system"
@@ -416,7 +416,7 @@ def _with(path: list[str], value: Any) -> dict[str, Any]:
 def test_a_malformed_review_is_allowed_with_a_warning(
         hook: Running, body: Any, warning: str, uid: str, api_version: str,
         caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="betrace.webhook")
+    caplog.set_level(logging.INFO, logger="sidecar.k8s.webhook")
     answer = hook.post(body)
     assert answer["apiVersion"] == api_version
     assert answer["response"]["uid"] == uid
@@ -516,7 +516,7 @@ def test_a_template_change_is_picked_up_without_a_restart(
     assert [v["name"] for v in patched["spec"]["volumes"]] == ["betrace-rules", "betrace-scratch"]
 
     # A broken change keeps the last good template, logged and counted.
-    caplog.set_level(logging.ERROR, logger="betrace.webhook")
+    caplog.set_level(logging.ERROR, logger="sidecar.k8s.webhook")
     template_file.write_text("container: [this is: not, a mapping")
     ops = patch_of(hook.post(make_review(pod)))
     assert ops is not None

@@ -17,10 +17,10 @@ from typing import Any
 
 import re2
 
-from sidecar.dsl import ast
+from sidecar.dsl import syntax
 from sidecar.dsl.parser import compile_regex, parse
-from sidecar.errors import ExpressionError
-from sidecar.span import Span, Trace
+from sidecar.model.errors import ExpressionError
+from sidecar.model.spans import Span, Trace
 
 SpanTest = Callable[[Span], bool]
 TraceTest = Callable[[Trace], bool]
@@ -69,7 +69,7 @@ class CompiledExpr:
 def compile_expression(text: str) -> CompiledExpr:
     """Compile a condition: an expression, or the in-DSL `when {} always {} never {}` form."""
     tree = parse(text)
-    if isinstance(tree, ast.Clauses):
+    if isinstance(tree, syntax.Clauses):
         return combine_clauses(
             _compile_tree(text, tree.when),
             _compile_tree(text, tree.always) if tree.always is not None else None,
@@ -81,7 +81,7 @@ def compile_expression(text: str) -> CompiledExpr:
 def compile_clause(text: str) -> CompiledExpr:
     """Compile one `when`, `always` or `never` clause given as its own YAML key."""
     tree = parse(text)
-    if isinstance(tree, ast.Clauses):
+    if isinstance(tree, syntax.Clauses):
         raise ExpressionError("a when/always/never block cannot be nested inside a clause",
                               text, tree.start, tree.end)
     return _compile_tree(text, tree)
@@ -111,10 +111,10 @@ def combine_clauses(when: CompiledExpr, always: CompiledExpr | None,
     return CompiledExpr(when.text, test, witness, refs, monotone, applies=when.test)
 
 
-def _compile_tree(text: str, tree: ast.Expr) -> CompiledExpr:
+def _compile_tree(text: str, tree: syntax.Expr) -> CompiledExpr:
     refs = _references(tree)
-    sources = [_candidates(ast.Selector(name)) for name in sorted(refs.names)]
-    sources += [_candidates(ast.Selector(glob, glob=True)) for glob in sorted(refs.globs)]
+    sources = [_candidates(syntax.Selector(name)) for name in sorted(refs.names)]
+    sources += [_candidates(syntax.Selector(glob, glob=True)) for glob in sorted(refs.globs)]
     return CompiledExpr(text, _expr(tree), _witness(tree), refs,
                         _monotone(tree, positive=True),
                         applies=lambda trace: any(source(trace) for source in sources))
@@ -149,7 +149,7 @@ def literal_equals(value: Any, literal: Any) -> bool:
     return type(value) is str and value == literal
 
 
-def _compare(node: ast.Compare) -> SpanTest:
+def _compare(node: syntax.Compare) -> SpanTest:
     get, op, literal = attribute_getter(node.attr), node.op, node.value
     if op == "==":
         if type(literal) is str:
@@ -190,17 +190,17 @@ def _compare(node: ast.Compare) -> SpanTest:
     raise AssertionError(f"unknown operator {op}")
 
 
-def _bare(node: ast.Bare) -> SpanTest:
+def _bare(node: syntax.Bare) -> SpanTest:
     get = attribute_getter(node.attr)
     return lambda s: get(s) is True
 
 
-def _pred_not(node: ast.PredNot) -> SpanTest:
+def _pred_not(node: syntax.PredNot) -> SpanTest:
     inner = _pred(node.operand)
     return lambda s: not inner(s)
 
 
-def _pred_and(node: ast.PredAnd) -> SpanTest:
+def _pred_and(node: syntax.PredAnd) -> SpanTest:
     parts = tuple(_pred(p) for p in node.operands)
     if len(parts) == 2:
         first, second = parts
@@ -208,7 +208,7 @@ def _pred_and(node: ast.PredAnd) -> SpanTest:
     return lambda s: all(p(s) for p in parts)
 
 
-def _pred_or(node: ast.PredOr) -> SpanTest:
+def _pred_or(node: syntax.PredOr) -> SpanTest:
     parts = tuple(_pred(p) for p in node.operands)
     if len(parts) == 2:
         first, second = parts
@@ -217,12 +217,12 @@ def _pred_or(node: ast.PredOr) -> SpanTest:
 
 
 _PRED_BUILDERS: dict[type, Callable[[Any], SpanTest]] = {
-    ast.Compare: _compare, ast.Bare: _bare, ast.PredNot: _pred_not,
-    ast.PredAnd: _pred_and, ast.PredOr: _pred_or,
+    syntax.Compare: _compare, syntax.Bare: _bare, syntax.PredNot: _pred_not,
+    syntax.PredAnd: _pred_and, syntax.PredOr: _pred_or,
 }
 
 
-def _pred(node: ast.Pred) -> SpanTest:
+def _pred(node: syntax.Pred) -> SpanTest:
     return _PRED_BUILDERS[type(node)](node)
 
 
@@ -256,7 +256,7 @@ def glob_matcher(pattern: str) -> Callable[[str], bool]:
     return memoized(lambda name: regex.fullmatch(name) is not None)
 
 
-def _candidates(selector: ast.Selector) -> SpanSource:
+def _candidates(selector: syntax.Selector) -> SpanSource:
     name = selector.name
     if selector.glob:
         matches = glob_matcher(name)
@@ -264,7 +264,7 @@ def _candidates(selector: ast.Selector) -> SpanSource:
     return lambda trace: trace.by_name.get(name, _EMPTY)
 
 
-def _query(query: ast.Query) -> SpanSource:
+def _query(query: syntax.Query) -> SpanSource:
     candidates = _candidates(query.selector)
     if query.where is None:
         return candidates
@@ -272,7 +272,7 @@ def _query(query: ast.Query) -> SpanSource:
     return lambda trace: [s for s in candidates(trace) if pred(s)]
 
 
-def _exists(node: ast.Exists) -> TraceTest:
+def _exists(node: syntax.Exists) -> TraceTest:
     candidates = _candidates(node.query.selector)
     if node.query.where is None:
         return lambda trace: bool(candidates(trace))
@@ -299,7 +299,7 @@ def distinct_key(value: Any) -> Any:
     return (type(value).__name__, value)
 
 
-def _count(node: ast.Count) -> Callable[[Trace], int]:
+def _count(node: syntax.Count) -> Callable[[Trace], int]:
     spans = _query(node.query)
     if node.unique is None:
         return lambda trace: len(spans(trace))
@@ -310,7 +310,7 @@ def _count(node: ast.Count) -> Callable[[Trace], int]:
     return distinct
 
 
-def _count_compare(node: ast.CountCompare) -> TraceTest:
+def _count_compare(node: syntax.CountCompare) -> TraceTest:
     left, op = _count(node.left), _COUNT_OPS[node.op]
     if isinstance(node.right, int):
         bound = node.right
@@ -319,7 +319,7 @@ def _count_compare(node: ast.CountCompare) -> TraceTest:
     return lambda trace: op(left(trace), right(trace))
 
 
-def _before(node: ast.Before) -> TraceTest:
+def _before(node: syntax.Before) -> TraceTest:
     firsts, seconds, within = _query(node.first), _query(node.second), node.within_ns
 
     def before(trace: Trace) -> bool:
@@ -340,12 +340,12 @@ def _before(node: ast.Before) -> TraceTest:
     return before
 
 
-def _not(node: ast.Not) -> TraceTest:
+def _not(node: syntax.Not) -> TraceTest:
     inner = _expr(node.operand)
     return lambda trace: not inner(trace)
 
 
-def _and(node: ast.And) -> TraceTest:
+def _and(node: syntax.And) -> TraceTest:
     parts = tuple(_expr(p) for p in node.operands)
     if len(parts) == 2:
         first, second = parts
@@ -353,7 +353,7 @@ def _and(node: ast.And) -> TraceTest:
     return lambda trace: all(p(trace) for p in parts)
 
 
-def _or(node: ast.Or) -> TraceTest:
+def _or(node: syntax.Or) -> TraceTest:
     parts = tuple(_expr(p) for p in node.operands)
     if len(parts) == 2:
         first, second = parts
@@ -362,12 +362,12 @@ def _or(node: ast.Or) -> TraceTest:
 
 
 _EXPR_BUILDERS: dict[type, Callable[[Any], TraceTest]] = {
-    ast.Exists: _exists, ast.CountCompare: _count_compare, ast.Before: _before,
-    ast.Not: _not, ast.And: _and, ast.Or: _or,
+    syntax.Exists: _exists, syntax.CountCompare: _count_compare, syntax.Before: _before,
+    syntax.Not: _not, syntax.And: _and, syntax.Or: _or,
 }
 
 
-def _expr(node: ast.Expr) -> TraceTest:
+def _expr(node: syntax.Expr) -> TraceTest:
     return _EXPR_BUILDERS[type(node)](node)
 
 
@@ -378,13 +378,13 @@ def _union(first: list[Span], second: list[Span]) -> list[Span]:
     return first + [s for s in second if id(s) not in seen]
 
 
-def _witness(node: ast.Expr) -> SpanSource:
+def _witness(node: syntax.Expr) -> SpanSource:
     """The spans behind a true expression; negated parts contribute none (they are absences)."""
-    if isinstance(node, ast.Exists):
+    if isinstance(node, syntax.Exists):
         return _query(node.query)
-    if isinstance(node, ast.CountCompare):
+    if isinstance(node, syntax.CountCompare):
         counted = [_query(node.left.query)]
-        if isinstance(node.right, ast.Count):
+        if isinstance(node.right, syntax.Count):
             counted.append(_query(node.right.query))
         unique = attribute_getter(node.left.unique) if node.left.unique is not None else None
 
@@ -394,7 +394,7 @@ def _witness(node: ast.Expr) -> SpanSource:
                 spans = _union(spans, source(trace))
             return spans if unique is None else [s for s in spans if unique(s) is not MISSING]
         return counted_spans
-    if isinstance(node, ast.Before):
+    if isinstance(node, syntax.Before):
         firsts, seconds = _query(node.first), _query(node.second)
         within = node.within_ns if node.within_ns is not None else float("inf")
 
@@ -403,7 +403,7 @@ def _witness(node: ast.Expr) -> SpanSource:
                      if 0 < b.start_ns - a.start_ns <= within]
             return _union([a for a, _ in pairs], [b for _, b in pairs])
         return ordered_pairs
-    if isinstance(node, (ast.And, ast.Or)):
+    if isinstance(node, (syntax.And, syntax.Or)):
         parts = [(_expr(operand), _witness(operand)) for operand in node.operands]
 
         def true_parts(trace: Trace) -> list[Span]:
@@ -416,30 +416,30 @@ def _witness(node: ast.Expr) -> SpanSource:
     return lambda trace: []
 
 
-def _queries(node: ast.Expr) -> list[ast.Query]:
-    if isinstance(node, ast.Exists):
+def _queries(node: syntax.Expr) -> list[syntax.Query]:
+    if isinstance(node, syntax.Exists):
         return [node.query]
-    if isinstance(node, ast.CountCompare):
-        right = [node.right.query] if isinstance(node.right, ast.Count) else []
+    if isinstance(node, syntax.CountCompare):
+        right = [node.right.query] if isinstance(node.right, syntax.Count) else []
         return [node.left.query, *right]
-    if isinstance(node, ast.Before):
+    if isinstance(node, syntax.Before):
         return [node.first, node.second]
-    if isinstance(node, ast.Not):
+    if isinstance(node, syntax.Not):
         return _queries(node.operand)
     return [q for operand in node.operands for q in _queries(operand)]
 
 
-def _pred_attributes(pred: ast.Pred | None) -> set[str]:
+def _pred_attributes(pred: syntax.Pred | None) -> set[str]:
     if pred is None:
         return set()
-    if isinstance(pred, (ast.Compare, ast.Bare, ast.Unique)):
+    if isinstance(pred, (syntax.Compare, syntax.Bare, syntax.Unique)):
         return {pred.attr}
-    if isinstance(pred, ast.PredNot):
+    if isinstance(pred, syntax.PredNot):
         return _pred_attributes(pred.operand)
     return set().union(*(_pred_attributes(p) for p in pred.operands))
 
 
-def _references(node: ast.Expr) -> References:
+def _references(node: syntax.Expr) -> References:
     reads: dict[tuple[str, bool], set[str]] = {}
     for query in _queries(node):
         key = (query.selector.name, query.selector.glob)
@@ -456,24 +456,24 @@ def _references(node: ast.Expr) -> References:
     )
 
 
-def _counts(node: ast.Expr) -> list[ast.Count]:
-    if isinstance(node, ast.CountCompare):
-        return [node.left] + ([node.right] if isinstance(node.right, ast.Count) else [])
-    if isinstance(node, ast.Not):
+def _counts(node: syntax.Expr) -> list[syntax.Count]:
+    if isinstance(node, syntax.CountCompare):
+        return [node.left] + ([node.right] if isinstance(node.right, syntax.Count) else [])
+    if isinstance(node, syntax.Not):
         return _counts(node.operand)
-    if isinstance(node, (ast.And, ast.Or)):
+    if isinstance(node, (syntax.And, syntax.Or)):
         return [c for operand in node.operands for c in _counts(operand)]
     return []
 
 
-def _monotone(node: ast.Expr, positive: bool) -> bool:
+def _monotone(node: syntax.Expr, positive: bool) -> bool:
     """Can more spans only ever turn this from false to true (never back)?"""
-    if isinstance(node, ast.Not):
+    if isinstance(node, syntax.Not):
         return _monotone(node.operand, not positive)
-    if isinstance(node, (ast.And, ast.Or)):
+    if isinstance(node, (syntax.And, syntax.Or)):
         return all(_monotone(operand, positive) for operand in node.operands)
     if not positive:
         return False  # a negated existence can flip back when a span arrives
-    if isinstance(node, ast.CountCompare):
+    if isinstance(node, syntax.CountCompare):
         return isinstance(node.right, int) and node.op in (">", ">=")
     return True  # Exists and Before only gain witnesses as spans arrive

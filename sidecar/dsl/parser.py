@@ -15,8 +15,8 @@ import re2
 from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, VisitError
 
-from sidecar.dsl import ast
-from sidecar.errors import ExpressionError
+from sidecar.dsl import syntax
+from sidecar.model.errors import ExpressionError
 
 MAX_EXPRESSION_BYTES = 64 * 1024
 MAX_DEPTH = 100  # far below Python's recursion limit, far above any rule a person writes
@@ -54,7 +54,7 @@ _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 
 
 @functools.lru_cache(maxsize=4096)
-def parse(text: str) -> ast.Expr | ast.Clauses:
+def parse(text: str) -> syntax.Expr | syntax.Clauses:
     """Parse one expression (a condition, a clause, or the in-DSL when/always/never form)."""
     try:
         size = len(text.encode())
@@ -160,13 +160,13 @@ class _ToAst(Transformer):  # type: ignore[type-arg]
     def start(self, meta: Any, children: list[Any]) -> Any:
         return children[0]
 
-    def clauses(self, meta: Any, children: list[Any]) -> ast.Clauses:
+    def clauses(self, meta: Any, children: list[Any]) -> syntax.Clauses:
         parts: dict[str, Any] = {}
         for keyword, expr in children[2:]:
             if keyword in parts:
                 raise self._error(f"'{keyword}' given twice", keyword)
             parts[str(keyword)] = expr
-        return ast.Clauses(children[1], parts.get("always"), parts.get("never"),
+        return syntax.Clauses(children[1], parts.get("always"), parts.get("never"),
                            **self._pos(meta))
 
     def clause(self, meta: Any, children: list[Any]) -> tuple[Token, Any]:
@@ -175,22 +175,22 @@ class _ToAst(Transformer):  # type: ignore[type-arg]
     # --- trace level ---
 
     def any_of(self, meta: Any, children: list[Any]) -> Any:
-        return children[0] if len(children) == 1 else ast.Or(tuple(children), **self._pos(meta))
+        return children[0] if len(children) == 1 else syntax.Or(tuple(children), **self._pos(meta))
 
     def all_of(self, meta: Any, children: list[Any]) -> Any:
-        return children[0] if len(children) == 1 else ast.And(tuple(children), **self._pos(meta))
+        return children[0] if len(children) == 1 else syntax.And(tuple(children), **self._pos(meta))
 
-    def negation(self, meta: Any, children: list[Any]) -> ast.Not:
-        return ast.Not(children[0], **self._pos(meta))
+    def negation(self, meta: Any, children: list[Any]) -> syntax.Not:
+        return syntax.Not(children[0], **self._pos(meta))
 
-    def exists(self, meta: Any, children: list[Any]) -> ast.Exists:
-        return ast.Exists(children[0], **self._pos(meta))
+    def exists(self, meta: Any, children: list[Any]) -> syntax.Exists:
+        return syntax.Exists(children[0], **self._pos(meta))
 
-    def before(self, meta: Any, children: list[Any]) -> ast.Before:
+    def before(self, meta: Any, children: list[Any]) -> syntax.Before:
         within = parse_duration(children[4]) if len(children) > 3 else None
-        return ast.Before(children[0], children[2], within, **self._pos(meta))
+        return syntax.Before(children[0], children[2], within, **self._pos(meta))
 
-    def count_compare(self, meta: Any, children: list[Any]) -> ast.CountCompare:
+    def count_compare(self, meta: Any, children: list[Any]) -> syntax.CountCompare:
         left, op, right = children
         if isinstance(left, Token):  # `3 < count(x)` reads as `count(x) > 3`
             left, op, right = right, Token(op.type, _FLIPPED[str(op)]), left
@@ -199,52 +199,52 @@ class _ToAst(Transformer):  # type: ignore[type-arg]
                 raise self._error(f"a count compares with an integer or another count, "
                                   f"not {str(right)!r}", right)
             right = int(right)
-        return ast.CountCompare(left, str(op), right, **self._pos(meta))
+        return syntax.CountCompare(left, str(op), right, **self._pos(meta))
 
-    def query(self, meta: Any, children: list[Any]) -> ast.Query:
+    def query(self, meta: Any, children: list[Any]) -> syntax.Query:
         selector, wheres = self._selector_and_wheres(children)
         where = self._conjoin(wheres, meta)
         for node in _walk_preds(where):
-            if isinstance(node, ast.Unique):
+            if isinstance(node, syntax.Unique):
                 raise self._error("'unique' is reserved for count(...).where(attr == unique)",
                                   node, code="misplaced-unique")
-        return ast.Query(selector, where, **self._pos(meta))
+        return syntax.Query(selector, where, **self._pos(meta))
 
-    def count(self, meta: Any, children: list[Any]) -> ast.Count:
+    def count(self, meta: Any, children: list[Any]) -> syntax.Count:
         selector, wheres = self._selector_and_wheres(children)
         where = self._conjoin(wheres, meta)
         terms = _conjuncts(where)
-        uniques = [t for t in terms if isinstance(t, ast.Unique)]
-        rest = [t for t in terms if t is not None and not isinstance(t, ast.Unique)]
+        uniques = [t for t in terms if isinstance(t, syntax.Unique)]
+        rest = [t for t in terms if t is not None and not isinstance(t, syntax.Unique)]
         for term in rest:
             for node in _walk_preds(term):
-                if isinstance(node, ast.Unique):
+                if isinstance(node, syntax.Unique):
                     raise self._error("'attr == unique' must be a term of its own, joined to "
                                       "the rest with 'and'", node, code="misplaced-unique")
         if len(uniques) > 1:
             raise self._error("count distinct values of one attribute at a time",
                               uniques[1], code="misplaced-unique")
-        filtered = None if not rest else rest[0] if len(rest) == 1 else ast.PredAnd(tuple(rest))
-        query = ast.Query(selector, filtered, **self._pos(meta))
-        return ast.Count(query, uniques[0].attr if uniques else None, **self._pos(meta))
+        filtered = None if not rest else rest[0] if len(rest) == 1 else syntax.PredAnd(tuple(rest))
+        query = syntax.Query(selector, filtered, **self._pos(meta))
+        return syntax.Count(query, uniques[0].attr if uniques else None, **self._pos(meta))
 
-    def _selector_and_wheres(self, children: list[Any]) -> tuple[ast.Selector, list[Any]]:
+    def _selector_and_wheres(self, children: list[Any]) -> tuple[syntax.Selector, list[Any]]:
         parts = [c for c in children if not (isinstance(c, Token) and c.type in ("HAS", "COUNT"))]
         return parts[0], parts[1:]
 
     def _conjoin(self, preds: list[Any], meta: Any) -> Any:
         if not preds:
             return None
-        return preds[0] if len(preds) == 1 else ast.PredAnd(tuple(preds), **self._pos(meta))
+        return preds[0] if len(preds) == 1 else syntax.PredAnd(tuple(preds), **self._pos(meta))
 
-    def selector(self, meta: Any, children: list[Token]) -> ast.Selector:
+    def selector(self, meta: Any, children: list[Token]) -> syntax.Selector:
         token = children[0]
         if token.type == "NAME":
-            return ast.Selector(str(token), **self._pos(meta))
+            return syntax.Selector(str(token), **self._pos(meta))
         name = decode_string(token)
         if not name:
             raise self._error("a quoted span name cannot be empty", token)
-        return ast.Selector(name, "*" in name, **self._pos(meta))
+        return syntax.Selector(name, "*" in name, **self._pos(meta))
 
     def where(self, meta: Any, children: list[Any]) -> Any:
         return children[1]
@@ -252,18 +252,18 @@ class _ToAst(Transformer):  # type: ignore[type-arg]
     # --- span level ---
 
     def pred_any(self, meta: Any, children: list[Any]) -> Any:
-        return children[0] if len(children) == 1 else ast.PredOr(tuple(children),
+        return children[0] if len(children) == 1 else syntax.PredOr(tuple(children),
                                                                  **self._pos(meta))
 
     def pred_all(self, meta: Any, children: list[Any]) -> Any:
-        return children[0] if len(children) == 1 else ast.PredAnd(tuple(children),
+        return children[0] if len(children) == 1 else syntax.PredAnd(tuple(children),
                                                                   **self._pos(meta))
 
-    def pred_negation(self, meta: Any, children: list[Any]) -> ast.PredNot:
-        return ast.PredNot(children[0], **self._pos(meta))
+    def pred_negation(self, meta: Any, children: list[Any]) -> syntax.PredNot:
+        return syntax.PredNot(children[0], **self._pos(meta))
 
-    def bare(self, meta: Any, children: list[Any]) -> ast.Bare:
-        return ast.Bare(children[0], **self._pos(meta))
+    def bare(self, meta: Any, children: list[Any]) -> syntax.Bare:
+        return syntax.Bare(children[0], **self._pos(meta))
 
     def compare(self, meta: Any, children: list[Any]) -> Any:
         attr, op, value = children
@@ -281,8 +281,8 @@ class _ToAst(Transformer):  # type: ignore[type-arg]
             if op_text != "==":
                 raise self._error("'unique' only works as 'attr == unique'", op,
                                   code="misplaced-unique")
-            return ast.Unique(attr, **self._pos(meta))
-        return ast.Compare(attr, op_text, value, **self._pos(meta))
+            return syntax.Unique(attr, **self._pos(meta))
+        return syntax.Compare(attr, op_text, value, **self._pos(meta))
 
     def attr(self, meta: Any, children: list[Token]) -> str:
         token = children[0]
@@ -315,7 +315,7 @@ def _conjuncts(pred: Any) -> list[Any]:
     """The terms of a (possibly nested) conjunction: `.where(a).where(b and c)` gives a, b, c."""
     if pred is None:
         return []
-    if isinstance(pred, ast.PredAnd):
+    if isinstance(pred, syntax.PredAnd):
         return [term for operand in pred.operands for term in _conjuncts(operand)]
     return [pred]
 
@@ -326,8 +326,8 @@ def _walk_preds(pred: Any) -> list[Any]:
     while stack:
         node = stack.pop()
         found.append(node)
-        if isinstance(node, (ast.PredAnd, ast.PredOr)):
+        if isinstance(node, (syntax.PredAnd, syntax.PredOr)):
             stack.extend(node.operands)
-        elif isinstance(node, ast.PredNot):
+        elif isinstance(node, syntax.PredNot):
             stack.append(node.operand)
     return found

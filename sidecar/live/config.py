@@ -1,0 +1,85 @@
+"""Settings of `betrace serve`: one dataclass with a documented default for every field and a
+`validate()` that names every problem; the CLI only fills it from flags and BETRACE_* variables.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from sidecar.stores.trace_store import StoreLimits
+
+STORE_SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
+
+
+@dataclass
+class Settings:
+    """Every knob of `betrace serve`, with the defaults a sidecar in the collector's pod wants."""
+
+    rules: list[str] = field(default_factory=lambda: ["rules"])
+    listen: str = "127.0.0.1:4319"  # OTLP gRPC (the collector owns 4317/4318)
+    http_listen: str = "127.0.0.1:4320"  # OTLP/HTTP; "" turns it off
+    metrics_listen: str = "127.0.0.1:9464"  # /metrics, /healthz, /readyz; "" turns it off
+    decision_wait: float = 10.0
+    max_trace_age: float = 300.0
+    max_traces: int = 50_000
+    max_spans_per_trace: int = 10_000
+    decided_retention: float = 60.0
+    signals_out: str | None = None  # JSONL signal log: a path, or "-" for stdout
+    export_otlp: str | None = None  # host:port receiving violation spans over OTLP gRPC
+    store: str = "memory"  # or redis://, rediss://, unix://, redis+cluster://host:port,...
+    claim_lease: float = 30.0  # a trace claimed by a sidecar that dies is re-decided after this
+    reload_interval: float = 2.0
+
+    def validate(self) -> list[str]:
+        problems = []
+        for name in ("decision_wait", "max_trace_age", "decided_retention", "reload_interval",
+                     "claim_lease"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name.replace('_', '-')} must be positive")
+        if self.max_trace_age < self.decision_wait:
+            problems.append("max-trace-age must be at least decision-wait")
+        for name in ("max_traces", "max_spans_per_trace"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name.replace('_', '-')} must be at least 1")
+        problems += address_problems(self, "listen", "http_listen", "metrics_listen")
+        if self.store != "memory" and not self.store.startswith(STORE_SCHEMES):
+            problems.append(f"store {self.store!r}: expected memory or a URL starting with "
+                            f"{', '.join(STORE_SCHEMES)}")
+        return problems
+
+    def limits(self) -> StoreLimits:
+        return StoreLimits(self.decision_wait, self.max_trace_age, self.max_traces,
+                           self.max_spans_per_trace, self.decided_retention, self.claim_lease)
+
+
+def address_problems(settings: object, required: str, *optional: str) -> list[str]:
+    """What is wrong with HOST:PORT settings; the optional ones may be '' (off)."""
+    problems = []
+    for name in (required, *optional):
+        value = getattr(settings, name)
+        if value or name == required:
+            try:
+                split_address(value)
+            except ValueError as exc:
+                problems.append(f"{name.replace('_', '-')}: {exc}")
+    return problems
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """`host:port`, `[v6]:port` or `:port` (all interfaces) to (host, port)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"{address!r} is not HOST:PORT")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+@contextlib.contextmanager
+def binding(listener: str, address: str) -> Iterator[None]:
+    """Say which listener could not bind, not just 'Address already in use'."""
+    try:
+        yield
+    except OSError as exc:
+        raise OSError(f"cannot listen for {listener} on {address}: {exc.strerror or exc}") \
+            from None

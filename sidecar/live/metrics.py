@@ -1,0 +1,164 @@
+"""Prometheus metrics, in a registry the sidecar owns (tests build their own).
+
+Labels are bounded: rule ids, severities and fixed reasons, never a trace id. Gauges that mirror
+live state (traces and spans buffered) are read from the store at scrape time.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_EVAL_BUCKETS = (1e-6, 5e-6, 1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05)
+
+
+disable_created_metrics()  # `_created` series double the scrape for nothing an alert uses
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.violations = Counter("betrace_violations", "Signals emitted, by rule.",
+                                  ["rule", "severity"], registry=r)
+        self.spans_received = Counter("betrace_spans_received",
+                                      "Spans received over OTLP.", ["transport"], registry=r)
+        self.spans_dropped = Counter(
+            "betrace_spans_dropped", "Spans dropped on purpose: no rule selects them, or they "
+            "are BeTrace's own violation spans.", ["reason"], registry=r)
+        self.spans_rejected = Counter(
+            "betrace_spans_rejected", "Spans refused (reported to the sender as partial "
+            "success): invalid, or over max_spans_per_trace.", ["reason"], registry=r)
+        self.requests_rejected = Counter(
+            "betrace_export_requests_rejected", "Export requests refused whole.",
+            ["transport", "reason"], registry=r)
+        self.late_spans = Counter("betrace_late_spans",
+                                  "Spans that arrived after their trace was decided.",
+                                  registry=r)
+        self.traces_decided = Counter(
+            "betrace_traces_decided", "Traces decided, by why: idle (decision_wait), max_age, "
+            "evicted (max_traces), shutdown, arrival (whole in one request, no rule fired).",
+            ["reason"], registry=r)
+        self.decision_latency = Histogram(
+            "betrace_decision_latency_seconds", "Delay from a trace falling due to its decision.",
+            buckets=_LATENCY_BUCKETS, registry=r)
+        self.rule_evaluation = Histogram(
+            "betrace_rule_evaluation_seconds", "Time to evaluate the rule set on one trace.",
+            buckets=_EVAL_BUCKETS, registry=r)
+        self.rules_loaded = Gauge("betrace_rules_loaded", "Enabled rules in the active set.",
+                                  registry=r)
+        self.rules_info = Gauge("betrace_rules_info", "The active rule set's digest (sha256).",
+                                ["digest"], registry=r)
+        self.reloads = Counter("betrace_rule_reloads", "Successful rule reloads.", registry=r)
+        self.reload_failures = Counter(
+            "betrace_rule_reload_failures", "Rule reloads refused; the last good rules stay.",
+            registry=r)
+        self.rules_current = Gauge(
+            "betrace_rules_current", "1 while the rules on disk are the ones running; 0 from a "
+            "refused reload until a good one (an alert on it clears only once the file is fixed).",
+            registry=r)
+        self.rules_current.set(1)
+        self.store_errors = Counter("betrace_store_errors", "Failed trace-store operations.",
+                                    ["operation"], registry=r)
+        self.export_failures = Counter("betrace_signal_export_failures",
+                                       "Violation spans or log lines that could not be written.",
+                                       ["sink"], registry=r)
+
+    def set_rules(self, rules: Iterable[tuple[str, str]], digest: str) -> None:
+        """Publish the active rule set: (rule id, severity) pairs and the files' digest. Each
+        rule's violation series starts at 0, so an alert on increase() sees the first one."""
+        rules = list(rules)
+        for rule_id, severity in rules:
+            self.violations.labels(rule=rule_id, severity=severity)
+        self.rules_loaded.set(len(rules))
+        self.rules_info.clear()
+        self.rules_info.labels(digest=digest).set(1)
+
+    def watch_store(self, counts: Callable[[], tuple[int, int]]) -> None:
+        """Export the store's live sizes, read at scrape time."""
+        self.registry.register(_StoreCollector(counts))
+
+
+class _StoreCollector(Collector):
+    def __init__(self, counts: Callable[[], tuple[int, int]]) -> None:
+        self._counts = counts
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        try:
+            traces, spans = self._counts()
+        except Exception:  # a store that cannot answer must not break /metrics
+            return
+        yield GaugeMetricFamily("betrace_traces_active", "Open traces awaiting a decision.",
+                                value=traces)
+        yield GaugeMetricFamily("betrace_spans_buffered", "Spans held in open traces.",
+                                value=spans)
+
+
+class MetricsServer(ThreadingHTTPServer):
+    """`/metrics` for Prometheus, `/healthz` (the process runs) and, given `ready`, `/readyz`
+    (rules loaded and the store reachable: what a Kubernetes readiness probe should gate on).
+    The sidecar and the webhook both serve their registry with it."""
+
+    daemon_threads = True
+
+    def __init__(self, registry: CollectorRegistry, address: tuple[str, int],
+                 ready: Callable[[], tuple[bool, str]] | None = None) -> None:
+        super().__init__(address, _MetricsHandler)
+        self.registry = registry
+        self.ready = ready
+
+    def start(self) -> threading.Thread:
+        thread = threading.Thread(target=self.serve_forever, name="metrics-http", daemon=True)
+        thread.start()
+        return thread
+
+
+class QuietHandler(BaseHTTPRequestHandler):
+    """An HTTP handler that answers with whole bodies and writes no access lines: scrapes and
+    admission reviews every few seconds would drown the log."""
+
+    def _send(self, status: int, content_type: str, body: bytes,
+              headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        """Nothing: see the class."""
+
+
+class _MetricsHandler(QuietHandler):
+    server: MetricsServer
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        path = self.path.split("?")[0]
+        ready = self.server.ready
+        if path == "/metrics":
+            self._send(200, CONTENT_TYPE_LATEST, generate_latest(self.server.registry))
+        elif path == "/healthz":
+            self._send(200, "text/plain", b"ok\n")
+        elif path == "/readyz" and ready is not None:
+            ok, reason = ready()
+            self._send(200 if ok else 503, "text/plain", f"{reason}\n".encode())
+        else:
+            paths = "/metrics, /healthz or /readyz" if ready else "/metrics or /healthz"
+            self._send(404, "text/plain", f"not found: try {paths}\n".encode())
+

@@ -1,0 +1,42 @@
+"""Signals: what a violation becomes once detected, in the JSON-lines shape of the signal log.
+
+`signal_id` is derived from the rule id and the trace id alone, so the same violation found by
+two sidecars, or by two replays, carries the same id and can be deduplicated downstream.
+"""
+
+from __future__ import annotations
+
+import datetime
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Any
+
+_SIGNAL_NAMESPACE = uuid.UUID("5b1f2a4e-6c0d-4f57-9a3e-be7ace000001")
+
+
+def signal_id(rule_id: str, trace_id: str) -> str:
+    return str(uuid.uuid5(_SIGNAL_NAMESPACE, f"{rule_id}/{trace_id}"))
+
+
+def rfc3339(unix_ns: int) -> str:
+    """UTC timestamp with millisecond precision, as logs and CSV readers expect."""
+    moment = datetime.datetime.fromtimestamp(unix_ns / 1e9, tz=datetime.timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class Signal:
+    signal_id: str
+    rule_id: str
+    rule_name: str
+    severity: str
+    trace_id: str
+    span_ids: list[str]
+    message: str
+    context: dict[str, Any]
+    mode: str
+    detected_at: str
+    violation_time: str | None  # start of the latest offending span: when it happened
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)

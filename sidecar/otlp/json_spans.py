@@ -1,0 +1,361 @@
+"""Read OTLP JSON trace data into `Span` records.
+
+Input is what the Collector's file exporter writes (one ExportTraceServiceRequest per line, maybe
+gzipped) or one request pretty-printed over many lines (jq, Tempo's API). Replay reads large
+histories, so lines are streamed, and the `Projection` drops unwanted spans before their attributes
+are decoded. A malformed line or span is skipped and reported as an `InputError`, never fatal, so
+the caller can say exactly which data went unchecked.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import io
+import sys
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from itertools import chain
+from typing import IO, Any
+
+import orjson
+
+from sidecar.model.spans import KINDS, STATUSES, Projection, Span
+
+_GZIP_MAGIC = b"\x1f\x8b"
+_BOM = b"\xef\xbb\xbf"
+_HEX = "0123456789abcdef"
+_URLSAFE_TO_STD = str.maketrans("-_", "+/")
+_KINDS: dict[int | str, str] = {**dict(enumerate(KINDS)), **{f"SPAN_KIND_{k}": k for k in KINDS}}
+_STATUSES: dict[int | str, str] = {
+    **dict(enumerate(STATUSES)), **{f"STATUS_CODE_{s}": s for s in STATUSES}
+}
+_SERVICE_NAME = frozenset(("service.name",))
+_NOTHING: dict[str, Any] = {}  # read only: an absent resource, status or value
+_EMPTY: Any = object()  # an AnyValue with no value set
+
+
+@dataclass(frozen=True)
+class InputError:
+    """A piece of input that was skipped, located so an operator can find and fix it: by line
+    in a text format, by byte offset (`offset`, then `line` is 0) in a binary one."""
+
+    source: str
+    line: int
+    reason: str
+    offset: int | None = None
+
+    def __str__(self) -> str:
+        if self.offset is not None:
+            return f"{self.source}@{self.offset}: {self.reason}"
+        return f"{self.source}:{self.line}: {self.reason}"
+
+
+def read_spans(
+    source: str, projection: Projection | None = None, errors: list[InputError] | None = None
+) -> Iterator[Span]:
+    """Stream the spans of an OTLP JSON file (a path, gzip detected by content, or "-" for stdin).
+
+    The file is opened before this returns, so a missing or unreadable file raises OSError at the
+    call. Malformed lines and spans are skipped and appended to `errors`; without a list the first
+    one raises ValueError instead, so nothing is lost silently.
+    """
+    with ExitStack() as stack:  # closes what was opened if anything below fails
+        stream: IO[bytes]
+        if source == "-":
+            name, stream = "<stdin>", sys.stdin.buffer
+            if not hasattr(stream, "peek"):  # a replaced stdin (e.g. over BytesIO): buffer to peek
+                stream = io.BufferedReader(stream)  # type: ignore[arg-type]
+                stack.callback(stream.detach)  # leave the caller's stream open
+        else:
+            name, stream = source, stack.enter_context(open(source, "rb"))
+        if stream.peek(2)[:2] == _GZIP_MAGIC:  # type: ignore[attr-defined]
+            stream = stack.enter_context(gzip.GzipFile(fileobj=stream))
+        owned = stack.pop_all()
+
+    def report(line: int, reason: str) -> None:
+        error = InputError(name, line, reason)
+        if errors is None:
+            raise ValueError(str(error))
+        errors.append(error)
+
+    return _read(stream, owned, projection, report)
+
+
+def spans_from_request(
+    doc: Any, projection: Projection | None = None, rejected: list[str] | None = None,
+    resource_key: str | None = None, resource_values: list[Any] | None = None,
+) -> list[Span]:
+    """The spans of one decoded ExportTraceServiceRequest (a file line, or an OTLP/HTTP JSON body).
+
+    A malformed request raises ValueError. A malformed span is skipped and its reason appended to
+    `rejected` (what OTLP's partial-success response reports); without a list it raises ValueError.
+    With `resource_values`, the value of the resource attribute `resource_key` (None if absent)
+    is appended for each span returned, in order: a Span keeps only `service.name`.
+    """
+    bad: list[str] = [] if rejected is None else rejected
+    spans = _decode(doc, projection, bad, resource_key, resource_values)
+    if rejected is None and bad:
+        raise ValueError(bad[0])
+    return spans
+
+
+def _read(stream: IO[bytes], stack: ExitStack, projection: Projection | None,
+          report: Callable[[int, str], None]) -> Iterator[Span]:
+    number = 0
+    with stack:
+        try:
+            for number, doc in read_requests(stream, report):
+                bad: list[str] = []
+                try:
+                    spans = _decode(doc, projection, bad)  # all of a line, so a bad one yields none
+                except ValueError as exc:
+                    report(number, str(exc))
+                    continue
+                for reason in bad:
+                    report(number, reason)
+                yield from spans
+        except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+            report(number + 1, f"unreadable gzip data: {exc}")
+
+
+def read_requests(stream: IO[bytes], report: Callable[[int, str], None]
+                  ) -> Iterator[tuple[int, Any]]:
+    """Each parsed JSON request of an open stream with the line it starts on: line by line, or the
+    whole input at once if its first line opens a document. A line that is not JSON is reported
+    and skipped; errors of the stream itself (bad compressed data) are the caller's."""
+    numbered = enumerate(stream, 1)
+    for number, line in numbered:
+        if not line.isspace():
+            break
+    else:
+        return
+    line = line.removeprefix(_BOM)
+    # A JSONL record ends with "}"; a first line ending in "{" or "[" opens a document,
+    # which is then read as one "line" (its errors are located at its first line).
+    if line.rstrip().endswith((b"{", b"[")):
+        lines: Iterator[tuple[int, bytes]] = iter(((number, line + stream.read()),))
+    else:
+        lines = chain(((number, line),), numbered)
+    loads, decode_error = orjson.loads, orjson.JSONDecodeError
+    for number, line in lines:
+        if line.isspace():
+            continue
+        try:
+            doc = loads(line)
+        except decode_error as exc:
+            report(*_locate(exc, number, line))
+            continue
+        yield number, doc
+
+
+def _locate(exc: orjson.JSONDecodeError, first: int, text: bytes) -> tuple[int, str]:
+    """Line and reason of a JSON error in `text`, which starts at line `first`."""
+    line, last = first + exc.lineno - 1, first + text.rstrip().count(b"\n")
+    if line > last:  # orjson places "unexpected end of data" past the final newline
+        return last, f"invalid JSON: {exc.msg}"
+    return line, f"invalid JSON at column {exc.colno}: {exc.msg}"
+
+
+def _decode(doc: Any, projection: Projection | None, bad: list[str],
+            resource_key: str | None = None, resource_values: list[Any] | None = None
+            ) -> list[Span]:
+    """Raise ValueError for a malformed request; skip a malformed span, appending why to `bad`."""
+    if type(doc) is not dict:
+        raise ValueError("not a JSON object")
+    key = "resourceSpans" if "resourceSpans" in doc else "batches"  # Tempo says "batches"
+    resource_spans = doc.get(key)
+    if resource_spans is None:
+        if doc:
+            raise ValueError("no resourceSpans or batches")
+        return []  # an empty request: protobuf's JSON mapping omits empty lists
+    if type(resource_spans) is not list:
+        raise ValueError(f"{key} is not a list")
+    wants = projection.wants_name if projection is not None else None
+    keep = projection.attributes_for if projection is not None else None
+    spans: list[Span] = []
+    for entry in resource_spans:
+        if type(entry) is not dict:
+            raise ValueError(f"{key} entry is not an object")
+        resource = entry.get("resource", _NOTHING)
+        if type(resource) is not dict:
+            raise ValueError("resource is not an object")
+        wanted = _SERVICE_NAME if resource_key is None else _SERVICE_NAME | {resource_key}
+        found = _attributes(resource.get("attributes", []), wanted)
+        service = found.get("service.name")
+        if type(service) is not str:
+            service = None
+        extra = found.get(resource_key) if resource_key is not None else None
+        scopes = entry.get("scopeSpans")
+        if scopes is None:
+            scopes = entry.get("instrumentationLibrarySpans", [])  # OTLP before 0.15
+        if type(scopes) is not list:
+            raise ValueError("scopeSpans is not a list")
+        for scope in scopes:
+            if type(scope) is not dict:
+                raise ValueError("scopeSpans entry is not an object")
+            raw_spans = scope.get("spans", [])
+            if type(raw_spans) is not list:
+                raise ValueError("spans is not a list")
+            for raw in raw_spans:
+                try:
+                    span = _span(raw, wants, keep, service)
+                except ValueError as exc:
+                    name = raw.get("name") if type(raw) is dict else None
+                    bad.append(f"span {name!r}: {exc}" if type(name) is str else f"span: {exc}")
+                    continue
+                if span is not None:
+                    spans.append(span)
+                    if resource_values is not None:
+                        resource_values.append(extra)
+    return spans
+
+
+def _span(raw: Any, wants: Callable[[str], bool] | None,
+          keep_for: Callable[[str], frozenset[str] | None] | None,
+          service: str | None) -> Span | None:
+    """One span, or None when the projection drops it; ValueError says what is malformed."""
+    if type(raw) is not dict:
+        raise ValueError("not an object")
+    name = raw.get("name", "")
+    if type(name) is not str:
+        raise ValueError("name is not a string")
+    if wants is not None and not wants(name):
+        return None
+    trace_id = _id(raw.get("traceId"), 16)
+    if not trace_id:
+        raise ValueError(f"invalid traceId {_short(raw.get('traceId'))}")
+    span_id = _id(raw.get("spanId"), 8)
+    if not span_id:
+        raise ValueError(f"invalid spanId {_short(raw.get('spanId'))}")
+    parent = raw.get("parentSpanId")
+    parent = _id(parent, 8) if parent else ""  # all zeros, as some exporters write, is "" too
+    if parent is None:
+        raise ValueError(f"invalid parentSpanId {_short(raw.get('parentSpanId'))}")
+    start = _nanos(raw.get("startTimeUnixNano"))
+    end = _nanos(raw.get("endTimeUnixNano"))
+    if start is None or end is None:
+        raise ValueError("invalid startTimeUnixNano or endTimeUnixNano")
+    kind_code = raw.get("kind", 0)
+    kind = _KINDS.get(kind_code) if type(kind_code) in (int, str) else None
+    if kind is None:
+        raise ValueError(f"invalid kind {_short(kind_code)}")
+    status = raw.get("status", _NOTHING)
+    code = status.get("code", 0) if type(status) is dict else None
+    status_name = _STATUSES.get(code) if type(code) in (int, str) else None
+    if status_name is None:
+        raise ValueError(f"invalid status {_short(status)}")
+    attributes = raw.get("attributes")
+    keep = keep_for(name) if keep_for is not None else None
+    return Span(
+        trace_id, span_id, name, parent_span_id=parent, start_ns=start, end_ns=end,
+        status=status_name, kind=kind, service=service,
+        attributes=_attributes(attributes, keep) if attributes and (keep is None or keep) else {},
+    )
+
+
+def _id(raw: Any, size: int) -> str | None:
+    """Lowercase hex of a `size`-byte id sent as hex (OTLP JSON) or base64 (protobuf's JSON
+    mapping, Tempo); "" for the all-zero (invalid) id, None for anything else."""
+    if type(raw) is not str:
+        return None
+    if len(raw) == 2 * size:
+        if raw.strip(_HEX):
+            raw = raw.lower()
+            if raw.strip(_HEX):
+                return None
+    else:
+        try:
+            data = _base64(raw)
+        except ValueError:
+            return None
+        if len(data) != size:
+            return None
+        raw = data.hex()
+    return raw if raw.strip("0") else ""
+
+
+def _base64(text: str) -> bytes:
+    """Standard or URL-safe base64, padded or not: protobuf's JSON mapping accepts all four."""
+    return base64.b64decode(text.translate(_URLSAFE_TO_STD) + "=" * (-len(text) % 4), validate=True)
+
+
+def _nanos(raw: Any) -> int | None:
+    """A fixed64 timestamp: a decimal string in OTLP JSON, a number from lenient writers."""
+    if type(raw) is str and raw.isascii() and raw.isdigit():
+        return int(raw)
+    if type(raw) is int and raw >= 0:
+        return raw
+    return 0 if raw is None else None
+
+
+def _attributes(items: Any, keep: frozenset[str] | None) -> dict[str, Any]:
+    """A KeyValue list as a dict, keeping only `keep` keys (all when None); empty values dropped."""
+    if type(items) is not list:
+        raise ValueError("attributes is not a list")
+    out: dict[str, Any] = {}
+    for item in items:
+        key = item.get("key") if type(item) is dict else None
+        if type(key) is not str:
+            raise ValueError("attribute without a string key")
+        if keep is not None and key not in keep:
+            continue
+        try:
+            value = _value(item.get("value"))
+        except ValueError as exc:
+            raise ValueError(f"attribute {key!r}: {exc}") from None
+        if value is not _EMPTY:
+            out[key] = value
+    return out
+
+
+def _value(raw: Any) -> Any:
+    """Decode an AnyValue to its Python value, or _EMPTY when none is set."""
+    if raw is None or raw == _NOTHING:
+        return _EMPTY
+    if type(raw) is not dict or len(raw) != 1:
+        raise ValueError(f"invalid value {_short(raw)}")
+    ((field, inner),) = raw.items()
+    kind = type(inner)
+    if field == "stringValue":
+        if kind is str:
+            return inner
+    elif field == "intValue":  # int64 is a decimal string in OTLP JSON
+        if kind is int:
+            return inner
+        if kind is str and inner.removeprefix("-").isdigit() and inner.isascii():
+            return int(inner)
+    elif field == "boolValue":
+        if kind is bool:
+            return inner
+    elif field == "doubleValue":
+        if kind is float or kind is int or inner in ("NaN", "Infinity", "-Infinity"):
+            return float(inner)  # those three strings are how protobuf's JSON mapping writes them
+    elif field == "arrayValue":
+        values = inner.get("values", []) if kind is dict else None
+        if type(values) is list:
+            out = []
+            for item in values:  # a loop, not a comprehension: one frame per nesting level
+                item = _value(item)
+                out.append(None if item is _EMPTY else item)
+            return tuple(out)
+    elif field == "kvlistValue":
+        if kind is dict:
+            return _attributes(inner.get("values", []), None)
+    elif field == "bytesValue":
+        if kind is str:
+            try:
+                return _base64(inner)
+            except ValueError:
+                pass
+    else:
+        raise ValueError(f"unknown value field {field!r}")
+    raise ValueError(f"invalid {field} {_short(inner)}")
+
+
+def _short(raw: Any) -> str:
+    """A value's repr, cut short enough for an error line."""
+    text = repr(raw)
+    return text if len(text) <= 40 else text[:37] + "..."

@@ -1,0 +1,174 @@
+"""Compiled rules and the rule set: what a rule is, how it judges one trace, and what the loaded
+rules read (the projection that prunes spans at ingest)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sidecar.dsl import (
+    MISSING,
+    CompiledExpr,
+    References,
+    attribute_getter,
+    distinct_key,
+    glob_matcher,
+    memoized,
+)
+from sidecar.model.errors import Location
+from sidecar.model.signals import Signal, rfc3339, signal_id
+from sidecar.model.spans import Projection, Span, Trace
+
+SEVERITIES = ("critical", "high", "medium", "low", "info")
+
+
+@dataclass(frozen=True)
+class Example:
+    """A trace written in the compact span form and whether the rule must fire on it."""
+
+    rule_id: str
+    description: str
+    violates: bool
+    spans: Any = field(repr=False)
+    location: Location
+
+
+@dataclass(frozen=True)
+class Violation:
+    """A rule that fired on a trace, with the spans that made it fire."""
+
+    rule: Rule
+    trace: Trace
+    spans: list[Span]
+
+    def signal(self, mode: str, detected_ns: int) -> Signal:
+        """This violation as the signal its sinks write (`mode` is live or replay)."""
+        rule, spans = self.rule, self.spans
+        return Signal(
+            signal_id=signal_id(rule.id, self.trace.trace_id),
+            rule_id=rule.id,
+            rule_name=rule.name,
+            severity=rule.severity,
+            trace_id=self.trace.trace_id,
+            span_ids=[s.span_id for s in sorted(spans, key=span_order)],
+            message=rule.message,
+            context=self.context(),
+            mode=mode,
+            detected_at=rfc3339(detected_ns),
+            violation_time=rfc3339(max(s.start_ns for s in spans)) if spans else None,
+        )
+
+    def context(self) -> dict[str, Any]:
+        """Each declared attribute: its value, or its distinct values when the spans differ.
+        Taken from the offending spans first, else from any span of the trace."""
+        out: dict[str, Any] = {}
+        for attr in self.rule.context:
+            get = attribute_getter(attr)
+            values = _distinct(get(s) for s in sorted(self.spans, key=span_order))
+            if not values:
+                values = _distinct(get(s) for s in sorted(self.trace.spans, key=span_order))
+            out[attr] = None if not values else values[0] if len(values) == 1 else values
+        return out
+
+
+@dataclass(frozen=True)
+class Rule:
+    id: str
+    name: str
+    severity: str
+    description: str
+    message: str
+    context: tuple[str, ...]
+    tags: tuple[str, ...]
+    enabled: bool
+    logic: CompiledExpr = field(repr=False)
+    location: Location
+
+    @property
+    def refs(self) -> References:
+        return self.logic.refs | References(attributes=frozenset(self.context))
+
+    def applies(self, trace: Trace) -> bool:
+        """In scope for compliance figures: `when` held, or the trace has a span it names."""
+        return self.logic.applies(trace)
+
+    def evaluate(self, trace: Trace) -> Violation | None:
+        if not self.logic.test(trace):
+            return None
+        return Violation(self, trace, self.logic.witness(trace))
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    """The enabled rules, every example, and what the rules read (for pruning)."""
+
+    rules: tuple[Rule, ...]
+    disabled: tuple[Rule, ...] = ()
+    examples: tuple[Example, ...] = ()
+    files: tuple[str, ...] = ()
+    digest: str = ""
+
+    @property
+    def refs(self) -> References:
+        refs = References()
+        for rule in self.rules:
+            refs = refs | rule.refs
+        return refs
+
+    def projection(self) -> Projection:
+        """Keep spans some rule selects and, on each, the attributes the rules selecting it read
+        or copy into a signal."""
+        refs = self.refs
+        names, globs = refs.names, [glob_matcher(g) for g in sorted(refs.globs)]
+        wants: Callable[[str], bool] = names.__contains__
+        if globs:
+            wants = memoized(lambda name: name in names or any(g(name) for g in globs))
+        exact: dict[str, set[str]] = {}
+        by_glob: list[tuple[Callable[[str], bool], frozenset[str]]] = []
+        for rule in self.rules:
+            for selector, glob, attributes in rule.logic.refs.selectors:
+                reads = attributes | frozenset(rule.context)
+                if glob:
+                    by_glob.append((glob_matcher(selector), reads))
+                else:
+                    exact.setdefault(selector, set()).update(reads)
+        known: dict[str, frozenset[str]] = {}
+
+        def attributes_for(name: str) -> frozenset[str]:
+            found = known.get(name)
+            if found is None:
+                found = frozenset(exact.get(name, ())).union(
+                    *(reads for matches, reads in by_glob if matches(name)))
+                if len(known) < 10_000:  # span names are few; never grow without bound
+                    known[name] = found
+            return found
+        return Projection(wants, refs.attributes, attributes_for)
+
+    def rule(self, rule_id: str) -> Rule | None:
+        return next((r for r in self.rules + self.disabled if r.id == rule_id), None)
+
+    def evaluate(self, trace: Trace) -> list[Violation]:
+        found = []
+        for rule in self.rules:
+            violation = rule.evaluate(trace)
+            if violation is not None:
+                found.append(violation)
+        return found
+
+
+def span_order(span: Span) -> tuple[int, str]:
+    """Start time, then span id: a stable order whatever order the spans arrived in."""
+    return span.start_ns, span.span_id
+
+
+def _distinct(values: Iterable[Any]) -> list[Any]:
+    seen, out = set(), []
+    for value in values:
+        if value is MISSING:
+            continue
+        key = distinct_key(value)
+        if key not in seen:
+            seen.add(key)
+            out.append(list(value) if isinstance(value, tuple) else value)
+    return out

@@ -1,0 +1,56 @@
+-- KEYS: spans, signals of each trace. ARGV: now, max_spans, ttl, retention, wait, max_age, then
+-- per trace: its span count, '1' if the caller decided it on arrival, its spans. Per trace one string
+-- "taken,refused,late,counted,spans before,deadline,made": counted 1 when the trace (re)joins
+-- the open traces, deadline '' unless it is open, made 'n' when this call created it open and 'q'
+-- when it created it decided on arrival (named so, every span taken: no deadline, st 3 with its
+-- would-be deadline as the time decided).
+-- (sidecar/stores/redis/scripts/state.lua is prepended)
+local now, limit, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+local retention, wait, max_age = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local function append(spans, signals, first, n, on_arrival)
+  local m = state(spans)
+  local late, counted, before, made = 0, 0, 0, ''
+  if m and m.st ~= '0' and now > m.dt + retention then
+    redis.call('DEL', spans, signals)  -- decided long ago: forgotten, start afresh
+    m = nil
+  end
+  local have = 0
+  if m then have = redis.call('LLEN', spans) - 1 end
+  local take = math.min(n, math.max(limit - have, 0))
+  local due = ''
+  if take > 0 then
+    if not m then
+      counted, made = 1, 'n'
+      m = {o = now}
+      redis.call('RPUSH', spans, '')  -- the state's place
+    elseif m.st ~= '0' then  -- decided: a span re-opens it with its earlier spans; it is late
+      counted, before = 1, have  -- unless decided on arrival and still inside its wait
+      if m.st == '2' or now > m.dt then late = take end
+      m = {o = now}
+    end
+    m.st, m.l = '0', now
+    redis.call('RPUSH', spans, unpack(ARGV, first, first + take - 1))
+    if made == 'n' and on_arrival == '1' and take == n then
+      counted, made = 0, 'q'
+      m.st, m.dt = '3', now + math.min(wait, max_age)
+    end
+    save(spans, m)
+  end
+  if m and m.st == '0' then  -- also when nothing was taken: a retry re-sends the deadline
+    due = num(math.min(m.l + wait, m.o + max_age))  -- that a failed round trip left unset
+  end
+  if made == 'q' then  -- kept for late spans as if decided at its deadline
+    redis.call('PEXPIRE', spans, m.dt - now + retention + 1000)
+  elseif due ~= '' then
+    redis.call('PEXPIRE', spans, ttl)
+    redis.call('PEXPIRE', signals, ttl)  -- a re-opened trace keeps the memory of its signals
+  end
+  return table.concat({take, n - take, late, counted, before, due, made}, ',')
+end
+local out, at = {}, 7
+for k = 1, #KEYS, 2 do
+  local n = tonumber(ARGV[at])
+  out[#out + 1] = append(KEYS[k], KEYS[k + 1], at + 2, n, ARGV[at + 1])
+  at = at + 2 + n
+end
+return out
