@@ -13,11 +13,11 @@ from typing import IO
 
 from sidecar import __version__
 from sidecar.live.config import Settings
-from sidecar.model.errors import RuleLoadError
+from sidecar.model.errors import IncompatibleStore, RuleLoadError
 from sidecar.replay.progress import MODES
 from sidecar.rules import RuleSet, load_rules
 
-EXIT_OK, EXIT_FAILED, EXIT_UNUSABLE, EXIT_SKIPPED_INPUT = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_UNUSABLE, EXIT_SKIPPED_INPUT, EXIT_RULE_ERRORS = 0, 1, 2, 3, 4
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -147,6 +147,9 @@ def _parser() -> argparse.ArgumentParser:
           "traces held; beyond it the oldest open trace is decided early")
     _flag(serve, "--max-spans-per-trace", "N", str(defaults.max_spans_per_trace),
           "spans beyond it are refused (reported as OTLP partial success)")
+    _flag(serve, "--max-trace-ids", "N", str(defaults.max_trace_ids),
+          "traces held by id alone (none of their spans selected), for rules that fire on "
+          "traces without their spans; beyond it they are dropped undecided (counted)")
     _flag(serve, "--signals-out", "FILE|-", "", "append signals as JSON lines ('-' = stdout)")
     _flag(serve, "--export-otlp", "HOST:PORT", "",
           "send violation spans over OTLP gRPC (e.g. back to the collector)")
@@ -245,6 +248,7 @@ def _serve(args: argparse.Namespace) -> int:
             max_trace_age=parse_duration(args.max_trace_age) / 1e9,
             decided_retention=parse_duration(args.decided_retention) / 1e9,
             max_traces=int(args.max_traces), max_spans_per_trace=int(args.max_spans_per_trace),
+            max_trace_ids=int(args.max_trace_ids),
             signals_out=args.signals_out or None, export_otlp=args.export_otlp or None,
             store=args.store, claim_lease=parse_duration(args.claim_lease) / 1e9,
             reload_interval=parse_duration(args.reload_interval) / 1e9)
@@ -261,7 +265,7 @@ def _serve(args: argparse.Namespace) -> int:
         return EXIT_UNUSABLE
     try:
         return Sidecar(settings, ruleset).serve_forever()
-    except OSError as exc:
+    except (OSError, IncompatibleStore) as exc:
         print(f"betrace serve: {exc}", file=sys.stderr)
         return EXIT_UNUSABLE
 
@@ -313,13 +317,17 @@ def _check(args: argparse.Namespace) -> int:
             print(f"{len(exc.errors)} error(s)")
         return EXIT_FAILED
     rules = len(ruleset.rules) + len(ruleset.disabled)
+    warnings = ruleset.warnings()
     if args.format == "json":
         print(json.dumps({"ok": True, "files": list(ruleset.files), "rules": rules,
                           "enabled": len(ruleset.rules), "digest": ruleset.digest,
-                          "errors": []}, indent=2))
+                          "errors": [], "warnings": warnings}, indent=2))
     else:
+        for warning in warnings:
+            print(warning)
         print(f"ok: {rules} rule(s) ({len(ruleset.disabled)} disabled) in "
-              f"{len(ruleset.files)} file(s)")
+              f"{len(ruleset.files)} file(s)" + (f", {len(warnings)} warning(s)" if warnings
+                                                  else ""))
     return EXIT_OK
 
 
@@ -410,6 +418,8 @@ def _replay(args: argparse.Namespace) -> int:
         print(line, file=sys.stderr)
     if args.fail_on_violation and summary.signals:
         return EXIT_FAILED
+    if summary.rule_errors:
+        return EXIT_RULE_ERRORS
     incomplete = args.tempo and (tempo.truncated or tempo.missing or tempo.partial)
     return EXIT_SKIPPED_INPUT if summary.skipped or incomplete else EXIT_OK
 

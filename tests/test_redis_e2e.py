@@ -71,6 +71,7 @@ rules:
 TRACE_KEY = re.compile(rb"bt:\{([0-9a-f]{32})\}:[sg]")
 SHARD_KEY = re.compile(rb"bt:\{q\d+\}:(due|n)")
 WORDS_KEY = re.compile(rb"bt:words:[0-9a-f]{8}")
+FORMAT_KEY = b"bt:format"  # the state's format: one fixed key without a TTL
 
 
 # --- processes ----------------------------------------------------------------------------------
@@ -415,7 +416,7 @@ def check_ttls(clients: list[redis.Redis]) -> dict[str, int]:
             ttl = c.ttl(key)
             if ttl == -2:  # expired between SCAN and TTL
                 continue
-            if SHARD_KEY.fullmatch(key):
+            if SHARD_KEY.fullmatch(key) or key == FORMAT_KEY:
                 kinds["shard"] += 1
                 continue
             assert ttl > 0, f"{key!r} has no TTL ({ttl})"
@@ -663,7 +664,7 @@ def test_sidecars_on_a_redis_cluster_signal_exactly_once_without_crossslot(
     where: dict[bytes, set[int]] = {}
     for index, node in enumerate(nodes):
         for key in node.scan_iter(count=1000):
-            if WORDS_KEY.fullmatch(key):  # no hash tag: one small key, read on its own
+            if WORDS_KEY.fullmatch(key) or key == FORMAT_KEY:  # no hash tag: read on its own
                 continue
             tag = key.split(b"}")[0] + b"}"
             where.setdefault(tag, set()).add(index)
@@ -716,7 +717,7 @@ def test_every_trace_key_has_a_ttl_and_only_shard_keys_have_none(
     for trace_id in open_ones:  # open: max_trace_age + retention + lease + 60s at most
         assert 31 < r.ttl(f"bt:{{{trace_id}}}:s") <= 300 + 30 + 2 + 60
     no_ttl = [key for key in r.scan_iter() if r.ttl(key) == -1]
-    assert no_ttl and all(SHARD_KEY.fullmatch(key) for key in no_ttl)
+    assert no_ttl and all(SHARD_KEY.fullmatch(key) or key == FORMAT_KEY for key in no_ttl)
     r.close()
     sidecar.clean_stderr()
     slow.clean_stderr()

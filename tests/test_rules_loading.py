@@ -748,7 +748,10 @@ def test_ruleset_is_frozen_and_digest_depends_on_content() -> None:
     assert first.digest == load_rules_text(GOOD.format(id="r1", span="a")).digest
 
 
-def test_projection_keeps_per_span_name_only_what_the_rules_selecting_it_read() -> None:
+def test_projection_keeps_per_span_name_what_the_rules_selecting_it_read_and_signal_context(
+        ) -> None:
+    """A signal's context falls back to any span of the trace, so context attributes are kept
+    on every selected span; the rest only on the spans of the selectors that read them."""
     ruleset = load_rules_text(
         "rules:\n"
         "  - id: a\n"
@@ -759,6 +762,5 @@ def test_projection_keeps_per_span_name_only_what_the_rules_selecting_it_read() 
     projection = ruleset.projection()
     assert projection.attributes_for("payment.charge") == {"attempt", "order_id"}
     assert projection.attributes_for("x") == {"k", "order_id"}
-    assert projection.attributes_for("GET /users") == {"http.status_code"}
-    assert projection.attributes_for("unnamed") == frozenset()
+    assert projection.attributes_for("GET /users") == {"http.status_code", "order_id"}
     assert projection.attributes == {"attempt", "k", "order_id", "http.status_code"}

@@ -29,6 +29,7 @@ SpanSource = Callable[[Trace], list[Span]]
 MISSING: Any = object()  # an attribute the span does not have
 _NUMBER = (int, float)
 _EMPTY: list[Span] = []
+_EMPTY_TRACE_ID = "0" * 32
 _ORDER = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
 _COUNT_OPS = {"==": operator.eq, "!=": operator.ne, **_ORDER}
 _BUILTINS: dict[str, Callable[[Span], Any]] = {
@@ -64,6 +65,9 @@ class CompiledExpr:
     refs: References
     monotone: bool  # once true, more spans can never make it false
     applies: TraceTest = field(repr=False)  # the trace is in scope: `when` held, or a named span
+    # true on a trace holding none of the spans it names: true on every such trace, so such a
+    # trace is never pruned away unseen (DESIGN: absence is part of the semantics)
+    fires_on_empty: bool = False
 
 
 def compile_expression(text: str) -> CompiledExpr:
@@ -108,16 +112,29 @@ def combine_clauses(when: CompiledExpr, always: CompiledExpr | None,
         if clause is not None:
             refs = refs | clause.refs
     monotone = always is None and when.monotone and never is not None and never.monotone
-    return CompiledExpr(when.text, test, witness, refs, monotone, applies=when.test)
+    return CompiledExpr(when.text, test, witness, refs, monotone, applies=when.test,
+                        fires_on_empty=_true_on_empty(test))
 
 
 def _compile_tree(text: str, tree: syntax.Expr) -> CompiledExpr:
     refs = _references(tree)
     sources = [_candidates(syntax.Selector(name)) for name in sorted(refs.names)]
     sources += [_candidates(syntax.Selector(glob, glob=True)) for glob in sorted(refs.globs)]
-    return CompiledExpr(text, _expr(tree), _witness(tree), refs,
-                        _monotone(tree, positive=True),
-                        applies=lambda trace: any(source(trace) for source in sources))
+    test = _expr(tree)
+    on_empty = _true_on_empty(test)
+    return CompiledExpr(text, test, _witness(tree), refs, _monotone(tree, positive=True),
+                        applies=lambda trace: on_empty or any(source(trace) for source in sources),
+                        fires_on_empty=on_empty)
+
+
+def _true_on_empty(test: TraceTest) -> bool:
+    """Whether `test` holds on a trace with no spans (so on any trace without the spans it
+    names). An expression that raises there is taken as false: it cannot be judged without
+    spans, and a rule failure is reported where it is evaluated."""
+    try:
+        return bool(test(Trace(_EMPTY_TRACE_ID, ())))
+    except Exception:
+        return False
 
 
 # --- span level ---------------------------------------------------------------------------------

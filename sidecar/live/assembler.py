@@ -17,22 +17,57 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from bisect import bisect_right
 from collections import Counter
-from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from collections.abc import Callable, Collection, Mapping
 
 from sidecar.live.exporters import Emitter
 from sidecar.live.metrics import Metrics
-from sidecar.model.spans import Span, Trace
-from sidecar.rules import Rule, RuleSet, Violation
-from sidecar.stores.trace_store import AppendResult, Claimed, TraceStore
+from sidecar.model.errors import StoreUnavailable
+from sidecar.model.spans import Projection, Span, Trace
+from sidecar.rules import Rule, RuleSet, Violation, evaluate
+from sidecar.stores import AppendResult, Claimed, TraceStore
 
 log = logging.getLogger(__name__)
 _CLAIMS = 1000  # traces claimed per round
+_FAILURE_LOG_SECONDS = 10.0  # a failing rule is logged at most this often
+
+
+@dataclass(frozen=True)
+class ActiveRules:
+    """The rules in force and the projection they need, swapped together: a request is decoded
+    with the projection of the rules that judge it."""
+
+    ruleset: RuleSet
+    projection: Projection
+    monotone: tuple[Rule, ...]  # the rules that may signal as soon as they match
+
+    @classmethod
+    def of(cls, ruleset: RuleSet) -> ActiveRules:
+        return cls(ruleset, ruleset.projection(),
+                   tuple(r for r in ruleset.rules if r.logic.monotone))
+
+    def keeps_all_read_by(self, rule: Rule) -> bool:
+        """Whether spans decoded with this projection hold every span and attribute `rule`
+        reads: if not, `rule` cannot judge them (a pruned attribute would read as missing)."""
+        kept = self.ruleset.refs.selectors
+        for selector, glob, attributes in rule.logic.refs.selectors:
+            if glob:
+                if not any(s == selector and g and attributes <= a for s, g, a in kept):
+                    return False
+            elif not self.projection.wants_name(selector):
+                return False
+            else:
+                keep = self.projection.attributes_for(selector)
+                if keep is not None and not attributes <= keep:
+                    return False
+        return True
 
 
 class Assembler:
     def __init__(self, store: TraceStore, ruleset: RuleSet, emitter: Emitter, metrics: Metrics,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, horizon: float = 3600.0) -> None:
         self.store = store
         self.emitter = emitter
         self.metrics = metrics
@@ -40,21 +75,63 @@ class Assembler:
         self._dirty: set[str] = set()  # traces that grew: read back for monotone rules
         self._found: list[Violation] = []  # monotone violations found on arrival, to signal
         self._wake = threading.Condition()
-        self.set_rules(ruleset)
+        self._failures_logged: dict[str, float] = {}  # rule id -> when last logged
+        # Rule sets replaced within `horizon` (how long a trace can stay stored), each with when
+        # it was replaced: spans stored then were pruned for them
+        self.horizon = horizon
+        self._replaced: list[tuple[float, ActiveRules]] = []
+        self._judging: dict[int, tuple[Rule, ...]] = {}  # see _rules_for
+        self.active = ActiveRules.of(ruleset)
+        self._use_vocabulary(ruleset)
 
     def set_rules(self, ruleset: RuleSet) -> None:
-        """Swap the rule set; evaluations already running finish with the old one."""
+        """Swap the active rules in one assignment; evaluations already running finish with the
+        old ones. A trace stored partly before the swap is judged only by the rules that can
+        read all they need in what was kept of it (see `_rules_for`)."""
+        self._use_vocabulary(ruleset)
+        now = self.clock()
+        active = ActiveRules.of(ruleset)
+        replaced = [(until, old) for until, old in self._replaced if until > now - self.horizon]
+        replaced.append((now, self.active))
+        waiting = [rule.id for rule in ruleset.rules
+                   if not all(old.keeps_all_read_by(rule) for _, old in replaced)]
+        if waiting:
+            log.info("rule(s) %s read spans or attributes the rules before did not keep: they "
+                     "judge only traces whose first span arrives after this reload",
+                     ", ".join(waiting))
+        self._replaced, self._judging, self.active = replaced, {}, active
+
+    def _use_vocabulary(self, ruleset: RuleSet) -> None:
         refs = ruleset.refs
         self.store.use_vocabulary(sorted(
             refs.names | refs.attributes | {key for rule in ruleset.rules for key in rule.context}))
-        self.projection = ruleset.projection()
-        self.ruleset = ruleset
-        self.monotone = tuple(r for r in ruleset.rules if r.logic.monotone)
 
-    def ingest(self, batch: Mapping[str, list[Span]]) -> AppendResult:
+    def _rules_for(self, born: float | None) -> tuple[Rule, ...]:
+        """The active rules that can judge a trace whose first span was stored at `born` (None:
+        at any time within the horizon): those reading nothing that a rule set in force since
+        then pruned away. Any other rule could see a pruned attribute as missing and fire."""
+        replaced, active = self._replaced, self.active
+        since = 0 if born is None else bisect_right([until for until, _ in replaced], born)
+        rules = self._judging.get(since)
+        if rules is None:
+            rules = tuple(rule for rule in active.ruleset.rules
+                          if all(old.keeps_all_read_by(rule) for _, old in replaced[since:]))
+            if self.active is active:
+                self._judging[since] = rules
+        return rules
+
+    @property
+    def ruleset(self) -> RuleSet:
+        return self.active.ruleset
+
+    def ingest(self, batch: Mapping[str, list[Span]], active: ActiveRules | None = None,
+               trace_ids: Collection[str] = ()) -> AppendResult:
         """Judge one request's spans by trace, then add them (raises what the store raises,
-        e.g. when Redis is down: nothing found is signalled then, the sender retries)."""
-        rules = self.ruleset.rules  # one rule set for the whole request
+        e.g. when Redis is down: nothing found is signalled then, the sender retries). `active`
+        is the snapshot whose projection decoded the request (default: the current one);
+        `trace_ids` names traces with no selected span here, held by id for the rules that
+        fire without their spans."""
+        rules = (active or self.active).ruleset.rules  # one rule set for the whole request
         found: list[Violation] = []
         clean: set[str] = set()
         observe = self.metrics.rule_evaluation.observe
@@ -66,8 +143,12 @@ class Assembler:
                 found += [v for v in violations if v.rule.logic.monotone]
             else:
                 clean.add(trace_id)
-        result = self.store.append(batch, self.clock(), clean)
+        result = self.store.append(batch, self.clock(), clean, trace_ids)
         metrics = self.metrics
+        if result.ids_dropped:
+            metrics.traces_dropped.labels(reason="max_trace_ids").inc(result.ids_dropped)
+            log.warning("max_trace_ids reached: %d trace(s) known only by id dropped undecided",
+                        result.ids_dropped)
         if result.late:
             metrics.late_spans.inc(result.late)
         if result.rejected:
@@ -81,7 +162,7 @@ class Assembler:
         # spans refused, or stored altered) are read back whole for the monotone rules.
         created = result.created
         found = [v for v in found if v.trace.trace_id in created]
-        grew = [t for t in result.touched if t not in created] if self.monotone else []
+        grew = [t for t in result.touched if t not in created] if self.active.monotone else []
         if found or grew:  # (evicted traces wait for the next claim round, like due ones)
             with self._wake:
                 self._found += found
@@ -111,9 +192,14 @@ class Assembler:
                         due = self.store.next_due()
                         delay = idle if due is None else min(idle, max(tick, due - self.clock()))
                     next_round = time.monotonic() + delay
-            except Exception as exc:  # e.g. the store is unreachable: count, keep going
+            except StoreUnavailable as exc:  # count, keep going: the traces wait in the store
                 self.metrics.store_errors.labels(operation="decide").inc()
                 log.error("deciding traces failed, retrying in 1s: %s", exc)
+                stop.wait(1.0)
+                continue
+            except Exception:  # a bug: loud, with its traceback, and the sidecar keeps serving
+                self.metrics.store_errors.labels(operation="decide").inc()
+                log.exception("deciding traces failed on an internal error, retrying in 1s")
                 stop.wait(1.0)
                 continue
             with self._wake:
@@ -126,7 +212,8 @@ class Assembler:
         with self._wake:
             dirty, self._dirty = self._dirty, set()
             found, self._found = self._found, []
-        monotone = self.monotone
+        judging = set(self._rules_for(None))  # when each trace began is not known here
+        monotone = tuple(rule for rule in self.active.monotone if rule in judging)
         if dirty and monotone:
             for violations in self.store.with_traces(list(dirty),
                                                      lambda t: self._evaluate(t, monotone)):
@@ -155,31 +242,32 @@ class Assembler:
         """Evaluate every claimed trace, emit, then tell the store they are decided (in one
         batch: with Redis, one round trip)."""
         found: list[Violation] = []
-        rules = self.ruleset.rules  # one rule set for the whole batch
         latency, evaluation = self.metrics.decision_latency, self.metrics.rule_evaluation
         for reason, count in Counter(item.reason for item in claimed).items():
             self.metrics.traces_decided.labels(reason=reason).inc(count)
         for item in claimed:
             latency.observe(max(0.0, now - item.due_at))
             started = time.perf_counter()
-            found += self._evaluate(item.trace, rules)
+            found += self._evaluate(item.trace, self._rules_for(item.born))
             evaluation.observe(time.perf_counter() - started)
         self._emit(found)
         if claimed:
             self.store.finish(claimed)
 
     def _evaluate(self, trace: Trace, rules: tuple[Rule, ...]) -> list[Violation]:
-        trace = trace.without_repeats()
-        found = []
-        for rule in rules:
-            try:
-                violation = rule.evaluate(trace)
-            except Exception:  # a rule bug must not stop the other rules or the sidecar
-                log.exception("rule %s failed on trace %s", rule.id, trace.trace_id)
-                continue
-            if violation is not None:
-                found.append(violation)
-        return found
+        """The rules on one trace; a rule that raises is counted and logged (at most every
+        few seconds per rule, with the trace id), and the others still run."""
+        verdict = evaluate(trace, rules)
+        for rule, error in verdict.failures:
+            self.metrics.rule_errors.labels(rule=rule.id).inc()
+            now = time.monotonic()
+            if now - self._failures_logged.get(rule.id, -_FAILURE_LOG_SECONDS) \
+                    >= _FAILURE_LOG_SECONDS:
+                self._failures_logged[rule.id] = now
+                log.error("rule %s failed on trace %s (counted in betrace_rule_errors_total; "
+                          "logged at most every %.0fs per rule)", rule.id, trace.trace_id,
+                          _FAILURE_LOG_SECONDS, exc_info=error)
+        return verdict.violations
 
     def _emit(self, violations: list[Violation]) -> None:
         """Send the violations the store lets this caller send (one store call for all)."""

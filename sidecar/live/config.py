@@ -26,6 +26,7 @@ class Settings:
     max_traces: int = 50_000
     max_spans_per_trace: int = 10_000
     decided_retention: float = 60.0
+    max_trace_ids: int = 200_000  # traces held by id alone, for rules true without their spans
     signals_out: str | None = None  # JSONL signal log: a path, or "-" for stdout
     export_otlp: str | None = None  # host:port receiving violation spans over OTLP gRPC
     store: str = "memory"  # or redis://, rediss://, unix://, redis+cluster://host:port,...
@@ -40,7 +41,7 @@ class Settings:
                 problems.append(f"{name.replace('_', '-')} must be positive")
         if self.max_trace_age < self.decision_wait:
             problems.append("max-trace-age must be at least decision-wait")
-        for name in ("max_traces", "max_spans_per_trace"):
+        for name in ("max_traces", "max_spans_per_trace", "max_trace_ids"):
             if getattr(self, name) < 1:
                 problems.append(f"{name.replace('_', '-')} must be at least 1")
         problems += address_problems(self, "listen", "http_listen", "metrics_listen")
@@ -51,7 +52,8 @@ class Settings:
 
     def limits(self) -> StoreLimits:
         return StoreLimits(self.decision_wait, self.max_trace_age, self.max_traces,
-                           self.max_spans_per_trace, self.decided_retention, self.claim_lease)
+                           self.max_spans_per_trace, self.decided_retention, self.claim_lease,
+                           self.max_trace_ids)
 
 
 def address_problems(settings: object, required: str, *optional: str) -> list[str]:

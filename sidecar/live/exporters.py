@@ -13,10 +13,12 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from opentelemetry.context import Context
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 from opentelemetry.trace import (
     Link,
@@ -66,19 +68,25 @@ class ViolationSpans:
     def __init__(self, endpoint: str, insecure: bool = True,
                  failed: Callable[[int], object] = lambda count: None,
                  timeout: float = 10.0) -> None:
+        self.ids = _IntoTrace()
         self.provider = TracerProvider(
             resource=Resource.create({"service.name": "betrace",
                                       "service.version": __version__}),
-            sampler=ALWAYS_ON)
+            sampler=ALWAYS_ON, id_generator=self.ids)
         exporter = OTLPSpanExporter(endpoint=endpoint, insecure=insecure, timeout=timeout)
         self.provider.add_span_processor(BatchSpanProcessor(
             _Counted(exporter, failed), schedule_delay_millis=500))
         self.tracer = self.provider.get_tracer(SCOPE, __version__)
 
     def write(self, violation: Violation, signal: Signal) -> None:
+        """Callers write one span at a time (the Emitter's lock): see `_IntoTrace`."""
         spans = sorted(violation.spans, key=span_order)
         trigger = spans[-1] if spans else _root(violation.trace.spans)
-        parent = set_span_in_context(NonRecordingSpan(_context(trigger)))
+        if trigger is not None:
+            parent = set_span_in_context(NonRecordingSpan(_context(trigger)))
+        else:  # a trace known by its id alone: the violation span is its root
+            parent = Context()
+            self.ids.trace_id = int(violation.trace.trace_id, 16)
         attributes: dict[str, Any] = {
             "betrace.rule.id": signal.rule_id,
             "betrace.rule.name": signal.rule_name,
@@ -144,9 +152,20 @@ def _context(span: Span) -> SpanContext:
                        trace_flags=TraceFlags(TraceFlags.SAMPLED))
 
 
-def _root(spans: list[Span]) -> Span:
+def _root(spans: list[Span]) -> Span | None:
     roots = [s for s in spans if not s.parent_span_id]
-    return min(roots or spans, key=lambda s: s.start_ns)
+    return min(roots or spans, key=lambda s: s.start_ns) if spans else None
+
+
+class _IntoTrace(RandomIdGenerator):
+    """Span ids at random; the trace id of a root span is the one set just before (once): a
+    violation span without a parent must still land in the violating trace."""
+
+    trace_id: int | None = None
+
+    def generate_trace_id(self) -> int:
+        trace_id, self.trace_id = self.trace_id, None
+        return trace_id if trace_id is not None else super().generate_trace_id()
 
 
 def _attribute(value: Any) -> Any:

@@ -26,11 +26,9 @@ _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 
 _EVAL_BUCKETS = (1e-6, 5e-6, 1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05)
 
 
-disable_created_metrics()  # `_created` series double the scrape for nothing an alert uses
-
-
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        disable_created_metrics()  # `_created` series double the scrape for nothing alerts use
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self.violations = Counter("betrace_violations", "Signals emitted, by rule.",
@@ -53,12 +51,19 @@ class Metrics:
             "betrace_traces_decided", "Traces decided, by why: idle (decision_wait), max_age, "
             "evicted (max_traces), shutdown, arrival (whole in one request, no rule fired).",
             ["reason"], registry=r)
+        self.traces_dropped = Counter(
+            "betrace_traces_dropped", "Traces dropped before their decision, never signalled: "
+            "max_trace_ids (traces known only by id, held for rules that fire without their "
+            "spans).", ["reason"], registry=r)
         self.decision_latency = Histogram(
             "betrace_decision_latency_seconds", "Delay from a trace falling due to its decision.",
             buckets=_LATENCY_BUCKETS, registry=r)
         self.rule_evaluation = Histogram(
             "betrace_rule_evaluation_seconds", "Time to evaluate the rule set on one trace.",
             buckets=_EVAL_BUCKETS, registry=r)
+        self.rule_errors = Counter(
+            "betrace_rule_errors", "Rule evaluations that raised (the trace id is logged; every "
+            "other rule still ran on the trace).", ["rule"], registry=r)
         self.rules_loaded = Gauge("betrace_rules_loaded", "Enabled rules in the active set.",
                                   registry=r)
         self.rules_info = Gauge("betrace_rules_info", "The active rule set's digest (sha256).",

@@ -28,12 +28,12 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
-from sidecar.live.assembler import Assembler
+from sidecar.live.assembler import ActiveRules, Assembler
 from sidecar.live.metrics import Metrics, QuietHandler
-from sidecar.model.names import VIOLATION_SPAN
-from sidecar.model.spans import Projection
-from sidecar.otlp.json_spans import spans_from_request
-from sidecar.otlp.protobuf import Decoded, decode_request, parse_request
+from sidecar.model.errors import StoreUnavailable
+from sidecar.otlp.decoded import Decoded
+from sidecar.otlp.json_spans import decode_json_request
+from sidecar.otlp.protobuf import decode_request, parse_request
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +41,13 @@ TRACE_SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # collector batches can be large; bounded all the same
 
 
-class StoreUnavailable(Exception):
-    """The trace store cannot accept spans right now; the sender should retry."""
-
-
 class InvalidRequest(ValueError):
     """The request body is not an OTLP trace export."""
+
+
+class InternalError(Exception):
+    """Accepting the request failed on a bug (not a store that is down): answered INTERNAL, which
+    OTLP senders do not retry, so a bug is loud instead of a retry loop."""
 
 
 class Intake:
@@ -62,32 +63,20 @@ class Intake:
         except ValueError as exc:
             self.metrics.requests_rejected.labels(transport=transport, reason="invalid").inc()
             raise InvalidRequest(str(exc)) from None
-        return self._accept(decode_request(request, self.assembler.projection), transport)
+        active = self.assembler.active  # one snapshot decodes and judges the request
+        return self._accept(decode_request(request, active.projection), active, transport)
 
     def export_json(self, body: bytes, transport: str) -> ExportTraceServiceResponse:
-        projection = self.assembler.projection
-        wants = projection.wants_name
-        # Our own violation spans must come through the projection to be counted as such
-        # (as the protobuf path does), not as spans no rule selects.
-        own_too = Projection(lambda name: name == VIOLATION_SPAN or wants(name),
-                             projection.attributes)
+        active = self.assembler.active
         try:
-            doc = orjson.loads(body)
-            invalid: list[str] = []
-            spans = spans_from_request(doc, own_too, invalid)
+            decoded = decode_json_request(orjson.loads(body), active.projection)
         except (ValueError, orjson.JSONDecodeError) as exc:
             self.metrics.requests_rejected.labels(transport=transport, reason="invalid").inc()
             raise InvalidRequest(f"not an OTLP JSON ExportTraceServiceRequest: {exc}") from None
-        decoded = Decoded(received=_count_json_spans(doc), invalid=invalid)
-        for span in spans:
-            if span.name == VIOLATION_SPAN:
-                decoded.own += 1
-            else:
-                decoded.batch.setdefault(span.trace_id, []).append(span)
-        decoded.not_selected = decoded.received - len(spans) - len(invalid)
-        return self._accept(decoded, transport)
+        return self._accept(decoded, active, transport)
 
-    def _accept(self, decoded: Decoded, transport: str) -> ExportTraceServiceResponse:
+    def _accept(self, decoded: Decoded, active: ActiveRules,
+                transport: str) -> ExportTraceServiceResponse:
         metrics = self.metrics
         metrics.spans_received.labels(transport=transport).inc(decoded.received)
         if decoded.not_selected:
@@ -97,13 +86,20 @@ class Intake:
         rejected, messages = len(decoded.invalid), list(decoded.invalid[:3])
         if rejected:
             metrics.spans_rejected.labels(reason="invalid").inc(rejected)
-        if decoded.batch:
+        if decoded.batch or decoded.bare_trace_ids:
             try:
-                result = self.assembler.ingest(decoded.batch)
-            except Exception as exc:
+                result = self.assembler.ingest(decoded.batch, active, decoded.bare_trace_ids)
+            except StoreUnavailable:
                 metrics.store_errors.labels(operation="append").inc()
                 metrics.requests_rejected.labels(transport=transport, reason="unavailable").inc()
-                raise StoreUnavailable(f"trace store unavailable: {exc}") from exc
+                raise
+            except Exception as exc:
+                metrics.requests_rejected.labels(transport=transport, reason="internal").inc()
+                metrics.spans_rejected.labels(reason="internal").inc(
+                    sum(map(len, decoded.batch.values())))
+                log.exception("export request refused: internal error (a bug; the sender is "
+                              "answered INTERNAL and does not retry)")
+                raise InternalError(f"internal error: {type(exc).__name__}: {exc}") from exc
             if result.rejected:
                 rejected += result.rejected
                 messages.append(f"{result.rejected} span(s) over max_spans_per_trace")
@@ -111,15 +107,6 @@ class Intake:
             return ExportTraceServiceResponse()
         return ExportTraceServiceResponse(partial_success=ExportTracePartialSuccess(
             rejected_spans=rejected, error_message="; ".join(messages)))
-
-
-def _count_json_spans(doc: Any) -> int:
-    total = 0
-    for resource_spans in doc.get("resourceSpans") or doc.get("batches") or ():
-        for scope_spans in (resource_spans.get("scopeSpans")
-                            or resource_spans.get("instrumentationLibrarySpans") or ()):
-            total += len(scope_spans.get("spans") or ())
-    return total
 
 
 # --- gRPC ---------------------------------------------------------------------------------------
@@ -139,7 +126,9 @@ def grpc_server(intake: Intake, listen: str, workers: int = 8) -> tuple[grpc.Ser
         except InvalidRequest as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except StoreUnavailable as exc:
-            context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"trace store unavailable: {exc}")
+        except InternalError as exc:
+            context.abort(grpc.StatusCode.INTERNAL, str(exc))
         raise AssertionError("abort raises")
 
     # Raw bytes in, so an undecodable body is our INVALID_ARGUMENT rather than gRPC's INTERNAL.
@@ -190,8 +179,10 @@ class _OtlpHttpHandler(QuietHandler):
         except InvalidRequest as exc:
             return self._status(400, code_pb2.INVALID_ARGUMENT, str(exc), content_type)
         except StoreUnavailable as exc:
-            return self._status(503, code_pb2.UNAVAILABLE, str(exc), content_type,
-                                {"Retry-After": "1"})
+            return self._status(503, code_pb2.UNAVAILABLE, f"trace store unavailable: {exc}",
+                                content_type, {"Retry-After": "1"})
+        except InternalError as exc:
+            return self._status(500, code_pb2.INTERNAL, str(exc), content_type)
         self._send_message(200, content_type, response)
 
     def _body(self) -> bytes:

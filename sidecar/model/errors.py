@@ -5,6 +5,8 @@
      +-- RuleError                a rule file is wrong (position is file:line:column)
      +-- RuleLoadError            one or more RuleErrors, collected so `check` can list them all
      +-- SourceError              a replay source or option that cannot be used (nothing was read)
+     +-- StoreUnavailable         the trace store cannot serve now (e.g. Redis down): retry later
+     +-- IncompatibleStore        the trace store holds state in a format this version cannot use
 
 An ExpressionError knows only its expression; the rule loader turns it into a RuleError located
 within the YAML file, so every message a user sees names file, line and column.
@@ -88,6 +90,17 @@ class RuleLoadError(BetraceError):
 
 class SourceError(BetraceError):
     """A replay source that matches nothing, or an unusable replay option such as --since."""
+
+
+class StoreUnavailable(BetraceError):
+    """The trace store cannot serve right now (Redis down, failing over, out of memory): the
+    sender should retry. Stores raise this and only this for such conditions; any other
+    exception from a store is a bug, and is reported as one."""
+
+
+class IncompatibleStore(BetraceError):
+    """The shared trace store holds state written in another format (another BeTrace version):
+    mixing the two would misread traces, so the sidecar refuses to use it."""
 
 
 def line_and_column(text: str, offset: int) -> tuple[int, int]:

@@ -135,15 +135,18 @@ class Trace:
 class Projection:
     """What the loaded rules can read: spans whose name no rule selects, and attributes no rule
     reads or copies into a signal, are dropped right after decoding (the main speed lever).
-    `attributes_for(name)` is the set to keep on spans of that name (None keeps everything)."""
+    `attributes_for(name)` is the set to keep on spans of that name (None keeps everything).
+    `trace_ids`: some rule fires on a trace without its spans, so the ids of traces none of whose
+    spans are selected are kept too (an id costs far less than a trace)."""
 
-    __slots__ = ("wants_name", "attributes", "attributes_for")
+    __slots__ = ("wants_name", "attributes", "attributes_for", "trace_ids")
 
     def __init__(self, wants_name: Any, attributes: frozenset[str] | None,
-                 attributes_for: Any = None) -> None:
+                 attributes_for: Any = None, trace_ids: bool = False) -> None:
         self.wants_name = wants_name  # Callable[[str], bool]
         self.attributes = attributes  # None keeps every attribute; the union over names
         self.attributes_for = attributes_for or (lambda name: attributes)
+        self.trace_ids = trace_ids
 
     @classmethod
     def everything(cls) -> Projection:

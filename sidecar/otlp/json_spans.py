@@ -22,7 +22,9 @@ from typing import IO, Any
 
 import orjson
 
+from sidecar.model.names import VIOLATION_SPAN
 from sidecar.model.spans import KINDS, STATUSES, Projection, Span
+from sidecar.otlp.decoded import Decoded
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _BOM = b"\xef\xbb\xbf"
@@ -87,16 +89,18 @@ def read_spans(
 def spans_from_request(
     doc: Any, projection: Projection | None = None, rejected: list[str] | None = None,
     resource_key: str | None = None, resource_values: list[Any] | None = None,
+    bare: set[str] | None = None, bare_window: tuple[int, int] = (0, 2**64),
 ) -> list[Span]:
     """The spans of one decoded ExportTraceServiceRequest (a file line, or an OTLP/HTTP JSON body).
 
     A malformed request raises ValueError. A malformed span is skipped and its reason appended to
     `rejected` (what OTLP's partial-success response reports); without a list it raises ValueError.
     With `resource_values`, the value of the resource attribute `resource_key` (None if absent)
-    is appended for each span returned, in order: a Span keeps only `service.name`.
+    is appended for each span returned, in order: a Span keeps only `service.name`. With `bare`,
+    the trace ids of spans the projection drops that start within `bare_window` are added to it.
     """
     bad: list[str] = [] if rejected is None else rejected
-    spans = _decode(doc, projection, bad, resource_key, resource_values)
+    spans = _decode(doc, projection, bad, resource_key, resource_values, bare, bare_window)
     if rejected is None and bad:
         raise ValueError(bad[0])
     return spans
@@ -159,8 +163,40 @@ def _locate(exc: orjson.JSONDecodeError, first: int, text: bytes) -> tuple[int, 
     return line, f"invalid JSON at column {exc.colno}: {exc.msg}"
 
 
+def decode_json_request(doc: Any, projection: Projection) -> Decoded:
+    """One OTLP/HTTP JSON body, decoded as `otlp.protobuf.decode_request` decodes protobuf: the
+    same projection (attributes per span name included), the same counts, the same ids kept."""
+    wants = projection.wants_name
+    # Our own violation spans come through, to be counted as such rather than as not selected
+    own_too = Projection(lambda name: name == VIOLATION_SPAN or wants(name),
+                         projection.attributes, projection.attributes_for)
+    out = Decoded()
+    bare: set[str] | None = set() if projection.trace_ids else None
+    for span in _decode(doc, own_too, out.invalid, bare=bare):
+        if span.name == VIOLATION_SPAN:
+            out.own += 1
+        else:
+            out.batch.setdefault(span.trace_id, []).append(span)
+    out.received = _count_spans(doc)
+    out.not_selected = out.received - len(out.invalid) - out.own - sum(map(len, out.batch.values()))
+    if bare:
+        out.bare_trace_ids = bare - out.batch.keys()
+    return out
+
+
+def _count_spans(doc: Any) -> int:
+    """Spans in a request `_decode` accepted (so every level is a list of objects)."""
+    total = 0
+    for resource_spans in doc.get("resourceSpans") or doc.get("batches") or ():
+        for scope_spans in (resource_spans.get("scopeSpans")
+                            or resource_spans.get("instrumentationLibrarySpans") or ()):
+            total += len(scope_spans.get("spans") or ())
+    return total
+
+
 def _decode(doc: Any, projection: Projection | None, bad: list[str],
-            resource_key: str | None = None, resource_values: list[Any] | None = None
+            resource_key: str | None = None, resource_values: list[Any] | None = None,
+            bare: set[str] | None = None, bare_window: tuple[int, int] = (0, 2**64)
             ) -> list[Span]:
     """Raise ValueError for a malformed request; skip a malformed span, appending why to `bad`."""
     if type(doc) is not dict:
@@ -210,6 +246,11 @@ def _decode(doc: Any, projection: Projection | None, bad: list[str],
                     spans.append(span)
                     if resource_values is not None:
                         resource_values.append(extra)
+                elif bare is not None:  # not selected: its trace is still known by its id
+                    trace_id = _id(raw.get("traceId"), 16)
+                    start = _nanos(raw.get("startTimeUnixNano")) or 0
+                    if trace_id and bare_window[0] <= start < bare_window[1]:
+                        bare.add(trace_id)
     return spans
 
 

@@ -9,6 +9,7 @@ alone, and a kept span decodes only the attributes its rules read (the `Projecti
 from __future__ import annotations
 
 import struct
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,9 +69,11 @@ class SpanFilter:
         return cls(widened, since, until, resource_key, names)
 
 
-def records_of(spans: list[Span], groups: list[Any] | None, keep: SpanFilter) -> Batch:
-    """Decoded spans (the JSON path) as records; `groups` holds each one's resource attribute."""
-    batch: Batch = {}
+def records_of(spans: list[Span], groups: list[Any] | None, keep: SpanFilter,
+               bare: Collection[str] = ()) -> Batch:
+    """Decoded spans (the JSON path) as records; `groups` holds each one's resource attribute.
+    Traces in `bare` (none of their spans kept) get an empty list: known by their id alone."""
+    batch: Batch = {trace_id: [] for trace_id in bare}
     since, until = keep.since_ns, keep.until_ns
     for index, s in enumerate(spans):
         if s.name == VIOLATION_SPAN or not since <= s.start_ns < until:
@@ -148,8 +151,12 @@ class ProtoDecoder:
             b"\x2a" + _varint(len(n.encode())) + n.encode() for n in sorted(names))
         self.reads: dict[str, tuple[str, frozenset[str] | None]] = {}  # name -> (name, keys)
         self.hex_ids: dict[bytes, str] = {}  # one str per trace id (cleared per request)
+        # trace ids of spans not kept, when the projection keeps ids (cleared per request)
+        self.bare: set[str] | None = set() if keep.projection.trace_ids else None
 
     def decode(self, payload: bytes, bad: list[str]) -> Batch:
+        """The kept records by trace id; with `projection.trace_ids`, a trace none of whose
+        spans here is kept has an empty list (it is known by its id alone)."""
         try:
             request = _Request.FromString(payload)
         except DecodeError as exc:
@@ -179,6 +186,11 @@ class ProtoDecoder:
                     bad.append(f"invalid ScopeSpans ({len(scope)} bytes): {_reason(exc)}")
                     continue
                 self._spans(spans, service, group, batch, bad)
+        if self.bare:
+            for trace_id in self.bare:
+                if trace_id not in batch:
+                    batch[trace_id] = []
+            self.bare.clear()
         return batch
 
     def _spans(self, spans: Any, service: str | None, group: Any, batch: Batch,
@@ -187,9 +199,13 @@ class ProtoDecoder:
         keep, reads, hex_ids = self.keep, self.reads, self.hex_ids
         wants, since, until = keep.projection.wants_name, keep.since_ns, keep.until_ns
         window = since > 0 or until < 2**64
+        bare = self.bare
         for span in spans:
             name = span.name
             if not wants(name) or name == VIOLATION_SPAN:
+                if bare is not None and name != VIOLATION_SPAN and len(span.trace_id) == 16 \
+                        and span.trace_id != _ZERO_TRACE and since <= span.start < until:
+                    bare.add(span.trace_id.hex())
                 continue
             start = span.start
             if window and not since <= start < until:

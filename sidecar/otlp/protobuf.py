@@ -7,30 +7,19 @@ back through the collector, are recognised by their reserved name and skipped.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from sidecar.model.names import VIOLATION_SPAN
+from sidecar.otlp.decoded import Decoded
 from sidecar.model.spans import KINDS, STATUSES, Projection, Span
 
 _ZERO_TRACE = bytes(16)
 _ZERO_SPAN = bytes(8)
 _NO_ATTRIBUTES: dict[str, Any] = {}  # shared by every span that keeps none: never mutated
 _STATUS, _KIND = dict(enumerate(STATUSES)), dict(enumerate(KINDS))
-
-
-@dataclass
-class Decoded:
-    """One request's spans by trace id, and what happened to the rest."""
-
-    batch: dict[str, list[Span]] = field(default_factory=dict)
-    received: int = 0
-    not_selected: int = 0  # no rule names them: dropped by design
-    own: int = 0  # our own violation spans, echoed back by the collector
-    invalid: list[str] = field(default_factory=list)  # reasons, one per refused span
 
 
 def parse_request(body: bytes) -> ExportTraceServiceRequest:
@@ -46,6 +35,7 @@ def decode_request(request: ExportTraceServiceRequest, projection: Projection) -
     wants, keep_for = projection.wants_name, projection.attributes_for
     batch = out.batch
     hex_ids: dict[bytes, str] = {}  # one str per trace id, not one per span
+    bare_ids: set[bytes] | None = set() if projection.trace_ids else None
     # per span name: the one str for it, and the attributes to keep (None: every one); a name
     # no rule selects maps to None
     names: dict[str, tuple[str, frozenset[str] | None] | None] = {}
@@ -70,6 +60,9 @@ def decode_request(request: ExportTraceServiceRequest, projection: Projection) -
                         out.own += 1
                     else:
                         out.not_selected += 1
+                        if bare_ids is not None and len(span.trace_id) == 16 \
+                                and span.trace_id != _ZERO_TRACE:
+                            bare_ids.add(span.trace_id)
                     continue
                 trace_id, span_id = span.trace_id, span.span_id
                 tid = hex_ids.get(trace_id)
@@ -88,8 +81,9 @@ def decode_request(request: ExportTraceServiceRequest, projection: Projection) -
                     attributes = _kept(span.attributes, keep)
                 else:
                     attributes = _NO_ATTRIBUTES
+                parent = span.parent_span_id
                 record = Span.of(
-                    tid, span_id.hex(), name, span.parent_span_id.hex(),
+                    tid, span_id.hex(), name, parent.hex() if parent != _ZERO_SPAN else "",
                     span.start_time_unix_nano, span.end_time_unix_nano,
                     _STATUS.get(span.status.code, "UNSET"), _KIND.get(span.kind, "UNSPECIFIED"),
                     service, attributes)
@@ -98,6 +92,8 @@ def decode_request(request: ExportTraceServiceRequest, projection: Projection) -
                     batch[tid] = [record]
                 else:
                     bucket.append(record)
+    if bare_ids:
+        out.bare_trace_ids = {trace_id.hex() for trace_id in bare_ids} - batch.keys()
     return out
 
 

@@ -22,9 +22,10 @@ from sidecar.model.spans import Span, Trace
 from sidecar.otlp.json_spans import InputError
 from sidecar.otlp.lean_protobuf import Record, SpanFilter
 from sidecar.replay.sources import read_source
-from sidecar.rules import Rule, Violation, span_order
+from sidecar.rules import Rule, Violation, evaluate, span_order
 
 _SPAN_BYTES, _ATTRIBUTE_BYTES = 400, 150  # Python memory of a held record, and per attribute
+_ID_BYTES = 200  # a trace held by its id alone
 _LOADED_PER_SPILLED_BYTE = 5  # a marshalled byte, loaded back as Python objects
 _MAX_SPLIT, _MAX_SPLIT_DEPTH = 64, 2  # beyond, one trace is too big to split
 _ERRORS_PER_SOURCE = 1000  # reported one by one; beyond, only counted
@@ -41,6 +42,8 @@ class RuleStats:
     first: str | None = None
     last: str | None = None
     groups: dict[str, int] = field(default_factory=dict)
+    errors: int = 0  # traces on which the rule raised (and was not judged)
+    error: str | None = None  # the first such: its trace id and the exception
 
     @property
     def compliance(self) -> float:
@@ -57,6 +60,8 @@ class RuleStats:
     def merge(self, other: RuleStats) -> None:
         self.applied += other.applied
         self.violations += other.violations
+        self.errors += other.errors
+        self.error = self.error or other.error
         for when in (other.first, other.last):
             if when is not None:
                 self.first = when if self.first is None else min(self.first, when)
@@ -130,8 +135,9 @@ class Worker:
             self.tick()
 
         for batch in read_source(source, plan.keep, errors, progress):
-            buffer, count, attributes = self.buffer, 0, 0
+            buffer, count, attributes, bare = self.buffer, 0, 0, 0
             for trace_id, records in batch.items():
+                bare += not records
                 bucket = buffer.get(trace_id)
                 if bucket is None:
                     buffer[trace_id] = records
@@ -141,7 +147,7 @@ class Worker:
                 for record in records:
                     attributes += len(record[8])
             spans += count
-            self.weight += count * _SPAN_BYTES + attributes * _ATTRIBUTE_BYTES
+            self.weight += count * _SPAN_BYTES + attributes * _ATTRIBUTE_BYTES + bare * _ID_BYTES
             if self.weight > plan.share:
                 self.spill()
         slots[2 * index + 1] = spans
@@ -199,25 +205,28 @@ class Worker:
 
     def evaluate(self, traces: dict[str, list[Record]]) -> Outcome:
         plan = self.plan
-        rules = [(rule, RuleStats()) for rule in plan.rules]
+        stats = {rule.id: RuleStats() for rule in plan.rules}
         group = attribute_getter(plan.group_by) if plan.group_by is not None else None
         signals = []
-        if plan.window is not None:
+        if plan.window is not None:  # (a trace known by id alone was read within the window)
             since, until = plan.window
             traces = {trace_id: records for trace_id, records in traces.items()
-                      if any(since <= r[3] < until for r in records)}
+                      if not records or any(since <= r[3] < until for r in records)}
         for trace_id, records in traces.items():
-            trace = Trace(trace_id, [_RecordSpan(trace_id, r) for r in records]).without_repeats()
-            for rule, stats in rules:
-                if rule.applies(trace):
-                    stats.applied += 1
-                violation = rule.evaluate(trace)
-                if violation is None:
-                    continue
+            verdict = evaluate(Trace(trace_id, [_RecordSpan(trace_id, r) for r in records]),
+                               plan.rules, scope=True)
+            for rule in verdict.applied:
+                stats[rule.id].applied += 1
+            for rule, error in verdict.failures:
+                failed = stats[rule.id]
+                failed.errors += 1
+                failed.error = failed.error or f"trace {trace_id}: {type(error).__name__}: {error}"
+            for violation in verdict.violations:
                 found = violation.signal("replay", plan.detected_ns)
-                stats.add(found.violation_time, None if group is None else _group(violation, group))
+                stats[violation.rule.id].add(
+                    found.violation_time, None if group is None else _group(violation, group))
                 signals.append(found)
-        return Outcome(len(traces), signals, {rule.id: stats for rule, stats in rules})
+        return Outcome(len(traces), signals, stats)
 
 
 def _partition(trace_id: str, count: int, depth: int) -> int:

@@ -85,6 +85,11 @@ class ReplaySummary:
     group_by: str | None = None
     spilled_bytes: int = 0
 
+    @property
+    def rule_errors(self) -> int:
+        """Traces some rule raised on (each such rule was not judged there)."""
+        return sum(stats.errors for stats in self.rules.values())
+
     def lines(self) -> list[str]:
         """The human summary printed to stderr."""
         out = [(f"replayed {self.traces} traces ({self.spans_read} spans kept) from "
@@ -97,6 +102,9 @@ class ReplaySummary:
             for group, count in ranked:
                 out.append(f"    {self.group_by}={group}: {count} "
                            f"({100 * count / stats.violations:.1f}%)")
+            if stats.errors:
+                out.append(f"    RULE ERROR on {stats.errors} trace(s), which it did not judge; "
+                           f"first: {stats.error}")
         if self.skipped:
             out.append(f"  skipped {self.skipped} malformed input item(s)")
         if self.spilled_bytes:
@@ -121,7 +129,8 @@ def replay(ruleset: RuleSet, sources: Sequence[str], emit: Callable[[Signal], No
     keep = SpanFilter.of(ruleset.projection(),
                          None if window is None else max(0, window[0] - options.edge_ns),
                          None if window is None else window[1] + options.edge_ns,
-                         options.group_by, None if refs.globs else refs.names)
+                         options.group_by,
+                         None if refs.globs or ruleset.every_trace_matters else refs.names)
     jobs = max(1, min(options.jobs, len(sources)))  # files are the unit of parallel reading
     share = max(1, options.memory // jobs)
     total = sum(os.path.getsize(s) for s in sources if s != "-")

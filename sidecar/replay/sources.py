@@ -242,5 +242,7 @@ class _Reader:
     def _json_request(self, doc: Any, bad: list[str]) -> Batch:
         keep = self.keep
         groups: list[Any] | None = [] if keep.resource_key is not None else None
-        spans = spans_from_request(doc, keep.projection, bad, keep.resource_key, groups)
-        return records_of(spans, groups, keep)
+        bare: set[str] | None = set() if keep.projection.trace_ids else None
+        spans = spans_from_request(doc, keep.projection, bad, keep.resource_key, groups, bare,
+                                   (keep.since_ns, keep.until_ns))
+        return records_of(spans, groups, keep, bare or set())

@@ -11,10 +11,12 @@ from sidecar.rules.loading import (
     load_rules_text,
     rule_files,
 )
-from sidecar.rules.ruleset import SEVERITIES, Example, Rule, RuleSet, Violation, span_order
+from sidecar.rules.ruleset import (
+    SEVERITIES, Example, Rule, RuleFailure, RuleSet, Verdict, Violation, evaluate, span_order,
+)
 
 __all__ = [
     "EXAMPLE_KEYS", "RULE_KEYS", "SEVERITIES", "SIGNAL_KEYS", "CompactSpanError", "Example", "Rule",
-    "RuleSet", "Violation", "load_rules", "load_rules_text", "rule_files", "span_order",
-    "trace_from_compact",
+    "RuleFailure", "RuleSet", "Verdict", "Violation", "evaluate", "load_rules", "load_rules_text",
+    "rule_files", "span_order", "trace_from_compact",
 ]

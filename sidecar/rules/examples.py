@@ -11,7 +11,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
 from sidecar.rules.compact import trace_from_compact
-from sidecar.rules.ruleset import Example, RuleSet
+from sidecar.rules.ruleset import Example, RuleSet, evaluate
 
 
 @dataclass(frozen=True)
@@ -19,16 +19,19 @@ class ExampleResult:
     example: Example
     fired: bool
     seconds: float
+    error: str | None = None  # the rule raised on the example
 
     @property
     def passed(self) -> bool:
-        return self.fired == self.example.violates
+        return self.error is None and self.fired == self.example.violates
 
     @property
     def title(self) -> str:
         return self.example.description or f"example at {self.example.location}"
 
     def failure(self) -> str:
+        if self.error is not None:
+            return f"{self.example.location}: the rule raised {self.error}"
         want = "a violation" if self.example.violates else "no violation"
         got = "the rule fired" if self.fired else "the rule stayed quiet"
         return f"{self.example.location}: expected {want}, but {got}"
@@ -41,8 +44,10 @@ def run_examples(ruleset: RuleSet) -> list[ExampleResult]:
         assert rule is not None, "the loader resolves every example's rule"
         trace = trace_from_compact(example.spans, seed=f"{example.rule_id}{example.location}")
         started = time.perf_counter()
-        fired = rule.evaluate(trace) is not None
-        results.append(ExampleResult(example, fired, time.perf_counter() - started))
+        verdict = evaluate(trace, (rule,))
+        error = next((f"{type(e).__name__}: {e}" for _, e in verdict.failures), None)
+        results.append(ExampleResult(example, bool(verdict.violations),
+                                     time.perf_counter() - started, error))
     return results
 
 

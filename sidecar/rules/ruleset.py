@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from sidecar.dsl import (
     MISSING,
@@ -89,14 +89,57 @@ class Rule:
     def refs(self) -> References:
         return self.logic.refs | References(attributes=frozenset(self.context))
 
+    @property
+    def fires_without_its_spans(self) -> bool:
+        """True on a trace holding none of the spans it names, so on every such trace: such
+        traces must reach it, and `check` warns (it fires on unrelated traffic too)."""
+        return self.logic.fires_on_empty
+
     def applies(self, trace: Trace) -> bool:
-        """In scope for compliance figures: `when` held, or the trace has a span it names."""
+        """In scope for compliance figures: `when` held, or the trace has a span it names, or the
+        rule fires without its spans (then every trace is in scope)."""
         return self.logic.applies(trace)
 
     def evaluate(self, trace: Trace) -> Violation | None:
+        """This one rule on one trace (exceptions propagate: `evaluate` below contains them)."""
         if not self.logic.test(trace):
             return None
         return Violation(self, trace, self.logic.witness(trace))
+
+
+class RuleFailure(NamedTuple):
+    """A rule that raised on a trace: reported and counted, and every other rule still ran."""
+
+    rule: Rule
+    error: Exception
+
+
+@dataclass
+class Verdict:
+    """What the rules found on one trace."""
+
+    violations: list[Violation]
+    failures: list[RuleFailure]
+    applied: list[Rule]  # the rules in scope (filled only when asked: replay's compliance)
+
+
+def evaluate(trace: Trace, rules: Iterable[Rule], scope: bool = False) -> Verdict:
+    """The one evaluation of a trace, for the live decision, the check on arrival, replay and
+    `betrace test`: each span id counts once (a collector retry re-delivers spans), and a rule
+    that raises is reported in `failures` while every other rule still runs."""
+    trace = trace.without_repeats()
+    verdict = Verdict([], [], [])
+    for rule in rules:
+        try:
+            if scope and rule.applies(trace):
+                verdict.applied.append(rule)
+            violation = rule.evaluate(trace)
+        except Exception as error:  # a rule bug must not hide what the other rules find
+            verdict.failures.append(RuleFailure(rule, error))
+            continue
+        if violation is not None:
+            verdict.violations.append(violation)
+    return verdict
 
 
 @dataclass(frozen=True)
@@ -117,9 +160,11 @@ class RuleSet:
         return refs
 
     def projection(self) -> Projection:
-        """Keep spans some rule selects and, on each, the attributes the rules selecting it read
-        or copy into a signal."""
+        """Keep spans some rule selects and, on each, the attributes the rules selecting it read,
+        and every attribute some rule copies into a signal (a signal's context falls back to any
+        span of the trace, so it must not depend on which rule selected that span)."""
         refs = self.refs
+        context = frozenset(key for rule in self.rules for key in rule.context)
         names, globs = refs.names, [glob_matcher(g) for g in sorted(refs.globs)]
         wants: Callable[[str], bool] = names.__contains__
         if globs:
@@ -138,23 +183,31 @@ class RuleSet:
         def attributes_for(name: str) -> frozenset[str]:
             found = known.get(name)
             if found is None:
-                found = frozenset(exact.get(name, ())).union(
-                    *(reads for matches, reads in by_glob if matches(name)))
+                found = context.union(exact.get(name, ()),
+                                      *(reads for matches, reads in by_glob if matches(name)))
                 if len(known) < 10_000:  # span names are few; never grow without bound
                     known[name] = found
             return found
-        return Projection(wants, refs.attributes, attributes_for)
+        return Projection(wants, refs.attributes, attributes_for, self.every_trace_matters)
 
     def rule(self, rule_id: str) -> Rule | None:
         return next((r for r in self.rules + self.disabled if r.id == rule_id), None)
 
+    @property
+    def every_trace_matters(self) -> bool:
+        """Some rule fires on traces without its spans: no trace may be pruned away unseen."""
+        return any(rule.fires_without_its_spans for rule in self.rules)
+
+    def warnings(self) -> list[str]:
+        """What `betrace check` points out without refusing the rules, each located."""
+        return [f"{rule.location}: warning: rule '{rule.id}' fires on every trace without the "
+                "spans it names (it is true on an empty trace), so on unrelated traffic too; "
+                "every trace is kept by id until decided, and counts as applicable in replay"
+                for rule in self.rules + self.disabled if rule.fires_without_its_spans]
+
     def evaluate(self, trace: Trace) -> list[Violation]:
-        found = []
-        for rule in self.rules:
-            violation = rule.evaluate(trace)
-            if violation is not None:
-                found.append(violation)
-        return found
+        """The violations of every enabled rule (see `evaluate`)."""
+        return evaluate(trace, self.rules).violations
 
 
 def span_order(span: Span) -> tuple[int, str]:

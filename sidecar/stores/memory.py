@@ -21,10 +21,12 @@ T = TypeVar("T")
 
 
 class _Entry:
-    __slots__ = ("trace", "opened", "last_seen", "signalled", "decided_until", "arrival_deadline")
+    __slots__ = ("trace", "born", "opened", "last_seen", "signalled", "decided_until",
+                 "arrival_deadline")
 
     def __init__(self, trace: Trace, now: float) -> None:
         self.trace = trace
+        self.born = now  # when its first span came: kept when a late span re-opens it
         self.opened = now
         self.last_seen = now
         self.signalled: set[str] | None = None  # made on the first signal: most traces have none
@@ -51,12 +53,17 @@ class MemoryStore:
         # max_traces at each claim, once the batch claimed before has been decided.
         self._evicted_signals: OrderedDict[str, set[str]] = OrderedDict()
         self._spans = 0
+        # Open traces known only by id: (opened, last seen), least recently seen first
+        self._ids: OrderedDict[str, tuple[float, float]] = OrderedDict()
 
     def append(self, batch: Mapping[str, list[Span]], now: float,
-               decide_on_arrival: Collection[str] = ()) -> AppendResult:
+               decide_on_arrival: Collection[str] = (),
+               trace_ids: Collection[str] = ()) -> AppendResult:
         result = AppendResult()
         limits = self.limits
         with self._lock:
+            for trace_id in trace_ids:
+                self._seen(trace_id, now, result)
             for trace_id, spans in batch.items():
                 entry = self._entries.get(trace_id)
                 new = whole = entry is None
@@ -64,6 +71,10 @@ class MemoryStore:
                     self._make_room(result, now)
                     entry = self._entries[trace_id] = _Entry(Trace(trace_id, ()), now)
                     entry.signalled = self._evicted_signals.pop(trace_id, entry.signalled)
+                    known = self._ids.pop(trace_id, None)
+                    if known is not None:  # known by id until now: it keeps its age
+                        entry.born = entry.opened = known[0]
+                        whole = False
                 room = limits.max_spans_per_trace - len(entry.trace.spans)
                 if room < len(spans):
                     result.rejected += len(spans) - max(room, 0)
@@ -103,6 +114,24 @@ class MemoryStore:
                 self._spans += len(spans)
         return result
 
+    def _seen(self, trace_id: str, now: float, result: AppendResult) -> None:
+        """A span of `trace_id` that no rule selects: the trace is still in flight. Held by id
+        when not held already (an open trace's wait starts again; a decided one stays so)."""
+        entry = self._entries.get(trace_id)
+        if entry is not None:
+            if entry.decided_until is None:
+                entry.last_seen = now
+                self._by_activity.move_to_end(trace_id)
+            return
+        known = self._ids.pop(trace_id, None)
+        if known is None and len(self._ids) >= self.limits.max_trace_ids:
+            result.ids_dropped += 1
+            return
+        opened = now if known is None else known[0]
+        # Never seen later than its age allows: it falls due by max_trace_age at the latest
+        self._ids[trace_id] = (opened, min(now, opened + self.limits.max_trace_age
+                                           - self.limits.decision_wait))
+
     def _make_room(self, result: AppendResult, now: float) -> None:
         """Forget the oldest decided trace, else push the oldest open one to a decision now. A
         trace decided on arrival and still inside its wait is as good as open: its loss counts
@@ -131,7 +160,7 @@ class MemoryStore:
             while self._evicted and len(claimed) < limit:
                 trace_id, entry = self._evicted.pop()
                 self._remember_evicted(trace_id, entry)
-                claimed.append(Claimed(entry.trace, "evicted", now))
+                claimed.append(Claimed(entry.trace, "evicted", now, born=entry.born))
             while self._by_activity and len(claimed) < limit:
                 trace_id, entry = next(iter(self._by_activity.items()))
                 if entry.last_seen + wait > now:
@@ -143,6 +172,13 @@ class MemoryStore:
                     break
                 claimed.append(self._decide(trace_id, entry, "max_age", entry.opened + max_age,
                                             now))
+            while self._ids and len(claimed) < limit:
+                trace_id, (opened, last_seen) = next(iter(self._ids.items()))
+                due = min(last_seen + wait, opened + max_age)
+                if due > now:
+                    break
+                claimed.append(self._decide_id(trace_id, "idle" if due < opened + max_age
+                                               else "max_age", due, now, opened))
             for decided in (self._decided, self._decided_on_arrival):  # forget what has expired
                 while decided:
                     trace_id, entry = next(iter(decided.items()))
@@ -161,6 +197,20 @@ class MemoryStore:
         while len(self._evicted_signals) > self.limits.max_traces:
             self._evicted_signals.popitem(last=False)
 
+    def _decide_id(self, trace_id: str, reason: str, due_at: float, now: float,
+                   born: float) -> Claimed:
+        """A trace known only by id is decided as the empty trace it is, and remembered like
+        any decided trace (for its signals, and for a span that re-opens it)."""
+        del self._ids[trace_id]
+        entry = _Entry(Trace(trace_id, ()), now)
+        entry.born = born
+        if len(self._entries) >= self.limits.max_traces and self._decided:
+            del self._entries[self._decided.popitem(last=False)[0]]
+        if len(self._entries) < self.limits.max_traces:  # else not remembered: never evict for it
+            entry.decided_until = now + self.limits.decided_retention
+            self._entries[trace_id] = self._decided[trace_id] = entry
+        return Claimed(entry.trace, reason, due_at, born=born)
+
     def _decide(self, trace_id: str, entry: _Entry, reason: str, due_at: float,
                 now: float) -> Claimed:
         self._by_activity.pop(trace_id, None)
@@ -168,7 +218,7 @@ class MemoryStore:
         self._spans -= len(entry.trace.spans)
         entry.decided_until = now + self.limits.decided_retention
         self._decided[trace_id] = entry
-        return Claimed(entry.trace, reason, due_at)
+        return Claimed(entry.trace, reason, due_at, born=entry.born)
 
     def claim_all(self, now: float) -> list[Claimed]:
         """Every open trace, for a final decision at shutdown."""
@@ -177,10 +227,12 @@ class MemoryStore:
             claimed = []
             for trace_id, entry in self._evicted:
                 self._remember_evicted(trace_id, entry)
-                claimed.append(Claimed(entry.trace, "shutdown", now))
+                claimed.append(Claimed(entry.trace, "shutdown", now, born=entry.born))
             self._evicted.clear()
             claimed += [self._decide(trace_id, entry, "shutdown", now, now)
                         for trace_id, entry in list(self._by_age.items())]
+            claimed += [self._decide_id(trace_id, "shutdown", now, now, opened)
+                        for trace_id, (opened, _) in list(self._ids.items())]
         return claimed
 
     def finish(self, claimed: Sequence[Claimed]) -> None:
@@ -233,7 +285,9 @@ class MemoryStore:
         with self._lock:
             if self._evicted:
                 return 0.0
-            times = []
+            times = [min(last_seen + self.limits.decision_wait,
+                         opened + self.limits.max_trace_age)
+                     for opened, last_seen in list(self._ids.values())[:1]]
             if self._by_activity:
                 times.append(next(iter(self._by_activity.values())).last_seen
                              + self.limits.decision_wait)
@@ -246,7 +300,7 @@ class MemoryStore:
 
     def counts(self) -> tuple[int, int]:
         with self._lock:
-            return len(self._by_age), self._spans
+            return len(self._by_age) + len(self._ids), self._spans
 
     def healthy(self) -> tuple[bool, str]:
         return True, "memory store"

@@ -28,6 +28,9 @@ class StoreLimits:
     max_spans_per_trace: int = 10_000
     decided_retention: float = 60.0  # seconds a decided trace is kept for late spans
     claim_lease: float = 30.0  # seconds a claimed trace stays with its decider (shared stores)
+    # traces known only by id (none of their spans selected), held while some rule fires on
+    # traces without its spans; an id costs ~200 bytes where a trace costs kilobytes
+    max_trace_ids: int = 200_000
 
 
 @dataclass
@@ -41,16 +44,20 @@ class AppendResult:
     # batch holds the whole trace so far
     created: set[str] = field(default_factory=set)
     decided_on_arrival: int = 0  # of those, how many the caller had named in decide_on_arrival
+    ids_dropped: int = 0  # traces known only by id, refused over max_trace_ids: never decided
 
 
 class Claimed(NamedTuple):
     """A trace handed to one decider; `reason` is idle, max_age, evicted or shutdown.
-    `handle` is the store's own (a lease, for shared stores); pass it back to `finish`."""
+    `handle` is the store's own (a lease, for shared stores); pass it back to `finish`. `born`
+    is when its first span was stored (kept when a late span re-opens it): spans stored before
+    a rule reload were pruned for the rules of then."""
 
     trace: Trace
     reason: str
     due_at: float
     handle: object = None
+    born: float = 0.0
 
     @property
     def trace_id(self) -> str:
@@ -58,8 +65,11 @@ class Claimed(NamedTuple):
 
 
 class TraceStore(Protocol):
+    # `trace_ids`: traces this request names but holds no selected span of, held by id so that
+    # a rule true without its spans is decided on them (never decided on arrival, never early)
     def append(self, batch: Mapping[str, list[Span]], now: float,
-               decide_on_arrival: Collection[str] = ()) -> AppendResult: ...
+               decide_on_arrival: Collection[str] = (),
+               trace_ids: Collection[str] = ()) -> AppendResult: ...
     def claim_due(self, now: float, limit: int = 1000) -> list[Claimed]: ...
     def finish(self, claimed: Sequence[Claimed]) -> None: ...
     def claim_all(self, now: float) -> list[Claimed]: ...

@@ -14,16 +14,45 @@ scripts/state.lua.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from importlib import resources
 from typing import Any
 
 import hiredis
 import redis
 from redis.cluster import RedisCluster
-from redis.exceptions import NoScriptError
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    MasterDownError,
+    MovedError,
+    NoPermissionError,
+    NoScriptError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisClusterException,
+    TryAgainError,
+)
+
+from sidecar.model.errors import StoreUnavailable
 
 MAX_ARGS = 1000  # spans or deadline updates per script call; Lua's unpack has a stack limit
+# What Redis says while it cannot serve for now (down, loading, failing over, full, refusing
+# this user): the store raises StoreUnavailable, and the collector retries. Anything else (a
+# script error) is a bug, said as one.
+_TRANSIENT = (redis.ConnectionError, redis.TimeoutError, ClusterDownError, TryAgainError,
+              MovedError, AskError, ReadOnlyError, MasterDownError, OutOfMemoryError,
+              NoPermissionError, RedisClusterException)
+
+
+@contextmanager
+def unavailable_while_down() -> Iterator[None]:
+    """Redis's transient errors as StoreUnavailable."""
+    try:
+        yield
+    except _TRANSIENT as exc:
+        raise StoreUnavailable(f"redis: {exc or type(exc).__name__}") from exc
 
 
 class Script:
@@ -66,6 +95,10 @@ class Pipeline:
         return self.add(keys[0], "EVALSHA", script.sha, len(keys), *keys, *args)
 
     def run(self) -> list[Any]:
+        with unavailable_while_down():
+            return self._run()
+
+    def _run(self) -> list[Any]:
         replies: list[Any] = [None] * self.count
         try:
             for node, commands in self.nodes.values():

@@ -13,6 +13,8 @@ slot and every Lua script stays single-slot):
                           opened + max_trace_age) in ms, or by lease expiry once claimed
     bt:{q<N>}:n           hash: open traces and buffered spans of shard N (for metrics)
     bt:words:<tag>        the vocabulary records of that tag number strings by (1 day TTL)
+    bt:format             the format of all of the above (FORMAT): a sidecar finding another one
+                          refuses to use the store rather than misread it
 
 Memory is the budget that matters (Redis holds every buffered span of every sidecar), so a
 trace is one list whose head is its state, span records are msgpack with binary ids, span names
@@ -40,6 +42,7 @@ import redis
 from redis.cluster import RedisCluster
 from redis.exceptions import RedisClusterException
 
+from sidecar.model.errors import IncompatibleStore, StoreUnavailable
 from sidecar.model.spans import Span, Trace
 from sidecar.stores.redis.connection import connect
 from sidecar.stores.redis.pipeline import (
@@ -52,6 +55,7 @@ from sidecar.stores.redis.pipeline import (
     SHARD,
     PerSlot,
     Pipeline,
+    unavailable_while_down,
 )
 from sidecar.stores.redis.records import PREFIX, Vocabulary, decode_span
 from sidecar.stores.trace_store import AppendResult, Claimed, StoreLimits
@@ -59,6 +63,10 @@ from sidecar.stores.trace_store import AppendResult, Claimed, StoreLimits
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 SHARDS = 16
+# The layout of the keys, trace states, scripts' arguments and span records above. Change it
+# with any of them: sidecars of different formats must not share a Redis.
+FORMAT = "2"
+FORMAT_KEY = f"{PREFIX}format"
 _CLAIMS_PER_CALL = 100  # a claim's reply carries every span: keep it well inside the timeout
 
 
@@ -83,12 +91,14 @@ class _ShardUpdates:
         self.shards: dict[int, list[Any]] = {}
 
     def _ops(self, shard: int) -> list[Any]:
-        return self.shards.setdefault(shard, [0, 0])
+        return self.shards.setdefault(shard, [0, 0, 0])
 
-    def count(self, shard: int, traces: int, spans: int) -> None:
+    def count(self, shard: int, traces: int, spans: int, by_id: int = 0) -> None:
+        """Open traces, buffered spans, and of the open traces those held by id alone."""
         ops = self._ops(shard)
         ops[0] += traces
         ops[1] += spans
+        ops[2] += by_id
 
     def due(self, shard: int, trace_id: str, at_ms: int | str) -> None:
         self._ops(shard).extend(("a", trace_id, at_ms))
@@ -99,12 +109,12 @@ class _ShardUpdates:
     def send(self, batch: Pipeline) -> None:
         calls = PerSlot(batch, SHARD, ())
         for shard, ops in self.shards.items():
-            if ops == [0, 0]:
+            if ops == [0, 0, 0]:
                 continue
-            keys, triples = self.store._shard_keys(shard), ops[2:]
+            keys, triples = self.store._shard_keys(shard), ops[3:]
             for start in range(0, max(len(triples), 1), 3 * MAX_ARGS):
                 part = triples[start:start + 3 * MAX_ARGS]
-                counts = ops[:2] if start == 0 else [0, 0]
+                counts = ops[:3] if start == 0 else [0, 0, 0]
                 calls.add(keys, [*counts, len(part) // 3, *part])
         calls.queue()
 
@@ -124,7 +134,7 @@ class RedisStore:
 
     `client` is a connected client, or None with `connect` making one on first use (a Redis
     Cluster client must reach a node to be made at all): until it can, every operation raises
-    redis.ConnectionError, as a standalone client does while its server is down."""
+    StoreUnavailable, as it does while a standalone server is down."""
 
     def __init__(self, client: redis.Redis | RedisCluster | None,
                  limits: StoreLimits = StoreLimits(), shards: int = SHARDS,
@@ -133,6 +143,8 @@ class RedisStore:
         self.shards = shards
         self.ttl = int(limits.max_trace_age + limits.decided_retention + limits.claim_lease) + 60
         self._next_shard = 0
+        self._by_id_estimate, self._by_id_read_at = 0, float("-inf")  # see _held_by_id
+        self._format_checked = False
         self._lock = threading.Lock()
         self._connect = connect
         self._connecting = threading.Lock()
@@ -149,22 +161,40 @@ class RedisStore:
             assert self._connect is not None
             with self._connecting:
                 if self._client is None:
-                    try:
+                    with unavailable_while_down():
                         self._client = self._connect()
-                    except RedisClusterException as exc:  # not a RedisError: say it as one
-                        raise redis.ConnectionError(str(exc)) from exc
                 client = self._client
         assert client is not None
         return client
 
     @classmethod
     def from_url(cls, url: str, limits: StoreLimits = StoreLimits()) -> RedisStore:
-        """A store on `url`; a cluster none of whose nodes answers yet is connected to later
-        (the sidecar starts not ready, rather than not at all)."""
+        """A store on `url`; a Redis that does not answer yet is connected to later (the sidecar
+        starts not ready, rather than not at all). Raises IncompatibleStore when the Redis holds
+        another format."""
         try:
-            return cls(connect(url), limits)
+            store = cls(connect(url), limits)
         except RedisClusterException:
             return cls(None, limits, connect=lambda: connect(url))
+        try:
+            store.check_format()
+        except StoreUnavailable:
+            pass  # checked before the first append or claim
+        return store
+
+    def check_format(self) -> None:
+        """Claim the store for this FORMAT, or raise IncompatibleStore if it holds another."""
+        if self._format_checked:
+            return
+        with unavailable_while_down():
+            self.client.set(FORMAT_KEY, FORMAT, nx=True)
+            found = self.client.get(FORMAT_KEY)
+        if found is not None and found.decode(errors="replace") != FORMAT:
+            raise IncompatibleStore(
+                f"redis holds BeTrace state of format {found.decode(errors='replace')!r} (key "
+                f"{FORMAT_KEY}); this sidecar writes format {FORMAT!r}. Run one version per Redis: "
+                "finish the rollout, or point this version at an empty Redis (or database).")
+        self._format_checked = True
 
     def use_vocabulary(self, words: Sequence[str]) -> None:
         """Number these strings in the records appended from now on."""
@@ -176,7 +206,8 @@ class RedisStore:
     def _words(self, tag: int) -> tuple[str, ...]:
         words = self._vocabularies.get(tag)
         if words is None:  # another sidecar's rule version: read once, it never changes
-            packed = self.client.get(f"{PREFIX}words:{tag:08x}")
+            with unavailable_while_down():
+                packed = self.client.get(f"{PREFIX}words:{tag:08x}")
             if packed is None:
                 raise redis.DataError(f"vocabulary {tag:08x} of a stored span is missing")
             words = msgpack.unpackb(packed, use_list=False)
@@ -200,7 +231,9 @@ class RedisStore:
     # --- protocol ---
 
     def append(self, batch: Mapping[str, list[Span]], now: float,
-               decide_on_arrival: Collection[str] = ()) -> AppendResult:
+               decide_on_arrival: Collection[str] = (),
+               trace_ids: Collection[str] = ()) -> AppendResult:
+        self.check_format()
         limits = self.limits
         fixed = [_ms(now), limits.max_spans_per_trace, _ms(self.ttl),
                  _ms(limits.decided_retention), _ms(limits.decision_wait),
@@ -222,6 +255,11 @@ class RedisStore:
                 part = encoded[start:start + MAX_ARGS]
                 appends.add(keys, [len(part), flag, *part])
                 order.append(trace_id)
+        if trace_ids:  # held by id alone: created while under max_trace_ids, else only kept
+            flag = b"i" if self._held_by_id(now) < limits.max_trace_ids else b"b"
+            for trace_id in trace_ids:
+                appends.add(self._trace_keys(trace_id), [0, flag])
+                order.append(trace_id)
         appends.queue()
         result = AppendResult()
         updates = _ShardUpdates(self)
@@ -239,12 +277,16 @@ class RedisStore:
             if due:
                 updates.due(shard, trace_id, due.decode())
             # Created by the first part; a later part's refusal means it is not whole.
-            if first and made:
+            if first and made in (b"n", b"q"):
                 result.created.add(trace_id)
             if made == b"q":  # not open: neither counted nor due
                 result.decided_on_arrival += 1
+            elif made == b"d":
+                result.ids_dropped += 1
             else:
-                updates.count(shard, counted, taken + before)
+                by_id = 1 if made == b"i" else -1 if made == b"u" else 0
+                updates.count(shard, counted, taken + before, by_id)
+                self._by_id_estimate += by_id
             if refused or trace_id in altered:
                 result.created.discard(trace_id)
         self._send(updates)
@@ -256,6 +298,7 @@ class RedisStore:
         batch.run()
 
     def claim_due(self, now: float, limit: int = 1000) -> list[Claimed]:
+        self.check_format()
         limits = self.limits
         now_ms, lease_ms = _ms(now), _ms(now + limits.claim_lease)
         with self._lock:  # rotate the starting shard so no shard starves under load
@@ -293,7 +336,8 @@ class RedisStore:
                 updates.release(shard, trace_id, lease_ms)
             elif verdict == b"claimed":
                 if head[2] == b"0":  # it was open: it leaves the shard's live counts
-                    updates.count(shard, -1, -int(head[4]))
+                    by_id = -1 if head[4] == b"0" else 0  # no spans: it was held by id alone
+                    updates.count(shard, -1, -int(head[4]), by_id)
                 try:  # one unreadable trace must not hold up the others: it stays claimed
                     trace = Trace(trace_id, [decode_span(trace_id, raw, self._words)
                                              for raw in spans])
@@ -302,7 +346,7 @@ class RedisStore:
                               trace_id, exc)
                     continue
                 claimed.append(Claimed(trace, head[3].decode(), int(head[1]) / 1000,
-                                       _Lease(token, lease_ms, shard)))
+                                       _Lease(token, lease_ms, shard), int(head[5]) / 1000))
             # b"leased": another sidecar is deciding it; its lease says until when
         self._send(updates)
         return claimed
@@ -377,6 +421,18 @@ class RedisStore:
                   for reply in reads.run() if reply]
         return min(scores) / 1000 if scores else None
 
+    def _held_by_id(self, now: float) -> int:
+        """About how many open traces are held by id alone, in every sidecar: read from the
+        shards' counts at most once a second, and kept current with this sidecar's own."""
+        if now - self._by_id_read_at >= 1.0 or now < self._by_id_read_at:
+            reads = Pipeline(self.client)
+            for shard in range(self.shards):
+                key = self._shard_keys(shard)[1]
+                reads.add(key, "HGET", key, "ids")
+            self._by_id_estimate = sum(int(count or 0) for count in reads.run())
+            self._by_id_read_at = now
+        return self._by_id_estimate
+
     def counts(self) -> tuple[int, int]:
         reads = Pipeline(self.client)
         for shard in range(self.shards):
@@ -390,8 +446,9 @@ class RedisStore:
 
     def healthy(self) -> tuple[bool, str]:
         try:
-            self.client.ping()
-        except redis.RedisError as exc:
+            with unavailable_while_down():
+                self.client.ping()
+        except (StoreUnavailable, redis.RedisError) as exc:
             return False, f"redis unreachable: {exc}"
         return True, "redis ok"
 

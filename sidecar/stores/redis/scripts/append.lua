@@ -1,13 +1,17 @@
 -- KEYS: spans, signals of each trace. ARGV: now, max_spans, ttl, retention, wait, max_age, then
--- per trace: its span count, '1' if the caller decided it on arrival, its spans. Per trace one string
+-- per trace: its span count, its flag, its spans. The flag: '1' when the caller decided the trace
+-- on arrival, '0' when not; 'i' (no spans) when the trace is known by id alone (no span of it
+-- selected), held open for the rules that fire without their spans; 'b' the same but only when
+-- already held (over max_trace_ids). Per trace one string
 -- "taken,refused,late,counted,spans before,deadline,made": counted 1 when the trace (re)joins
--- the open traces, deadline '' unless it is open, made 'n' when this call created it open and 'q'
+-- the open traces, deadline '' unless it is open, made 'n' when this call created it open, 'q'
 -- when it created it decided on arrival (named so, every span taken: no deadline, st 3 with its
--- would-be deadline as the time decided).
+-- would-be deadline as the time decided), 'i' when it created it open by id alone, 'u' when it
+-- brought the first spans to a trace held by id alone, 'd' when a 'b' trace was not held.
 -- (sidecar/stores/redis/scripts/state.lua is prepended)
 local now, limit, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
 local retention, wait, max_age = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local function append(spans, signals, first, n, on_arrival)
+local function append(spans, signals, first, n, flag)
   local m = state(spans)
   local late, counted, before, made = 0, 0, 0, ''
   if m and m.st ~= '0' and now > m.dt + retention then
@@ -17,20 +21,25 @@ local function append(spans, signals, first, n, on_arrival)
   local have = 0
   if m then have = redis.call('LLEN', spans) - 1 end
   local take = math.min(n, math.max(limit - have, 0))
+  local by_id = flag == 'i' or flag == 'b'
+  if by_id and not m and flag == 'b' then made = 'd' end
   local due = ''
-  if take > 0 then
+  if take > 0 or (by_id and made == '' and (not m or m.st == '0')) then
     if not m then
       counted, made = 1, 'n'
-      m = {o = now}
+      if by_id then made = 'i' end
+      m = {o = now, b = now}
       redis.call('RPUSH', spans, '')  -- the state's place
     elseif m.st ~= '0' then  -- decided: a span re-opens it with its earlier spans; it is late
       counted, before = 1, have  -- unless decided on arrival and still inside its wait
       if m.st == '2' or now > m.dt then late = take end
-      m = {o = now}
+      m = {o = now, b = m.b}
+    elseif have == 0 and take > 0 then
+      made = 'u'
     end
     m.st, m.l = '0', now
-    redis.call('RPUSH', spans, unpack(ARGV, first, first + take - 1))
-    if made == 'n' and on_arrival == '1' and take == n then
+    if take > 0 then redis.call('RPUSH', spans, unpack(ARGV, first, first + take - 1)) end
+    if made == 'n' and flag == '1' and take == n then
       counted, made = 0, 'q'
       m.st, m.dt = '3', now + math.min(wait, max_age)
     end

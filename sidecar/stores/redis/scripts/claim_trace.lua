@@ -1,5 +1,5 @@
 -- KEYS: spans of each trace. ARGV: now, wait, max_age, lease_until, then per trace its token.
--- Per trace a head "claimed,deadline,previous st,reason,span count" then its spans, or the head
+-- Per trace a head "claimed,deadline,previous st,reason,span count,born" then its spans, or the head
 -- alone: "later,deadline", "gone", "done" (decided, also on arrival), "leased".
 -- (sidecar/stores/redis/scripts/state.lua is prepended)
 local now, wait, max_age, lease = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]),
@@ -16,7 +16,7 @@ local function claim(spans, token)
   local n = redis.call('LLEN', spans) - 1
   local reason = 'idle'
   if aged <= idle then reason = 'max_age' end
-  out[#out + 1] = table.concat({'claimed', num(due), m.st, reason, n}, ',')
+  out[#out + 1] = table.concat({'claimed', num(due), m.st, reason, n, num(m.b)}, ',')
   m.st, m.dt, m.lx, m.f, m.tok = '2', now, lease, nil, token
   save(spans, m)
   for _, span in ipairs(redis.call('LRANGE', spans, 1, -1)) do out[#out + 1] = span end
