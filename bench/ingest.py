@@ -509,13 +509,14 @@ def redis_throughput(tmp: Path, url: str, client: Any, pool: list[bytes], limit:
 def redis_memory(tmp: Path, url: str, client: Any, pool: list[bytes],
                  spans: int) -> dict[str, float]:
     """Bytes of Redis memory per buffered span while nothing is decided."""
-    from sidecar.otlp.protobuf import decode_request
+    from sidecar.otlp.decoded import SpanFilter
+    from sidecar.otlp.protobuf import ProtobufDecoder
     from sidecar.rules import load_rules
     from sidecar.stores.redis.records import Vocabulary
 
     projection = load_rules([tmp / "typical.yaml"]).projection()
-    local = [span for group in decode_request(ExportTraceServiceRequest.FromString(pool[0]),
-                                              projection).batch.values() for span in group]
+    local = [span for group in ProtobufDecoder(SpanFilter(projection)).decode(pool[0])
+             .batch.values() for span in group]
     rules = load_rules([tmp / "typical.yaml"])
     vocabulary = Vocabulary(sorted(rules.refs.names | rules.refs.attributes))
     encoded = [vocabulary.encode(span) for span in local]

@@ -31,13 +31,12 @@ from google.protobuf import json_format
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 from prometheus_client import CollectorRegistry
 from test_cli import otlp_line, otlp_span
-from test_serve_e2e import Running, pb_request, post, start_sidecar  # noqa: F401 (a fixture)
+from test_serve_e2e import Running, pb_request, post, start_sidecar  # noqa: F401 (fixture)
 
 from sidecar.live.assembler import Assembler
 from sidecar.live.exporters import Emitter
 from sidecar.live.metrics import Metrics
 from sidecar.model.errors import IncompatibleStore
-from sidecar.otlp.protobuf import decode_request
 from sidecar.rules import Violation, load_rules_text
 from sidecar.stores import StoreLimits
 from sidecar.stores.memory import MemoryStore
@@ -220,7 +219,7 @@ def test_a_reload_never_makes_a_buffered_trace_fire_a_rule_it_does_not_break() -
     def send(trace_id: str, k: int) -> None:
         request = pb_request(bytes.fromhex(trace_id), ["a"], {"k": k})
         active = assembler.active
-        assembler.ingest(decode_request(request, active.projection).batch, active)
+        assembler.ingest(active.decoder.decode(request.SerializeToString()).batch, active)
 
     send(before, 1)  # buffered under the old rules: k is not kept
     now[0] += 0.1

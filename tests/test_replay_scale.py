@@ -26,8 +26,8 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyVa
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
 
 from sidecar.model.errors import SourceError
-from sidecar.otlp.lean_protobuf import SpanFilter
-from sidecar.otlp.protobuf import decode_request
+from sidecar.otlp.decoded import SpanFilter
+from sidecar.otlp.json_spans import decode_json_request
 from sidecar.replay.sources import expand_sources, parse_moment, read_source
 from sidecar.rules import load_rules_text
 
@@ -510,11 +510,11 @@ def test_proto_reader_matches_the_live_decoder(tmp_path: Path) -> None:
     errors: list[Any] = []
     batches = list(read_source(str(path), keep, errors))
     assert errors == []
-    [[record]] = [b[trace_id.hex()] for b in batches]
-    [live] = decode_request(request, ruleset.projection()).batch[trace_id.hex()]
-    assert record == (live.span_id, "", live.name, live.start_ns, live.end_ns, live.status,
-                      live.kind, live.service, live.attributes, None)
-    assert record[8] == {**odd, "arr": (1, "two", 3.0)} and record[5] == "ERROR"
+    [[span]] = [b[trace_id.hex()] for b in batches]
+    doc = MessageToDict(request)  # the same request in OTLP JSON
+    [from_json] = decode_json_request(doc, keep).batch[trace_id.hex()]
+    assert span == from_json
+    assert span.attributes == {**odd, "arr": (1, "two", 3.0)} and span.status == "ERROR"
 
 
 # --- progress and interruption ------------------------------------------------------------------

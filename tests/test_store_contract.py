@@ -1,6 +1,6 @@
 """The TraceStore contract: what every trace store (memory, Redis) must do.
 
-Written against the protocol only (append / claim_due / finish / claim_all / with_trace /
+Written against the protocol only (append / claim_due / finish / claim_all / with_traces /
 reserve_signals / next_due / counts / close) with explicit `now` values, so no test sleeps. Redis
 runs as a real redis-server (see redis_servers.py). A new store joins by adding a param to
 `store_factory`.
@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import redis
 
-from sidecar.model.spans import Span
+from sidecar.model.spans import Span, Trace
 from sidecar.stores import Claimed, StoreLimits, TraceStore
 from sidecar.stores.memory import MemoryStore
 from sidecar.stores.redis.store import RedisStore
+
+T = TypeVar("T")
 
 A, B, C, D, E = (f"{n:x}" * 32 for n in range(10, 15))  # "aaaa...", "bbbb...", ...
 
@@ -93,13 +95,19 @@ def by_id(claimed: list[Claimed]) -> dict[str, Claimed]:
 
 # --- deciding ---------------------------------------------------------------------------------
 
+def with_trace(store: TraceStore, trace_id: str, use: Callable[[Trace], T]) -> T | None:
+    """`use` on one open trace (the protocol's with_traces for one id)."""
+    found = store.with_traces([trace_id], use)
+    return found[0] if found else None
+
+
 def test_an_empty_store_has_nothing_due(store_factory: StoreFactory) -> None:
     store = store_factory()
     assert store.next_due() is None
     assert claim(store, 1e9) == []
     assert store.claim_all(1e9) == []
     assert store.counts() == (0, 0)
-    assert store.with_trace(A, len) is None
+    assert with_trace(store, A, len) is None
 
 
 def test_a_trace_is_due_after_decision_wait_without_new_spans_and_not_before(
@@ -171,10 +179,10 @@ def test_claim_due_respects_its_limit_and_hands_out_the_rest_later(
 def test_with_trace_reads_an_open_trace_only(store_factory: StoreFactory) -> None:
     store = store_factory(decision_wait=1.0)
     store.append({A: spans(A, 3)}, now=0.0)
-    assert store.with_trace(A, lambda trace: (trace.trace_id, len(trace.spans))) == (A, 3)
-    assert store.with_trace(B, len) is None
+    assert with_trace(store, A, lambda trace: (trace.trace_id, len(trace.spans))) == (A, 3)
+    assert with_trace(store, B, len) is None
     claim(store, 1.0)
-    assert store.with_trace(A, len) is None  # decided: a decider owns it now
+    assert with_trace(store, A, len) is None  # decided: a decider owns it now
 
 
 # --- decided on arrival: a whole trace no rule fires on ------------------------------------------
@@ -188,7 +196,7 @@ def test_a_clean_trace_a_batch_makes_whole_is_decided_on_arrival(
     assert result.created == {A, B} and result.decided_on_arrival == 1
     assert result.accepted == 5 and sorted(result.touched) == [A, B]
     assert store.counts() == (1, 3)
-    assert store.with_trace(A, len) is None and store.with_trace(B, len) == 3
+    assert with_trace(store, A, len) is None and with_trace(store, B, len) == 3
     assert store.next_due() == pytest.approx(10.0)
     assert [c.trace_id for c in claim(store, 10.0)] == [B]
     assert store.next_due() is None
@@ -219,7 +227,7 @@ def test_a_span_within_its_wait_opens_a_trace_decided_on_arrival_again_not_late(
     result = store.append({A: later}, now=5.0, decide_on_arrival={A})
     assert result.late == 0 and result.accepted == 1 and result.touched == [A]
     assert result.created == set() and result.decided_on_arrival == 0
-    assert store.counts() == (1, 3) and store.with_trace(A, len) == 3
+    assert store.counts() == (1, 3) and with_trace(store, A, len) == 3
     assert store.next_due() == pytest.approx(13.0)
     assert claim(store, 12.9) == []
     [decided] = claim(store, 13.0)
@@ -248,7 +256,7 @@ def test_a_refused_span_leaves_a_trace_decided_on_arrival_decided(
     result = store.append({A: spans(A)}, now=5.0)
     assert result.rejected == 1 and result.accepted == 0 and result.late == 0
     assert result.touched == [] and store.counts() == (0, 0)
-    assert store.with_trace(A, len) is None and store.next_due() is None
+    assert with_trace(store, A, len) is None and store.next_due() is None
     assert claim(store, 100.0) == []
 
 
@@ -273,11 +281,11 @@ def test_a_trace_decided_on_arrival_is_kept_for_its_retention_then_forgotten(
     store.append({B: spans(B, 2)}, now=0.0, decide_on_arrival={B})
     claim(store, 5.9)
     kept = store.append({A: spans(A)}, now=5.9)
-    assert kept.late == 1 and kept.created == set() and store.with_trace(A, len) == 3
+    assert kept.late == 1 and kept.created == set() and with_trace(store, A, len) == 3
     claim(store, 6.1)
     again = store.append({B: spans(B)}, now=6.1)
     assert again.late == 0 and again.created == {B}
-    assert store.with_trace(B, len) == 1
+    assert with_trace(store, B, len) == 1
 
 
 def test_redis_keeps_a_trace_decided_on_arrival_for_its_retention_only(redis_url: str) -> None:
@@ -310,7 +318,7 @@ def test_decided_traces_are_forgotten_on_time_whichever_way_they_were_decided(
     claim(store, 165.0)
     again = store.append({A: spans(A)}, now=165.0)
     assert again.late == 0 and again.created == {A}
-    assert store.with_trace(A, len) == 1
+    assert with_trace(store, A, len) == 1
 
 
 def test_only_refused_spans_leave_a_decided_trace_decided(store_factory: StoreFactory) -> None:
@@ -320,7 +328,7 @@ def test_only_refused_spans_leave_a_decided_trace_decided(store_factory: StoreFa
     result = store.append({A: spans(A)}, now=11.0)
     assert result.rejected == 1 and result.late == 0 and result.touched == []
     assert store.counts() == (0, 0) and store.next_due() is None
-    assert store.with_trace(A, len) is None
+    assert with_trace(store, A, len) is None
 
 
 def test_a_span_racing_the_claim_of_its_trace_is_late(store_factory: StoreFactory) -> None:
@@ -342,7 +350,7 @@ def test_a_batch_with_refused_spans_does_not_hold_the_whole_trace(
     store = store_factory(max_spans_per_trace=3)
     result = store.append({A: spans(A, 5), B: spans(B, 2)}, now=0.0, decide_on_arrival={A, B})
     assert result.rejected == 2 and result.created == {B} and result.decided_on_arrival == 1
-    assert store.counts() == (1, 3) and store.with_trace(A, len) == 3
+    assert store.counts() == (1, 3) and with_trace(store, A, len) == 3
 
 
 def test_a_trace_of_more_spans_than_one_script_call_takes_is_stored_whole(
@@ -372,7 +380,7 @@ def test_a_late_span_reopens_a_decided_trace_with_all_earlier_spans(
     result = store.append({A: late}, now=12.0)
     assert result.late == 1 and result.accepted == 1 and result.touched == [A]
     assert store.counts() == (1, 3)
-    assert store.with_trace(A, len) == 3
+    assert with_trace(store, A, len) == 3
     assert claim(store, 21.9) == []  # the re-opened trace waits decision_wait again
     [again] = claim(store, 22.0)
     assert again.reason == "idle"
@@ -421,8 +429,8 @@ def test_max_spans_per_trace_refuses_the_excess_and_reports_it(
     assert (result.accepted, result.rejected) == (1, 1)
     result = store.append({A: spans(A)}, now=2.0)
     assert (result.accepted, result.rejected) == (0, 1)
-    assert store.with_trace(A, len) == 3
-    assert store.with_trace(B, len) == 3
+    assert with_trace(store, A, len) == 3
+    assert with_trace(store, B, len) == 3
     assert store.counts() == (2, 6)
     # A full trace is still decided with what it holds.
     claimed = by_id(claim(store, 100.0))
@@ -519,11 +527,11 @@ def test_decided_traces_are_forgotten_after_decided_retention(
     store.reserve_signals([("double-charge", A)])
     store.reserve_signals([("double-charge", B)])
     result = store.append({A: spans(A)}, now=5.5)  # within retention: re-opens, whole
-    assert result.late == 1 and store.with_trace(A, len) == 3
+    assert result.late == 1 and with_trace(store, A, len) == 3
     claim(store, 7.0)  # housekeeping past B's retention
     result = store.append({B: spans(B)}, now=7.0)
     assert result.late == 0  # B was forgotten: this is a new trace ...
-    assert store.with_trace(B, len) == 1  # ... holding only the new span
+    assert with_trace(store, B, len) == 1  # ... holding only the new span
     assert store.reserve_signals([("double-charge", B)]) == [True]  # nothing to deduplicate
 
 
@@ -560,7 +568,7 @@ def test_a_trace_decided_on_arrival_pushed_out_inside_its_wait_counts_as_evicted
     store.append({A: spans(A)}, now=0.0, decide_on_arrival={A})
     store.append({B: spans(B)}, now=1.5)
     assert store.append({C: spans(C)}, now=2.0).evicted == 0
-    assert claim(store, 2.0) == [] and store.with_trace(A, len) is None
+    assert claim(store, 2.0) == [] and with_trace(store, A, len) is None
 
 
 def test_a_decided_trace_is_forgotten_before_one_decided_on_arrival_inside_its_wait(
@@ -572,7 +580,7 @@ def test_a_decided_trace_is_forgotten_before_one_decided_on_arrival_inside_its_w
     assert [c.trace_id for c in claim(store, 1.0)] == [A]
     assert store.append({C: spans(C)}, now=2.0).evicted == 0
     assert claim(store, 2.0) == []
-    assert store.append({B: spans(B)}, now=3.0).late == 0 and store.with_trace(B, len) == 2
+    assert store.append({B: spans(B)}, now=3.0).late == 0 and with_trace(store, B, len) == 2
 
 
 def test_claim_all_at_shutdown_returns_every_open_trace(local_store_factory: StoreFactory) -> None:

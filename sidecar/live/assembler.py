@@ -26,6 +26,8 @@ from sidecar.live.exporters import Emitter
 from sidecar.live.metrics import Metrics
 from sidecar.model.errors import StoreUnavailable
 from sidecar.model.spans import Projection, Span, Trace
+from sidecar.otlp.decoded import SpanFilter
+from sidecar.otlp.protobuf import ProtobufDecoder
 from sidecar.rules import Rule, RuleSet, Violation, evaluate
 from sidecar.stores import AppendResult, Claimed, TraceStore
 
@@ -41,11 +43,15 @@ class ActiveRules:
 
     ruleset: RuleSet
     projection: Projection
+    keep: SpanFilter  # the projection, as the decoders take it
+    decoder: ProtobufDecoder
     monotone: tuple[Rule, ...]  # the rules that may signal as soon as they match
 
     @classmethod
     def of(cls, ruleset: RuleSet) -> ActiveRules:
-        return cls(ruleset, ruleset.projection(),
+        projection = ruleset.projection()
+        keep = SpanFilter(projection)
+        return cls(ruleset, projection, keep, ProtobufDecoder(keep),
                    tuple(r for r in ruleset.rules if r.logic.monotone))
 
     def keeps_all_read_by(self, rule: Rule) -> bool:

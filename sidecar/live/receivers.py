@@ -33,7 +33,6 @@ from sidecar.live.metrics import Metrics, QuietHandler
 from sidecar.model.errors import StoreUnavailable
 from sidecar.otlp.decoded import Decoded
 from sidecar.otlp.json_spans import decode_json_request
-from sidecar.otlp.protobuf import decode_request, parse_request
 
 log = logging.getLogger(__name__)
 
@@ -58,18 +57,18 @@ class Intake:
         self.metrics = metrics
 
     def export_protobuf(self, body: bytes, transport: str) -> ExportTraceServiceResponse:
+        active = self.assembler.active  # one snapshot decodes and judges the request
         try:
-            request = parse_request(body)
+            decoded = active.decoder.decode(body)
         except ValueError as exc:
             self.metrics.requests_rejected.labels(transport=transport, reason="invalid").inc()
             raise InvalidRequest(str(exc)) from None
-        active = self.assembler.active  # one snapshot decodes and judges the request
-        return self._accept(decode_request(request, active.projection), active, transport)
+        return self._accept(decoded, active, transport)
 
     def export_json(self, body: bytes, transport: str) -> ExportTraceServiceResponse:
         active = self.assembler.active
         try:
-            decoded = decode_json_request(orjson.loads(body), active.projection)
+            decoded = decode_json_request(orjson.loads(body), active.keep)
         except (ValueError, orjson.JSONDecodeError) as exc:
             self.metrics.requests_rejected.labels(transport=transport, reason="invalid").inc()
             raise InvalidRequest(f"not an OTLP JSON ExportTraceServiceRequest: {exc}") from None

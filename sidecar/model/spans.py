@@ -20,7 +20,7 @@ class Span:
 
     __slots__ = (
         "trace_id", "span_id", "parent_span_id", "name", "start_ns", "end_ns",
-        "status", "kind", "service", "attributes",
+        "status", "kind", "service", "attributes", "group",
     )
 
     def __init__(
@@ -36,6 +36,7 @@ class Span:
         kind: str = "INTERNAL",
         service: str | None = None,
         attributes: dict[str, Any] | None = None,
+        group: Any = None,
     ) -> None:
         self.trace_id = trace_id  # 32 lowercase hex
         self.span_id = span_id  # 16 lowercase hex
@@ -47,11 +48,13 @@ class Span:
         self.kind = kind  # one of KINDS
         self.service = service  # resource attribute service.name
         self.attributes = attributes if attributes is not None else {}
+        # replay --group-by: its resource's value of that attribute (rules never read it)
+        self.group = group
 
     @classmethod
     def of(cls, trace_id: str, span_id: str, name: str, parent_span_id: str, start_ns: int,
            end_ns: int, status: str, kind: str, service: str | None,
-           attributes: dict[str, Any]) -> Span:
+           attributes: dict[str, Any], group: Any = None) -> Span:
         """Every field, positionally: what decoders call per span (keyword parsing makes
         __init__ cost three times as much)."""
         span = _new(cls)
@@ -59,6 +62,7 @@ class Span:
             trace_id, span_id, name, parent_span_id)
         span.start_ns, span.end_ns, span.status, span.kind, span.service, span.attributes = (
             start_ns, end_ns, status, kind, service, attributes)
+        span.group = group
         return span
 
     @property
@@ -113,9 +117,6 @@ class Trace:
         seen: set[str] = set()
         return Trace(self.trace_id, [span for span in spans
                                      if span.span_id not in seen and not seen.add(span.span_id)])
-
-    def named(self, name: str) -> list[Span]:
-        return self.by_name.get(name, [])
 
     def matching(self, glob_key: str, matches: Any) -> list[Span]:
         """Spans whose name satisfies `matches` (a compiled glob); cached per trace under glob_key."""

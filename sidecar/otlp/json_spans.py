@@ -24,7 +24,7 @@ import orjson
 
 from sidecar.model.names import VIOLATION_SPAN
 from sidecar.model.spans import KINDS, STATUSES, Projection, Span
-from sidecar.otlp.decoded import Decoded
+from sidecar.otlp.decoded import Decoded, SpanFilter
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _BOM = b"\xef\xbb\xbf"
@@ -88,19 +88,17 @@ def read_spans(
 
 def spans_from_request(
     doc: Any, projection: Projection | None = None, rejected: list[str] | None = None,
-    resource_key: str | None = None, resource_values: list[Any] | None = None,
-    bare: set[str] | None = None, bare_window: tuple[int, int] = (0, 2**64),
+    resource_key: str | None = None,
 ) -> list[Span]:
     """The spans of one decoded ExportTraceServiceRequest (a file line, or an OTLP/HTTP JSON body).
 
     A malformed request raises ValueError. A malformed span is skipped and its reason appended to
     `rejected` (what OTLP's partial-success response reports); without a list it raises ValueError.
-    With `resource_values`, the value of the resource attribute `resource_key` (None if absent)
-    is appended for each span returned, in order: a Span keeps only `service.name`. With `bare`,
-    the trace ids of spans the projection drops that start within `bare_window` are added to it.
+    With `resource_key`, each span's `group` is its resource's value of that attribute (None if
+    absent).
     """
     bad: list[str] = [] if rejected is None else rejected
-    spans = _decode(doc, projection, bad, resource_key, resource_values, bare, bare_window)
+    spans = _decode(doc, projection, bad, resource_key)
     if rejected is None and bad:
         raise ValueError(bad[0])
     return spans
@@ -163,19 +161,22 @@ def _locate(exc: orjson.JSONDecodeError, first: int, text: bytes) -> tuple[int, 
     return line, f"invalid JSON at column {exc.colno}: {exc.msg}"
 
 
-def decode_json_request(doc: Any, projection: Projection) -> Decoded:
-    """One OTLP/HTTP JSON body, decoded as `otlp.protobuf.decode_request` decodes protobuf: the
-    same projection (attributes per span name included), the same counts, the same ids kept."""
+def decode_json_request(doc: Any, keep: SpanFilter) -> Decoded:
+    """One decoded ExportTraceServiceRequest (an OTLP/HTTP JSON body, a file line, a Tempo
+    answer) as `otlp.protobuf.ProtobufDecoder` decodes protobuf: the same spans kept, with the
+    same attributes, the same counts, the same ids held. A malformed request raises ValueError."""
+    projection = keep.projection
     wants = projection.wants_name
     # Our own violation spans come through, to be counted as such rather than as not selected
     own_too = Projection(lambda name: name == VIOLATION_SPAN or wants(name),
                          projection.attributes, projection.attributes_for)
     out = Decoded()
+    since, until = keep.since_ns, keep.until_ns
     bare: set[str] | None = set() if projection.trace_ids else None
-    for span in _decode(doc, own_too, out.invalid, bare=bare):
+    for span in _decode(doc, own_too, out.invalid, keep.resource_key, bare, (since, until)):
         if span.name == VIOLATION_SPAN:
             out.own += 1
-        else:
+        elif since <= span.start_ns < until:
             out.batch.setdefault(span.trace_id, []).append(span)
     out.received = _count_spans(doc)
     out.not_selected = out.received - len(out.invalid) - out.own - sum(map(len, out.batch.values()))
@@ -195,9 +196,8 @@ def _count_spans(doc: Any) -> int:
 
 
 def _decode(doc: Any, projection: Projection | None, bad: list[str],
-            resource_key: str | None = None, resource_values: list[Any] | None = None,
-            bare: set[str] | None = None, bare_window: tuple[int, int] = (0, 2**64)
-            ) -> list[Span]:
+            resource_key: str | None = None, bare: set[str] | None = None,
+            bare_window: tuple[int, int] = (0, 2**64)) -> list[Span]:
     """Raise ValueError for a malformed request; skip a malformed span, appending why to `bad`."""
     if type(doc) is not dict:
         raise ValueError("not a JSON object")
@@ -243,9 +243,8 @@ def _decode(doc: Any, projection: Projection | None, bad: list[str],
                     bad.append(f"span {name!r}: {exc}" if type(name) is str else f"span: {exc}")
                     continue
                 if span is not None:
+                    span.group = extra
                     spans.append(span)
-                    if resource_values is not None:
-                        resource_values.append(extra)
                 elif bare is not None:  # not selected: its trace is still known by its id
                     trace_id = _id(raw.get("traceId"), 16)
                     start = _nanos(raw.get("startTimeUnixNano")) or 0

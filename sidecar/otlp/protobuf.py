@@ -1,113 +1,251 @@
-"""OTLP protobuf (ExportTraceServiceRequest) to span records, grouped by trace.
+"""OTLP protobuf (ExportTraceServiceRequest bytes) to spans, grouped by trace: the one protobuf
+decoder, for live ingest and replay alike.
 
-This is the live hot path: a span's name is read first and the span is skipped unless some rule
-selects it; only the attributes rules read are decoded. BeTrace's own violation spans, coming
-back through the collector, are recognised by their reserved name and skipped.
+The request is parsed in two steps, each by upb in C: the request with each ScopeSpans left as
+bytes (with `SpanFilter.names`, a scope holding none of the selected names is skipped unparsed),
+then a scope's spans, with their attributes as a map of raw AnyValue bytes. A span no rule
+selects costs one name test; a kept span decodes only the attributes its rules read (the
+`Projection`). BeTrace's own violation spans, coming back through the collector, are counted and
+skipped.
 """
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+from opentelemetry.proto.trace.v1.trace_pb2 import Status
 
 from sidecar.model.names import VIOLATION_SPAN
-from sidecar.otlp.decoded import Decoded
-from sidecar.model.spans import KINDS, STATUSES, Projection, Span
+from sidecar.model.spans import KINDS, STATUSES, Span
+from sidecar.otlp.decoded import Decoded, SpanFilter
 
-_ZERO_TRACE = bytes(16)
-_ZERO_SPAN = bytes(8)
+_DOUBLE = struct.Struct("<d")
 _NO_ATTRIBUTES: dict[str, Any] = {}  # shared by every span that keeps none: never mutated
-_STATUS, _KIND = dict(enumerate(STATUSES)), dict(enumerate(KINDS))
+_ZERO_TRACE, _ZERO_SPAN = bytes(16), bytes(8)
+_KIND = dict(enumerate(KINDS))
+# A Status is kept as bytes: without a message (the usual case) these are all it can be.
+_STATUS_BYTES = {b"": "UNSET", b"\x18\x00": "UNSET", b"\x18\x01": "OK", b"\x18\x02": "ERROR"}
 
 
-def parse_request(body: bytes) -> ExportTraceServiceRequest:
-    """Raise ValueError with a reason when the body is not an ExportTraceServiceRequest."""
-    try:
-        return ExportTraceServiceRequest.FromString(body)
-    except DecodeError as exc:
-        raise ValueError(f"not an OTLP ExportTraceServiceRequest: {exc}") from None
+def _lean_classes() -> tuple[Any, Any]:
+    """ExportTraceServiceRequest reduced to what replay reads, in two steps: the request with
+    each ScopeSpans left as bytes (a scope holding no selected span name is skipped unparsed),
+    then a scope's spans. Attributes are parsed as `map<string, bytes>`, which has KeyValue's
+    wire layout, so upb indexes them by key in C and only the AnyValues rules read are decoded
+    in Python (a key repeated in one span, which OTLP forbids, keeps its last value where the
+    live path keeps its first). Fields left out (events, links, scopes...) are skipped."""
+    F = descriptor_pb2.FieldDescriptorProto
+    file = descriptor_pb2.FileDescriptorProto(name="betrace_replay_lean.proto",
+                                              package="betrace.lean", syntax="proto3")
+
+    def message(name: str, *fields: tuple[str, int, int, bool, str],
+                parent: Any = None) -> Any:
+        added = (parent.nested_type if parent else file.message_type).add(name=name)
+        for field, number, kind, repeated, type_name in fields:
+            added.field.add(name=field, number=number, type=kind,  # type: ignore[arg-type]
+                            label=F.LABEL_REPEATED if repeated else F.LABEL_OPTIONAL,
+                            **({"type_name": ".betrace.lean." + type_name} if type_name else {}))
+        return added
+
+    def attributes_map(parent: Any) -> None:
+        entry = message("AttributesEntry", ("key", 1, F.TYPE_STRING, False, ""),
+                        ("value", 2, F.TYPE_BYTES, False, ""), parent=parent)
+        entry.options.map_entry = True
+
+    span = message("Span", ("trace_id", 1, F.TYPE_BYTES, False, ""),
+                   ("span_id", 2, F.TYPE_BYTES, False, ""),
+                   ("parent_span_id", 4, F.TYPE_BYTES, False, ""),
+                   ("name", 5, F.TYPE_STRING, False, ""), ("kind", 6, F.TYPE_INT32, False, ""),
+                   ("start", 7, F.TYPE_FIXED64, False, ""), ("end", 8, F.TYPE_FIXED64, False, ""),
+                   ("attributes", 9, F.TYPE_MESSAGE, True, "Span.AttributesEntry"),
+                   ("status", 15, F.TYPE_BYTES, False, ""))  # see _status
+    attributes_map(span)
+    message("ScopeSpans", ("spans", 2, F.TYPE_MESSAGE, True, "Span"))
+    attributes_map(message("Resource", ("attributes", 1, F.TYPE_MESSAGE, True,
+                                        "Resource.AttributesEntry")))
+    message("ResourceSpans", ("resource", 1, F.TYPE_MESSAGE, False, "Resource"),
+            ("scope_spans", 2, F.TYPE_BYTES, True, ""))
+    message("Request", ("resource_spans", 1, F.TYPE_MESSAGE, True, "ResourceSpans"))
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(file)
+    return tuple(message_factory.GetMessageClass(pool.FindMessageTypeByName(f"betrace.lean.{n}"))
+                 for n in ("Request", "ScopeSpans"))  # type: ignore[return-value]
 
 
-def decode_request(request: ExportTraceServiceRequest, projection: Projection) -> Decoded:
-    out = Decoded()
-    wants, keep_for = projection.wants_name, projection.attributes_for
-    batch = out.batch
-    hex_ids: dict[bytes, str] = {}  # one str per trace id, not one per span
-    bare_ids: set[bytes] | None = set() if projection.trace_ids else None
-    # per span name: the one str for it, and the attributes to keep (None: every one); a name
-    # no rule selects maps to None
-    names: dict[str, tuple[str, frozenset[str] | None] | None] = {}
-    for resource_spans in request.resource_spans:
-        service = None
-        for kv in resource_spans.resource.attributes:
-            if kv.key == "service.name":
-                service = kv.value.string_value
-                break
-        for scope_spans in resource_spans.scope_spans:
-            spans = scope_spans.spans
-            out.received += len(spans)
-            for span in spans:
-                name = span.name
+_Request, _ScopeSpans = _lean_classes()
+
+
+class ProtobufDecoder:
+    """ExportTraceServiceRequest bytes to `Decoded` spans, as `keep` says. Safe to share between
+    threads: what one request needs is local to its call."""
+
+    def __init__(self, keep: SpanFilter) -> None:
+        self.keep = keep
+        names = keep.names
+        # A selected name is on the wire as field 5 (tag 0x2a), its length (a minimal varint, as
+        # every encoder writes it), its UTF-8 bytes; a scope holding those bytes anywhere is
+        # parsed and its span names compared exactly.
+        self.tags = None if names is None else tuple(
+            b"\x2a" + _varint(len(n.encode())) + n.encode() for n in sorted(names))
+        # per span name: the one str for it, and the attributes to keep (None: every one); a
+        # name no rule selects maps to None
+        self.reads: dict[str, tuple[str, frozenset[str] | None] | None] = {}
+
+    def decode(self, payload: bytes) -> Decoded:
+        """Raise ValueError with a reason when `payload` is no ExportTraceServiceRequest; a bad
+        scope, span or attribute is reported in `invalid` and skipped."""
+        try:
+            request = _Request.FromString(payload)
+        except DecodeError as exc:
+            raise ValueError(f"not an OTLP ExportTraceServiceRequest ({len(payload)} bytes): "
+                             f"{_reason(exc)}") from None
+        keep, tags = self.keep, self.tags
+        out = Decoded()
+        hex_ids: dict[bytes, str] = {}  # one str per trace id, not one per span
+        bare: set[bytes] | None = set() if keep.projection.trace_ids else None
+        for resource_spans in request.resource_spans:
+            service = group = None
+            resource = resource_spans.resource.attributes
+            if resource:
                 try:
-                    selected = names[name]
-                except KeyError:
-                    selected = names[name] = (name, keep_for(name)) \
-                        if wants(name) and name != VIOLATION_SPAN else None
-                if selected is None:
-                    if name == VIOLATION_SPAN:
-                        out.own += 1
-                    else:
-                        out.not_selected += 1
-                        if bare_ids is not None and len(span.trace_id) == 16 \
-                                and span.trace_id != _ZERO_TRACE:
-                            bare_ids.add(span.trace_id)
+                    service = _any(resource.get("service.name", b""))
+                    if keep.resource_key is not None:
+                        group = _any(resource.get(keep.resource_key, b""))
+                except (DecodeError, ValueError) as exc:  # the spans still count
+                    out.invalid.append(f"invalid resource attribute: {_reason(exc)}")
+                if type(service) is not str:
+                    service = None
+            for scope in resource_spans.scope_spans:
+                if tags is not None and not any(tag in scope for tag in tags):
                     continue
-                trace_id, span_id = span.trace_id, span.span_id
-                tid = hex_ids.get(trace_id)
-                if tid is None:
-                    if len(trace_id) != 16 or trace_id == _ZERO_TRACE:
-                        out.invalid.append(f"span {name!r}: invalid trace_id {trace_id.hex()!r}")
-                        continue
-                    tid = hex_ids[trace_id] = trace_id.hex()
-                if len(span_id) != 8 or span_id == _ZERO_SPAN:
-                    out.invalid.append(f"span {name!r}: invalid span_id {span_id.hex()!r}")
+                try:
+                    spans = _ScopeSpans.FromString(scope).spans
+                except DecodeError as exc:
+                    out.invalid.append(f"invalid ScopeSpans ({len(scope)} bytes): "
+                                       f"{_reason(exc)}")
                     continue
-                name, keep = selected
-                if keep is None:
-                    attributes = {kv.key: any_value(kv.value) for kv in span.attributes}
-                elif keep:
-                    attributes = _kept(span.attributes, keep)
+                out.received += len(spans)
+                self._spans(spans, service, group, out, hex_ids, bare)
+        if bare:
+            out.bare_trace_ids = {trace_id.hex() for trace_id in bare} - out.batch.keys()
+        return out
+
+    def _spans(self, spans: Any, service: str | None, group: Any, out: Decoded,
+               hex_ids: dict[bytes, str], bare: set[bytes] | None) -> None:
+        """The hot loop: for a span no rule selects, one name test and nothing else."""
+        keep, reads, batch, invalid = self.keep, self.reads, out.batch, out.invalid
+        since, until = keep.since_ns, keep.until_ns
+        window = since > 0 or until < 2**64
+        for span in spans:
+            name = span.name
+            try:
+                selected = reads[name]
+            except KeyError:
+                selected = reads[name] = (name, keep.projection.attributes_for(name)) \
+                    if keep.projection.wants_name(name) and name != VIOLATION_SPAN else None
+            if selected is None:
+                if name == VIOLATION_SPAN:
+                    out.own += 1
+                    continue
+                out.not_selected += 1
+                if bare is not None and len(span.trace_id) == 16 \
+                        and span.trace_id != _ZERO_TRACE and since <= span.start < until:
+                    bare.add(span.trace_id)
+                continue
+            start = span.start
+            if window and not since <= start < until:
+                out.not_selected += 1
+                continue
+            trace_id, span_id = span.trace_id, span.span_id
+            tid = hex_ids.get(trace_id)
+            if tid is None:
+                if len(trace_id) != 16 or trace_id == _ZERO_TRACE:
+                    invalid.append(f"span {name!r}: invalid trace_id {trace_id.hex()!r}")
+                    continue
+                tid = hex_ids[trace_id] = trace_id.hex()
+            if len(span_id) != 8 or span_id == _ZERO_SPAN:
+                invalid.append(f"span {name!r}: invalid span_id {span_id.hex()!r}")
+                continue
+            name, keys = selected
+            raw = span.attributes
+            try:
+                if keys:
+                    attributes = {}
+                    for key in keys:
+                        value = raw.get(key)
+                        if value is not None:
+                            attributes[key] = _any(value)
+                elif keys is None:
+                    attributes = {key: _any(value) for key, value in raw.items()}
                 else:
                     attributes = _NO_ATTRIBUTES
-                parent = span.parent_span_id
-                record = Span.of(
-                    tid, span_id.hex(), name, parent.hex() if parent != _ZERO_SPAN else "",
-                    span.start_time_unix_nano, span.end_time_unix_nano,
-                    _STATUS.get(span.status.code, "UNSET"), _KIND.get(span.kind, "UNSPECIFIED"),
-                    service, attributes)
-                bucket = batch.get(tid)
-                if bucket is None:
-                    batch[tid] = [record]
-                else:
-                    bucket.append(record)
-    if bare_ids:
-        out.bare_trace_ids = {trace_id.hex() for trace_id in bare_ids} - batch.keys()
-    return out
+                status = _STATUS_BYTES.get(span.status) or _status(span.status)
+            except (DecodeError, ValueError) as exc:
+                reason = _reason(exc) if isinstance(exc, DecodeError) else exc
+                invalid.append(f"span {name!r}: invalid attribute or status: {reason}")
+                continue
+            parent = span.parent_span_id
+            decoded = Span.of(tid, span_id.hex(), name,
+                              parent.hex() if parent != _ZERO_SPAN else "", start, span.end,
+                              status, _KIND.get(span.kind, "UNSPECIFIED"), service,
+                              attributes or _NO_ATTRIBUTES, group)
+            bucket = batch.get(tid)
+            if bucket is None:
+                batch[tid] = [decoded]
+            else:
+                bucket.append(decoded)
 
 
-def _kept(key_values: Any, keep: frozenset[str]) -> dict[str, Any]:
-    """The wanted attributes; stop reading once all are found."""
-    found: dict[str, Any] = {}
-    wanted = len(keep)
-    for kv in key_values:
-        key = kv.key
-        if key in keep:
-            found[key] = any_value(kv.value)
-            if len(found) == wanted:
-                break
-    return found
+def _reason(error: DecodeError) -> str:
+    """upb's reason without the name of our reduced message type."""
+    return str(error).rsplit(": ", 1)[-1]
+
+
+def _status(raw: bytes) -> str:
+    """A Status with a message, or anything unusual, through the protobuf class."""
+    code = Status.FromString(raw).code
+    return STATUSES[code] if 0 <= code < len(STATUSES) else "UNSET"
+
+
+def _any(raw: bytes) -> Any:
+    """An AnyValue's bytes as the rule engine sees it: a short string, an int, a bool or a
+    double by hand (nearly every value), anything else through the protobuf classes."""
+    size = len(raw)
+    if size > 1:
+        tag = raw[0]
+        if tag == 0x0A:  # string_value
+            if raw[1] == size - 2:
+                return raw[2:].decode()
+        elif tag == 0x18:  # int_value: a varint, two's complement for negatives
+            if size == 2:
+                return raw[1]
+            value = shift = 0
+            for index in range(1, size):
+                byte = raw[index]
+                value |= (byte & 0x7F) << shift
+                if byte < 0x80:
+                    if index + 1 == size:
+                        return value - (1 << 64) if value >= 1 << 63 else value
+                    break
+                shift += 7
+        elif tag == 0x10 and size == 2:  # bool_value
+            return raw[1] != 0
+        elif tag == 0x21 and size == 9:  # double_value
+            return _DOUBLE.unpack_from(raw, 1)[0]
+    return any_value(AnyValue.FromString(raw))
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
 def any_value(value: Any) -> Any:

@@ -37,8 +37,9 @@ from multiprocessing.connection import wait
 from typing import Any
 
 from sidecar.model.signals import Signal
+from sidecar.model.spans import Span
 from sidecar.otlp.json_spans import InputError
-from sidecar.otlp.lean_protobuf import SpanFilter, records_of
+from sidecar.otlp.decoded import SpanFilter
 from sidecar.replay.partitions import Outcome, Plan, ReadResult, RuleStats, Worker
 from sidecar.replay.progress import Progress
 from sidecar.replay.tempo import DEFAULT_LIMIT, TempoStats, tempo_traces
@@ -168,16 +169,14 @@ def replay_tempo(ruleset: RuleSet, url: str, emit: Callable[[Signal], None],
     progress = progress or Progress("never")
     errors: list[InputError] = []
     outcomes: list[Outcome] = []
-    pending: dict[str, list[Any]] = {}
+    pending: dict[str, list[Span]] = {}
     spans = 0
-    for trace_id, found, *groups in tempo_traces(
+    for trace_id, found in tempo_traces(
             url, ruleset, options.since_ns, options.until_ns, errors=errors, stats=stats,
             limit=limit, org_id=org_id, projection=keep.projection,
             resource_key=keep.resource_key):
-        records = records_of(found, groups[0] if groups else None, keep).get(trace_id, [])
-        spans += len(records)
-        if records:
-            pending[trace_id] = records
+        spans += len(found)
+        pending[trace_id] = found
         if len(pending) >= _TEMPO_BATCH:
             outcomes.append(worker.evaluate(pending))
             pending = {}

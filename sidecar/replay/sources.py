@@ -5,8 +5,9 @@ stdin. Each file is recognised by its content, never its name: gzip or zstd comp
 either OTLP JSON (one request per line, or one document) or the Collector file exporter's
 `format: proto`. A bad line or frame is reported as an `InputError` and skipped; the rest is read.
 
-Each request becomes a `Batch` of compact records (sidecar/otlp/lean_protobuf.py), so reading costs little
-more than parsing.
+Each request becomes a `Batch`: its kept spans by trace id, decoded by the same decoders as live
+ingest (`sidecar.otlp`); a trace known by its id alone (none of its spans kept, while a rule
+fires without its spans) has an empty list.
 """
 
 from __future__ import annotations
@@ -29,8 +30,12 @@ import orjson
 import zstandard
 
 from sidecar.model.errors import SourceError
-from sidecar.otlp.json_spans import InputError, read_requests, spans_from_request
-from sidecar.otlp.lean_protobuf import Batch, ProtoDecoder, SpanFilter, records_of
+from sidecar.model.spans import Span
+from sidecar.otlp.decoded import Decoded, SpanFilter
+from sidecar.otlp.json_spans import InputError, decode_json_request, read_requests
+from sidecar.otlp.protobuf import ProtobufDecoder
+
+Batch = dict[str, list[Span]]  # one request's kept spans by trace id
 
 _GZIP_MAGIC, _ZSTD_MAGIC, _BOM = b"\x1f\x8b", b"\x28\xb5\x2f\xfd", b"\xef\xbb\xbf"
 # The file exporter's `format: proto` (and its legacy per-message compression): "each encoded
@@ -153,7 +158,7 @@ class _Reader:
         self.where = where or (lambda: 0)  # stdin: spans are counted, bytes are not
         self.line = 0
         self.offset: int | None = None  # set while reading frames
-        self.proto = ProtoDecoder(keep)
+        self.proto = ProtobufDecoder(keep)
 
     def report(self, reason: str, line: int = 0, offset: int | None = None) -> None:
         self.errors.append(InputError(self.name, line, reason, offset))
@@ -237,12 +242,16 @@ class _Reader:
             except orjson.JSONDecodeError as exc:
                 raise ValueError(f"invalid JSON frame: {exc}") from None
             return self._json_request(doc, bad)
-        return self.proto.decode(payload, bad)
+        return _batch(self.proto.decode(payload), bad)
 
     def _json_request(self, doc: Any, bad: list[str]) -> Batch:
-        keep = self.keep
-        groups: list[Any] | None = [] if keep.resource_key is not None else None
-        bare: set[str] | None = set() if keep.projection.trace_ids else None
-        spans = spans_from_request(doc, keep.projection, bad, keep.resource_key, groups, bare,
-                                   (keep.since_ns, keep.until_ns))
-        return records_of(spans, groups, keep, bare or set())
+        return _batch(decode_json_request(doc, self.keep), bad)
+
+
+def _batch(decoded: Decoded, bad: list[str]) -> Batch:
+    """The spans kept by trace id, and the traces known by id alone with none."""
+    bad += decoded.invalid
+    batch = decoded.batch
+    for trace_id in decoded.bare_trace_ids:
+        batch[trace_id] = []
+    return batch

@@ -69,7 +69,7 @@ MAX_WINDOW_S = 86_400
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 _HEX = frozenset(hexdigits)
 # (trace id, spans), or (trace id, spans, resource attribute per span) with `resource_key`
-TempoTrace = tuple[str, list[Span]] | tuple[str, list[Span], list[Any]]
+TempoTrace = tuple[str, list[Span]]  # a trace id and its spans
 _URLSAFE_TO_STD = str.maketrans("-_", "+/")
 
 
@@ -301,8 +301,10 @@ def tempo_traces(url: str, ruleset: RuleSet, since_ns: int, until_ns: int, *,
     """Every trace in [since_ns, until_ns] that could violate a rule of `ruleset`, whole, as
     (trace id, spans reduced to `projection`, by default what the rules read). Traces are found
     by overlap with the range (Tempo's search), so spans outside it come along; filter them if
-    wanted. With `resource_key` (say `service.version`, for --group-by), each item is
-    (trace id, spans, that resource attribute's value for each span, None where absent).
+    wanted. With `resource_key` (say `service.version`, for --group-by), each span's `group` is
+    its resource's value of that attribute (None where absent). A trace none of whose spans the
+    projection keeps is left out, unless the projection keeps trace ids (then its span list is
+    empty: a rule fires on it without its spans).
 
     A trace that cannot be fetched or read is appended to `errors` and skipped (without a list,
     ValueError is raised instead); a failed search raises TempoError."""
@@ -364,12 +366,8 @@ def _finish(client: TempoClient, trace_id: str, future: Future[Any], projection:
         stats.partial += 1
         log.warning("Tempo returned trace %s partially (over its max trace size)", trace_id)
     rejected: list[str] = []
-    values: list[Any] = []
     try:
-        if resource_key is None:
-            spans = spans_from_request(doc, projection, rejected)
-        else:
-            spans = spans_from_request(doc, projection, rejected, resource_key, values)
+        spans = spans_from_request(doc, projection, rejected, resource_key)
     except ValueError as exc:
         stats.failed += 1
         report(f"not an OTLP trace: {exc}")
@@ -381,14 +379,11 @@ def _finish(client: TempoClient, trace_id: str, future: Future[Any], projection:
         report(f"{others} span(s) of another trace in the answer; ignored")
     if others or any(s.name == VIOLATION_SPAN for s in spans):
         # our own violation spans live in the traces they flag: never evaluate them
-        keep = [s.trace_id == trace_id and s.name != VIOLATION_SPAN for s in spans]
-        if resource_key is not None:
-            values = [v for v, kept in zip(values, keep) if kept]
-        spans = [s for s, kept in zip(spans, keep) if kept]
+        spans = [s for s in spans if s.trace_id == trace_id and s.name != VIOLATION_SPAN]
     stats.fetched += 1
-    if not spans:
+    if not spans and not projection.trace_ids:
         return  # none survive the projection when the match came from `{ }`
-    yield (trace_id, spans) if resource_key is None else (trace_id, spans, values)
+    yield trace_id, spans
 
 
 def normalize_trace_id(raw: Any) -> str:

@@ -248,14 +248,6 @@ class MemoryStore:
                     found.append(use(entry.trace))
             return found
 
-    def with_trace(self, trace_id: str, use: Callable[[Trace], T]) -> T | None:
-        """Run `use` on an open trace while no span can be added to it."""
-        with self._lock:
-            entry = self._entries.get(trace_id)
-            if entry is None or entry.decided_until is not None:
-                return None
-            return use(entry.trace)
-
     def reserve_signals(self, pairs: Sequence[tuple[str, str]]) -> list[bool]:
         """True for the first caller per (rule, trace) while the trace is remembered."""
         with self._lock:

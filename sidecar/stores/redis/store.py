@@ -386,10 +386,6 @@ class RedisStore:
                 for trace_id, raws in zip(trace_ids, reads.run())
                 if len(raws) > 1 and raws[0][:2] == b"0,"]
 
-    def with_trace(self, trace_id: str, use: Callable[[Trace], T]) -> T | None:
-        found = self.with_traces([trace_id], use)
-        return found[0] if found else None
-
     def reserve_signals(self, pairs: Sequence[tuple[str, str]]) -> list[bool]:
         """Reserve (rule, trace) signals, one round trip for all. A reservation is pending until
         `signals_sent`. A decider reserves within milliseconds of its claim and a successor
