@@ -80,7 +80,8 @@ def _parser() -> argparse.ArgumentParser:
         "Exit status: 0 done; 1 violations found with --fail-on-violation; 2 could not run "
         "(bad rules or options, a source that matches nothing or cannot be read, Tempo "
         "unreachable); 3 done, but malformed input was skipped (with --tempo: or a trace was "
-        "missing, partial, or a search window still full).")
+        "missing, partial, or a search window still full); 4 done, but a rule raised on some "
+        "traces (the summary names it; every other rule was judged).")
     replay.add_argument("sources", nargs="*", metavar="SOURCE",
                         help="file, directory (read recursively, hidden entries skipped), glob "
                         "(quoted globs are expanded too) or '-' for stdin")

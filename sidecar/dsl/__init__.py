@@ -21,7 +21,8 @@ from sidecar.dsl.parser import MAX_EXPRESSION_BYTES, parse, parse_duration
 from sidecar.dsl.traceql import ANY_TRACE, pushdowns, rule_query, traceql_for
 
 __all__ = [
-    "ANY_TRACE", "MAX_EXPRESSION_BYTES", "MISSING", "CompiledExpr", "References", "attribute_getter",
+    "ANY_TRACE", "MAX_EXPRESSION_BYTES", "MISSING", "CompiledExpr", "References",
+    "attribute_getter",
     "combine_clauses", "compile_clause", "compile_expression", "distinct_key", "glob_matcher",
     "memoized", "parse", "parse_duration", "pushdowns", "rule_query", "traceql_for",
 ]

@@ -60,6 +60,8 @@ class CompiledExpr:
     """A compiled expression: `test(trace)` is true when the rule it belongs to fires."""
 
     text: str
+    # its syntax tree, kept for the passes that read it (TraceQL translation, analysis)
+    tree: syntax.Expr | syntax.Clauses = field(repr=False, compare=False)
     test: TraceTest = field(repr=False)
     witness: SpanSource = field(repr=False)  # the spans that made `test` true
     refs: References
@@ -112,7 +114,9 @@ def combine_clauses(when: CompiledExpr, always: CompiledExpr | None,
         if clause is not None:
             refs = refs | clause.refs
     monotone = always is None and when.monotone and never is not None and never.monotone
-    return CompiledExpr(when.text, test, witness, refs, monotone, applies=when.test,
+    tree = syntax.Clauses(when=when.tree, always=always.tree if always else None,
+                          never=never.tree if never else None)
+    return CompiledExpr(when.text, tree, test, witness, refs, monotone, applies=when.test,
                         fires_on_empty=_true_on_empty(test))
 
 
@@ -122,7 +126,7 @@ def _compile_tree(text: str, tree: syntax.Expr) -> CompiledExpr:
     sources += [_candidates(syntax.Selector(glob, glob=True)) for glob in sorted(refs.globs)]
     test = _expr(tree)
     on_empty = _true_on_empty(test)
-    return CompiledExpr(text, test, _witness(tree), refs, _monotone(tree, positive=True),
+    return CompiledExpr(text, tree, test, _witness(tree), refs, _monotone(tree, positive=True),
                         applies=lambda trace: on_empty or any(source(trace) for source in sources),
                         fires_on_empty=on_empty)
 

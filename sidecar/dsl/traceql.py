@@ -6,8 +6,8 @@ real rule locally. Nothing is pushed down unless Tempo's semantics make the quer
 strict as BeTrace's (the design's rules 1-15 against the TraceQL documentation,
 https://grafana.com/docs/tempo/latest/traceql/construct-traceql-queries/).
 
-Per rule, from its syntax tree (`when` for when/always/never rules, plus `not always` / `never`
-when the rule is the in-DSL `when {} always {} never {}` form):
+Per rule, from the syntax tree it was compiled from (for when/always/never rules, in YAML keys or
+the in-DSL `when {} always {} never {}` form: `when` and (`not always` or `never`)):
 
 - `X.where(p)` / `trace.has(X)` need a span `{ name = "X" && <p pushed down> }`; a quoted glob
   selector becomes `name =~ "(?s)GET /users/.*"` (TraceQL regexes are fully anchored), and a
@@ -64,8 +64,6 @@ from fractions import Fraction
 from typing import Any
 
 from sidecar.dsl import syntax
-from sidecar.dsl.parser import parse
-from sidecar.model.errors import ExpressionError
 from sidecar.model.spans import KINDS, STATUSES
 
 __all__ = ["ANY_TRACE", "pushdowns", "rule_query", "traceql_for"]
@@ -205,16 +203,9 @@ def pushdowns(ruleset: Any) -> dict[str, str]:
 
 
 def _rule_condition(rule: Any) -> TraceCond | None:
-    """What a violating trace must hold. A compiled rule keeps its expression text: the whole
-    condition, or the `when` clause of a YAML when/always/never rule (a violation needs `when`).
-    Anything unexpected there gives no condition, which is always sound."""
-    try:
-        tree = parse(rule.logic.text)
-    except ExpressionError:
-        return None
-    named = {(name, glob) for name, glob, _ in rule.logic.refs.selectors}
-    if not _tree_selectors(tree) <= named:
-        return None  # the text is not what the rule compiled from: do not guess
+    """What a violating trace must hold, from the syntax tree the rule was compiled from: the
+    whole condition, or `when` and (`not always` or `never`)."""
+    tree = rule.logic.tree
     if isinstance(tree, syntax.Clauses):
         options = []
         if tree.always is not None:
@@ -223,30 +214,6 @@ def _rule_condition(rule: Any) -> TraceCond | None:
             options.append(_need(tree.never, positive=True))
         return _both([_need(tree.when, positive=True), _either(options)])
     return _need(tree, positive=True)
-
-
-def _tree_selectors(tree: syntax.Expr | syntax.Clauses) -> set[tuple[str, bool]]:
-    found: set[tuple[str, bool]] = set()
-    stack: list[Any] = [tree]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, syntax.Clauses):
-            stack.extend(n for n in (node.when, node.always, node.never) if n is not None)
-        elif isinstance(node, syntax.Not):
-            stack.append(node.operand)
-        elif isinstance(node, (syntax.And, syntax.Or)):
-            stack.extend(node.operands)
-        elif isinstance(node, syntax.Exists):
-            stack.append(node.query)
-        elif isinstance(node, syntax.Before):
-            stack.extend((node.first, node.second))
-        elif isinstance(node, syntax.CountCompare):
-            stack.append(node.left.query)
-            if isinstance(node.right, syntax.Count):
-                stack.append(node.right.query)
-        elif isinstance(node, syntax.Query):
-            found.add((node.selector.name, node.selector.glob))
-    return found
 
 
 def _need(node: syntax.Expr, positive: bool) -> TraceCond | None:

@@ -43,7 +43,11 @@ class Sidecar:
         self.emitter = Emitter(self.metrics, self._signal_log(),
                                ViolationSpans(settings.export_otlp, failed=lost)
                                if settings.export_otlp else None)
-        self.assembler = Assembler(self.store, self.ruleset, self.emitter, self.metrics)
+        # a trace stays stored at most this long: past it, no span of it was pruned for rules
+        # that were replaced before
+        horizon = settings.max_trace_age + settings.decided_retention + settings.claim_lease
+        self.assembler = Assembler(self.store, self.ruleset, self.emitter, self.metrics,
+                                   horizon=horizon)
         self.metrics.set_rules(((r.id, r.severity) for r in self.ruleset.rules),
                                self.ruleset.digest)
         self.metrics.watch_store(self.store.counts)

@@ -19,8 +19,8 @@ import threading
 import time
 from bisect import bisect_right
 from collections import Counter
-from dataclasses import dataclass
 from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
 
 from sidecar.live.exporters import Emitter
 from sidecar.live.metrics import Metrics
@@ -82,12 +82,12 @@ class Assembler:
         self._found: list[Violation] = []  # monotone violations found on arrival, to signal
         self._wake = threading.Condition()
         self._failures_logged: dict[str, float] = {}  # rule id -> when last logged
-        # Rule sets replaced within `horizon` (how long a trace can stay stored), each with when
-        # it was replaced: spans stored then were pruned for them
-        self.horizon = horizon
-        self._replaced: list[tuple[float, ActiveRules]] = []
-        self._judging: dict[int, tuple[Rule, ...]] = {}  # see _rules_for
-        self.active = ActiveRules.of(ruleset)
+        self.horizon = horizon  # how long a trace can stay stored
+        # One assignment swaps all three: the active rules; the rule sets they replaced within
+        # the horizon, each with when it was replaced (spans stored then were pruned for it);
+        # and, by how many of those a trace has seen, the active rules that can judge it
+        self._rules: tuple[ActiveRules, list[tuple[float, ActiveRules]],
+                           dict[int, tuple[Rule, ...]]] = (ActiveRules.of(ruleset), [], {})
         self._use_vocabulary(ruleset)
 
     def set_rules(self, ruleset: RuleSet) -> None:
@@ -96,16 +96,20 @@ class Assembler:
         read all they need in what was kept of it (see `_rules_for`)."""
         self._use_vocabulary(ruleset)
         now = self.clock()
-        active = ActiveRules.of(ruleset)
-        replaced = [(until, old) for until, old in self._replaced if until > now - self.horizon]
-        replaced.append((now, self.active))
+        before, replaced, _ = self._rules
+        replaced = [(until, old) for until, old in replaced if until > now - self.horizon]
+        replaced.append((now, before))
         waiting = [rule.id for rule in ruleset.rules
                    if not all(old.keeps_all_read_by(rule) for _, old in replaced)]
         if waiting:
             log.info("rule(s) %s read spans or attributes the rules before did not keep: they "
                      "judge only traces whose first span arrives after this reload",
                      ", ".join(waiting))
-        self._replaced, self._judging, self.active = replaced, {}, active
+        self._rules = (ActiveRules.of(ruleset), replaced, {})
+
+    @property
+    def active(self) -> ActiveRules:
+        return self._rules[0]
 
     def _use_vocabulary(self, ruleset: RuleSet) -> None:
         refs = ruleset.refs
@@ -116,14 +120,13 @@ class Assembler:
         """The active rules that can judge a trace whose first span was stored at `born` (None:
         at any time within the horizon): those reading nothing that a rule set in force since
         then pruned away. Any other rule could see a pruned attribute as missing and fire."""
-        replaced, active = self._replaced, self.active
+        active, replaced, judging = self._rules
         since = 0 if born is None else bisect_right([until for until, _ in replaced], born)
-        rules = self._judging.get(since)
+        rules = judging.get(since)
         if rules is None:
-            rules = tuple(rule for rule in active.ruleset.rules
-                          if all(old.keeps_all_read_by(rule) for _, old in replaced[since:]))
-            if self.active is active:
-                self._judging[since] = rules
+            rules = judging[since] = tuple(
+                rule for rule in active.ruleset.rules
+                if all(old.keeps_all_read_by(rule) for _, old in replaced[since:]))
         return rules
 
     @property
@@ -246,7 +249,7 @@ class Assembler:
 
     def _decide_all(self, claimed: list[Claimed], now: float) -> None:
         """Evaluate every claimed trace, emit, then tell the store they are decided (in one
-        batch: with Redis, one round trip)."""
+        call: with Redis, one round trip)."""
         found: list[Violation] = []
         latency, evaluation = self.metrics.decision_latency, self.metrics.rule_evaluation
         for reason, count in Counter(item.reason for item in claimed).items():

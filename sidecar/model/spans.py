@@ -54,15 +54,14 @@ class Span:
     @classmethod
     def of(cls, trace_id: str, span_id: str, name: str, parent_span_id: str, start_ns: int,
            end_ns: int, status: str, kind: str, service: str | None,
-           attributes: dict[str, Any], group: Any = None) -> Span:
+           attributes: dict[str, Any], group: Any) -> Span:
         """Every field, positionally: what decoders call per span (keyword parsing makes
         __init__ cost three times as much)."""
         span = _new(cls)
         span.trace_id, span.span_id, span.name, span.parent_span_id = (
             trace_id, span_id, name, parent_span_id)
-        span.start_ns, span.end_ns, span.status, span.kind, span.service, span.attributes = (
-            start_ns, end_ns, status, kind, service, attributes)
-        span.group = group
+        (span.start_ns, span.end_ns, span.status, span.kind, span.service, span.attributes,
+         span.group) = (start_ns, end_ns, status, kind, service, attributes, group)
         return span
 
     @property

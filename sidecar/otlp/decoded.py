@@ -25,7 +25,8 @@ class Decoded:
 @dataclass(frozen=True)
 class SpanFilter:
     """What to keep: spans the projection selects that start in [since_ns, until_ns), with the
-    resource attribute `resource_key` carried on each span as `group` (for --group-by). `names`, when
+    resource attribute `resource_key` carried on each span as `group` (for --group-by). `names`,
+    when
     the selected span names are known exactly (no globs), lets the proto reader skip whole
     scopes that contain none of them without parsing."""
 

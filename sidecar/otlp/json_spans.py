@@ -1,21 +1,16 @@
-"""Read OTLP JSON trace data into `Span` records.
+"""OTLP JSON to spans: an ExportTraceServiceRequest as an OTLP/HTTP body, a Tempo answer, or a
+line of the Collector file exporter's output (`read_requests` streams those: one request per
+line, or one pretty-printed over many lines).
 
-Input is what the Collector's file exporter writes (one ExportTraceServiceRequest per line, maybe
-gzipped) or one request pretty-printed over many lines (jq, Tempo's API). Replay reads large
-histories, so lines are streamed, and the `Projection` drops unwanted spans before their attributes
-are decoded. A malformed line or span is skipped and reported as an `InputError`, never fatal, so
-the caller can say exactly which data went unchecked.
+The `Projection` drops unwanted spans before their attributes are decoded. A malformed line or
+span is skipped and reported (an `InputError` for a file), never fatal, so the caller can say
+exactly which data went unchecked.
 """
 
 from __future__ import annotations
 
 import base64
-import gzip
-import io
-import sys
-import zlib
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
 from dataclasses import dataclass
 from itertools import chain
 from typing import IO, Any
@@ -55,37 +50,6 @@ class InputError:
         return f"{self.source}:{self.line}: {self.reason}"
 
 
-def read_spans(
-    source: str, projection: Projection | None = None, errors: list[InputError] | None = None
-) -> Iterator[Span]:
-    """Stream the spans of an OTLP JSON file (a path, gzip detected by content, or "-" for stdin).
-
-    The file is opened before this returns, so a missing or unreadable file raises OSError at the
-    call. Malformed lines and spans are skipped and appended to `errors`; without a list the first
-    one raises ValueError instead, so nothing is lost silently.
-    """
-    with ExitStack() as stack:  # closes what was opened if anything below fails
-        stream: IO[bytes]
-        if source == "-":
-            name, stream = "<stdin>", sys.stdin.buffer
-            if not hasattr(stream, "peek"):  # a replaced stdin (e.g. over BytesIO): buffer to peek
-                stream = io.BufferedReader(stream)  # type: ignore[arg-type]
-                stack.callback(stream.detach)  # leave the caller's stream open
-        else:
-            name, stream = source, stack.enter_context(open(source, "rb"))
-        if stream.peek(2)[:2] == _GZIP_MAGIC:  # type: ignore[attr-defined]
-            stream = stack.enter_context(gzip.GzipFile(fileobj=stream))
-        owned = stack.pop_all()
-
-    def report(line: int, reason: str) -> None:
-        error = InputError(name, line, reason)
-        if errors is None:
-            raise ValueError(str(error))
-        errors.append(error)
-
-    return _read(stream, owned, projection, report)
-
-
 def spans_from_request(
     doc: Any, projection: Projection | None = None, rejected: list[str] | None = None,
     resource_key: str | None = None,
@@ -102,25 +66,6 @@ def spans_from_request(
     if rejected is None and bad:
         raise ValueError(bad[0])
     return spans
-
-
-def _read(stream: IO[bytes], stack: ExitStack, projection: Projection | None,
-          report: Callable[[int, str], None]) -> Iterator[Span]:
-    number = 0
-    with stack:
-        try:
-            for number, doc in read_requests(stream, report):
-                bad: list[str] = []
-                try:
-                    spans = _decode(doc, projection, bad)  # all of a line, so a bad one yields none
-                except ValueError as exc:
-                    report(number, str(exc))
-                    continue
-                for reason in bad:
-                    report(number, reason)
-                yield from spans
-        except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
-            report(number + 1, f"unreadable gzip data: {exc}")
 
 
 def read_requests(stream: IO[bytes], report: Callable[[int, str], None]
@@ -165,15 +110,12 @@ def decode_json_request(doc: Any, keep: SpanFilter) -> Decoded:
     """One decoded ExportTraceServiceRequest (an OTLP/HTTP JSON body, a file line, a Tempo
     answer) as `otlp.protobuf.ProtobufDecoder` decodes protobuf: the same spans kept, with the
     same attributes, the same counts, the same ids held. A malformed request raises ValueError."""
-    projection = keep.projection
-    wants = projection.wants_name
-    # Our own violation spans come through, to be counted as such rather than as not selected
-    own_too = Projection(lambda name: name == VIOLATION_SPAN or wants(name),
-                         projection.attributes, projection.attributes_for)
     out = Decoded()
     since, until = keep.since_ns, keep.until_ns
-    bare: set[str] | None = set() if projection.trace_ids else None
-    for span in _decode(doc, own_too, out.invalid, keep.resource_key, bare, (since, until)):
+    bare: set[str] | None = set() if keep.projection.trace_ids else None
+    # our own violation spans come through, to be counted as such rather than as not selected
+    for span in _decode(doc, keep.projection, out.invalid, keep.resource_key, bare,
+                        (since, until), own=True):
         if span.name == VIOLATION_SPAN:
             out.own += 1
         elif since <= span.start_ns < until:
@@ -197,7 +139,7 @@ def _count_spans(doc: Any) -> int:
 
 def _decode(doc: Any, projection: Projection | None, bad: list[str],
             resource_key: str | None = None, bare: set[str] | None = None,
-            bare_window: tuple[int, int] = (0, 2**64)) -> list[Span]:
+            bare_window: tuple[int, int] = (0, 2**64), own: bool = False) -> list[Span]:
     """Raise ValueError for a malformed request; skip a malformed span, appending why to `bad`."""
     if type(doc) is not dict:
         raise ValueError("not a JSON object")
@@ -237,7 +179,7 @@ def _decode(doc: Any, projection: Projection | None, bad: list[str],
                 raise ValueError("spans is not a list")
             for raw in raw_spans:
                 try:
-                    span = _span(raw, wants, keep, service)
+                    span = _span(raw, wants, keep, service, own)
                 except ValueError as exc:
                     name = raw.get("name") if type(raw) is dict else None
                     bad.append(f"span {name!r}: {exc}" if type(name) is str else f"span: {exc}")
@@ -255,14 +197,15 @@ def _decode(doc: Any, projection: Projection | None, bad: list[str],
 
 def _span(raw: Any, wants: Callable[[str], bool] | None,
           keep_for: Callable[[str], frozenset[str] | None] | None,
-          service: str | None) -> Span | None:
-    """One span, or None when the projection drops it; ValueError says what is malformed."""
+          service: str | None, own: bool = False) -> Span | None:
+    """One span, or None when the projection drops it (BeTrace's own violation spans come
+    through with `own`); ValueError says what is malformed."""
     if type(raw) is not dict:
         raise ValueError("not an object")
     name = raw.get("name", "")
     if type(name) is not str:
         raise ValueError("name is not a string")
-    if wants is not None and not wants(name):
+    if wants is not None and not wants(name) and not (own and name == VIOLATION_SPAN):
         return None
     trace_id = _id(raw.get("traceId"), 16)
     if not trace_id:
@@ -289,11 +232,9 @@ def _span(raw: Any, wants: Callable[[str], bool] | None,
         raise ValueError(f"invalid status {_short(status)}")
     attributes = raw.get("attributes")
     keep = keep_for(name) if keep_for is not None else None
-    return Span(
-        trace_id, span_id, name, parent_span_id=parent, start_ns=start, end_ns=end,
-        status=status_name, kind=kind, service=service,
-        attributes=_attributes(attributes, keep) if attributes and (keep is None or keep) else {},
-    )
+    return Span.of(
+        trace_id, span_id, name, parent, start, end, status_name, kind, service,
+        _attributes(attributes, keep) if attributes and (keep is None or keep) else {}, None)
 
 
 def _id(raw: Any, size: int) -> str | None:

@@ -11,6 +11,7 @@ skipped.
 
 from __future__ import annotations
 
+import functools
 import struct
 from typing import Any
 
@@ -28,45 +29,41 @@ _NO_ATTRIBUTES: dict[str, Any] = {}  # shared by every span that keeps none: nev
 _ZERO_TRACE, _ZERO_SPAN = bytes(16), bytes(8)
 _KIND = dict(enumerate(KINDS))
 # A Status is kept as bytes: without a message (the usual case) these are all it can be.
+_OWN: Any = ("", None)  # what `ProtobufDecoder.reads` holds for BeTrace's own violation spans
 _STATUS_BYTES = {b"": "UNSET", b"\x18\x00": "UNSET", b"\x18\x01": "OK", b"\x18\x02": "ERROR"}
 
 
+@functools.cache
 def _lean_classes() -> tuple[Any, Any]:
-    """ExportTraceServiceRequest reduced to what replay reads, in two steps: the request with
-    each ScopeSpans left as bytes (a scope holding no selected span name is skipped unparsed),
-    then a scope's spans. Attributes are parsed as `map<string, bytes>`, which has KeyValue's
-    wire layout, so upb indexes them by key in C and only the AnyValues rules read are decoded
-    in Python (a key repeated in one span, which OTLP forbids, keeps its last value where the
-    live path keeps its first). Fields left out (events, links, scopes...) are skipped."""
+    """ExportTraceServiceRequest reduced to what rules read, in two steps: the request with
+    each ScopeSpans left as bytes (a scope holding no selected span name can be skipped
+    unparsed), then a scope's spans. An attribute's value stays AnyValue bytes until a rule
+    needs it, then the common types are decoded by hand (`_any`). Fields left out (events,
+    links, scopes...) are skipped. (Attributes as a `map<string, bytes>` were tried: indexing
+    every span's attributes in C cost more than it saved when most spans are not selected.)"""
     F = descriptor_pb2.FieldDescriptorProto
-    file = descriptor_pb2.FileDescriptorProto(name="betrace_replay_lean.proto",
+    file = descriptor_pb2.FileDescriptorProto(name="betrace_lean.proto",
                                               package="betrace.lean", syntax="proto3")
 
-    def message(name: str, *fields: tuple[str, int, int, bool, str],
-                parent: Any = None) -> Any:
-        added = (parent.nested_type if parent else file.message_type).add(name=name)
+    def message(name: str, *fields: tuple[str, int, int, bool, str]) -> Any:
+        added = file.message_type.add(name=name)
         for field, number, kind, repeated, type_name in fields:
             added.field.add(name=field, number=number, type=kind,  # type: ignore[arg-type]
                             label=F.LABEL_REPEATED if repeated else F.LABEL_OPTIONAL,
                             **({"type_name": ".betrace.lean." + type_name} if type_name else {}))
         return added
 
-    def attributes_map(parent: Any) -> None:
-        entry = message("AttributesEntry", ("key", 1, F.TYPE_STRING, False, ""),
-                        ("value", 2, F.TYPE_BYTES, False, ""), parent=parent)
-        entry.options.map_entry = True
-
-    span = message("Span", ("trace_id", 1, F.TYPE_BYTES, False, ""),
+    message("KeyValue", ("key", 1, F.TYPE_STRING, False, ""),
+            ("value", 2, F.TYPE_BYTES, False, ""))
+    message("Span", ("trace_id", 1, F.TYPE_BYTES, False, ""),
                    ("span_id", 2, F.TYPE_BYTES, False, ""),
                    ("parent_span_id", 4, F.TYPE_BYTES, False, ""),
                    ("name", 5, F.TYPE_STRING, False, ""), ("kind", 6, F.TYPE_INT32, False, ""),
                    ("start", 7, F.TYPE_FIXED64, False, ""), ("end", 8, F.TYPE_FIXED64, False, ""),
-                   ("attributes", 9, F.TYPE_MESSAGE, True, "Span.AttributesEntry"),
+                   ("attributes", 9, F.TYPE_MESSAGE, True, "KeyValue"),
                    ("status", 15, F.TYPE_BYTES, False, ""))  # see _status
-    attributes_map(span)
     message("ScopeSpans", ("spans", 2, F.TYPE_MESSAGE, True, "Span"))
-    attributes_map(message("Resource", ("attributes", 1, F.TYPE_MESSAGE, True,
-                                        "Resource.AttributesEntry")))
+    message("Resource", ("attributes", 1, F.TYPE_MESSAGE, True, "KeyValue"))
     message("ResourceSpans", ("resource", 1, F.TYPE_MESSAGE, False, "Resource"),
             ("scope_spans", 2, F.TYPE_BYTES, True, ""))
     message("Request", ("resource_spans", 1, F.TYPE_MESSAGE, True, "ResourceSpans"))
@@ -76,8 +73,6 @@ def _lean_classes() -> tuple[Any, Any]:
                  for n in ("Request", "ScopeSpans"))  # type: ignore[return-value]
 
 
-_Request, _ScopeSpans = _lean_classes()
-
 
 class ProtobufDecoder:
     """ExportTraceServiceRequest bytes to `Decoded` spans, as `keep` says. Safe to share between
@@ -85,6 +80,7 @@ class ProtobufDecoder:
 
     def __init__(self, keep: SpanFilter) -> None:
         self.keep = keep
+        self._request, self._scope_spans = _lean_classes()
         names = keep.names
         # A selected name is on the wire as field 5 (tag 0x2a), its length (a minimal varint, as
         # every encoder writes it), its UTF-8 bytes; a scope holding those bytes anywhere is
@@ -92,29 +88,32 @@ class ProtobufDecoder:
         self.tags = None if names is None else tuple(
             b"\x2a" + _varint(len(n.encode())) + n.encode() for n in sorted(names))
         # per span name: the one str for it, and the attributes to keep (None: every one); a
-        # name no rule selects maps to None
+        # name no rule selects maps to None, the violation spans' to _OWN
         self.reads: dict[str, tuple[str, frozenset[str] | None] | None] = {}
 
     def decode(self, payload: bytes) -> Decoded:
         """Raise ValueError with a reason when `payload` is no ExportTraceServiceRequest; a bad
         scope, span or attribute is reported in `invalid` and skipped."""
         try:
-            request = _Request.FromString(payload)
+            request = self._request.FromString(payload)
         except DecodeError as exc:
             raise ValueError(f"not an OTLP ExportTraceServiceRequest ({len(payload)} bytes): "
                              f"{_reason(exc)}") from None
         keep, tags = self.keep, self.tags
         out = Decoded()
         hex_ids: dict[bytes, str] = {}  # one str per trace id, not one per span
+        refused = 0  # spans in `invalid`
         bare: set[bytes] | None = set() if keep.projection.trace_ids else None
         for resource_spans in request.resource_spans:
             service = group = None
             resource = resource_spans.resource.attributes
             if resource:
                 try:
-                    service = _any(resource.get("service.name", b""))
-                    if keep.resource_key is not None:
-                        group = _any(resource.get(keep.resource_key, b""))
+                    for kv in resource:
+                        if kv.key == "service.name":
+                            service = _any(kv.value)
+                        elif kv.key == keep.resource_key:
+                            group = _any(kv.value)
                 except (DecodeError, ValueError) as exc:  # the spans still count
                     out.invalid.append(f"invalid resource attribute: {_reason(exc)}")
                 if type(service) is not str:
@@ -123,13 +122,16 @@ class ProtobufDecoder:
                 if tags is not None and not any(tag in scope for tag in tags):
                     continue
                 try:
-                    spans = _ScopeSpans.FromString(scope).spans
+                    spans = self._scope_spans.FromString(scope).spans
                 except DecodeError as exc:
                     out.invalid.append(f"invalid ScopeSpans ({len(scope)} bytes): "
                                        f"{_reason(exc)}")
                     continue
                 out.received += len(spans)
+                invalid = len(out.invalid)
                 self._spans(spans, service, group, out, hex_ids, bare)
+                refused += len(out.invalid) - invalid
+        out.not_selected = out.received - out.own - refused - sum(map(len, out.batch.values()))
         if bare:
             out.bare_trace_ids = {trace_id.hex() for trace_id in bare} - out.batch.keys()
         return out
@@ -145,20 +147,19 @@ class ProtobufDecoder:
             try:
                 selected = reads[name]
             except KeyError:
-                selected = reads[name] = (name, keep.projection.attributes_for(name)) \
-                    if keep.projection.wants_name(name) and name != VIOLATION_SPAN else None
-            if selected is None:
-                if name == VIOLATION_SPAN:
-                    out.own += 1
-                    continue
-                out.not_selected += 1
+                selected = reads[name] = _OWN if name == VIOLATION_SPAN else \
+                    (name, keep.projection.attributes_for(name)) \
+                    if keep.projection.wants_name(name) else None
+            if selected is None:  # (counted as not selected by `decode`)
                 if bare is not None and len(span.trace_id) == 16 \
                         and span.trace_id != _ZERO_TRACE and since <= span.start < until:
                     bare.add(span.trace_id)
                 continue
+            if selected is _OWN:
+                out.own += 1
+                continue
             start = span.start
             if window and not since <= start < until:
-                out.not_selected += 1
                 continue
             trace_id, span_id = span.trace_id, span.span_id
             tid = hex_ids.get(trace_id)
@@ -171,16 +172,17 @@ class ProtobufDecoder:
                 invalid.append(f"span {name!r}: invalid span_id {span_id.hex()!r}")
                 continue
             name, keys = selected
-            raw = span.attributes
             try:
                 if keys:
-                    attributes = {}
-                    for key in keys:
-                        value = raw.get(key)
-                        if value is not None:
-                            attributes[key] = _any(value)
+                    attributes, wanted = {}, len(keys)
+                    for kv in span.attributes:  # (OTLP forbids a repeated key: one value wins)
+                        key = kv.key
+                        if key in keys:
+                            attributes[key] = _any(kv.value)
+                            if len(attributes) == wanted:
+                                break
                 elif keys is None:
-                    attributes = {key: _any(value) for key, value in raw.items()}
+                    attributes = {kv.key: _any(kv.value) for kv in span.attributes}
                 else:
                     attributes = _NO_ATTRIBUTES
                 status = _STATUS_BYTES.get(span.status) or _status(span.status)

@@ -58,7 +58,7 @@ def _default_memory() -> int:
 DEFAULT_MEMORY = _default_memory()
 DEFAULT_EDGE_NS = 5 * 60 * 10**9  # the live sidecar's default max trace age
 _MAX_PARTITIONS = 512
-_TEMPO_BATCH = 1000  # whole traces from Tempo evaluated at a time
+_TEMPO_TRACES_PER_ROUND = 1000  # whole traces from Tempo evaluated at a time
 _POLL_SECONDS = 0.2
 
 
@@ -153,7 +153,7 @@ def replay_tempo(ruleset: RuleSet, url: str, emit: Callable[[Signal], None],
                  org_id: str | None = None, stats: TempoStats | None = None,
                  progress: Progress | None = None) -> ReplaySummary:
     """`replay` over the traces Tempo finds between options.since_ns and options.until_ns (both
-    required). Tempo returns each trace whole, so traces are evaluated as they arrive, a batch
+    required). Tempo returns each trace whole, so traces are evaluated as they arrive, a round
     at a time, in this process (the time goes into HTTP, not into evaluating)."""
     if options.since_ns is None or options.until_ns is None:
         raise ValueError("replay from Tempo needs --since (and --until, default now)")
@@ -177,7 +177,7 @@ def replay_tempo(ruleset: RuleSet, url: str, emit: Callable[[Signal], None],
             resource_key=keep.resource_key):
         spans += len(found)
         pending[trace_id] = found
-        if len(pending) >= _TEMPO_BATCH:
+        if len(pending) >= _TEMPO_TRACES_PER_ROUND:
             outcomes.append(worker.evaluate(pending))
             pending = {}
         if progress.due():

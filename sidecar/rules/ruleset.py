@@ -114,8 +114,7 @@ class RuleFailure(NamedTuple):
     error: Exception
 
 
-@dataclass
-class Verdict:
+class Verdict(NamedTuple):
     """What the rules found on one trace."""
 
     violations: list[Violation]
@@ -129,16 +128,17 @@ def evaluate(trace: Trace, rules: Iterable[Rule], scope: bool = False) -> Verdic
     that raises is reported in `failures` while every other rule still runs."""
     trace = trace.without_repeats()
     verdict = Verdict([], [], [])
+    violations, applied = verdict.violations, verdict.applied
     for rule in rules:
         try:
             if scope and rule.applies(trace):
-                verdict.applied.append(rule)
+                applied.append(rule)
             violation = rule.evaluate(trace)
         except Exception as error:  # a rule bug must not hide what the other rules find
             verdict.failures.append(RuleFailure(rule, error))
             continue
         if violation is not None:
-            verdict.violations.append(violation)
+            violations.append(violation)
     return verdict
 
 

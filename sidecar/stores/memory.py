@@ -1,10 +1,11 @@
 """The embedded trace store: all state in this process, guarded by one lock.
 
-A trace that a batch creates, whole (every span accepted), and that the caller names in `decide_on_arrival`
-(no rule fires on it) is decided on arrival: it gets no deadline, so nobody claims it. It is kept
-like a decided trace, as if decided at the deadline it would have had: a span arriving before
-that deadline opens it again (not late; it opens then, for `max_trace_age`), one arriving after
-it is late.
+A trace that a batch creates, whole (every span accepted), and that the caller names in
+`decide_on_arrival` (no rule fires on it) is decided on arrival: it gets no deadline, so nobody
+claims it. It is kept like a decided trace, as if decided at the deadline it would have had: a
+span arriving before that deadline opens it again (not late; it opens then, for
+`max_trace_age`), one arriving after it is late. Traces known by id alone (`trace_ids`) wait in
+their own list under `max_trace_ids`, and are decided as empty traces.
 """
 
 from __future__ import annotations
@@ -88,7 +89,8 @@ class MemoryStore:
                     # Decided: the span re-opens it with its earlier spans, in a fresh Trace (a
                     # decider may still be reading the old one). It is late unless the trace was
                     # decided on arrival and would still be waiting.
-                    del (self._decided if entry.arrival_deadline is None else self._decided_on_arrival)[trace_id]
+                    del (self._decided if entry.arrival_deadline is None
+                         else self._decided_on_arrival)[trace_id]
                     if entry.arrival_deadline is None or now > entry.arrival_deadline:
                         result.late += len(spans)
                     entry.opened, entry.decided_until, entry.arrival_deadline = now, None, None
@@ -101,7 +103,7 @@ class MemoryStore:
                 result.touched.append(trace_id)
                 if whole:
                     result.created.add(trace_id)
-                if whole and trace_id in decide_on_arrival:  # decided on arrival, as of its would-be deadline
+                if whole and trace_id in decide_on_arrival:  # as of its would-be deadline
                     entry.arrival_deadline = now + min(limits.decision_wait, limits.max_trace_age)
                     entry.decided_until = entry.arrival_deadline + limits.decided_retention
                     self._decided_on_arrival[trace_id] = entry

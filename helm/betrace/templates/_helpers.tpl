@@ -120,6 +120,7 @@ args:
   - --decided-retention={{ $s.decidedRetention }}
   - --max-traces={{ $s.maxTraces }}
   - --max-spans-per-trace={{ $s.maxSpansPerTrace }}
+  - --max-trace-ids={{ $s.maxTraceIds }}
   - --claim-lease={{ $s.claimLease }}
   - --reload-interval={{ $s.reloadInterval }}
   - --log-level={{ $s.logLevel }}

@@ -13,6 +13,7 @@ scripts/state.lua.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -56,13 +57,21 @@ def unavailable_while_down() -> Iterator[None]:
 
 
 class Script:
-    """A Lua script, called by its SHA1 (EVALSHA) and loaded when Redis answers NOSCRIPT."""
+    """A Lua script (scripts/<name>.lua, after scripts/state.lua `with_state`), called by its
+    SHA1 (EVALSHA) and loaded when Redis answers NOSCRIPT; read on first use."""
 
     def __init__(self, name: str, with_state: bool = False) -> None:
+        self.name, self.with_state = name, with_state
+
+    @functools.cached_property
+    def source(self) -> str:
         scripts = resources.files(__package__) / "scripts"
-        prefix = (scripts / "state.lua").read_text() if with_state else ""
-        self.source = prefix + (scripts / f"{name}.lua").read_text()
-        self.sha = hashlib.sha1(self.source.encode()).hexdigest()
+        prefix = (scripts / "state.lua").read_text() if self.with_state else ""
+        return prefix + (scripts / f"{self.name}.lua").read_text()
+
+    @functools.cached_property
+    def sha(self) -> str:
+        return hashlib.sha1(self.source.encode()).hexdigest()
 
 
 APPEND, CLAIM_TRACE, FINISH = (Script(name, with_state=True)
@@ -154,15 +163,16 @@ class PerSlot:
     one hash slot on a Cluster (where a script may touch one slot only). Each brings its keys
     and its own arguments; `results` gives each its element of the reply, in the order added."""
 
-    def __init__(self, batch: Pipeline, script: Script, shared: Sequence[Any],
+    def __init__(self, pipeline: Pipeline, script: Script, shared: Sequence[Any],
                  traces_per_call: int = MAX_ARGS,
                  split: Callable[[list[Any]], list[Any]] = list) -> None:
-        self.batch, self.script, self.shared = batch, script, list(shared)
+        self.pipeline, self.script, self.shared = pipeline, script, list(shared)
         self.split = split  # a call's flat reply -> one result per trace
         self.traces_per_call = traces_per_call
-        self.slot = batch.client.keyslot if isinstance(batch.client, RedisCluster) else None
+        self.slot = pipeline.client.keyslot if isinstance(pipeline.client, RedisCluster) \
+            else None
         self.open: dict[int, tuple[list[str], list[Any], list[int]]] = {}
-        self.calls: list[tuple[int, list[int]]] = []  # batch position, the traces it serves
+        self.calls: list[tuple[int, list[int]]] = []  # pipeline position, the traces it serves
         self.count = 0
 
     def add(self, keys: Sequence[str], args: Sequence[Any]) -> None:
@@ -179,10 +189,10 @@ class PerSlot:
 
     def _queue(self, group: int) -> None:
         keys, args, traces = self.open.pop(group)
-        self.calls.append((self.batch.call(self.script, keys, args), traces))
+        self.calls.append((self.pipeline.call(self.script, keys, args), traces))
 
     def results(self, replies: list[Any]) -> list[Any]:
-        """After the batch ran: one result per trace added."""
+        """After the pipeline ran: one result per trace added."""
         out: list[Any] = [None] * self.count
         for position, traces in self.calls:
             for trace, result in zip(traces, self.split(replies[position])):
@@ -190,7 +200,7 @@ class PerSlot:
         return out
 
     def queue(self) -> PerSlot:
-        """Queue the calls still open on the batch (before it runs)."""
+        """Queue the calls still open on the pipeline (before it runs)."""
         for group in list(self.open):
             self._queue(group)
         return self

@@ -72,7 +72,7 @@ def decode_span(trace_id: str, raw: bytes, words: Callable[[int], tuple[str, ...
     attributes = {vocabulary[key] if type(key) is int else key: value
                   for key, value in zip(pairs, pairs)}
     return Span.of(trace_id, span_id.hex(), name, parent.hex(), start, start + duration,
-                   STATUSES[codes >> 3], KINDS[codes & 7], service, attributes)
+                   STATUSES[codes >> 3], KINDS[codes & 7], service, attributes, None)
 
 
 def _storable(value: Any) -> Any:

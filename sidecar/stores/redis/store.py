@@ -106,8 +106,8 @@ class _ShardUpdates:
     def release(self, shard: int, trace_id: str, if_ms: int | str) -> None:
         self._ops(shard).extend(("r", trace_id, if_ms))
 
-    def send(self, batch: Pipeline) -> None:
-        calls = PerSlot(batch, SHARD, ())
+    def send(self, pipeline: Pipeline) -> None:
+        calls = PerSlot(pipeline, SHARD, ())
         for shard, ops in self.shards.items():
             if ops == [0, 0, 0]:
                 continue
@@ -293,9 +293,9 @@ class RedisStore:
         return result
 
     def _send(self, updates: _ShardUpdates) -> None:
-        batch = Pipeline(self.client)
-        updates.send(batch)
-        batch.run()
+        pipeline = Pipeline(self.client)
+        updates.send(pipeline)
+        pipeline.run()
 
     def claim_due(self, now: float, limit: int = 1000) -> list[Claimed]:
         self.check_format()
@@ -311,8 +311,8 @@ class RedisStore:
         popping.queue()
         updates = _ShardUpdates(self)
         chosen: list[tuple[str, int, str]] = []
-        batch = Pipeline(self.client)
-        claims = PerSlot(batch, CLAIM_TRACE, [now_ms, _ms(limits.decision_wait),
+        pipeline = Pipeline(self.client)
+        claims = PerSlot(pipeline, CLAIM_TRACE, [now_ms, _ms(limits.decision_wait),
                                                 _ms(limits.max_trace_age), lease_ms],
                            traces_per_call=_CLAIMS_PER_CALL, split=_claim_results)
         tokens = os.urandom(6).hex()  # this claim's; a trace's token adds its place in it
@@ -328,7 +328,7 @@ class RedisStore:
         claimed: list[Claimed] = []
         claims.queue()
         for (trace_id, shard, token), (head, spans) in zip(chosen,
-                                                          claims.results(batch.run())):
+                                                          claims.results(pipeline.run())):
             verdict = head[0]
             if verdict == b"later":
                 updates.due(shard, trace_id, head[1].decode())
@@ -353,18 +353,18 @@ class RedisStore:
 
     def finish(self, claimed: Sequence[Claimed]) -> None:
         """Mark decided traces (unless a late span re-opened them meanwhile) and drop their
-        deadlines: two round trips per node for the whole batch."""
+        deadlines: two round trips per node for all of them."""
         if not claimed:
             return
-        batch = Pipeline(self.client)
-        finishes = PerSlot(batch, FINISH, [_ms(self.limits.decided_retention + 1)])
+        pipeline = Pipeline(self.client)
+        finishes = PerSlot(pipeline, FINISH, [_ms(self.limits.decided_retention + 1)])
         for item in claimed:
             lease = item.handle
             assert isinstance(lease, _Lease)
             finishes.add(self._trace_keys(item.trace_id), [lease.token])
         updates = _ShardUpdates(self)
         finishes.queue()
-        for item, done in zip(claimed, finishes.results(batch.run())):
+        for item, done in zip(claimed, finishes.results(pipeline.run())):
             if done:
                 lease = item.handle
                 assert isinstance(lease, _Lease)
@@ -392,20 +392,20 @@ class RedisStore:
         claims only after the lease, so a reservation older than half the lease belongs to a
         decider that died before writing: it is taken over. A crash can repeat a signal (same
         signal_id), never lose one."""
-        batch = Pipeline(self.client)
-        reservations = PerSlot(batch, RESERVE_SIGNAL, [
+        pipeline = Pipeline(self.client)
+        reservations = PerSlot(pipeline, RESERVE_SIGNAL, [
             _ms(time.time()), _ms(self.limits.claim_lease / 2), _ms(self.ttl)])
         for rule_id, trace_id in pairs:
             reservations.add(self._trace_keys(trace_id)[1:], [rule_id])
         reservations.queue()
-        return [bool(reply) for reply in reservations.results(batch.run())]
+        return [bool(reply) for reply in reservations.results(pipeline.run())]
 
     def signals_sent(self, pairs: Sequence[tuple[str, str]]) -> None:
-        batch = Pipeline(self.client)
+        pipeline = Pipeline(self.client)
         for rule_id, trace_id in pairs:
             key = self._trace_keys(trace_id)[1]
-            batch.add(key, "HSET", key, rule_id, "sent")
-        batch.run()
+            pipeline.add(key, "HSET", key, rule_id, "sent")
+        pipeline.run()
 
     def next_due(self) -> float | None:
         """The earliest deadline (or lease expiry) in any shard."""
