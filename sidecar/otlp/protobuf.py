@@ -29,18 +29,24 @@ _NO_ATTRIBUTES: dict[str, Any] = {}  # shared by every span that keeps none: nev
 _ZERO_TRACE, _ZERO_SPAN = bytes(16), bytes(8)
 _KIND = dict(enumerate(KINDS))
 # A Status is kept as bytes: without a message (the usual case) these are all it can be.
+# Attributes are parsed indexed while more than this share of the spans parsed is selected
+_INDEX_ABOVE = 0.25
 _OWN: Any = ("", None)  # what `ProtobufDecoder.reads` holds for BeTrace's own violation spans
 _STATUS_BYTES = {b"": "UNSET", b"\x18\x00": "UNSET", b"\x18\x01": "OK", b"\x18\x02": "ERROR"}
 
 
 @functools.cache
-def _lean_classes() -> tuple[Any, Any]:
+def _lean_classes() -> tuple[Any, Any, Any]:
     """ExportTraceServiceRequest reduced to what rules read, in two steps: the request with
     each ScopeSpans left as bytes (a scope holding no selected span name can be skipped
     unparsed), then a scope's spans. An attribute's value stays AnyValue bytes until a rule
     needs it, then the common types are decoded by hand (`_any`). Fields left out (events,
-    links, scopes...) are skipped. (Attributes as a `map<string, bytes>` were tried: indexing
-    every span's attributes in C cost more than it saved when most spans are not selected.)"""
+    links, scopes...) are skipped.
+
+    A scope's spans come in two shapes of one wire layout: attributes as a list of KeyValues,
+    or indexed by key in C (`map<string, bytes>`). Indexing pays when most spans are selected
+    (a span's wanted keys are then looked up, not searched for) and costs more than it saves
+    when most are not (every span's attributes get indexed): see `ProtobufDecoder`."""
     F = descriptor_pb2.FieldDescriptorProto
     file = descriptor_pb2.FileDescriptorProto(name="betrace_lean.proto",
                                               package="betrace.lean", syntax="proto3")
@@ -55,14 +61,17 @@ def _lean_classes() -> tuple[Any, Any]:
 
     message("KeyValue", ("key", 1, F.TYPE_STRING, False, ""),
             ("value", 2, F.TYPE_BYTES, False, ""))
-    message("Span", ("trace_id", 1, F.TYPE_BYTES, False, ""),
-                   ("span_id", 2, F.TYPE_BYTES, False, ""),
-                   ("parent_span_id", 4, F.TYPE_BYTES, False, ""),
-                   ("name", 5, F.TYPE_STRING, False, ""), ("kind", 6, F.TYPE_INT32, False, ""),
-                   ("start", 7, F.TYPE_FIXED64, False, ""), ("end", 8, F.TYPE_FIXED64, False, ""),
-                   ("attributes", 9, F.TYPE_MESSAGE, True, "KeyValue"),
-                   ("status", 15, F.TYPE_BYTES, False, ""))  # see _status
+    span = (("trace_id", 1, F.TYPE_BYTES, False, ""), ("span_id", 2, F.TYPE_BYTES, False, ""),
+            ("parent_span_id", 4, F.TYPE_BYTES, False, ""), ("name", 5, F.TYPE_STRING, False, ""),
+            ("kind", 6, F.TYPE_INT32, False, ""), ("start", 7, F.TYPE_FIXED64, False, ""),
+            ("end", 8, F.TYPE_FIXED64, False, ""),
+            ("status", 15, F.TYPE_BYTES, False, ""))  # see _status
+    message("Span", *span, ("attributes", 9, F.TYPE_MESSAGE, True, "KeyValue"))
     message("ScopeSpans", ("spans", 2, F.TYPE_MESSAGE, True, "Span"))
+    message("AttributesEntry", ("key", 1, F.TYPE_STRING, False, ""),
+            ("value", 2, F.TYPE_BYTES, False, "")).options.map_entry = True
+    message("IndexedSpan", *span, ("attributes", 9, F.TYPE_MESSAGE, True, "AttributesEntry"))
+    message("IndexedScopeSpans", ("spans", 2, F.TYPE_MESSAGE, True, "IndexedSpan"))
     message("Resource", ("attributes", 1, F.TYPE_MESSAGE, True, "KeyValue"))
     message("ResourceSpans", ("resource", 1, F.TYPE_MESSAGE, False, "Resource"),
             ("scope_spans", 2, F.TYPE_BYTES, True, ""))
@@ -70,17 +79,19 @@ def _lean_classes() -> tuple[Any, Any]:
     pool = descriptor_pool.DescriptorPool()
     pool.Add(file)
     return tuple(message_factory.GetMessageClass(pool.FindMessageTypeByName(f"betrace.lean.{n}"))
-                 for n in ("Request", "ScopeSpans"))  # type: ignore[return-value]
+                 for n in ("Request", "ScopeSpans", "IndexedScopeSpans"))  # type: ignore
 
 
 
 class ProtobufDecoder:
     """ExportTraceServiceRequest bytes to `Decoded` spans, as `keep` says. Safe to share between
-    threads: what one request needs is local to its call."""
+    threads: what one request needs is local to its call (the share of selected spans seen
+    so far, which picks how attributes are parsed, is only a hint)."""
 
     def __init__(self, keep: SpanFilter) -> None:
         self.keep = keep
-        self._request, self._scope_spans = _lean_classes()
+        self._request, self._listed, self._indexed = _lean_classes()
+        self.selected_share = 1.0  # of the spans parsed, a moving average over requests
         names = keep.names
         # A selected name is on the wire as field 5 (tag 0x2a), its length (a minimal varint, as
         # every encoder writes it), its UTF-8 bytes; a scope holding those bytes anywhere is
@@ -100,6 +111,8 @@ class ProtobufDecoder:
             raise ValueError(f"not an OTLP ExportTraceServiceRequest ({len(payload)} bytes): "
                              f"{_reason(exc)}") from None
         keep, tags = self.keep, self.tags
+        indexed = self.selected_share > _INDEX_ABOVE
+        scope_spans = (self._indexed if indexed else self._listed).FromString
         out = Decoded()
         hex_ids: dict[bytes, str] = {}  # one str per trace id, not one per span
         refused = 0  # spans in `invalid`
@@ -122,22 +135,25 @@ class ProtobufDecoder:
                 if tags is not None and not any(tag in scope for tag in tags):
                     continue
                 try:
-                    spans = self._scope_spans.FromString(scope).spans
+                    spans = scope_spans(scope).spans
                 except DecodeError as exc:
                     out.invalid.append(f"invalid ScopeSpans ({len(scope)} bytes): "
                                        f"{_reason(exc)}")
                     continue
                 out.received += len(spans)
                 invalid = len(out.invalid)
-                self._spans(spans, service, group, out, hex_ids, bare)
+                self._spans(spans, service, group, out, hex_ids, bare, indexed)
                 refused += len(out.invalid) - invalid
-        out.not_selected = out.received - out.own - refused - sum(map(len, out.batch.values()))
+        kept = sum(map(len, out.batch.values()))
+        out.not_selected = out.received - out.own - refused - kept
+        if out.received:
+            self.selected_share += (kept / out.received - self.selected_share) / 8
         if bare:
             out.bare_trace_ids = {trace_id.hex() for trace_id in bare} - out.batch.keys()
         return out
 
     def _spans(self, spans: Any, service: str | None, group: Any, out: Decoded,
-               hex_ids: dict[bytes, str], bare: set[bytes] | None) -> None:
+               hex_ids: dict[bytes, str], bare: set[bytes] | None, indexed: bool) -> None:
         """The hot loop: for a span no rule selects, one name test and nothing else."""
         keep, reads, batch, invalid = self.keep, self.reads, out.batch, out.invalid
         since, until = keep.since_ns, keep.until_ns
@@ -172,19 +188,26 @@ class ProtobufDecoder:
                 invalid.append(f"span {name!r}: invalid span_id {span_id.hex()!r}")
                 continue
             name, keys = selected
+            raw = span.attributes  # (OTLP forbids a key repeated in a span: one value wins)
             try:
-                if keys:
+                if not keys:
+                    attributes = _NO_ATTRIBUTES if keys is not None else \
+                        {key: _any(value) for key, value in raw.items()} if indexed else \
+                        {kv.key: _any(kv.value) for kv in raw}
+                elif indexed:
+                    attributes = {}
+                    for key in keys:
+                        value = raw.get(key)
+                        if value is not None:
+                            attributes[key] = _any(value)
+                else:
                     attributes, wanted = {}, len(keys)
-                    for kv in span.attributes:  # (OTLP forbids a repeated key: one value wins)
+                    for kv in raw:
                         key = kv.key
                         if key in keys:
                             attributes[key] = _any(kv.value)
                             if len(attributes) == wanted:
                                 break
-                elif keys is None:
-                    attributes = {kv.key: _any(kv.value) for kv in span.attributes}
-                else:
-                    attributes = _NO_ATTRIBUTES
                 status = _STATUS_BYTES.get(span.status) or _status(span.status)
             except (DecodeError, ValueError) as exc:
                 reason = _reason(exc) if isinstance(exc, DecodeError) else exc

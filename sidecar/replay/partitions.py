@@ -12,16 +12,18 @@ import json
 import marshal
 import os
 import struct
-from operator import attrgetter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import partial
+from itertools import starmap
+from operator import attrgetter
 from typing import Any
 
 from sidecar.dsl import MISSING, attribute_getter
 from sidecar.model.signals import Signal
 from sidecar.model.spans import Span, Trace
-from sidecar.otlp.json_spans import InputError
 from sidecar.otlp.decoded import SpanFilter
+from sidecar.otlp.json_spans import InputError
 from sidecar.replay.sources import read_source
 from sidecar.rules import Rule, Violation, evaluate, span_order
 
@@ -153,18 +155,19 @@ class Worker:
         self._write(self.buffer.items(), "", self.plan.partitions, 0)
         self.buffer, self.weight = {}, 0
 
-    def _write(self, items: Iterable[tuple[str, list[Span]]], prefix: str, count: int,
-               depth: int) -> set[str]:
-        """Append `items` to `count` partition files named `prefix`NNNNN~pid; the names used."""
-        parts: list[list[tuple[str, list[Span]]]] = [[] for _ in range(count)]
+    def _write(self, items: Iterable[tuple[str, list[Any]]], prefix: str, count: int,
+               depth: int, spilled: bool = False) -> set[str]:
+        """Append `items` (spans, or spans as spilled already) to `count` partition files named
+        `prefix`NNNNN~pid; the names used."""
+        parts: list[list[tuple[str, list[Any]]]] = [[] for _ in range(count)]
         for item in items:
             parts[_partition(item[0], count, depth)].append(item)
         names = set()
         for number, part in enumerate(parts):
             if part:
                 name = f"{prefix}{number:05d}"
-                data = marshal.dumps([(trace_id, list(map(_SPILLED, spans)))
-                                      for trace_id, spans in part])
+                data = marshal.dumps(part if spilled else [(trace_id, list(map(_SPILLED, spans)))
+                                                           for trace_id, spans in part])
                 with open(os.path.join(self.plan.spill, f"{name}~{os.getpid()}"), "ab") as out:
                     out.write(_CHUNK.pack(len(data)) + data)
                 self.spilled_bytes += _CHUNK.size + len(data)
@@ -181,31 +184,38 @@ class Worker:
             parts: set[str] = set()
             for path in paths:
                 for chunk in _chunks(path):
-                    parts |= self._write(chunk, name + ".", count, depth + 1)
+                    parts |= self._write(chunk, name + ".", count, depth + 1, spilled=True)
                 os.remove(path)
             return merge(self.evaluate_partition(part, depth + 1) for part in sorted(parts))
-        traces: dict[str, list[Span]] = {}
+        spilled: dict[str, list[tuple[Any, ...]]] = {}
         for path in paths:
             for chunk in _chunks(path):
                 for trace_id, records in chunk:
-                    bucket = traces.get(trace_id)
+                    bucket = spilled.get(trace_id)
                     if bucket is None:
-                        traces[trace_id] = records
+                        spilled[trace_id] = records
                     else:
                         bucket.extend(records)
             os.remove(path)
-        return self.evaluate(traces)
+        new = Span.of  # each trace's spans made just before it is evaluated (fewer cache misses)
+        return self._evaluate((trace_id, list(starmap(partial(new, trace_id), records)))
+                              for trace_id, records in spilled.items())
 
-    def evaluate(self, traces: dict[str, list[Span]]) -> Outcome:
+    def evaluate(self, traces: Mapping[str, list[Span]]) -> Outcome:
+        return self._evaluate(traces.items())
+
+    def _evaluate(self, traces: Iterable[tuple[str, list[Span]]]) -> Outcome:
         plan = self.plan
         stats = {rule.id: RuleStats() for rule in plan.rules}
         group = attribute_getter(plan.group_by) if plan.group_by is not None else None
         signals = []
-        if plan.window is not None:  # (a trace known by id alone was read within the window)
-            since, until = plan.window
-            traces = {trace_id: spans for trace_id, spans in traces.items()
-                      if not spans or any(since <= s.start_ns < until for s in spans)}
-        for trace_id, spans in traces.items():
+        window = plan.window
+        evaluated = 0
+        for trace_id, spans in traces:
+            if window is not None and spans and not any(
+                    window[0] <= s.start_ns < window[1] for s in spans):
+                continue  # (a trace known by id alone was read within the window)
+            evaluated += 1
             verdict = evaluate(Trace(trace_id, spans), plan.rules, scope=True)
             for rule in verdict.applied:
                 stats[rule.id].applied += 1
@@ -218,7 +228,7 @@ class Worker:
                 stats[violation.rule.id].add(
                     found.violation_time, None if group is None else _group(violation, group))
                 signals.append(found)
-        return Outcome(len(traces), signals, stats)
+        return Outcome(evaluated, signals, stats)
 
 
 def _partition(trace_id: str, count: int, depth: int) -> int:
@@ -239,15 +249,14 @@ def _group(violation: Violation, get: Callable[[Span], Any]) -> str:
     return "(none)"
 
 
-def _chunks(path: str) -> Iterator[list[tuple[str, list[Span]]]]:
-    """The spilled lists of a partition file, each written with its length: marshal.load on a
-    file reads item by item through Python calls, marshal.loads of the bytes is 30x faster."""
-    new = Span.of
+def _chunks(path: str) -> Iterator[list[tuple[str, list[tuple[Any, ...]]]]]:
+    """The spilled lists of a partition file (spans as `_SPILLED` tuples), each written with its
+    length: marshal.load on a file reads item by item through Python calls, marshal.loads of
+    the bytes is 30x faster."""
     with open(path, "rb") as spilled:
         while head := spilled.read(_CHUNK.size):
             (size,) = _CHUNK.unpack(head)
-            yield [(trace_id, [new(trace_id, *fields) for fields in spilled_spans])
-                   for trace_id, spilled_spans in marshal.loads(spilled.read(size))]
+            yield marshal.loads(spilled.read(size))
 
 
 def merge(outcomes: Iterable[Outcome]) -> Outcome:

@@ -38,8 +38,8 @@ from typing import Any
 
 from sidecar.model.signals import Signal
 from sidecar.model.spans import Span
-from sidecar.otlp.json_spans import InputError
 from sidecar.otlp.decoded import SpanFilter
+from sidecar.otlp.json_spans import InputError
 from sidecar.replay.partitions import Outcome, Plan, ReadResult, RuleStats, Worker
 from sidecar.replay.progress import Progress
 from sidecar.replay.tempo import DEFAULT_LIMIT, TempoStats, tempo_traces

@@ -127,19 +127,22 @@ def evaluate(trace: Trace, rules: Iterable[Rule], scope: bool = False) -> Verdic
     `betrace test`: each span id counts once (a collector retry re-delivers spans), and a rule
     that raises is reported in `failures` while every other rule still runs."""
     trace = trace.without_repeats()
-    verdict = Verdict([], [], [])
-    violations, applied = verdict.violations, verdict.applied
+    violations: list[Violation] = []
+    failures: list[RuleFailure] = []
+    applied: list[Rule] = []
     for rule in rules:
+        logic = rule.logic
         try:
-            if scope and rule.applies(trace):
+            if scope and logic.applies(trace):
                 applied.append(rule)
-            violation = rule.evaluate(trace)
+            if logic.test(trace):
+                violations.append(Violation(rule, trace, logic.witness(trace)))
         except Exception as error:  # a rule bug must not hide what the other rules find
-            verdict.failures.append(RuleFailure(rule, error))
-            continue
-        if violation is not None:
-            violations.append(violation)
-    return verdict
+            failures.append(RuleFailure(rule, error))
+    return _verdict(Verdict, (violations, failures, applied))
+
+
+_verdict = tuple.__new__  # a Verdict without NamedTuple's Python-level __new__ (once per trace)
 
 
 @dataclass(frozen=True)
