@@ -29,8 +29,8 @@ _NO_ATTRIBUTES: dict[str, Any] = {}  # shared by every span that keeps none: nev
 _ZERO_TRACE, _ZERO_SPAN = bytes(16), bytes(8)
 _KIND = dict(enumerate(KINDS))
 # A Status is kept as bytes: without a message (the usual case) these are all it can be.
-# Attributes are parsed indexed while more than this share of the spans parsed is selected
-_INDEX_ABOVE = 0.25
+# A selected span keeping at most this many attributes searches its list for them
+_SEARCHED_UP_TO = 2
 _OWN: Any = ("", None)  # what `ProtobufDecoder.reads` holds for BeTrace's own violation spans
 _STATUS_BYTES = {b"": "UNSET", b"\x18\x00": "UNSET", b"\x18\x01": "OK", b"\x18\x02": "ERROR"}
 
@@ -44,9 +44,8 @@ def _lean_classes() -> tuple[Any, Any, Any]:
     links, scopes...) are skipped.
 
     A scope's spans come in two shapes of one wire layout: attributes as a list of KeyValues,
-    or indexed by key in C (`map<string, bytes>`). Indexing pays when most spans are selected
-    (a span's wanted keys are then looked up, not searched for) and costs more than it saves
-    when most are not (every span's attributes get indexed): see `ProtobufDecoder`."""
+    searched until the wanted keys are found, or indexed by key in C (`map<string, bytes>`),
+    where they are looked up; see `ProtobufDecoder`."""
     F = descriptor_pb2.FieldDescriptorProto
     file = descriptor_pb2.FileDescriptorProto(name="betrace_lean.proto",
                                               package="betrace.lean", syntax="proto3")
@@ -85,13 +84,19 @@ def _lean_classes() -> tuple[Any, Any, Any]:
 
 class ProtobufDecoder:
     """ExportTraceServiceRequest bytes to `Decoded` spans, as `keep` says. Safe to share between
-    threads: what one request needs is local to its call (the share of selected spans seen
-    so far, which picks how attributes are parsed, is only a hint)."""
+    threads: what one request needs is local to its call.
+
+    A selected span that keeps at most a couple of attributes finds them fastest by searching
+    its list (it stops once they are found); one that keeps more, or every attribute, by
+    looking them up in an index, which costs every span parsed its indexing (measured on
+    bench/ingest.py's workloads and bench/replay.py's payment rule)."""
 
     def __init__(self, keep: SpanFilter) -> None:
         self.keep = keep
-        self._request, self._listed, self._indexed = _lean_classes()
-        self.selected_share = 1.0  # of the spans parsed, a moving average over requests
+        self._request, listed, indexed = _lean_classes()
+        most = keep.projection.most_attributes
+        self.indexed = most is None or most > _SEARCHED_UP_TO
+        self._scope_spans = (indexed if self.indexed else listed).FromString
         names = keep.names
         # A selected name is on the wire as field 5 (tag 0x2a), its length (a minimal varint, as
         # every encoder writes it), its UTF-8 bytes; a scope holding those bytes anywhere is
@@ -110,9 +115,7 @@ class ProtobufDecoder:
         except DecodeError as exc:
             raise ValueError(f"not an OTLP ExportTraceServiceRequest ({len(payload)} bytes): "
                              f"{_reason(exc)}") from None
-        keep, tags = self.keep, self.tags
-        indexed = self.selected_share > _INDEX_ABOVE
-        scope_spans = (self._indexed if indexed else self._listed).FromString
+        keep, tags, indexed, scope_spans = self.keep, self.tags, self.indexed, self._scope_spans
         out = Decoded()
         hex_ids: dict[bytes, str] = {}  # one str per trace id, not one per span
         refused = 0  # spans in `invalid`
@@ -146,8 +149,6 @@ class ProtobufDecoder:
                 refused += len(out.invalid) - invalid
         kept = sum(map(len, out.batch.values()))
         out.not_selected = out.received - out.own - refused - kept
-        if out.received:
-            self.selected_share += (kept / out.received - self.selected_share) / 8
         if bare:
             out.bare_trace_ids = {trace_id.hex() for trace_id in bare} - out.batch.keys()
         return out

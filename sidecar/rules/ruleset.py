@@ -191,7 +191,10 @@ class RuleSet:
                 if len(known) < 10_000:  # span names are few; never grow without bound
                     known[name] = found
             return found
-        return Projection(wants, refs.attributes, attributes_for, self.every_trace_matters)
+        on_globs = context.union(*(reads for _, reads in by_glob))
+        most = max((len(on_globs | reads) for reads in exact.values()), default=0)
+        return Projection(wants, refs.attributes, attributes_for, self.every_trace_matters,
+                          max(most, len(on_globs)))
 
     def rule(self, rule_id: str) -> Rule | None:
         return next((r for r in self.rules + self.disabled if r.id == rule_id), None)
