@@ -33,6 +33,7 @@ _LOADED_PER_SPILLED_BYTE = 5  # a marshalled byte, loaded back as Python objects
 _MAX_SPLIT, _MAX_SPLIT_DEPTH = 64, 2  # beyond, one trace is too big to split
 _ERRORS_PER_SOURCE = 1000  # reported one by one; beyond, only counted
 _CHUNK = struct.Struct("<Q")  # the length of each spilled chunk
+_ATTRIBUTES = attrgetter("attributes")
 # A span as spilled (marshal takes plain tuples): Span.of's arguments after the trace id
 _SPILLED = attrgetter("span_id", "name", "parent_span_id", "start_ns", "end_ns", "status", "kind",
                       "service", "attributes", "group")
@@ -138,8 +139,7 @@ class Worker:
                 else:
                     bucket.extend(records)
                 count += len(records)
-                for span in records:
-                    attributes += len(span.attributes)
+                attributes += sum(map(len, map(_ATTRIBUTES, records)))
             spans += count
             self.weight += count * _SPAN_BYTES + attributes * _ATTRIBUTE_BYTES + bare * _ID_BYTES
             if self.weight > plan.share:
