@@ -322,6 +322,15 @@ def test_redis_state_of_another_format_is_refused(redis_url: str) -> None:
         client.flushdb()
     assert RedisStore.from_url(redis_url).append({}, time.time()).accepted == 0
     assert client.get("bt:format") == b"2"
+    # State from before formats were written: shard counts without a format key
+    client.delete("bt:format")
+    client.hset("bt:{q3}:n", "traces", 1)
+    try:
+        with pytest.raises(IncompatibleStore, match="none written"):
+            RedisStore.from_url(redis_url)
+        assert client.get("bt:format") is None  # not claimed over the old state
+    finally:
+        client.flushdb()
 
 
 def _betrace(*args: str | Path) -> subprocess.CompletedProcess[str]:

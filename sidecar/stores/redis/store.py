@@ -183,12 +183,21 @@ class RedisStore:
         return store
 
     def check_format(self) -> None:
-        """Claim the store for this FORMAT, or raise IncompatibleStore if it holds another."""
+        """Claim the store for this FORMAT, or raise IncompatibleStore if it holds another, or
+        state from before formats were written (its shard counts, which never expire)."""
         if self._format_checked:
             return
         with unavailable_while_down():
-            self.client.set(FORMAT_KEY, FORMAT, nx=True)
             found = self.client.get(FORMAT_KEY)
+            if found is None:
+                counts = Pipeline(self.client)
+                for shard in range(self.shards):
+                    key = self._shard_keys(shard)[1]
+                    counts.add(key, "EXISTS", key)
+                if any(counts.run()):
+                    found = b"1 (none written)"
+                elif not self.client.set(FORMAT_KEY, FORMAT, nx=True):
+                    found = self.client.get(FORMAT_KEY)  # another sidecar was first
         if found is not None and found.decode(errors="replace") != FORMAT:
             raise IncompatibleStore(
                 f"redis holds BeTrace state of format {found.decode(errors='replace')!r} (key "
