@@ -42,17 +42,19 @@ class ActiveRules:
     with the projection of the rules that judge it."""
 
     ruleset: RuleSet
-    projection: Projection
-    keep: SpanFilter  # the projection, as the decoders take it
+    keep: SpanFilter  # the rules' projection, as the decoders take it
     decoder: ProtobufDecoder
     monotone: tuple[Rule, ...]  # the rules that may signal as soon as they match
 
     @classmethod
     def of(cls, ruleset: RuleSet) -> ActiveRules:
-        projection = ruleset.projection()
-        keep = SpanFilter(projection)
-        return cls(ruleset, projection, keep, ProtobufDecoder(keep),
+        keep = SpanFilter(ruleset.projection())
+        return cls(ruleset, keep, ProtobufDecoder(keep),
                    tuple(r for r in ruleset.rules if r.logic.monotone))
+
+    @property
+    def projection(self) -> Projection:
+        return self.keep.projection
 
     def keeps_all_read_by(self, rule: Rule) -> bool:
         """Whether spans decoded with this projection hold every span and attribute `rule`
@@ -99,13 +101,13 @@ class Assembler:
         before, replaced, _ = self._rules
         replaced = [(until, old) for until, old in replaced if until > now - self.horizon]
         replaced.append((now, before))
-        waiting = [rule.id for rule in ruleset.rules
-                   if not all(old.keeps_all_read_by(rule) for _, old in replaced)]
+        self._rules = (ActiveRules.of(ruleset), replaced, {})
+        judging = self._rules_for(None)
+        waiting = [rule.id for rule in ruleset.rules if rule not in judging]
         if waiting:
             log.info("rule(s) %s read spans or attributes the rules before did not keep: they "
                      "judge only traces whose first span arrives after this reload",
                      ", ".join(waiting))
-        self._rules = (ActiveRules.of(ruleset), replaced, {})
 
     @property
     def active(self) -> ActiveRules:
