@@ -51,19 +51,6 @@ class Span:
         # replay --group-by: its resource's value of that attribute (rules never read it)
         self.group = group
 
-    @classmethod
-    def of(cls, trace_id: str, span_id: str, name: str, parent_span_id: str, start_ns: int,
-           end_ns: int, status: str, kind: str, service: str | None,
-           attributes: dict[str, Any], group: Any) -> Span:
-        """Every field, positionally: what decoders call per span (keyword parsing makes
-        __init__ cost three times as much)."""
-        span = _new(cls)
-        span.trace_id, span.span_id, span.name, span.parent_span_id = (
-            trace_id, span_id, name, parent_span_id)
-        (span.start_ns, span.end_ns, span.status, span.kind, span.service, span.attributes,
-         span.group) = (start_ns, end_ns, status, kind, service, attributes, group)
-        return span
-
     @property
     def duration_ms(self) -> float:
         return (self.end_ns - self.start_ns) / 1e6
@@ -77,6 +64,27 @@ class Span:
         return all(getattr(self, f) == getattr(other, f) for f in Span.__slots__)
 
     __hash__ = None  # type: ignore[assignment]
+
+
+def span_of(trace_id: str, span_id: str, name: str, parent_span_id: str, start_ns: int,
+            end_ns: int, status: str, kind: str, service: str | None,
+            attributes: dict[str, Any], group: Any) -> Span:
+    """A Span from every field, positionally: what decoders call per span. A module function
+    with one statement per slot costs half what keyword parsing in `Span(...)`, a classmethod
+    or a tuple assignment of the slots would (measured on Python 3.11)."""
+    span = _new(Span)
+    span.trace_id = trace_id
+    span.span_id = span_id
+    span.name = name
+    span.parent_span_id = parent_span_id
+    span.start_ns = start_ns
+    span.end_ns = end_ns
+    span.status = status
+    span.kind = kind
+    span.service = service
+    span.attributes = attributes
+    span.group = group
+    return span
 
 
 _new = object.__new__

@@ -18,7 +18,7 @@ from typing import IO, Any
 import orjson
 
 from sidecar.model.names import VIOLATION_SPAN
-from sidecar.model.spans import KINDS, STATUSES, Projection, Span
+from sidecar.model.spans import KINDS, STATUSES, Projection, Span, span_of
 from sidecar.otlp.decoded import Decoded, SpanFilter
 
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -232,7 +232,7 @@ def _span(raw: Any, wants: Callable[[str], bool] | None,
         raise ValueError(f"invalid status {_short(status)}")
     attributes = raw.get("attributes")
     keep = keep_for(name) if keep_for is not None else None
-    return Span.of(
+    return span_of(
         trace_id, span_id, name, parent, start, end, status_name, kind, service,
         _attributes(attributes, keep) if attributes and (keep is None or keep) else {}, None)
 

@@ -21,7 +21,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Status
 
 from sidecar.model.names import VIOLATION_SPAN
-from sidecar.model.spans import KINDS, STATUSES, Span
+from sidecar.model.spans import KINDS, STATUSES, span_of
 from sidecar.otlp.decoded import Decoded, SpanFilter
 
 _DOUBLE = struct.Struct("<d")
@@ -71,7 +71,7 @@ def _lean_classes() -> tuple[Any, Any, Any]:
             ("value", 2, F.TYPE_BYTES, False, "")).options.map_entry = True
     message("IndexedSpan", *span, ("attributes", 9, F.TYPE_MESSAGE, True, "AttributesEntry"))
     message("IndexedScopeSpans", ("spans", 2, F.TYPE_MESSAGE, True, "IndexedSpan"))
-    message("Resource", ("attributes", 1, F.TYPE_MESSAGE, True, "KeyValue"))
+    message("Resource", ("attributes", 1, F.TYPE_MESSAGE, True, "AttributesEntry"))
     message("ResourceSpans", ("resource", 1, F.TYPE_MESSAGE, False, "Resource"),
             ("scope_spans", 2, F.TYPE_BYTES, True, ""))
     message("Request", ("resource_spans", 1, F.TYPE_MESSAGE, True, "ResourceSpans"))
@@ -116,6 +116,7 @@ class ProtobufDecoder:
             raise ValueError(f"not an OTLP ExportTraceServiceRequest ({len(payload)} bytes): "
                              f"{_reason(exc)}") from None
         keep, tags, indexed, scope_spans = self.keep, self.tags, self.indexed, self._scope_spans
+        group_key = keep.resource_key
         out = Decoded()
         hex_ids: dict[bytes, str] = {}  # one str per trace id, not one per span
         refused = 0  # spans in `invalid`
@@ -125,11 +126,10 @@ class ProtobufDecoder:
             resource = resource_spans.resource.attributes
             if resource:
                 try:
-                    for kv in resource:
-                        if kv.key == "service.name":
-                            service = _any(kv.value)
-                        elif kv.key == keep.resource_key:
-                            group = _any(kv.value)
+                    if (raw := resource.get("service.name")) is not None:
+                        service = _any(raw)
+                    if group_key is not None and (raw := resource.get(group_key)) is not None:
+                        group = _any(raw)
                 except (DecodeError, ValueError) as exc:  # the spans still count
                     out.invalid.append(f"invalid resource attribute: {_reason(exc)}")
                 if type(service) is not str:
@@ -215,7 +215,7 @@ class ProtobufDecoder:
                 invalid.append(f"span {name!r}: invalid attribute or status: {reason}")
                 continue
             parent = span.parent_span_id
-            decoded = Span.of(tid, span_id.hex(), name,
+            decoded = span_of(tid, span_id.hex(), name,
                               parent.hex() if parent != _ZERO_SPAN else "", start, span.end,
                               status, _KIND.get(span.kind, "UNSPECIFIED"), service,
                               attributes or _NO_ATTRIBUTES, group)

@@ -9,7 +9,7 @@ from typing import Any
 
 import msgpack
 
-from sidecar.model.spans import KINDS, STATUSES, Span
+from sidecar.model.spans import KINDS, STATUSES, Span, span_of
 
 PREFIX = "bt:"
 _STATUS_CODE = {name: i for i, name in enumerate(STATUSES)}
@@ -71,7 +71,7 @@ def decode_span(trace_id: str, raw: bytes, words: Callable[[int], tuple[str, ...
     pairs = iter(flat)
     attributes = {vocabulary[key] if type(key) is int else key: value
                   for key, value in zip(pairs, pairs)}
-    return Span.of(trace_id, span_id.hex(), name, parent.hex(), start, start + duration,
+    return span_of(trace_id, span_id.hex(), name, parent.hex(), start, start + duration,
                    STATUSES[codes >> 3], KINDS[codes & 7], service, attributes, None)
 
 
