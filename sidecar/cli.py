@@ -160,6 +160,9 @@ def _parser() -> argparse.ArgumentParser:
     _flag(serve, "--claim-lease", "DURATION", "30s",
           "with Redis: a trace claimed by a sidecar that dies is decided by another after this")
     _flag(serve, "--reload-interval", "DURATION", "2s", "how often to look for rule changes")
+    _flag(serve, "--http-timeout", "DURATION", "30s",
+          "OTLP/HTTP and metrics: a request's body must arrive within this (408 after), its "
+          "head within a third of it (the connection is closed)")
     _flag(serve, "--log-level", "LEVEL", "info", "debug, info, warning or error")
     serve.set_defaults(run=_serve)
 
@@ -252,7 +255,8 @@ def _serve(args: argparse.Namespace) -> int:
             max_trace_ids=int(args.max_trace_ids),
             signals_out=args.signals_out or None, export_otlp=args.export_otlp or None,
             store=args.store, claim_lease=parse_duration(args.claim_lease) / 1e9,
-            reload_interval=parse_duration(args.reload_interval) / 1e9)
+            reload_interval=parse_duration(args.reload_interval) / 1e9,
+            http_timeout=parse_duration(args.http_timeout) / 1e9)
     except ValueError as exc:
         print(f"betrace serve: {exc}", file=sys.stderr)
         return EXIT_UNUSABLE

@@ -582,3 +582,38 @@ def test_crlf_line_endings() -> None:
     assert str(load_error(text)).splitlines()[1:] == [
         " 3 |     condition: x.where(a = 1)",
         "   |                          ^"]
+
+
+# --- numbers beyond what a span can hold (issue: a 5,000-digit literal killed the reload) -----
+
+@pytest.mark.parametrize(("literal", "message"), [
+    ("9" * 5000, "integer 9999999999...999999 (5000 characters) is out of range: span attributes "
+                 "hold 64-bit integers, from -9223372036854775808 to 9223372036854775807"),
+    ("9223372036854775808", "integer 9223372036854775808 is out of range: span attributes hold "
+                            "64-bit integers, from -9223372036854775808 to 9223372036854775807"),
+    ("1e999", "number 1e999 is out of range for a double"),
+])
+def test_a_number_no_span_can_hold_is_a_located_error(literal: str, message: str) -> None:
+    text = f"trace.has(order).where(total > {literal})"
+    error = expression_error(text)
+    assert (error.message, error.code, error.start) == (message, "out-of-range", 31)
+    if "e" not in literal:  # (a count compares with integers only)
+        count = expression_error(f"trace.count(order) > {literal}")
+        assert (count.message, count.start) == (message, 21)
+
+
+def test_the_integer_bounds_themselves_are_accepted() -> None:
+    for literal in ("9223372036854775807", "-9223372036854775808", "0001", "1.5e308"):
+        compile_expression(f"trace.has(order).where(total > {literal})")
+
+
+def test_a_within_beyond_64_bit_nanoseconds_is_a_located_error() -> None:
+    error = expression_error("a before b within 9999999999999999999h")
+    assert (error.message, error.start) == (
+        "duration '9999999999999999999h' is too long: the limit is about 292 years", 18)
+
+
+def test_a_5000_digit_literal_in_a_rule_file_names_its_line_and_column(tmp_path: Path) -> None:
+    error = load_error("rules:\n  - id: big\n    condition: count(order) > " + "9" * 5000 + "\n")
+    assert (error.location.line, error.location.column) == (3, 31)
+    assert "out of range" in str(error)

@@ -217,6 +217,39 @@ def test_sighup_reloads_changed_rules(
     assert process.wait() == 0, process.stderr
 
 
+def test_a_rule_the_parser_chokes_on_is_refused_and_later_reloads_still_happen(
+        serve: Callable[..., Serve], rules_file: Path, free_port: Callable[[], int]) -> None:
+    """A 5,000-digit literal once killed the reload thread (a lark VisitError, not a rule
+    error): later good rules and SIGHUP were ignored while betrace_rules_current said 1."""
+    grpc_port, metrics_port = free_port(), free_port()
+    process = serve("--rules", str(rules_file), "--listen", f"127.0.0.1:{grpc_port}",
+                    "--http-listen", "", "--metrics-listen", f"127.0.0.1:{metrics_port}",
+                    "--reload-interval", "1h")
+    process.wait_for_line("betrace listening")
+
+    rules_file.write_text(NEW_RULES.replace("> 0", "> " + "9" * 5000))
+    before = process.mark()
+    process.send(signal.SIGHUP)
+    process.wait_for_line("rule reload failed", after=before)
+    process.wait_for_line(f"{rules_file}:6:", after=before)
+    metrics = http_get(metrics_port, "/metrics")[1]
+    assert "betrace_rules_current 0.0" in metrics
+
+    rules_file.write_text(NEW_RULES)
+    before = process.mark()
+    process.send(signal.SIGHUP)
+    assert "1 enabled rule(s)" in process.wait_for_line("rules reloaded", after=before)
+    metrics = http_get(metrics_port, "/metrics")[1]
+    assert "betrace_rules_current 1.0" in metrics
+    checked = float(metrics.split("\nbetrace_rule_reload_last_check_timestamp_seconds ")[1]
+                    .split()[0])
+    assert abs(checked - time.time()) < 60
+
+    process.send(signal.SIGTERM)
+    assert process.wait() == 0, process.stderr
+    assert "Traceback" not in process.stderr
+
+
 # --- settings from the environment --------------------------------------------------------------
 
 def test_betrace_environment_variables_are_honoured_and_flags_win(

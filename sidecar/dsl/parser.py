@@ -7,6 +7,7 @@ Every failure leaves this module as an ExpressionError with an offset and a frie
 from __future__ import annotations
 
 import functools
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -77,15 +78,42 @@ def parse(text: str) -> syntax.Expr | syntax.Clauses:
     except VisitError as exc:
         if isinstance(exc.orig_exc, ExpressionError):
             raise exc.orig_exc from None
-        raise
+        # a gap in the checks above: still a located rule error, never a traceback
+        start = exc.obj.meta.start_pos if isinstance(exc.obj, Tree) and not exc.obj.meta.empty \
+            else 0
+        raise ExpressionError(f"cannot read this expression: {type(exc.orig_exc).__name__}: "
+                              f"{exc.orig_exc}", text, start) from None
 
 
 def parse_duration(text: str) -> int:
-    """`200ms`, `1.5s`, `5m`, `2h` to nanoseconds; ValueError otherwise."""
+    """`200ms`, `1.5s`, `5m`, `2h` to nanoseconds; ValueError otherwise (also beyond what a
+    64-bit span timestamp can hold)."""
     match = _DURATION.fullmatch(text.strip())
     if not match:
         raise ValueError(f"invalid duration {text!r}; expected a number and ms, s, m or h")
-    return int(float(match.group(1)) * _DURATION_UNITS_NS[match.group(2)])
+    nanos = float(match.group(1)) * _DURATION_UNITS_NS[match.group(2)]
+    if not nanos < 2**63:
+        raise ValueError(f"duration {text.strip()!r} is too long: the limit is about 292 years")
+    return int(nanos)
+
+
+def parse_number(token: str) -> int | float:
+    """A NUMBER token: an integer within OTLP's 64 bits, or a finite double; ValueError with
+    the reason otherwise."""
+    if re.fullmatch(r"-?\d+", token):
+        # (compared by digits first: int() refuses over 4300 of them, and slowly)
+        if len(token.lstrip("-").lstrip("0")) <= 19 and -2**63 <= (value := int(token)) < 2**63:
+            return value
+        raise ValueError(f"integer {_shortened(token)} is out of range: span attributes hold "
+                         f"64-bit integers, from {-2**63} to {2**63 - 1}")
+    number = float(token)
+    if not math.isfinite(number):
+        raise ValueError(f"number {_shortened(token)} is out of range for a double")
+    return number
+
+
+def _shortened(token: str) -> str:
+    return token if len(token) <= 24 else f"{token[:10]}...{token[-6:]} ({len(token)} characters)"
 
 
 def _syntax_error(text: str, exc: UnexpectedInput) -> ExpressionError:
@@ -151,6 +179,18 @@ class _ToAst(Transformer):  # type: ignore[type-arg]
                                    (where.start_pos or 0) + len(where), code)
         return ExpressionError(message, self.text, where.start, where.end, code)
 
+    def _duration(self, token: Token) -> int:
+        try:
+            return parse_duration(token)
+        except ValueError as exc:
+            raise self._error(str(exc), token, code="out-of-range") from None
+
+    def _number(self, token: Token) -> int | float:
+        try:
+            return parse_number(token)
+        except ValueError as exc:
+            raise self._error(str(exc), token, code="out-of-range") from None
+
     @staticmethod
     def _pos(meta: Any) -> dict[str, int]:
         return {"start": meta.start_pos, "end": meta.end_pos} if not meta.empty else {}
@@ -187,7 +227,7 @@ class _ToAst(Transformer):  # type: ignore[type-arg]
         return syntax.Exists(children[0], **self._pos(meta))
 
     def before(self, meta: Any, children: list[Any]) -> syntax.Before:
-        within = parse_duration(children[4]) if len(children) > 3 else None
+        within = self._duration(children[4]) if len(children) > 3 else None
         return syntax.Before(children[0], children[2], within, **self._pos(meta))
 
     def count_compare(self, meta: Any, children: list[Any]) -> syntax.CountCompare:
@@ -198,7 +238,7 @@ class _ToAst(Transformer):  # type: ignore[type-arg]
             if not re.fullmatch(r"-?\d+", right):
                 raise self._error(f"a count compares with an integer or another count, "
                                   f"not {str(right)!r}", right)
-            right = int(right)
+            right = self._number(right)
         return syntax.CountCompare(left, str(op), right, **self._pos(meta))
 
     def query(self, meta: Any, children: list[Any]) -> syntax.Query:
@@ -299,7 +339,7 @@ class _ToAst(Transformer):  # type: ignore[type-arg]
         token = children[0]
         kind = token.type
         if kind == "NUMBER":
-            return int(token) if re.fullmatch(r"-?\d+", token) else float(token)
+            return self._number(token)
         if kind == "STRING":
             return decode_string(token)
         if kind == "TRUE":

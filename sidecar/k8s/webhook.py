@@ -71,7 +71,7 @@ import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from http.server import ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import yaml
@@ -82,7 +82,7 @@ from prometheus_client import (
 )
 
 from sidecar.live.config import address_problems, binding, split_address
-from sidecar.live.metrics import MetricsServer, QuietHandler
+from sidecar.live.metrics import MetricsServer
 
 log = logging.getLogger(__name__)
 
@@ -529,6 +529,24 @@ class WebhookServer(ThreadingHTTPServer):
         log.debug("connection from %s failed", client_address[0], exc_info=True)
 
 
+class QuietHandler(BaseHTTPRequestHandler):
+    """An HTTP handler that answers with whole bodies and writes no access lines: admission
+    reviews every few seconds would drown the log."""
+
+    def _send(self, status: int, content_type: str, body: bytes,
+              headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        """Nothing: see the class."""
+
+
 class _WebhookHandler(QuietHandler):  # decisions are logged by the injector
     server: WebhookServer
     timeout = REQUEST_TIMEOUT
@@ -602,11 +620,10 @@ class Webhook:
                 except OSError:
                     self._https.server_close()
                     raise
-            self.metrics_port = self._metrics_http.server_address[1]
-        for server, name in ((self._https, "webhook-https"), (self._metrics_http, "metrics-http")):
-            if server is not None:
-                threading.Thread(target=server.serve_forever, args=(0.1,), name=name,
-                                 daemon=True).start()
+            self.metrics_port = self._metrics_http.port
+            self._metrics_http.start()
+        threading.Thread(target=self._https.serve_forever, args=(0.1,), name="webhook-https",
+                         daemon=True).start()
         if not s.namespace:
             log.warning("own namespace unknown (--namespace, POD_NAMESPACE): only the "
                         "MutatingWebhookConfiguration's namespaceSelector keeps the webhook's "
@@ -618,10 +635,11 @@ class Webhook:
                  self.template.current().describe(), s.namespace or "unknown")
 
     def stop(self) -> None:
-        for server in (self._https, self._metrics_http):
-            if server is not None:
-                server.shutdown()
-                server.server_close()
+        if self._https is not None:
+            self._https.shutdown()
+            self._https.server_close()
+        if self._metrics_http is not None:
+            self._metrics_http.close()
         self._https = self._metrics_http = None
 
     def serve_forever(self) -> int:

@@ -19,7 +19,7 @@ from sidecar.live.assembler import Assembler
 from sidecar.live.config import Settings, binding, split_address
 from sidecar.live.exporters import Emitter, ViolationSpans
 from sidecar.live.metrics import Metrics, MetricsServer
-from sidecar.live.receivers import Intake, OtlpHttpServer, grpc_server
+from sidecar.live.receivers import Intake, OtlpHttp, grpc_server
 from sidecar.live.reload import RuleWatcher
 from sidecar.model.signal_writers import JsonLinesWriter
 from sidecar.rules import RuleSet, load_rules
@@ -56,7 +56,7 @@ class Sidecar:
                                    settings.reload_interval)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._http: OtlpHttpServer | None = None
+        self._http: OtlpHttp | None = None
         self._metrics_http: MetricsServer | None = None
         self.grpc_port = self.http_port = self.metrics_port = 0
         self._stopped = False
@@ -90,15 +90,16 @@ class Sidecar:
         self._grpc.start()
         if s.http_listen:
             with binding("OTLP/HTTP", s.http_listen):
-                self._http = OtlpHttpServer(self.intake, split_address(s.http_listen))
-            self.http_port = self._http.server_address[1]
+                self._http = OtlpHttp(self.intake, split_address(s.http_listen),
+                                      s.http_timeout)
+            self.http_port = self._http.port
             self._threads.append(self._http.start())
         if s.metrics_listen:
             with binding("metrics", s.metrics_listen):
                 self._metrics_http = MetricsServer(self.metrics.registry,
                                                    split_address(s.metrics_listen),
-                                                   self.ready)
-            self.metrics_port = self._metrics_http.server_address[1]
+                                                   self.ready, s.http_timeout)
+            self.metrics_port = self._metrics_http.port
             self._threads.append(self._metrics_http.start())
         for target, name in ((self.assembler.run, "decide"), (self.watcher.run, "reload")):
             thread = threading.Thread(target=target, args=(self._stop,), name=name, daemon=True)
@@ -122,21 +123,24 @@ class Sidecar:
         self._stopped = True
         self._stop.set()
         self.watcher.poke()  # wake the reload thread now rather than after reload_interval
+        # Both transports stop taking spans before the final pass: gRPC refuses new calls and
+        # waits for those running; OTLP/HTTP answers 503 to any request on a connection kept
+        # alive, and waits for those being read or stored.
         self._grpc.stop(grace).wait()
         if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
+            self._http.drain(grace)
         self.assembler.wake()
         for thread in self._threads:
             if thread.name in ("decide", "reload"):
                 thread.join(timeout=grace)
         decided = self.assembler.drain()
+        if self._http is not None:
+            self._http.close()
         self.emitter.close()
         if self._log_file is not None:
             self._log_file.close()
         if self._metrics_http is not None:
-            self._metrics_http.shutdown()
-            self._metrics_http.server_close()
+            self._metrics_http.close()
         self.store.close()
         log.info("betrace stopped; decided %d buffered trace(s) on the way out", decided)
 

@@ -32,11 +32,13 @@ class Settings:
     store: str = "memory"  # or redis://, rediss://, unix://, redis+cluster://host:port,...
     claim_lease: float = 30.0  # a trace claimed by a sidecar that dies is re-decided after this
     reload_interval: float = 2.0
+    # OTLP/HTTP and metrics: a request's body must arrive within this, its head within a third
+    http_timeout: float = 30.0
 
     def validate(self) -> list[str]:
         problems = []
         for name in ("decision_wait", "max_trace_age", "decided_retention", "reload_interval",
-                     "claim_lease"):
+                     "claim_lease", "http_timeout"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name.replace('_', '-')} must be positive")
         if self.max_trace_age < self.decision_wait:

@@ -6,9 +6,11 @@ live state (traces and spans buffered) are read from the store at scrape time.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable, Iterable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from aiohttp import web
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -21,6 +23,8 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from sidecar.live.http_server import HTTP_TIMEOUT, HttpServer
 
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _EVAL_BUCKETS = (1e-6, 5e-6, 1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05)
@@ -77,6 +81,15 @@ class Metrics:
             "refused reload until a good one (an alert on it clears only once the file is fixed).",
             registry=r)
         self.rules_current.set(1)
+        self.reload_last_success = Gauge(
+            "betrace_rule_reload_last_success_timestamp_seconds", "When the rules on disk were "
+            "last read without error (start-up included), in Unix seconds.", registry=r)
+        self.reload_last_success.set_to_current_time()
+        self.reload_last_check = Gauge(
+            "betrace_rule_reload_last_check_timestamp_seconds", "When the reload thread last "
+            "looked at the rule files, in Unix seconds: the watchdog (old: the thread is stuck).",
+            registry=r)
+        self.reload_last_check.set_to_current_time()
         self.store_errors = Counter("betrace_store_errors", "Failed trace-store operations.",
                                     ["operation"], registry=r)
         self.export_failures = Counter("betrace_signal_export_failures",
@@ -113,57 +126,43 @@ class _StoreCollector(Collector):
                                 value=spans)
 
 
-class MetricsServer(ThreadingHTTPServer):
+class MetricsServer:
     """`/metrics` for Prometheus, `/healthz` (the process runs) and, given `ready`, `/readyz`
     (rules loaded and the store reachable: what a Kubernetes readiness probe should gate on).
-    The sidecar and the webhook both serve their registry with it."""
-
-    daemon_threads = True
+    The sidecar and the webhook both serve their registry with it. A scrape is built on a
+    thread, off the event loop: a Redis-backed gauge may wait for Redis."""
 
     def __init__(self, registry: CollectorRegistry, address: tuple[str, int],
-                 ready: Callable[[], tuple[bool, str]] | None = None) -> None:
-        super().__init__(address, _MetricsHandler)
+                 ready: Callable[[], tuple[bool, str]] | None = None,
+                 timeout: float = HTTP_TIMEOUT) -> None:
         self.registry = registry
         self.ready = ready
+        self.server = HttpServer(self._handle, address, "metrics-http", timeout)
+        self.port = self.server.port
+
+    async def _handle(self, request: web.BaseRequest) -> web.Response:
+        path, ready = request.path, self.ready
+        if request.method not in ("GET", "HEAD"):
+            return _text(405, "only GET is served here\n", {"Allow": "GET, HEAD"})
+        loop = asyncio.get_running_loop()
+        if path == "/metrics":
+            body = await loop.run_in_executor(None, generate_latest, self.registry)
+            return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+        if path == "/healthz":
+            return _text(200, "ok\n")
+        if path == "/readyz" and ready is not None:
+            ok, reason = await loop.run_in_executor(None, ready)
+            return _text(200 if ok else 503, f"{reason}\n")
+        paths = "/metrics, /healthz or /readyz" if ready else "/metrics or /healthz"
+        return _text(404, f"not found: try {paths}\n")
 
     def start(self) -> threading.Thread:
-        thread = threading.Thread(target=self.serve_forever, name="metrics-http", daemon=True)
-        thread.start()
-        return thread
+        return self.server.start()
+
+    def close(self) -> None:
+        self.server.close()
 
 
-class QuietHandler(BaseHTTPRequestHandler):
-    """An HTTP handler that answers with whole bodies and writes no access lines: scrapes and
-    admission reviews every few seconds would drown the log."""
-
-    def _send(self, status: int, content_type: str, body: bytes,
-              headers: dict[str, str] | None = None) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:
-        """Nothing: see the class."""
-
-
-class _MetricsHandler(QuietHandler):
-    server: MetricsServer
-
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-        path = self.path.split("?")[0]
-        ready = self.server.ready
-        if path == "/metrics":
-            self._send(200, CONTENT_TYPE_LATEST, generate_latest(self.server.registry))
-        elif path == "/healthz":
-            self._send(200, "text/plain", b"ok\n")
-        elif path == "/readyz" and ready is not None:
-            ok, reason = ready()
-            self._send(200 if ok else 503, "text/plain", f"{reason}\n".encode())
-        else:
-            paths = "/metrics, /healthz or /readyz" if ready else "/metrics or /healthz"
-            self._send(404, "text/plain", f"not found: try {paths}\n".encode())
-
+def _text(status: int, text: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, body=text.encode(),
+                        headers={"Content-Type": "text/plain", **(headers or {})})

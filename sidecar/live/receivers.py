@@ -9,17 +9,16 @@ nothing acknowledged is lost.
 
 from __future__ import annotations
 
-import gzip
+import asyncio
 import json
 import logging
 import threading
-import zlib
 from concurrent import futures
-from http.server import ThreadingHTTPServer
 from typing import Any
 
 import grpc
 import orjson
+from aiohttp import web
 from google.protobuf import json_format
 from google.rpc import code_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -29,7 +28,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 
 from sidecar.live.assembler import ActiveRules, Assembler
-from sidecar.live.metrics import Metrics, QuietHandler
+from sidecar.live.http_server import HTTP_TIMEOUT, BodyError, HttpServer, read_body
+from sidecar.live.metrics import Metrics
 from sidecar.model.errors import StoreUnavailable
 from sidecar.otlp.decoded import Decoded
 from sidecar.otlp.json_spans import decode_json_request
@@ -63,6 +63,8 @@ class Intake:
         except ValueError as exc:
             self.metrics.requests_rejected.labels(transport=transport, reason="invalid").inc()
             raise InvalidRequest(str(exc)) from None
+        except Exception as exc:
+            raise self._internal(exc, transport, "decoding") from exc
         return self._accept(decoded, active, transport)
 
     def export_json(self, body: bytes, transport: str) -> ExportTraceServiceResponse:
@@ -72,7 +74,16 @@ class Intake:
         except (ValueError, orjson.JSONDecodeError) as exc:
             self.metrics.requests_rejected.labels(transport=transport, reason="invalid").inc()
             raise InvalidRequest(f"not an OTLP JSON ExportTraceServiceRequest: {exc}") from None
+        except Exception as exc:
+            raise self._internal(exc, transport, "decoding") from exc
         return self._accept(decoded, active, transport)
+
+    def _internal(self, exc: Exception, transport: str, stage: str) -> InternalError:
+        """A bug met while `stage`: logged with its stack, counted, answered INTERNAL."""
+        self.metrics.requests_rejected.labels(transport=transport, reason="internal").inc()
+        log.error("export request refused: internal error while %s (a bug; the sender is "
+                  "answered INTERNAL and does not retry)", stage, exc_info=exc)
+        return InternalError(f"internal error: {type(exc).__name__}: {exc}")
 
     def _accept(self, decoded: Decoded, active: ActiveRules,
                 transport: str) -> ExportTraceServiceResponse:
@@ -93,12 +104,9 @@ class Intake:
                 metrics.requests_rejected.labels(transport=transport, reason="unavailable").inc()
                 raise
             except Exception as exc:
-                metrics.requests_rejected.labels(transport=transport, reason="internal").inc()
                 metrics.spans_rejected.labels(reason="internal").inc(
                     sum(map(len, decoded.batch.values())))
-                log.exception("export request refused: internal error (a bug; the sender is "
-                              "answered INTERNAL and does not retry)")
-                raise InternalError(f"internal error: {type(exc).__name__}: {exc}") from exc
+                raise self._internal(exc, transport, "storing the spans") from exc
             if result.rejected:
                 rejected += result.rejected
                 messages.append(f"{result.rejected} span(s) over max_spans_per_trace")
@@ -152,78 +160,100 @@ def grpc_server(intake: Intake, listen: str, workers: int = 8) -> tuple[grpc.Ser
 
 # --- OTLP/HTTP ----------------------------------------------------------------------------------
 
-MAX_HTTP_BODY = MAX_MESSAGE_BYTES
+MAX_HTTP_BODY = MAX_MESSAGE_BYTES  # before and after decompression
 _PROTOBUF, _JSON = "application/x-protobuf", "application/json"
 
 
-class _OtlpHttpHandler(QuietHandler):
-    server: OtlpHttpServer
-    protocol_version = "HTTP/1.1"
+class OtlpHttp:
+    """OTLP/HTTP `POST /v1/traces`, protobuf or JSON, gzip or deflate or neither, chunked or
+    not. The intake runs on a small pool of threads (it may wait for Redis), never on the
+    event loop. `drain` ends the intake for shutdown: anything that comes after the final
+    decision pass began is answered 503, never acknowledged and then lost."""
 
-    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
-        if self.path.split("?")[0] != "/v1/traces":
-            return self._status(404, code_pb2.NOT_FOUND, "only POST /v1/traces is served here")
-        content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
-        if content_type not in (_PROTOBUF, _JSON):
-            return self._status(415, code_pb2.INVALID_ARGUMENT,
-                                f"Content-Type must be {_PROTOBUF} or {_JSON}")
-        try:
-            body = self._body()
-        except ValueError as exc:
-            return self._status(400, code_pb2.INVALID_ARGUMENT, str(exc), content_type)
-        intake = self.server.intake
-        try:
-            response = intake.export_protobuf(body, "http") if content_type == _PROTOBUF \
-                else intake.export_json(body, "http")
-        except InvalidRequest as exc:
-            return self._status(400, code_pb2.INVALID_ARGUMENT, str(exc), content_type)
-        except StoreUnavailable as exc:
-            return self._status(503, code_pb2.UNAVAILABLE, f"trace store unavailable: {exc}",
-                                content_type, {"Retry-After": "1"})
-        except InternalError as exc:
-            return self._status(500, code_pb2.INTERNAL, str(exc), content_type)
-        self._send_message(200, content_type, response)
-
-    def _body(self) -> bytes:
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_HTTP_BODY:
-            raise ValueError(f"body of {length} bytes exceeds {MAX_HTTP_BODY}")
-        body = self.rfile.read(length)
-        encoding = (self.headers.get("Content-Encoding") or "identity").lower()
-        try:
-            if encoding == "gzip":
-                return gzip.decompress(body)
-            if encoding == "deflate":
-                return zlib.decompress(body)
-        except (OSError, zlib.error, EOFError) as exc:
-            raise ValueError(f"cannot decompress {encoding} body: {exc}") from None
-        if encoding != "identity":
-            raise ValueError(f"unsupported Content-Encoding {encoding!r}")
-        return body
-
-    def _status(self, http_status: int, code: int, message: str,
-                content_type: str = _PROTOBUF, headers: dict[str, str] | None = None) -> None:
-        self._send_message(http_status, content_type,
-                           status_pb2.Status(code=code, message=message), headers)
-
-    def _send_message(self, http_status: int, content_type: str, message: Any,
-                      headers: dict[str, str] | None = None) -> None:
-        body = (json.dumps(json_format.MessageToDict(message)).encode()
-                if content_type == _JSON else message.SerializeToString())
-        self._send(http_status, content_type, body, headers)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("otlp-http: " + format, *args)
-
-
-class OtlpHttpServer(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, intake: Intake, address: tuple[str, int]) -> None:
-        super().__init__(address, _OtlpHttpHandler)
+    def __init__(self, intake: Intake, address: tuple[str, int],
+                 timeout: float = HTTP_TIMEOUT, workers: int = 4) -> None:
         self.intake = intake
+        self.timeout = timeout
+        self._pool = futures.ThreadPoolExecutor(workers, thread_name_prefix="otlp-http")
+        self._draining = False
+        self._in_flight = 0  # requests accepted for reading, not yet answered (loop thread only)
+        self.server = HttpServer(self._handle, address, "otlp-http", timeout)
+        self.port = self.server.port
+
+    async def _handle(self, request: web.BaseRequest) -> web.Response:
+        if request.path != "/v1/traces":
+            return _status(404, code_pb2.NOT_FOUND, "only POST /v1/traces is served here")
+        if request.method != "POST":
+            return _status(405, code_pb2.INVALID_ARGUMENT, "only POST /v1/traces is served here",
+                           headers={"Allow": "POST"})
+        content_type = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if content_type not in (_PROTOBUF, _JSON):
+            return _status(415, code_pb2.INVALID_ARGUMENT,
+                           f"Content-Type must be {_PROTOBUF} or {_JSON}")
+        if self._draining:
+            return _status(503, code_pb2.UNAVAILABLE, "shutting down: send to another sidecar",
+                           content_type, {"Retry-After": "1", "Connection": "close"})
+        self._in_flight += 1
+        try:
+            return await self._export(request, content_type)
+        finally:
+            self._in_flight -= 1
+
+    async def _export(self, request: web.BaseRequest, content_type: str) -> web.Response:
+        intake = self.intake
+        try:
+            body = await read_body(request, MAX_HTTP_BODY, self.timeout)
+        except BodyError as exc:
+            intake.metrics.requests_rejected.labels(
+                transport="http", reason="too_large" if exc.status == 413 else "invalid").inc()
+            return _status(exc.status, code_pb2.INVALID_ARGUMENT, str(exc), content_type,
+                           {"Connection": "close"} if exc.status in (408, 413) else None)
+        export = intake.export_protobuf if content_type == _PROTOBUF else intake.export_json
+        try:
+            response = await asyncio.get_running_loop().run_in_executor(
+                self._pool, export, body, "http")
+        except InvalidRequest as exc:
+            return _status(400, code_pb2.INVALID_ARGUMENT, str(exc), content_type)
+        except StoreUnavailable as exc:
+            return _status(503, code_pb2.UNAVAILABLE, f"trace store unavailable: {exc}",
+                           content_type, {"Retry-After": "1"})
+        except InternalError as exc:
+            return _status(500, code_pb2.INTERNAL, str(exc), content_type)
+        return _message(200, content_type, response)
 
     def start(self) -> threading.Thread:
-        thread = threading.Thread(target=self.serve_forever, name="otlp-http", daemon=True)
-        thread.start()
-        return thread
+        return self.server.start()
+
+    def drain(self, timeout: float) -> None:
+        """Stop accepting connections, answer 503 from now on, and wait (at most `timeout`)
+        for the requests already being read or stored."""
+        self.server.stop_accepting(timeout)
+
+        async def settle() -> None:
+            self._draining = True
+            while self._in_flight:
+                await asyncio.sleep(0.01)
+
+        try:
+            self.server.call(settle(), timeout)
+        except futures.TimeoutError:
+            log.warning("OTLP/HTTP: %d request(s) still in flight after %gs", self._in_flight,
+                        timeout)
+
+    def close(self) -> None:
+        self.server.close()
+        self._pool.shutdown(wait=True)
+
+
+def _status(http_status: int, code: int, message: str, content_type: str = _PROTOBUF,
+            headers: dict[str, str] | None = None) -> web.Response:
+    return _message(http_status, content_type, status_pb2.Status(code=code, message=message),
+                    headers)
+
+
+def _message(http_status: int, content_type: str, message: Any,
+             headers: dict[str, str] | None = None) -> web.Response:
+    body = (json.dumps(json_format.MessageToDict(message)).encode()
+            if content_type == _JSON else message.SerializeToString())
+    return web.Response(status=http_status, body=body,
+                        headers={"Content-Type": content_type, **(headers or {})})

@@ -1,6 +1,7 @@
 """Hot reload: the rules path is polled (and SIGHUP forces a look); a change is loaded as a whole
 and swapped in atomically. A bad change keeps the last good rules, logs every error with
-file:line:col, and bumps `betrace_rule_reload_failures_total`.
+file:line:col, and bumps `betrace_rule_reload_failures_total`; nothing stops the thread, and
+`betrace_rule_reload_last_check_timestamp_seconds` shows it is still looking.
 
 Polling by content digest rather than inotify: it works the same on a Kubernetes ConfigMap
 (whose files change by a symlink swap), on network volumes, and in tests.
@@ -47,12 +48,14 @@ class RuleWatcher:
         try:
             ruleset = load_rules(self.paths)
         except RuleLoadError as exc:
-            self.metrics.reload_failures.inc()
-            self.metrics.rules_current.set(0)
-            log.error("rule reload failed; keeping the %s rules loaded before:\n%s",
-                      "last good", exc)
+            self._refused(str(exc))
+            return False
+        except Exception as exc:  # noqa: BLE001 - a loader bug: refused, never the thread's end
+            log.exception("rule reload failed on an unexpected error (a bug: please report it)")
+            self._refused(f"{type(exc).__name__}: {exc}")
             return False
         self.metrics.rules_current.set(1)
+        self.metrics.reload_last_success.set_to_current_time()
         if ruleset.digest == self.digest:
             return False
         self.apply(ruleset)
@@ -61,6 +64,11 @@ class RuleWatcher:
         log.info("rules reloaded: %d enabled rule(s) from %d file(s), digest %s",
                  len(ruleset.rules), len(ruleset.files), ruleset.digest[:12])
         return True
+
+    def _refused(self, errors: str) -> None:
+        self.metrics.reload_failures.inc()
+        self.metrics.rules_current.set(0)
+        log.error("rule reload failed; keeping the last good rules loaded before:\n%s", errors)
 
     def poke(self) -> None:
         """Ask for a reload at once (SIGHUP)."""
@@ -72,5 +80,10 @@ class RuleWatcher:
             if stop.is_set():
                 return
             self._poke.clear()
-            if poked or self._fingerprint() != self._seen:
-                self.reload()
+            try:
+                if poked or self._fingerprint() != self._seen:
+                    self.reload()
+            except Exception:  # noqa: BLE001 - e.g. applying the rules: logged, and watch on
+                log.exception("rule reload failed; the reload thread goes on watching")
+                self.metrics.reload_failures.inc()
+            self.metrics.reload_last_check.set_to_current_time()

@@ -62,7 +62,7 @@ def spans_from_request(
     absent).
     """
     bad: list[str] = [] if rejected is None else rejected
-    spans = _decode(doc, projection, bad, resource_key)
+    spans, _ = _decode(doc, projection, bad, resource_key)
     if rejected is None and bad:
         raise ValueError(bad[0])
     return spans
@@ -114,33 +114,25 @@ def decode_json_request(doc: Any, keep: SpanFilter) -> Decoded:
     since, until = keep.since_ns, keep.until_ns
     bare: set[str] | None = set() if keep.projection.trace_ids else None
     # our own violation spans come through, to be counted as such rather than as not selected
-    for span in _decode(doc, keep.projection, out.invalid, keep.resource_key, bare,
-                        (since, until), own=True):
+    spans, out.received = _decode(doc, keep.projection, out.invalid, keep.resource_key, bare,
+                                  (since, until), own=True)
+    for span in spans:
         if span.name == VIOLATION_SPAN:
             out.own += 1
         elif since <= span.start_ns < until:
             out.batch.setdefault(span.trace_id, []).append(span)
-    out.received = _count_spans(doc)
     out.not_selected = out.received - len(out.invalid) - out.own - sum(map(len, out.batch.values()))
     if bare:
         out.bare_trace_ids = bare - out.batch.keys()
     return out
 
 
-def _count_spans(doc: Any) -> int:
-    """Spans in a request `_decode` accepted (so every level is a list of objects)."""
-    total = 0
-    for resource_spans in doc.get("resourceSpans") or doc.get("batches") or ():
-        for scope_spans in (resource_spans.get("scopeSpans")
-                            or resource_spans.get("instrumentationLibrarySpans") or ()):
-            total += len(scope_spans.get("spans") or ())
-    return total
-
-
 def _decode(doc: Any, projection: Projection | None, bad: list[str],
             resource_key: str | None = None, bare: set[str] | None = None,
-            bare_window: tuple[int, int] = (0, 2**64), own: bool = False) -> list[Span]:
-    """Raise ValueError for a malformed request; skip a malformed span, appending why to `bad`."""
+            bare_window: tuple[int, int] = (0, 2**64), own: bool = False
+            ) -> tuple[list[Span], int]:
+    """The kept spans and how many the request held. Raise ValueError for a malformed request;
+    skip a malformed span, appending why to `bad`."""
     if type(doc) is not dict:
         raise ValueError("not a JSON object")
     key = "resourceSpans" if "resourceSpans" in doc else "batches"  # Tempo says "batches"
@@ -148,12 +140,13 @@ def _decode(doc: Any, projection: Projection | None, bad: list[str],
     if resource_spans is None:
         if doc:
             raise ValueError("no resourceSpans or batches")
-        return []  # an empty request: protobuf's JSON mapping omits empty lists
+        return [], 0  # an empty request: protobuf's JSON mapping omits empty lists
     if type(resource_spans) is not list:
         raise ValueError(f"{key} is not a list")
     wants = projection.wants_name if projection is not None else None
     keep = projection.attributes_for if projection is not None else None
     spans: list[Span] = []
+    received = 0
     for entry in resource_spans:
         if type(entry) is not dict:
             raise ValueError(f"{key} entry is not an object")
@@ -177,6 +170,7 @@ def _decode(doc: Any, projection: Projection | None, bad: list[str],
             raw_spans = scope.get("spans", [])
             if type(raw_spans) is not list:
                 raise ValueError("spans is not a list")
+            received += len(raw_spans)
             for raw in raw_spans:
                 try:
                     span = _span(raw, wants, keep, service, own)
@@ -192,7 +186,7 @@ def _decode(doc: Any, projection: Projection | None, bad: list[str],
                     start = _nanos(raw.get("startTimeUnixNano")) or 0
                     if trace_id and bare_window[0] <= start < bare_window[1]:
                         bare.add(trace_id)
-    return spans
+    return spans, received
 
 
 def _span(raw: Any, wants: Callable[[str], bool] | None,

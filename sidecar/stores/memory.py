@@ -48,7 +48,9 @@ class MemoryStore:
         # on arrival by time of arrival (each in the order it expires).
         self._decided: OrderedDict[str, _Entry] = OrderedDict()
         self._decided_on_arrival: OrderedDict[str, _Entry] = OrderedDict()
-        self._evicted: list[tuple[str, _Entry]] = []  # open traces pushed out by max_traces
+        # Open traces pushed out by max_traces, waiting for the decider (by id: a signal for
+        # one is looked up, not searched for)
+        self._evicted: dict[str, _Entry] = {}
         # Rules that signalled on evicted traces already handed out: the spans are gone, but the
         # decision (and a late span) must not signal the same (rule, trace) again. Pruned to
         # max_traces at each claim, once the batch claimed before has been decided.
@@ -144,15 +146,26 @@ class MemoryStore:
             trace_id, entry = (self._decided or self._decided_on_arrival).popitem(last=False)
             del self._entries[trace_id]
             if entry.arrival_deadline is not None and now <= entry.arrival_deadline:
-                self._evicted.append((trace_id, entry))
+                self._evict(trace_id, entry)
                 result.evicted += 1
             return
         trace_id, entry = self._by_age.popitem(last=False)
         self._by_activity.pop(trace_id, None)
         del self._entries[trace_id]
         self._spans -= len(entry.trace.spans)
-        self._evicted.append((trace_id, entry))
+        self._evict(trace_id, entry)
         result.evicted += 1
+
+    def _evict(self, trace_id: str, entry: _Entry) -> None:
+        """Queue an open trace for an early decision; a trace evicted again before that (its
+        later spans re-opened it) is decided once, with every span."""
+        earlier = self._evicted.pop(trace_id, None)
+        if earlier is not None:
+            entry.trace = Trace(trace_id, earlier.trace.spans + entry.trace.spans)
+            entry.born = min(entry.born, earlier.born)
+            if earlier.signalled:
+                entry.signalled = earlier.signalled | (entry.signalled or set())
+        self._evicted[trace_id] = entry
 
     def claim_due(self, now: float, limit: int = 1000) -> list[Claimed]:
         wait, max_age = self.limits.decision_wait, self.limits.max_trace_age
@@ -160,7 +173,7 @@ class MemoryStore:
         with self._lock:
             self._prune_evicted_signals()
             while self._evicted and len(claimed) < limit:
-                trace_id, entry = self._evicted.pop()
+                trace_id, entry = self._evicted.popitem()
                 self._remember_evicted(trace_id, entry)
                 claimed.append(Claimed(entry.trace, "evicted", now, born=entry.born))
             while self._by_activity and len(claimed) < limit:
@@ -227,7 +240,7 @@ class MemoryStore:
         with self._lock:
             self._prune_evicted_signals()
             claimed = []
-            for trace_id, entry in self._evicted:
+            for trace_id, entry in self._evicted.items():
                 self._remember_evicted(trace_id, entry)
                 claimed.append(Claimed(entry.trace, "shutdown", now, born=entry.born))
             self._evicted.clear()
@@ -258,7 +271,7 @@ class MemoryStore:
     def _first_signal(self, rule_id: str, trace_id: str) -> bool:
         entry = self._entries.get(trace_id)
         if entry is None:
-            entry = next((e for t, e in self._evicted if t == trace_id), None)
+            entry = self._evicted.get(trace_id)
         if entry is not None:
             if entry.signalled is None:
                 entry.signalled = set()
