@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 from test_serve_e2e import (  # noqa: F401 (start_sidecar is a fixture)
     RULES,
     Running,
@@ -32,7 +33,10 @@ from test_serve_e2e import (  # noqa: F401 (start_sidecar is a fixture)
     start_sidecar,
 )
 
+from sidecar.live.exporters import ViolationSpans
 from sidecar.live.http_server import HttpServer
+from sidecar.model.spans import Span, Trace
+from sidecar.rules import Violation, load_rules_text
 
 
 @pytest.mark.parametrize("body", [
@@ -246,3 +250,85 @@ def test_connections_beyond_the_cap_are_closed_as_they_open() -> None:
             client.close()
     finally:
         server.close()
+
+
+def test_every_violation_span_is_delivered_or_counted_lost(
+        free_port: Callable[[], int]) -> None:
+    """With the export target down, the SDK's batch processor dropped about 7,440 of 10,000
+    violation spans from its full queue with one log line, and only 2,560 were counted. Now a
+    span is exported or counted: queue full, export failed, or still queued at shutdown."""
+    rule = load_rules_text(RULES).rules[0]  # double-charge
+    lost: list[int] = []
+    spans = ViolationSpans(f"127.0.0.1:{free_port()}", failed=lost.append, timeout=0.5)
+    for n in range(10_000):
+        trace_id = f"{n + 1:032x}"
+        charges = [Span(trace_id, f"{n + 1:08x}{k:08x}", "payment.charge") for k in (1, 2)]
+        violation = Violation(rule, Trace(trace_id, charges), charges)
+        spans.write(violation, violation.signal("live", time.time_ns()))
+    assert spans.backlog() > 0
+    spans.close()
+    assert sum(lost) == 10_000
+
+
+def test_a_full_disk_delays_signal_lines_turns_readyz_degraded_and_loses_none(
+        tmp_path: Path, free_port: Callable[[], int], sdk_client: Callable[..., Any],
+        wait_until: Callable[..., Any]) -> None:
+    """On a full disk, signal log lines were lost (counted), never retried; /readyz stayed 200;
+    SIGTERM then exited 2 without its "stopped" line. The disk is filled here by a file size
+    limit on the sidecar (RLIMIT_FSIZE: writes past it fail with EFBIG, as ENOSPC would), which
+    is lifted later, as when space returns."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES)
+    signals = tmp_path / "signals.jsonl"
+    grpc_port, metrics_port = free_port(), free_port()
+    stderr = tmp_path / "stderr.txt"
+    with stderr.open("w") as errors:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "sidecar", "serve", "--rules", str(rules),
+             "--listen", f"127.0.0.1:{grpc_port}", "--http-listen", "",
+             "--metrics-listen", f"127.0.0.1:{metrics_port}", "--signals-out", str(signals)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors)
+    try:
+        wait_until(lambda: "betrace listening" in stderr.read_text(), timeout=30,
+                   what="the sidecar")
+        hard = resource.prlimit(process.pid, resource.RLIMIT_FSIZE)[1]
+        resource.prlimit(process.pid, resource.RLIMIT_FSIZE, (0, hard))  # the disk is full
+        tracer = sdk_client(grpc_port).tracer
+        traces = [hex_trace(charge_trace(tracer, amounts=(1, 2), order_id=f"o-{n}")[0])
+                  for n in range(20)]
+        wait_until(lambda: get(metrics_port, "/readyz")[0] == 503, what="/readyz degraded")
+        status, reason = get(metrics_port, "/readyz")
+        assert reason.startswith("degraded: ") and "File too large" in reason, reason
+        assert signals.read_text() == ""
+
+        resource.prlimit(process.pid, resource.RLIMIT_FSIZE, (hard, hard))  # space returns
+        wait_until(lambda: get(metrics_port, "/readyz")[0] == 200, what="/readyz ready again")
+        written = [json.loads(line) for line in signals.read_text().splitlines()]
+        assert {s["trace_id"] for s in written if s["rule_id"] == "double-charge"} == set(traces)
+        metrics = get(metrics_port, "/metrics")[1]
+        assert 'betrace_signal_export_failures_total{sink="log"} 0.0' in metrics
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert "betrace stopped" in stderr.read_text()
+
+
+# --- per-span rejection ---------------------------------------------------------------------------
+
+def test_a_span_that_is_not_utf8_is_refused_alone(
+        start_sidecar: Callable[..., Running], wait_until: Callable[..., Any]) -> None:
+    """One span whose name is not UTF-8 made upb refuse its whole scope: every other span in
+    it was lost with it. Now that span alone is refused, in partial_success."""
+    running = start_sidecar()
+    trace_id = os.urandom(16)
+    request = pb_request(trace_id, ["payment.charge", "payment.charge", "BROKEN"])
+    body = request.SerializeToString().replace(b"BROKEN", b"BRO\xffEN")
+    status, _, answer = post(running.sidecar.http_port, body, "application/x-protobuf")
+    assert status == 200
+    response = ExportTraceServiceResponse.FromString(answer)
+    assert response.partial_success.rejected_spans == 1
+    assert "bad UTF-8" in response.partial_success.error_message
+    wait_until(lambda: running.signals("double-charge", trace_id.hex()), what="the signal")

@@ -593,6 +593,11 @@ def test_bundled_redis_is_small_noeviction_and_wired_in(scenarios: dict[str, Ren
     args = redis_container["args"]
     assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
     assert args[args.index("--maxmemory") + 1]
+    # an acknowledged span survives a Redis crash: the append-only file, in the pod's emptyDir
+    assert args[args.index("--appendonly") + 1] == "yes"
+    assert args[args.index("--appendfsync") + 1] == "always"
+    [data] = deployment["spec"]["template"]["spec"]["volumes"]
+    assert data["emptyDir"]["sizeLimit"] == "512Mi"
     assert redis_container["resources"]["limits"]["memory"]
     service = rendered.get("Service", f"{RELEASE}-redis")
     assert service["spec"]["ports"][0]["port"] == 6379

@@ -11,7 +11,6 @@ import re
 import signal
 import sys
 import threading
-from typing import IO
 
 from google.protobuf.internal import api_implementation
 
@@ -21,7 +20,8 @@ from sidecar.live.exporters import Emitter, ViolationSpans
 from sidecar.live.metrics import Metrics, MetricsServer
 from sidecar.live.receivers import Intake, OtlpHttp, grpc_server
 from sidecar.live.reload import RuleWatcher
-from sidecar.model.signal_writers import JsonLinesWriter
+from sidecar.live.signal_log import SignalLog
+from sidecar.model.signal_writers import JsonLinesWriter, SignalWriter
 from sidecar.rules import RuleSet, load_rules
 from sidecar.stores import TraceStore
 from sidecar.stores.memory import MemoryStore
@@ -38,11 +38,13 @@ class Sidecar:
         self.metrics = metrics or Metrics()
         self.ruleset = ruleset if ruleset is not None else load_rules(settings.rules)
         self.store = store if store is not None else open_store(settings)
-        self._log_file: IO[str] | None = None
-        lost = self.metrics.export_failures.labels(sink="otlp").inc
-        self.emitter = Emitter(self.metrics, self._signal_log(),
-                               ViolationSpans(settings.export_otlp, failed=lost)
-                               if settings.export_otlp else None)
+        self.signal_log: SignalLog | None = None
+        spans = None
+        if settings.export_otlp:
+            spans = ViolationSpans(settings.export_otlp,
+                                   failed=self.metrics.export_failures.labels(sink="otlp").inc)
+            self.metrics.export_backlog.labels(sink="otlp").set_function(spans.backlog)
+        self.emitter = Emitter(self.metrics, self._signal_log(), spans)
         # a trace stays stored at most this long: past it, no span of it was pruned for rules
         # that were replaced before
         horizon = settings.max_trace_age + settings.decided_retention + settings.claim_lease
@@ -61,14 +63,15 @@ class Sidecar:
         self.grpc_port = self.http_port = self.metrics_port = 0
         self._stopped = False
 
-    def _signal_log(self) -> JsonLinesWriter | None:
+    def _signal_log(self) -> SignalWriter | None:
         target = self.settings.signals_out
         if not target:
             return None
         if target == "-":
             return JsonLinesWriter(sys.stdout)
-        self._log_file = open(target, "a", encoding="utf-8")
-        return JsonLinesWriter(self._log_file)
+        self.signal_log = SignalLog(target, self.metrics.export_failures.labels(sink="log").inc)
+        self.metrics.export_backlog.labels(sink="log").set_function(self.signal_log.backlog)
+        return self.signal_log
 
     def _swap_rules(self, ruleset: RuleSet) -> None:
         self.ruleset = ruleset
@@ -79,7 +82,12 @@ class Sidecar:
         if self._stop.is_set():
             return False, "shutting down"
         ok, store = self.store.healthy()
-        return ok, f"{'ready' if ok else 'not ready'}: {len(self.ruleset.rules)} rules, {store}"
+        state = f"{len(self.ruleset.rules)} rules, {store}"
+        if self.signal_log is not None:
+            written, sink = self.signal_log.healthy()
+            if not written:  # signals are found but wait in memory: let traffic go elsewhere
+                return False, f"degraded: {state}; {sink}"
+        return ok, f"{'ready' if ok else 'not ready'}: {state}"
 
     def start(self) -> None:
         if api_implementation.Type() == "python":
@@ -137,8 +145,6 @@ class Sidecar:
         if self._http is not None:
             self._http.close()
         self.emitter.close()
-        if self._log_file is not None:
-            self._log_file.close()
         if self._metrics_http is not None:
             self._metrics_http.close()
         self.store.close()

@@ -95,6 +95,9 @@ class Metrics:
         self.export_failures = Counter("betrace_signal_export_failures",
                                        "Violation spans or log lines that could not be written.",
                                        ["sink"], registry=r)
+        self.export_backlog = Gauge("betrace_signal_export_backlog",
+                                    "Signals queued for a sink, not yet delivered.", ["sink"],
+                                    registry=r)
 
     def set_rules(self, rules: Iterable[tuple[str, str]], digest: str) -> None:
         """Publish the active rule set: (rule id, severity) pairs and the files' digest. Each

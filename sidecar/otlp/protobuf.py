@@ -36,7 +36,7 @@ _STATUS_BYTES = {b"": "UNSET", b"\x18\x00": "UNSET", b"\x18\x01": "OK", b"\x18\x
 
 
 @functools.cache
-def _lean_classes() -> tuple[Any, Any, Any]:
+def _lean_classes() -> tuple[Any, ...]:
     """ExportTraceServiceRequest reduced to what rules read, in two steps: the request with
     each ScopeSpans left as bytes (a scope holding no selected span name can be skipped
     unparsed), then a scope's spans. An attribute's value stays AnyValue bytes until a rule
@@ -71,6 +71,7 @@ def _lean_classes() -> tuple[Any, Any, Any]:
             ("value", 2, F.TYPE_BYTES, False, "")).options.map_entry = True
     message("IndexedSpan", *span, ("attributes", 9, F.TYPE_MESSAGE, True, "AttributesEntry"))
     message("IndexedScopeSpans", ("spans", 2, F.TYPE_MESSAGE, True, "IndexedSpan"))
+    message("RawScopeSpans", ("spans", 2, F.TYPE_BYTES, True, ""))  # see ProtobufDecoder._one_by_one
     message("Resource", ("attributes", 1, F.TYPE_MESSAGE, True, "AttributesEntry"))
     message("ResourceSpans", ("resource", 1, F.TYPE_MESSAGE, False, "Resource"),
             ("scope_spans", 2, F.TYPE_BYTES, True, ""))
@@ -78,7 +79,8 @@ def _lean_classes() -> tuple[Any, Any, Any]:
     pool = descriptor_pool.DescriptorPool()
     pool.Add(file)
     return tuple(message_factory.GetMessageClass(pool.FindMessageTypeByName(f"betrace.lean.{n}"))
-                 for n in ("Request", "ScopeSpans", "IndexedScopeSpans"))  # type: ignore
+                 for n in ("Request", "ScopeSpans", "IndexedScopeSpans", "RawScopeSpans", "Span",
+                           "IndexedSpan"))
 
 
 
@@ -93,10 +95,12 @@ class ProtobufDecoder:
 
     def __init__(self, keep: SpanFilter) -> None:
         self.keep = keep
-        self._request, listed, indexed = _lean_classes()
+        self._request, listed, indexed, raw_scope, span, indexed_span = _lean_classes()
+        self._raw_scope = raw_scope.FromString
         most = keep.projection.most_attributes
         self.indexed = most is None or most > _SEARCHED_UP_TO
         self._scope_spans = (indexed if self.indexed else listed).FromString
+        self._span = (indexed_span if self.indexed else span).FromString
         names = keep.names
         # A selected name is on the wire as field 5 (tag 0x2a), its length (a minimal varint, as
         # every encoder writes it), its UTF-8 bytes; a scope holding those bytes anywhere is
@@ -137,14 +141,12 @@ class ProtobufDecoder:
             for scope in resource_spans.scope_spans:
                 if tags is not None and not any(tag in scope for tag in tags):
                     continue
+                invalid = len(out.invalid)
                 try:
                     spans = scope_spans(scope).spans
-                except DecodeError as exc:
-                    out.invalid.append(f"invalid ScopeSpans ({len(scope)} bytes): "
-                                       f"{_reason(exc)}")
-                    continue
-                out.received += len(spans)
-                invalid = len(out.invalid)
+                except DecodeError:
+                    spans = self._one_by_one(scope, out)
+                out.received += len(spans) + len(out.invalid) - invalid
                 self._spans(spans, service, group, out, hex_ids, bare, indexed)
                 refused += len(out.invalid) - invalid
         kept = sum(map(len, out.batch.values()))
@@ -152,6 +154,22 @@ class ProtobufDecoder:
         if bare:
             out.bare_trace_ids = {trace_id.hex() for trace_id in bare} - out.batch.keys()
         return out
+
+    def _one_by_one(self, scope: bytes, out: Decoded) -> list[Any]:
+        """The spans of a scope upb refused as a whole (one span with a name or key that is not
+        UTF-8, say), parsed one at a time: each bad span is refused alone, in `out.invalid`."""
+        try:
+            raw_spans = self._raw_scope(scope).spans
+        except DecodeError as exc:  # the scope's own framing is broken: nothing to split
+            out.invalid.append(f"invalid ScopeSpans ({len(scope)} bytes): {_reason(exc)}")
+            return []
+        spans = []
+        for raw in raw_spans:
+            try:
+                spans.append(self._span(raw))
+            except DecodeError as exc:
+                out.invalid.append(f"invalid span ({len(raw)} bytes): {_reason(exc)}")
+        return spans
 
     def _spans(self, spans: Any, service: str | None, group: Any, out: Decoded,
                hex_ids: dict[bytes, str], bare: set[bytes] | None, indexed: bool) -> None:
