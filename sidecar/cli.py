@@ -14,6 +14,7 @@ from typing import IO
 from sidecar import __version__
 from sidecar.live.config import Settings
 from sidecar.model.errors import IncompatibleStore, RuleLoadError
+from sidecar.model.signals import MAX_VALUE_BYTES
 from sidecar.replay.progress import MODES
 from sidecar.rules import RuleSet, load_rules
 
@@ -103,6 +104,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="break each rule's violations down by this attribute (e.g. "
                         "service.version), read from the offending spans, else any span of the "
                         "trace; a span's own attribute first, then its resource's")
+    replay.add_argument("--max-signal-value-bytes", type=int, default=MAX_VALUE_BYTES,
+                        metavar="N", help="cut each context value a signal carries at this "
+                        f"many bytes, as `serve` does (default: {MAX_VALUE_BYTES})")
     replay.add_argument("--jobs", type=int, default=os.cpu_count() or 1, metavar="N",
                         help="processes reading files and evaluating partitions, at most one "
                         f"per source (default: all cores, {os.cpu_count() or 1})")
@@ -160,6 +164,9 @@ def _parser() -> argparse.ArgumentParser:
     _flag(serve, "--claim-lease", "DURATION", "30s",
           "with Redis: a trace claimed by a sidecar that dies is decided by another after this")
     _flag(serve, "--reload-interval", "DURATION", "2s", "how often to look for rule changes")
+    _flag(serve, "--max-signal-value-bytes", "N", str(defaults.max_signal_value_bytes),
+          "cut each context value a signal or violation span carries at this many bytes "
+          "(marked; rules always see whole values)")
     _flag(serve, "--http-timeout", "DURATION", "30s",
           "OTLP/HTTP and metrics: a request's body must arrive within this (408 after), its "
           "head within a third of it (the connection is closed)")
@@ -253,6 +260,7 @@ def _serve(args: argparse.Namespace) -> int:
             decided_retention=parse_duration(args.decided_retention) / 1e9,
             max_traces=int(args.max_traces), max_spans_per_trace=int(args.max_spans_per_trace),
             max_trace_ids=int(args.max_trace_ids),
+            max_signal_value_bytes=int(args.max_signal_value_bytes),
             signals_out=args.signals_out or None, export_otlp=args.export_otlp or None,
             store=args.store, claim_lease=parse_duration(args.claim_lease) / 1e9,
             reload_interval=parse_duration(args.reload_interval) / 1e9,
@@ -383,7 +391,10 @@ def _replay(args: argparse.Namespace) -> int:
             spill_dir=args.spill_dir,
             since_ns=parse_moment(args.since) if args.since else None,
             until_ns=until if until is not None or not args.tempo else time.time_ns(),
-            edge_ns=_edge(args.edge), group_by=args.group_by)
+            edge_ns=_edge(args.edge), group_by=args.group_by,
+            value_limit=args.max_signal_value_bytes)
+        if options.value_limit < 1:
+            raise SourceError("--max-signal-value-bytes must be at least 1")
         if options.jobs < 1:
             raise SourceError(f"--jobs must be at least 1, not {options.jobs}")
         if options.spill_dir is not None and not os.path.isdir(options.spill_dir):

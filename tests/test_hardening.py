@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from google.protobuf import json_format
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 from test_serve_e2e import (  # noqa: F401 (start_sidecar is a fixture)
     RULES,
@@ -35,7 +36,9 @@ from test_serve_e2e import (  # noqa: F401 (start_sidecar is a fixture)
 
 from sidecar.live.exporters import ViolationSpans
 from sidecar.live.http_server import HttpServer
+from sidecar.model.signals import Signal, capped
 from sidecar.model.spans import Span, Trace
+from sidecar.replay.runner import replay
 from sidecar.rules import Violation, load_rules_text
 
 
@@ -332,3 +335,50 @@ def test_a_span_that_is_not_utf8_is_refused_alone(
     assert response.partial_success.rejected_spans == 1
     assert "bad UTF-8" in response.partial_success.error_message
     wait_until(lambda: running.signals("double-charge", trace_id.hex()), what="the signal")
+
+
+# --- unbounded values ---------------------------------------------------------------------------
+
+BLOB_RULES = """
+rules:
+  - id: blob-ends-in-b
+    name: An upload whose blob ends in b
+    severity: low
+    condition: trace.has(upload).where(blob matches "^a+b$")
+    signal:
+      context: [blob, size]
+"""
+
+
+def test_a_huge_value_is_whole_for_the_rule_and_cut_in_the_signal_live_and_in_replay(
+        start_sidecar: Callable[..., Running], otlp_receiver: Any,
+        wait_until: Callable[..., Any], tmp_path: Path) -> None:
+    """A 10 MB attribute copied into a signal became a 10 MB log line (150 such spans: 1.68 GiB
+    RSS, a 1.5 GB log). The rule here needs the blob's last byte to fire; the signal carries
+    its first 4,096 bytes, marked, live and in replay alike."""
+    blob = "a" * 1_000_000 + "b"
+    request = pb_request(os.urandom(16), ["upload"], {"blob": blob, "size": len(blob)})
+    running = start_sidecar(rules_text=BLOB_RULES)
+    status, _, _ = post(running.sidecar.http_port, request.SerializeToString(),
+                        "application/x-protobuf")
+    assert status == 200
+    [live] = wait_until(lambda: running.signals("blob-ends-in-b"), what="the signal")
+    cut = "a" * 4096 + "...[cut at 4096 of 1000001 bytes]"
+    assert live["context"] == {"blob": cut, "size": 1_000_001}
+    [(_, span)] = wait_until(lambda: otlp_receiver.spans("betrace.violation"),
+                             what="the violation span")
+    attributes = {kv.key: kv.value for kv in span.attributes}
+    assert attributes["betrace.context.blob"].string_value == cut
+
+    source = tmp_path / "traces.jsonl"
+    source.write_text(json.dumps(json_format.MessageToDict(request)) + "\n")
+    found: list[Signal] = []
+    replay(load_rules_text(BLOB_RULES), [str(source)], found.append)
+    assert [s.context for s in found] == [live["context"]]
+
+
+def test_a_cut_value_ends_on_a_whole_character_and_says_how_long_it_was() -> None:
+    assert capped("é" * 3000, 5) == "éé...[cut at 5 of 6000 bytes]"
+    assert capped(["x", "y", "z"], 6) == '["x", ...[cut at 6 of 15 bytes]'
+    assert capped({"k": "v"}, 100) == {"k": "v"}
+    assert capped(10**18, 1) == 10**18 and capped(None, 1) is None

@@ -44,7 +44,8 @@ class Sidecar:
             spans = ViolationSpans(settings.export_otlp,
                                    failed=self.metrics.export_failures.labels(sink="otlp").inc)
             self.metrics.export_backlog.labels(sink="otlp").set_function(spans.backlog)
-        self.emitter = Emitter(self.metrics, self._signal_log(), spans)
+        self.emitter = Emitter(self.metrics, self._signal_log(), spans,
+                               value_limit=settings.max_signal_value_bytes)
         # a trace stays stored at most this long: past it, no span of it was pruned for rules
         # that were replaced before
         horizon = settings.max_trace_age + settings.decided_retention + settings.claim_lease

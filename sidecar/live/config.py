@@ -8,6 +8,7 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from sidecar.model.signals import MAX_VALUE_BYTES
 from sidecar.stores.trace_store import StoreLimits
 
 STORE_SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
@@ -34,6 +35,7 @@ class Settings:
     reload_interval: float = 2.0
     # OTLP/HTTP and metrics: a request's body must arrive within this, its head within a third
     http_timeout: float = 30.0
+    max_signal_value_bytes: int = MAX_VALUE_BYTES  # each context value a signal carries
 
     def validate(self) -> list[str]:
         problems = []
@@ -43,7 +45,8 @@ class Settings:
                 problems.append(f"{name.replace('_', '-')} must be positive")
         if self.max_trace_age < self.decision_wait:
             problems.append("max-trace-age must be at least decision-wait")
-        for name in ("max_traces", "max_spans_per_trace", "max_trace_ids"):
+        for name in ("max_traces", "max_spans_per_trace", "max_trace_ids",
+                     "max_signal_value_bytes"):
             if getattr(self, name) < 1:
                 problems.append(f"{name.replace('_', '-')} must be at least 1")
         problems += address_problems(self, "listen", "http_listen", "metrics_listen")

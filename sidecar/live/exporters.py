@@ -34,7 +34,7 @@ from sidecar import __version__
 from sidecar.live.metrics import Metrics
 from sidecar.model.names import SCOPE, VIOLATION_SPAN
 from sidecar.model.signal_writers import SignalWriter
-from sidecar.model.signals import Signal
+from sidecar.model.signals import MAX_VALUE_BYTES, Signal
 from sidecar.model.spans import Span
 from sidecar.rules import Violation, span_order
 
@@ -174,15 +174,17 @@ class Emitter:
     stops the others."""
 
     def __init__(self, metrics: Metrics, log_writer: SignalWriter | None = None,
-                 violation_spans: ViolationSpans | None = None, mode: str = "live") -> None:
+                 violation_spans: ViolationSpans | None = None, mode: str = "live",
+                 value_limit: int = MAX_VALUE_BYTES) -> None:
         self.metrics = metrics
+        self.value_limit = value_limit
         self.log_writer = log_writer
         self.violation_spans = violation_spans
         self.mode = mode
         self._lock = threading.Lock()  # one writer at a time keeps JSON lines whole
 
     def emit(self, violation: Violation) -> Signal:
-        signal = violation.signal(self.mode, time.time_ns())
+        signal = violation.signal(self.mode, time.time_ns(), self.value_limit)
         self.metrics.violations.labels(rule=signal.rule_id, severity=signal.severity).inc()
         log.info("violation %s trace=%s severity=%s", signal.rule_id, signal.trace_id,
                  signal.severity)

@@ -11,7 +11,6 @@ import threading
 from collections.abc import Callable, Iterable
 
 from aiohttp import web
-
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,

@@ -7,11 +7,29 @@ two sidecars, or by two replays, carries the same id and can be deduplicated dow
 from __future__ import annotations
 
 import datetime
+import json
 import uuid
 from dataclasses import asdict, dataclass
 from typing import Any
 
 _SIGNAL_NAMESPACE = uuid.UUID("5b1f2a4e-6c0d-4f57-9a3e-be7ace000001")
+MAX_VALUE_BYTES = 4096  # of one context value in a signal (a violation span's attribute too)
+
+
+def capped(value: Any, limit: int = MAX_VALUE_BYTES) -> Any:
+    """A context value fit for a signal: a string, or the JSON text of a list or map, longer
+    than `limit` UTF-8 bytes is cut there, with a marker that says so and how long it was.
+    Rules always see the whole value; only what a sink writes is cut (a 10 MB attribute made
+    a 10 MB log line)."""
+    if isinstance(value, (bool, int, float)) or value is None:
+        return value
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False,
+                                                          default=str)
+    data = text.encode()
+    if len(data) <= limit:
+        return value
+    return (data[:limit].decode(errors="ignore")
+            + f"...[cut at {limit} of {len(data)} bytes]")
 
 
 def signal_id(rule_id: str, trace_id: str) -> str:

@@ -18,7 +18,7 @@ from operator import attrgetter
 from typing import Any
 
 from sidecar.dsl import MISSING, attribute_getter
-from sidecar.model.signals import Signal
+from sidecar.model.signals import MAX_VALUE_BYTES, Signal
 from sidecar.model.spans import Span, Trace
 from sidecar.otlp.decoded import SpanFilter
 from sidecar.otlp.json_spans import InputError
@@ -87,6 +87,7 @@ class Plan:
     # --since/--until: only traces with a span starting in [since, until) are evaluated (whole,
     # with the spans read beyond the edge); None: every trace
     window: tuple[int, int] | None = None
+    value_limit: int = MAX_VALUE_BYTES  # bytes of each context value in a signal
 
 
 @dataclass
@@ -225,7 +226,7 @@ class Worker:
                 failed.errors += 1
                 failed.error = failed.error or f"trace {trace_id}: {type(error).__name__}: {error}"
             for violation in verdict.violations:
-                found = violation.signal("replay", plan.detected_ns)
+                found = violation.signal("replay", plan.detected_ns, plan.value_limit)
                 stats[violation.rule.id].add(
                     found.violation_time, None if group is None else _group(violation, group))
                 signals.append(found)

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from typing import Any
 
-from sidecar.model.signals import Signal
+from sidecar.model.signals import MAX_VALUE_BYTES, Signal
 from sidecar.model.spans import Span
 from sidecar.otlp.decoded import SpanFilter
 from sidecar.otlp.json_spans import InputError
@@ -71,6 +71,7 @@ class ReplayOptions:
     until_ns: int | None = None  # ... and before this
     edge_ns: int = DEFAULT_EDGE_NS  # spans this far outside are read too: such traces whole
     group_by: str | None = None  # break violations down by this attribute
+    value_limit: int = MAX_VALUE_BYTES  # bytes of each context value in a signal
 
 
 @dataclass
@@ -140,7 +141,7 @@ def replay(ruleset: RuleSet, sources: Sequence[str], emit: Callable[[Signal], No
     with tempfile.TemporaryDirectory(prefix="betrace-replay-", dir=options.spill_dir) as spill, \
             _gc_paused():
         plan = Plan(ruleset.rules, keep, spill, partitions, jobs, share, time.time_ns(),
-                     options.group_by, window)
+                    options.group_by, window, options.value_limit)
         run = _run_here if jobs == 1 else _run_pool
         reads, outcomes, summary.spilled_bytes = run(plan, sources, progress, jobs)
     progress.clear()
@@ -164,7 +165,7 @@ def replay_tempo(ruleset: RuleSet, url: str, emit: Callable[[Signal], None],
     # range included: cutting a trace at the range's edge could make a rule cry wolf.
     keep = SpanFilter.of(ruleset.projection(), group_by=options.group_by)
     plan = Plan(ruleset.rules, keep, "", 1, 1, options.memory, time.time_ns(), options.group_by,
-                None)
+                None, options.value_limit)
     worker = Worker(plan, [0, 0])
     progress = progress or Progress("never")
     errors: list[InputError] = []

@@ -17,7 +17,7 @@ from sidecar.dsl import (
     memoized,
 )
 from sidecar.model.errors import Location
-from sidecar.model.signals import Signal, rfc3339, signal_id
+from sidecar.model.signals import MAX_VALUE_BYTES, Signal, capped, rfc3339, signal_id
 from sidecar.model.spans import Projection, Span, Trace
 
 SEVERITIES = ("critical", "high", "medium", "low", "info")
@@ -42,8 +42,9 @@ class Violation:
     trace: Trace
     spans: list[Span]
 
-    def signal(self, mode: str, detected_ns: int) -> Signal:
-        """This violation as the signal its sinks write (`mode` is live or replay)."""
+    def signal(self, mode: str, detected_ns: int, value_limit: int = MAX_VALUE_BYTES) -> Signal:
+        """This violation as the signal its sinks write (`mode` is live or replay), each context
+        value cut at `value_limit` bytes (see `capped`)."""
         rule, spans = self.rule, self.spans
         return Signal(
             signal_id=signal_id(rule.id, self.trace.trace_id),
@@ -53,7 +54,7 @@ class Violation:
             trace_id=self.trace.trace_id,
             span_ids=[s.span_id for s in sorted(spans, key=span_order)],
             message=rule.message,
-            context=self.context(),
+            context={key: capped(value, value_limit) for key, value in self.context().items()},
             mode=mode,
             detected_at=rfc3339(detected_ns),
             violation_time=rfc3339(max(s.start_ns for s in spans)) if spans else None,
