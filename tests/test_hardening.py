@@ -23,6 +23,7 @@ import pytest
 from aiohttp import web
 from google.protobuf import json_format
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
+from processes import stop
 from test_serve_e2e import (  # noqa: F401 (start_sidecar is a fixture)
     RULES,
     Running,
@@ -137,9 +138,7 @@ def test_a_request_after_the_final_pass_began_is_refused_not_acknowledged(
         connection.close()
         assert process.wait(timeout=30) == 0
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        stop(process, grace=1.0)
         assert process.stderr is not None
         process.stderr.close()
     decided = {json.loads(line)["trace_id"] for line in signals.read_text().splitlines()}
@@ -313,9 +312,7 @@ def test_a_full_disk_delays_signal_lines_turns_readyz_degraded_and_loses_none(
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        stop(process, grace=1.0)
     assert "betrace stopped" in stderr.read_text()
 
 
