@@ -167,6 +167,9 @@ def _parser() -> argparse.ArgumentParser:
     _flag(serve, "--max-signal-value-bytes", "N", str(defaults.max_signal_value_bytes),
           "cut each context value a signal or violation span carries at this many bytes "
           "(marked; rules always see whole values)")
+    _flag(serve, "--signal-budget", "N", f"{defaults.signal_budget:g}",
+          "signals a second each rule may write (ten times that at once); beyond, they are "
+          "counted and summarised in the log (0 = no budget)")
     _flag(serve, "--http-timeout", "DURATION", "30s",
           "OTLP/HTTP and metrics: a request's body must arrive within this (408 after), its "
           "head within a third of it (the connection is closed)")
@@ -261,6 +264,7 @@ def _serve(args: argparse.Namespace) -> int:
             max_traces=int(args.max_traces), max_spans_per_trace=int(args.max_spans_per_trace),
             max_trace_ids=int(args.max_trace_ids),
             max_signal_value_bytes=int(args.max_signal_value_bytes),
+            signal_budget=float(args.signal_budget),
             signals_out=args.signals_out or None, export_otlp=args.export_otlp or None,
             store=args.store, claim_lease=parse_duration(args.claim_lease) / 1e9,
             reload_interval=parse_duration(args.reload_interval) / 1e9,

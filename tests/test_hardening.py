@@ -35,7 +35,7 @@ from test_serve_e2e import (  # noqa: F401 (start_sidecar is a fixture)
     start_sidecar,
 )
 
-from sidecar.live.exporters import ViolationSpans
+from sidecar.live.exporters import SignalBudget, ViolationSpans
 from sidecar.live.http_server import HttpServer
 from sidecar.model.signals import Signal, capped
 from sidecar.model.spans import Span, Trace
@@ -379,3 +379,32 @@ def test_a_cut_value_ends_on_a_whole_character_and_says_how_long_it_was() -> Non
     assert capped(["x", "y", "z"], 6) == '["x", ...[cut at 6 of 15 bytes]'
     assert capped({"k": "v"}, 100) == {"k": "v"}
     assert capped(10**18, 1) == 10**18 and capped(None, 1) is None
+
+
+# --- one noisy rule -------------------------------------------------------------------------------
+
+def test_a_signal_budget_lets_a_burst_through_then_the_rate() -> None:
+    now = [0.0]
+    budget = SignalBudget(2.0, clock=lambda: now[0])  # 2 a second, 20 at once
+    assert sum(budget.allow("noisy") for _ in range(50)) == 20
+    assert budget.allow("quiet")  # each rule has its own bucket
+    now[0] = 3.0
+    assert sum(budget.allow("noisy") for _ in range(50)) == 6
+
+
+def test_a_noisy_rule_is_counted_not_written_beyond_its_budget(
+        start_sidecar: Callable[..., Running], sdk_client: Callable[..., Any],
+        scrape: Callable[..., Any], wait_until: Callable[..., Any]) -> None:
+    """Without a budget one rule firing on every trace filled the sinks' queues for the
+    others. With --signal-budget 0.1 (one at once, then one every 10 s), 30 violations write
+    one signal and count 29; every violation is still counted."""
+    running = start_sidecar(signal_budget=0.1)
+    tracer = sdk_client(running.sidecar.grpc_port).tracer
+    for n in range(30):
+        charge_trace(tracer, amounts=(1, 2), order_id=f"o-{n}")
+    port = running.sidecar.metrics_port
+    wait_until(lambda: scrape(port).value("betrace_violations_total", rule="double-charge") == 30,
+               what="every violation counted")
+    metrics = scrape(port)
+    assert metrics.value("betrace_signals_suppressed_total", rule="double-charge") == 29
+    assert len(running.signals("double-charge")) == 1

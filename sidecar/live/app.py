@@ -16,7 +16,7 @@ from google.protobuf.internal import api_implementation
 
 from sidecar.live.assembler import Assembler
 from sidecar.live.config import Settings, binding, split_address
-from sidecar.live.exporters import Emitter, ViolationSpans
+from sidecar.live.exporters import Emitter, SignalBudget, ViolationSpans
 from sidecar.live.metrics import Metrics, MetricsServer
 from sidecar.live.receivers import Intake, OtlpHttp, grpc_server
 from sidecar.live.reload import RuleWatcher
@@ -45,7 +45,9 @@ class Sidecar:
                                    failed=self.metrics.export_failures.labels(sink="otlp").inc)
             self.metrics.export_backlog.labels(sink="otlp").set_function(spans.backlog)
         self.emitter = Emitter(self.metrics, self._signal_log(), spans,
-                               value_limit=settings.max_signal_value_bytes)
+                               value_limit=settings.max_signal_value_bytes,
+                               budget=SignalBudget(settings.signal_budget)
+                               if settings.signal_budget else None)
         # a trace stays stored at most this long: past it, no span of it was pruned for rules
         # that were replaced before
         horizon = settings.max_trace_age + settings.decided_retention + settings.claim_lease

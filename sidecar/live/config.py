@@ -36,6 +36,7 @@ class Settings:
     # OTLP/HTTP and metrics: a request's body must arrive within this, its head within a third
     http_timeout: float = 30.0
     max_signal_value_bytes: int = MAX_VALUE_BYTES  # each context value a signal carries
+    signal_budget: float = 1000.0  # signals a second per rule (10x at once) written; 0: no cap
 
     def validate(self) -> list[str]:
         problems = []
@@ -49,6 +50,8 @@ class Settings:
                      "max_signal_value_bytes"):
             if getattr(self, name) < 1:
                 problems.append(f"{name.replace('_', '-')} must be at least 1")
+        if self.signal_budget < 0:
+            problems.append("signal-budget must be 0 (no budget) or positive")
         problems += address_problems(self, "listen", "http_listen", "metrics_listen")
         if self.store != "memory" and not self.store.startswith(STORE_SCHEMES):
             problems.append(f"store {self.store!r}: expected memory or a URL starting with "

@@ -169,15 +169,46 @@ class ViolationSpans:
         self.provider.shutdown()
 
 
+class SignalBudget:
+    """Per rule, a token bucket: `rate` signals a second, up to `10 * rate` at once. Beyond it a
+    rule's signals are counted, and summarised in one log line every `every` seconds, instead of
+    written one by one: one noisy rule cannot fill the sinks' queues (or the log's disk) for the
+    others. Its violations are still counted in betrace_violations_total."""
+
+    def __init__(self, rate: float, every: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate, self.burst, self.every, self.clock = rate, 10 * rate, every, clock
+        self._tokens: dict[str, tuple[float, float]] = {}  # rule: (tokens, when)
+        self._over: dict[str, tuple[int, float]] = {}  # rule: (suppressed, since)
+
+    def allow(self, rule_id: str) -> bool:
+        now = self.clock()
+        tokens, when = self._tokens.get(rule_id, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - when) * self.rate)
+        allowed = tokens >= 1
+        self._tokens[rule_id] = (tokens - 1 if allowed else tokens, now)
+        suppressed, since = self._over.get(rule_id, (0, now))
+        if not allowed:
+            suppressed += 1
+        if suppressed and now - since >= self.every:
+            log.warning("rule %s is over its signal budget (%g/s): %d signal(s) in the last "
+                        "%.0fs were counted, not written", rule_id, self.rate, suppressed,
+                        now - since)
+            suppressed, since = 0, now
+        self._over[rule_id] = (suppressed, since)
+        return allowed
+
+
 class Emitter:
     """Sends every signal to every output; a failing output is counted and logged, and never
     stops the others."""
 
     def __init__(self, metrics: Metrics, log_writer: SignalWriter | None = None,
                  violation_spans: ViolationSpans | None = None, mode: str = "live",
-                 value_limit: int = MAX_VALUE_BYTES) -> None:
+                 value_limit: int = MAX_VALUE_BYTES, budget: SignalBudget | None = None) -> None:
         self.metrics = metrics
         self.value_limit = value_limit
+        self.budget = budget
         self.log_writer = log_writer
         self.violation_spans = violation_spans
         self.mode = mode
@@ -186,9 +217,12 @@ class Emitter:
     def emit(self, violation: Violation) -> Signal:
         signal = violation.signal(self.mode, time.time_ns(), self.value_limit)
         self.metrics.violations.labels(rule=signal.rule_id, severity=signal.severity).inc()
-        log.info("violation %s trace=%s severity=%s", signal.rule_id, signal.trace_id,
-                 signal.severity)
         with self._lock:
+            if self.budget is not None and not self.budget.allow(signal.rule_id):
+                self.metrics.signals_suppressed.labels(rule=signal.rule_id).inc()
+                return signal
+            log.info("violation %s trace=%s severity=%s", signal.rule_id, signal.trace_id,
+                     signal.severity)
             if self.log_writer is not None:
                 try:
                     self.log_writer.write(signal)

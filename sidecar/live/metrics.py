@@ -94,6 +94,9 @@ class Metrics:
         self.export_failures = Counter("betrace_signal_export_failures",
                                        "Violation spans or log lines that could not be written.",
                                        ["sink"], registry=r)
+        self.signals_suppressed = Counter(
+            "betrace_signals_suppressed", "Signals over their rule's --signal-budget: counted "
+            "(and summarised in the log), not written to any sink.", ["rule"], registry=r)
         self.export_backlog = Gauge("betrace_signal_export_backlog",
                                     "Signals queued for a sink, not yet delivered.", ["sink"],
                                     registry=r)
