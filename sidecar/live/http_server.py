@@ -57,10 +57,10 @@ async def read_body(request: web.BaseRequest, limit: int,
         raise BodyError(408, f"body not received within {timeout:g}s") from None
     if encoding == "identity":
         return bytes(body)
-    return _inflate(bytes(body), encoding, limit)
+    return _inflate(body, encoding, limit)
 
 
-def _inflate(data: bytes, encoding: str, limit: int) -> bytes:
+def _inflate(data: bytes | bytearray, encoding: str, limit: int) -> bytes:
     """gzip (every member) or zlib-wrapped deflate, stopping at `limit` bytes of output."""
     wbits = 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS
     out = bytearray()
@@ -84,12 +84,10 @@ class _CappedServer(web.Server):
     def __init__(self, handler: Handler, max_connections: int, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self.max_connections = max_connections
-        self.refused = 0
 
     def connection_made(self, handler: Any, transport: asyncio.Transport) -> None:
         super().connection_made(handler, transport)
         if len(self._connections) > self.max_connections:
-            self.refused += 1
             transport.abort()
 
 
@@ -123,12 +121,6 @@ class HttpServer:
             raise
         sockets = site._server.sockets if site._server is not None else ()  # type: ignore[union-attr]
         return runner, site, sockets[0].getsockname()[1]
-
-    @property
-    def connections(self) -> int:
-        """Connections open now."""
-        server = self._runner.server
-        return len(server.connections) if server is not None else 0
 
     def start(self) -> threading.Thread:
         self._thread = threading.Thread(target=self._loop.run_forever, name=self.name,
