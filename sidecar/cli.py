@@ -158,6 +158,25 @@ def _parser() -> argparse.ArgumentParser:
     _flag(serve, "--signals-out", "FILE|-", "", "append signals as JSON lines ('-' = stdout)")
     _flag(serve, "--export-otlp", "HOST:PORT", "",
           "send violation spans over OTLP gRPC (e.g. back to the collector)")
+    _flag(serve, "--export-otlp-ca", "FILE", "",
+          "PEM CA verifying the --export-otlp endpoint (implies TLS; an https:// endpoint "
+          "without it is verified against the system's roots)")
+    _flag(serve, "--export-otlp-headers", "KEY=VALUE,...", "",
+          "headers sent with every violation span export, e.g. "
+          "'authorization=Bearer%%20TOKEN' (values URL-encoded; prefer the environment)")
+    _flag(serve, "--tls-cert", "FILE", "",
+          "PEM certificate (chain) served on OTLP gRPC, OTLP/HTTP and metrics ('' = plain "
+          "text; reloaded when it changes)")
+    _flag(serve, "--tls-key", "FILE", "", "PEM private key of --tls-cert")
+    _flag(serve, "--tls-client-ca", "FILE", "",
+          "OTLP senders must present a certificate signed by this PEM CA (the metrics port "
+          "asks for none, so probes still reach it)")
+    _flag(serve, "--otlp-token-file", "FILE", "",
+          "OTLP senders must send 'Authorization: Bearer <the file's content>' (reloaded "
+          "when it changes; gRPC health checks need none)")
+    _flag(serve, "--metrics-token-file", "FILE", "",
+          "/metrics needs 'Authorization: Bearer <the file's content>' (/healthz and /readyz "
+          "do not, for the kubelet's probes)")
     _flag(serve, "--store", "memory|URL", defaults.store,
           "trace state: memory, or Redis shared by sidecars: redis://[:password@]host:port/db, "
           "rediss:// (TLS), unix:///path, redis+cluster://host:port[,host:port]")
@@ -251,6 +270,7 @@ def _logging_to_stderr(command: str, level: str) -> bool:
 def _serve(args: argparse.Namespace) -> int:
     from sidecar.dsl import parse_duration
     from sidecar.live.app import Sidecar
+    from sidecar.live.credentials import CredentialError
 
     if not _logging_to_stderr("serve", args.log_level):
         return EXIT_UNUSABLE
@@ -268,7 +288,10 @@ def _serve(args: argparse.Namespace) -> int:
             signals_out=args.signals_out or None, export_otlp=args.export_otlp or None,
             store=args.store, claim_lease=parse_duration(args.claim_lease) / 1e9,
             reload_interval=parse_duration(args.reload_interval) / 1e9,
-            http_timeout=parse_duration(args.http_timeout) / 1e9)
+            http_timeout=parse_duration(args.http_timeout) / 1e9,
+            tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
+            otlp_token_file=args.otlp_token_file, metrics_token_file=args.metrics_token_file,
+            export_otlp_ca=args.export_otlp_ca, export_otlp_headers=args.export_otlp_headers)
     except ValueError as exc:
         print(f"betrace serve: {exc}", file=sys.stderr)
         return EXIT_UNUSABLE
@@ -282,13 +305,14 @@ def _serve(args: argparse.Namespace) -> int:
         return EXIT_UNUSABLE
     try:
         return Sidecar(settings, ruleset).serve_forever()
-    except (OSError, IncompatibleStore) as exc:
+    except (OSError, IncompatibleStore, CredentialError) as exc:
         print(f"betrace serve: {exc}", file=sys.stderr)
         return EXIT_UNUSABLE
 
 
 def _webhook(args: argparse.Namespace) -> int:
     from sidecar.k8s.webhook import Webhook, WebhookError, WebhookSettings
+    from sidecar.live.credentials import CredentialError
 
     if not _logging_to_stderr("webhook", args.log_level):
         return EXIT_UNUSABLE
@@ -302,7 +326,7 @@ def _webhook(args: argparse.Namespace) -> int:
         return EXIT_UNUSABLE
     try:
         webhook = Webhook(settings)
-    except WebhookError as exc:
+    except (WebhookError, CredentialError) as exc:
         print(f"betrace webhook: {exc}", file=sys.stderr)
         return EXIT_UNUSABLE
     try:

@@ -82,6 +82,7 @@ from prometheus_client import (
 )
 
 from sidecar.live.config import address_problems, binding, split_address
+from sidecar.live.credentials import Watched, server_context
 from sidecar.live.metrics import MetricsServer
 
 log = logging.getLogger(__name__)
@@ -206,61 +207,6 @@ def _check_template(doc: Any) -> SidecarTemplate:
     except (TypeError, ValueError) as exc:
         raise TemplateError(f"holds a value JSON cannot carry: {exc}") from None
     return SidecarTemplate(plain["container"], tuple(plain["volumes"]))
-
-
-def _fingerprint(*paths: str) -> tuple[tuple[int, int, int], ...] | None:
-    """What changes when a file is rewritten or a ConfigMap/Secret symlink is swapped."""
-    stamps = []
-    for path in paths:
-        try:
-            stat = os.stat(path)
-        except OSError:
-            return None
-        stamps.append((stat.st_mtime_ns, stat.st_size, stat.st_ino))
-    return tuple(stamps)
-
-
-class _Watched:
-    """A value loaded from files, reloaded when their fingerprint changes; a failed reload keeps
-    the last good value (logged once per change, counted by `on_failure`)."""
-
-    def __init__(self, paths: tuple[str, ...], load: Callable[[], Any], what: str,
-                 on_failure: Callable[[], None] = lambda: None) -> None:
-        self._paths = paths
-        self._load = load
-        self._what = what
-        self._on_failure = on_failure
-        self._lock = threading.Lock()
-        self._seen = _fingerprint(*paths)
-        self._value = load()  # at start-up a failure is the caller's to report
-
-    def current(self) -> Any:
-        stamp = _fingerprint(*self._paths)
-        if stamp == self._seen or stamp is None:  # unchanged, or mid-swap: keep what works
-            return self._value
-        with self._lock:
-            if stamp != self._seen:
-                self._seen = stamp
-                try:
-                    self._value = self._load()
-                except Exception as exc:  # noqa: BLE001 (whatever it is, keep the last good)
-                    self._on_failure()
-                    log.error("%s reload failed; keeping the last good one: %s", self._what, exc)
-                else:
-                    log.info("%s reloaded", self._what)
-            return self._value
-
-
-def tls_context(cert: str, key: str) -> ssl.SSLContext:
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.set_alpn_protocols(["http/1.1"])
-    try:
-        context.load_cert_chain(cert, key)
-    except (ssl.SSLError, OSError) as exc:
-        raise WebhookError(f"cannot load the TLS certificate {cert} and key {key} (PEM files, "
-                           f"the key matching the certificate): {exc}") from None
-    return context
 
 
 # --- the decision -------------------------------------------------------------------------------
@@ -591,16 +537,16 @@ class _WebhookHandler(QuietHandler):  # decisions are logged by the injector
 
 class Webhook:
     """One running webhook; the constructor loads the template and the certificate (raising
-    WebhookError), `start()` binds the ports (port 0 picks a free one)."""
+    WebhookError or CredentialError), `start()` binds the ports (port 0 picks a free one)."""
 
     def __init__(self, settings: WebhookSettings, metrics: WebhookMetrics | None = None) -> None:
         self.settings = s = settings
         self.metrics = metrics or WebhookMetrics()
         failed = self.metrics.template_reload_failures.inc
-        self.template = _Watched((s.sidecar_template,), lambda: load_template(s.sidecar_template),
+        self.template = Watched((s.sidecar_template,), lambda: load_template(s.sidecar_template),
                                  f"sidecar template {s.sidecar_template}", failed)
-        self.tls = _Watched((s.tls_cert, s.tls_key), lambda: tls_context(s.tls_cert, s.tls_key),
-                            f"TLS certificate {s.tls_cert}", failed)
+        self.tls = Watched((s.tls_cert, s.tls_key), lambda: server_context(s.tls_cert, s.tls_key),
+                           f"TLS certificate {s.tls_cert}", failed)
         self.injector = Injector(self.template.current, s.namespace, self.metrics)
         self._https: WebhookServer | None = None
         self._metrics_http: MetricsServer | None = None

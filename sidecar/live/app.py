@@ -15,7 +15,8 @@ import threading
 from google.protobuf.internal import api_implementation
 
 from sidecar.live.assembler import Assembler
-from sidecar.live.config import Settings, binding, split_address
+from sidecar.live.config import Settings, binding, parse_headers, split_address
+from sidecar.live.credentials import BearerToken, ServerTls, TlsFiles
 from sidecar.live.exporters import Emitter, SignalBudget, ViolationSpans
 from sidecar.live.metrics import Metrics, MetricsServer
 from sidecar.live.receivers import Intake, OtlpHttp, grpc_server
@@ -39,10 +40,19 @@ class Sidecar:
         self.ruleset = ruleset if ruleset is not None else load_rules(settings.rules)
         self.store = store if store is not None else open_store(settings)
         self.signal_log: SignalLog | None = None
+        # certificates and tokens are read now: a file that cannot be used stops the start
+        failed = self.metrics.credential_reload_failures.inc
+        self.tls = ServerTls(TlsFiles(settings.tls_cert, settings.tls_key,
+                                      settings.tls_client_ca), failed) \
+            if settings.tls_cert else None
+        self.metrics_token = BearerToken(settings.metrics_token_file, failed) \
+            if settings.metrics_token_file else None
         spans = None
         if settings.export_otlp:
             spans = ViolationSpans(settings.export_otlp,
-                                   failed=self.metrics.export_failures.labels(sink="otlp").inc)
+                                   failed=self.metrics.export_failures.labels(sink="otlp").inc,
+                                   ca=settings.export_otlp_ca,
+                                   headers=parse_headers(settings.export_otlp_headers))
             self.metrics.export_backlog.labels(sink="otlp").set_function(spans.backlog)
         self.emitter = Emitter(self.metrics, self._signal_log(), spans,
                                value_limit=settings.max_signal_value_bytes,
@@ -56,7 +66,9 @@ class Sidecar:
         self.metrics.set_rules(((r.id, r.severity) for r in self.ruleset.rules),
                                self.ruleset.digest)
         self.metrics.watch_store(self.store.counts)
-        self.intake = Intake(self.assembler, self.metrics)
+        self.intake = Intake(self.assembler, self.metrics,
+                             BearerToken(settings.otlp_token_file, failed)
+                             if settings.otlp_token_file else None)
         self.watcher = RuleWatcher(settings.rules, self.ruleset, self._swap_rules, self.metrics,
                                    settings.reload_interval)
         self._stop = threading.Event()
@@ -97,19 +109,23 @@ class Sidecar:
             log.warning("protobuf is using its pure-Python backend: ingest will be 10-50x "
                         "slower. Install a protobuf wheel with the upb backend.")
         s = self.settings
-        self._grpc, self.grpc_port = grpc_server(self.intake, s.listen)
+        tls = self.tls
+        self._grpc, self.grpc_port = grpc_server(
+            self.intake, s.listen, credentials=tls.grpc_credentials() if tls else None)
         self._grpc.start()
         if s.http_listen:
             with binding("OTLP/HTTP", s.http_listen):
                 self._http = OtlpHttp(self.intake, split_address(s.http_listen),
-                                      s.http_timeout)
+                                      s.http_timeout, tls=tls.ssl_context(ingest=True)
+                                      if tls else None)
             self.http_port = self._http.port
             self._threads.append(self._http.start())
         if s.metrics_listen:
             with binding("metrics", s.metrics_listen):
-                self._metrics_http = MetricsServer(self.metrics.registry,
-                                                   split_address(s.metrics_listen),
-                                                   self.ready, s.http_timeout)
+                self._metrics_http = MetricsServer(
+                    self.metrics.registry, split_address(s.metrics_listen), self.ready,
+                    s.http_timeout, tls=tls.ssl_context(ingest=False) if tls else None,
+                    token=self.metrics_token)
             self.metrics_port = self._metrics_http.port
             self._threads.append(self._metrics_http.start())
         for target, name in ((self.assembler.run, "decide"), (self.watcher.run, "reload")):
@@ -117,13 +133,20 @@ class Sidecar:
             thread.start()
             self._threads.append(thread)
         host = split_address(s.listen)[0]
-        log.info("betrace listening: OTLP gRPC %s:%d%s%s; %d rule(s) loaded from %s "
+        scheme, guard = ("https", " over TLS") if tls else ("http", "")
+        if tls and s.tls_client_ca:
+            guard += " with client certificates"
+        if self.intake.token:
+            guard += ", bearer token required"
+        log.info("betrace listening: OTLP gRPC %s:%d%s%s%s; %d rule(s) loaded from %s "
                  "(digest %s); store %s; decision wait %gs",
                  host, self.grpc_port,
                  f", OTLP/HTTP {split_address(s.http_listen)[0]}:{self.http_port}"
-                 if self._http else "",
-                 f", metrics http://{split_address(s.metrics_listen)[0]}:{self.metrics_port}"
-                 "/metrics" if self._metrics_http else "",
+                 if self._http else "", guard,
+                 f", metrics {scheme}://{split_address(s.metrics_listen)[0]}:"
+                 f"{self.metrics_port}/metrics"
+                 f"{' (bearer token required)' if self.metrics_token else ''}"
+                 if self._metrics_http else "",
                  len(self.ruleset.rules), ", ".join(s.rules), self.ruleset.digest[:12],
                  redact(s.store), s.decision_wait)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from urllib.parse import unquote
 
 from sidecar.model.signals import MAX_VALUE_BYTES
 from sidecar.stores.trace_store import StoreLimits
@@ -37,6 +38,15 @@ class Settings:
     http_timeout: float = 30.0
     max_signal_value_bytes: int = MAX_VALUE_BYTES  # each context value a signal carries
     signal_budget: float = 1000.0  # signals a second per rule (10x at once) written; 0: no cap
+    # TLS on the three listeners (PEM files, reloaded when they change); "" = plain text
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""  # OTLP senders must present a certificate signed by this CA
+    # files holding the bearer token OTLP senders, and scrapers of /metrics, must send
+    otlp_token_file: str = ""
+    metrics_token_file: str = ""
+    export_otlp_ca: str = ""  # CA verifying the --export-otlp endpoint; implies TLS
+    export_otlp_headers: str = ""  # key=value,... sent with every export (URL-encoded values)
 
     def validate(self) -> list[str]:
         problems = []
@@ -53,6 +63,16 @@ class Settings:
         if self.signal_budget < 0:
             problems.append("signal-budget must be 0 (no budget) or positive")
         problems += address_problems(self, "listen", "http_listen", "metrics_listen")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            problems.append("tls-cert and tls-key go together")
+        if self.tls_client_ca and not self.tls_cert:
+            problems.append("tls-client-ca needs tls-cert and tls-key")
+        if (self.export_otlp_ca or self.export_otlp_headers) and not self.export_otlp:
+            problems.append("export-otlp-ca and export-otlp-headers need export-otlp")
+        try:
+            parse_headers(self.export_otlp_headers)
+        except ValueError as exc:
+            problems.append(f"export-otlp-headers: {exc}")
         if self.store != "memory" and not self.store.startswith(STORE_SCHEMES):
             problems.append(f"store {self.store!r}: expected memory or a URL starting with "
                             f"{', '.join(STORE_SCHEMES)}")
@@ -62,6 +82,20 @@ class Settings:
         return StoreLimits(self.decision_wait, self.max_trace_age, self.max_traces,
                            self.max_spans_per_trace, self.decided_retention, self.claim_lease,
                            self.max_trace_ids)
+
+
+def parse_headers(text: str) -> dict[str, str]:
+    """`key=value,key2=value2` (values URL-encoded, as in OTEL_EXPORTER_OTLP_HEADERS) to gRPC
+    metadata, whose keys are lower case."""
+    headers = {}
+    for number, item in enumerate(text.split(","), 1):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():  # the item is not shown: it may hold a secret
+            raise ValueError(f"item {number} is not key=value")
+        headers[key.strip().lower()] = unquote(value.strip())
+    return headers
 
 
 def address_problems(settings: object, required: str, *optional: str) -> list[str]:

@@ -12,8 +12,10 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import grpc
 from opentelemetry.context import Context
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
@@ -31,6 +33,7 @@ from opentelemetry.trace import (
 )
 
 from sidecar import __version__
+from sidecar.live.credentials import CredentialError
 from sidecar.live.metrics import Metrics
 from sidecar.model.names import SCOPE, VIOLATION_SPAN
 from sidecar.model.signal_writers import SignalWriter
@@ -122,15 +125,16 @@ class ViolationSpans:
     """Writes `betrace.violation` spans into the violating traces over OTLP gRPC; `failed` is
     told of every span lost (see `_Outbox`)."""
 
-    def __init__(self, endpoint: str, insecure: bool = True,
-                 failed: Callable[[int], object] = lambda count: None,
-                 timeout: float = 10.0) -> None:
+    def __init__(self, endpoint: str, failed: Callable[[int], object] = lambda count: None,
+                 timeout: float = 10.0, ca: str = "",
+                 headers: dict[str, str] | None = None) -> None:
         self.ids = _IntoTrace()
         self.provider = TracerProvider(
             resource=Resource.create({"service.name": "betrace",
                                       "service.version": __version__}),
             sampler=ALWAYS_ON, id_generator=self.ids)
-        exporter = OTLPSpanExporter(endpoint=endpoint, insecure=insecure, timeout=timeout)
+        exporter = OTLPSpanExporter(endpoint=endpoint, timeout=timeout, headers=headers or None,
+                                    **_channel(endpoint, ca))
         self.outbox = _Outbox(exporter, failed)
         self.provider.add_span_processor(self.outbox)
         self.tracer = self.provider.get_tracer(SCOPE, __version__)
@@ -167,6 +171,19 @@ class ViolationSpans:
     def close(self) -> None:
         self.provider.force_flush(timeout_millis=5000)
         self.provider.shutdown()
+
+
+def _channel(endpoint: str, ca: str) -> dict[str, Any]:
+    """TLS for an `https://` endpoint or one given a CA (verified against the CA, else the
+    system's roots); plain text otherwise, as for the collector in the same pod."""
+    if not (ca or endpoint.startswith("https://")):
+        return {"insecure": True}
+    try:
+        roots = Path(ca).read_bytes() if ca else None
+    except OSError as exc:
+        raise CredentialError(f"cannot read the export CA {ca}: {exc.strerror or exc}") \
+            from None
+    return {"insecure": False, "credentials": grpc.ssl_channel_credentials(roots)}
 
 
 class SignalBudget:

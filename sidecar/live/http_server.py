@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import threading
 import zlib
 from collections.abc import Awaitable, Callable
@@ -96,24 +97,27 @@ class HttpServer:
     bound when this returns (OSError if it cannot be)."""
 
     def __init__(self, handler: Handler, address: tuple[str, int], name: str,
-                 timeout: float = HTTP_TIMEOUT, max_connections: int = MAX_CONNECTIONS) -> None:
+                 timeout: float = HTTP_TIMEOUT, max_connections: int = MAX_CONNECTIONS,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.name = name
         self._loop = asyncio.new_event_loop()
         self._thread: threading.Thread | None = None
         try:
             self._runner, self._site, self.port = self._loop.run_until_complete(
-                self._bind(handler, address, timeout / 3, max_connections))
+                self._bind(handler, address, timeout / 3, max_connections, tls))
         except BaseException:
             self._loop.close()
             raise
 
     async def _bind(self, handler: Handler, address: tuple[str, int], head_timeout: float,
-                    max_connections: int) -> tuple[web.BaseRunner, web.TCPSite, int]:
+                    max_connections: int, tls: ssl.SSLContext | None,
+                    ) -> tuple[web.BaseRunner, web.TCPSite, int]:
         server = _CappedServer(handler, max_connections, keepalive_timeout=head_timeout,
                                auto_decompress=False, access_log=None)
         runner = web.ServerRunner(server, handle_signals=False)
         await runner.setup()
-        site = web.TCPSite(runner, address[0], address[1], backlog=512, reuse_address=True)
+        site = web.TCPSite(runner, address[0], address[1], backlog=512, reuse_address=True,
+                           ssl_context=tls)
         try:
             await site.start()
         except BaseException:

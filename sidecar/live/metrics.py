@@ -7,6 +7,7 @@ live state (traces and spans buffered) are read from the store at scrape time.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import threading
 from collections.abc import Callable, Iterable
 
@@ -23,6 +24,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from sidecar.live.credentials import BearerToken
 from sidecar.live.http_server import HTTP_TIMEOUT, HttpServer
 
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -97,6 +99,9 @@ class Metrics:
         self.signals_suppressed = Counter(
             "betrace_signals_suppressed", "Signals over their rule's --signal-budget: counted "
             "(and summarised in the log), not written to any sink.", ["rule"], registry=r)
+        self.credential_reload_failures = Counter(
+            "betrace_credential_reload_failures", "Rotated TLS certificates or bearer tokens "
+            "that could not be loaded (the last good one is kept).", registry=r)
         self.export_backlog = Gauge("betrace_signal_export_backlog",
                                     "Signals queued for a sink, not yet delivered.", ["sink"],
                                     registry=r)
@@ -139,10 +144,12 @@ class MetricsServer:
 
     def __init__(self, registry: CollectorRegistry, address: tuple[str, int],
                  ready: Callable[[], tuple[bool, str]] | None = None,
-                 timeout: float = HTTP_TIMEOUT) -> None:
+                 timeout: float = HTTP_TIMEOUT, tls: ssl.SSLContext | None = None,
+                 token: BearerToken | None = None) -> None:
         self.registry = registry
         self.ready = ready
-        self.server = HttpServer(self._handle, address, "metrics-http", timeout)
+        self.token = token  # asked of /metrics only: the kubelet's probes send none
+        self.server = HttpServer(self._handle, address, "metrics-http", timeout, tls=tls)
         self.port = self.server.port
 
     async def _handle(self, request: web.BaseRequest) -> web.Response:
@@ -151,6 +158,10 @@ class MetricsServer:
             return _text(405, "only GET is served here\n", {"Allow": "GET, HEAD"})
         loop = asyncio.get_running_loop()
         if path == "/metrics":
+            if self.token is not None and not self.token.allows(
+                    request.headers.get("Authorization")):
+                return _text(401, "a bearer token is required\n",
+                             {"WWW-Authenticate": 'Bearer realm="metrics"'})
             body = await loop.run_in_executor(None, generate_latest, self.registry)
             return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
         if path == "/healthz":

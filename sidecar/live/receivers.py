@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import ssl
 import threading
 from concurrent import futures
 from typing import Any
@@ -28,6 +29,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 
 from sidecar.live.assembler import ActiveRules, Assembler
+from sidecar.live.credentials import BearerToken
 from sidecar.live.http_server import HTTP_TIMEOUT, BodyError, HttpServer, read_body
 from sidecar.live.metrics import Metrics
 from sidecar.model.errors import StoreUnavailable
@@ -50,11 +52,22 @@ class InternalError(Exception):
 
 
 class Intake:
-    """Decode, prune, hand to the assembler, and say what was refused."""
+    """Decode, prune, hand to the assembler, and say what was refused. With a `token`, only
+    senders that present it are heard."""
 
-    def __init__(self, assembler: Assembler, metrics: Metrics) -> None:
+    def __init__(self, assembler: Assembler, metrics: Metrics,
+                 token: BearerToken | None = None) -> None:
         self.assembler = assembler
         self.metrics = metrics
+        self.token = token
+
+    def authorized(self, authorization: str | None, transport: str) -> bool:
+        """Whether a request with this Authorization header (or gRPC metadata) may export."""
+        if self.token is None or self.token.allows(authorization):
+            return True
+        self.metrics.requests_rejected.labels(transport=transport,
+                                              reason="unauthenticated").inc()
+        return False
 
     def export_protobuf(self, body: bytes, transport: str) -> ExportTraceServiceResponse:
         active = self.assembler.active  # one snapshot decodes and judges the request
@@ -118,8 +131,10 @@ class Intake:
 
 # --- gRPC ---------------------------------------------------------------------------------------
 
-def grpc_server(intake: Intake, listen: str, workers: int = 8) -> tuple[grpc.Server, int]:
-    """An OTLP gRPC server (with the standard health service); returns it and its bound port."""
+def grpc_server(intake: Intake, listen: str, workers: int = 8,
+                credentials: grpc.ServerCredentials | None = None) -> tuple[grpc.Server, int]:
+    """An OTLP gRPC server (with the standard health service, which asks for no token);
+    returns it and its bound port."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="otlp-grpc"),
         # No SO_REUSEPORT (gRPC's default on Linux): a second sidecar on the same port would
@@ -128,6 +143,9 @@ def grpc_server(intake: Intake, listen: str, workers: int = 8) -> tuple[grpc.Ser
                  ("grpc.so_reuseport", 0)])
 
     def export(body: bytes, context: grpc.ServicerContext) -> ExportTraceServiceResponse:
+        if intake.token is not None and not intake.authorized(
+                dict(context.invocation_metadata()).get("authorization"), "grpc"):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
         try:
             return intake.export_protobuf(body, "grpc")
         except InvalidRequest as exc:
@@ -149,7 +167,8 @@ def grpc_server(intake: Intake, listen: str, workers: int = 8) -> tuple[grpc.Ser
     health_servicer.set(TRACE_SERVICE, health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     try:
-        port = server.add_insecure_port(listen)
+        port = (server.add_secure_port(listen, credentials) if credentials is not None
+                else server.add_insecure_port(listen))
     except RuntimeError:  # what grpcio raises when it cannot bind (older versions return 0)
         port = 0
     if port == 0:
@@ -171,13 +190,14 @@ class OtlpHttp:
     decision pass began is answered 503, never acknowledged and then lost."""
 
     def __init__(self, intake: Intake, address: tuple[str, int],
-                 timeout: float = HTTP_TIMEOUT, workers: int = 4) -> None:
+                 timeout: float = HTTP_TIMEOUT, workers: int = 4,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.intake = intake
         self.timeout = timeout
         self._pool = futures.ThreadPoolExecutor(workers, thread_name_prefix="otlp-http")
         self._draining = False
         self._in_flight = 0  # requests accepted for reading, not yet answered (loop thread only)
-        self.server = HttpServer(self._handle, address, "otlp-http", timeout)
+        self.server = HttpServer(self._handle, address, "otlp-http", timeout, tls=tls)
         self.port = self.server.port
 
     async def _handle(self, request: web.BaseRequest) -> web.Response:
@@ -190,6 +210,10 @@ class OtlpHttp:
         if content_type not in (_PROTOBUF, _JSON):
             return _status(415, code_pb2.INVALID_ARGUMENT,
                            f"Content-Type must be {_PROTOBUF} or {_JSON}")
+        if not self.intake.authorized(request.headers.get("Authorization"), "http"):
+            return _status(401, code_pb2.UNAUTHENTICATED, "missing or wrong bearer token",
+                           content_type, {"WWW-Authenticate": 'Bearer realm="otlp"',
+                                          "Connection": "close"})
         if self._draining:
             return _status(503, code_pb2.UNAVAILABLE, "shutting down: send to another sidecar",
                            content_type, {"Retry-After": "1", "Connection": "close"})
