@@ -152,6 +152,10 @@ def _parser() -> argparse.ArgumentParser:
           "traces held; beyond it the oldest open trace is decided early")
     _flag(serve, "--max-spans-per-trace", "N", str(defaults.max_spans_per_trace),
           "spans beyond it are refused (reported as OTLP partial success)")
+    _flag(serve, "--max-trace-bytes", "SIZE", f"{defaults.max_trace_bytes // 1024 ** 2}MiB",
+          "bytes of spans held per trace (their names, attribute keys and values, and 64 "
+          "each; K, M, G suffixes): a span that would take its trace beyond it is refused "
+          "(reported as OTLP partial success)")
     _flag(serve, "--max-trace-ids", "N", str(defaults.max_trace_ids),
           "traces held by id alone (none of their spans selected), for rules that fire on "
           "traces without their spans; beyond it they are dropped undecided (counted)")
@@ -282,6 +286,7 @@ def _serve(args: argparse.Namespace) -> int:
             max_trace_age=parse_duration(args.max_trace_age) / 1e9,
             decided_retention=parse_duration(args.decided_retention) / 1e9,
             max_traces=int(args.max_traces), max_spans_per_trace=int(args.max_spans_per_trace),
+            max_trace_bytes=_size(args.max_trace_bytes, "--max-trace-bytes"),
             max_trace_ids=int(args.max_trace_ids),
             max_signal_value_bytes=int(args.max_signal_value_bytes),
             signal_budget=float(args.signal_budget),
@@ -415,7 +420,8 @@ def _replay(args: argparse.Namespace) -> int:
         sources = expand_sources(args.sources) if args.sources else []
         until = parse_moment(args.until) if args.until else None
         options = ReplayOptions(
-            memory=_size(args.memory) if args.memory else DEFAULT_MEMORY, jobs=args.jobs,
+            memory=_size(args.memory, "--memory") if args.memory else DEFAULT_MEMORY,
+            jobs=args.jobs,
             spill_dir=args.spill_dir,
             since_ns=parse_moment(args.since) if args.since else None,
             until_ns=until if until is not None or not args.tempo else time.time_ns(),
@@ -479,9 +485,9 @@ def _edge(text: str) -> int:
             from None
 
 
-def _size(text: str) -> int:
+def _size(text: str, flag: str) -> int:
     """`512M`, `2G`, `1.5G`, `65536`: bytes (binary units; a trailing B or iB is allowed)."""
     match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?", text.strip(), re.IGNORECASE)
     if not match or float(match.group(1)) <= 0:
-        raise ValueError(f"invalid --memory {text!r}: expected a size such as 512M or 2G")
+        raise ValueError(f"invalid {flag} {text!r}: expected a size such as 512M or 2G")
     return max(1, int(float(match.group(1)) * 1024 ** " KMGT".index(match.group(2).upper() or " ")))

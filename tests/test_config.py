@@ -21,11 +21,12 @@ def test_store_urls_are_logged_without_their_password(url: str, shown: str) -> N
 
 
 def test_validate_names_every_problem() -> None:
-    problems = Settings(decision_wait=0, max_trace_age=-1, max_traces=0, listen="nonsense",
-                        store="postgres://x").validate()
+    problems = Settings(decision_wait=0, max_trace_age=-1, max_traces=0, max_trace_bytes=0,
+                        listen="nonsense", store="postgres://x").validate()
     assert any("decision-wait must be positive" in p for p in problems)
     assert any("max-trace-age must be positive" in p for p in problems)
     assert any("max-traces must be at least 1" in p for p in problems)
+    assert any("max-trace-bytes must be at least 1" in p for p in problems)
     assert any(p.startswith("listen:") for p in problems)
     assert any("store 'postgres://x'" in p for p in problems)
     assert Settings().validate() == []

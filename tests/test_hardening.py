@@ -19,11 +19,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from aiohttp import web
 from google.protobuf import json_format
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 from processes import stop
+from test_serve_cli import Serve, read_signals, serve  # noqa: F401 (serve is a fixture)
 from test_serve_e2e import (  # noqa: F401 (start_sidecar is a fixture)
     RULES,
     Running,
@@ -372,6 +375,42 @@ def test_a_huge_value_is_whole_for_the_rule_and_cut_in_the_signal_live_and_in_re
     found: list[Signal] = []
     replay(load_rules_text(BLOB_RULES), [str(source)], found.append)
     assert [s.context for s in found] == [live["context"]]
+
+
+def test_a_trace_of_huge_values_holds_at_most_max_trace_bytes(
+        serve: Callable[..., Serve], tmp_path: Path, free_port: Callable[[], int],
+        scrape: Callable[..., Any], wait_until: Callable[..., Any]) -> None:
+    """150 spans of one trace carrying a 10 MB value a rule reads were all stored whole: 1.5 GB
+    for one trace. Now the spans that would take a trace beyond --max-trace-bytes are refused
+    in partial_success, counted and logged; a smaller span still fits in the room left, and
+    the rule judges what was kept."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(BLOB_RULES)
+    signals = tmp_path / "signals.jsonl"
+    grpc_port, metrics_port = free_port(), free_port()
+    process = serve("--rules", str(rules), "--listen", f"127.0.0.1:{grpc_port}",
+                    "--http-listen", "", "--metrics-listen", f"127.0.0.1:{metrics_port}",
+                    "--max-trace-bytes", "1MiB", "--signals-out", str(signals))
+    process.wait_for_line("betrace listening")
+    trace_id = os.urandom(16)
+    blob = "a" * 300_000 + "b"  # about 300 KB stored per span: three fit in 1 MiB, not four
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+        stub = trace_service_pb2_grpc.TraceServiceStub(channel)
+        response = stub.Export(pb_request(trace_id, ["upload"] * 5,
+                                          {"blob": blob, "size": len(blob)}), timeout=10)
+        assert response.partial_success.rejected_spans == 2
+        assert response.partial_success.error_message == "2 span(s) over max_trace_bytes"
+        response = stub.Export(pb_request(trace_id, ["upload"], {"blob": "ab", "size": 2},
+                                          first_span=10), timeout=10)
+        assert not response.HasField("partial_success")
+    process.wait_for_line("refused 2 span(s): trace over max_trace_bytes")
+    [found] = wait_until(lambda: read_signals(signals), what="the signal on the kept spans")
+    kept = {f"{n:016x}" for n in (1, 2, 3, 10)}
+    assert found["trace_id"] == trace_id.hex() and set(found["span_ids"]) <= kept
+    metrics = scrape(metrics_port)
+    assert metrics.value("betrace_spans_rejected_total", reason="max_trace_bytes") == 2
+    assert metrics.value("betrace_spans_rejected_total", reason="max_spans_per_trace") == 0
+    assert metrics.value("betrace_spans_buffered") == 4
 
 
 def test_a_cut_value_ends_on_a_whole_character_and_says_how_long_it_was() -> None:

@@ -399,6 +399,22 @@ def test_a_probe_can_be_turned_off(render: Callable[..., Rendered]) -> None:
     assert "readinessProbe" not in sidecar and sidecar["livenessProbe"]
 
 
+@pytest.mark.parametrize("value, passed", [
+    (None, "16MiB"), ("512KiB", "512KiB"), (16_777_216, "16777216")])
+def test_max_trace_bytes_takes_a_size_or_a_number(render: Callable[..., Rendered],
+                                                  value: Any, passed: str) -> None:
+    """A number in values is a float to Helm, which would print 16777216 as 1.6777216e+07."""
+    values = {"sidecar": {"maxTraceBytes": value}} if value is not None else None
+    assert flag(render(values).sidecar()["args"], "max-trace-bytes") == passed
+
+
+def test_a_max_trace_bytes_that_is_no_size_is_refused_by_the_schema(
+        render: Callable[..., Rendered]) -> None:
+    with pytest.raises(helm.HelmError) as caught:
+        render({"sidecar": {"maxTraceBytes": "lots"}})
+    assert "maxTraceBytes" in str(caught.value)
+
+
 # --- rules ---------------------------------------------------------------------------------------
 
 def write_rules(rendered: Rendered, directory: Path) -> Path:

@@ -305,6 +305,8 @@ def _bad(args: list[str], message: str, **env: str) -> Any:
     _bad(["--metrics-listen", "127.0.0.1:99999"], "metrics-listen: '127.0.0.1:99999'"),
     _bad(["--max-traces", "many"], "'many'"),
     _bad(["--max-traces", "0"], "max-traces must be at least 1"),
+    _bad(["--max-trace-bytes", "16 pages"], "invalid --max-trace-bytes '16 pages'"),
+    _bad(["--max-trace-bytes", "0"], "invalid --max-trace-bytes '0'"),
     _bad(["--decision-wait", "0s"], "decision-wait must be positive"),
     _bad(["--decision-wait", "10s", "--max-trace-age", "1s"],
          "max-trace-age must be at least decision-wait"),

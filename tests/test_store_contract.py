@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import pytest
 import redis
 
-from sidecar.model.spans import Span, Trace
+from sidecar.model.spans import SPAN_OVERHEAD_BYTES, Span, Trace, stored_bytes
 from sidecar.stores import Claimed, StoreLimits, TraceStore
 from sidecar.stores.memory import MemoryStore
 from sidecar.stores.redis.store import RedisStore
@@ -435,6 +435,83 @@ def test_max_spans_per_trace_refuses_the_excess_and_reports_it(
     # A full trace is still decided with what it holds.
     claimed = by_id(claim(store, 100.0))
     assert len(claimed[A].trace.spans) == 3 and len(claimed[B].trace.spans) == 3
+
+
+def blob(trace_id: str, size: int) -> Span:
+    """A span whose one attribute is `size` bytes of text, as a large value a rule reads."""
+    [span] = spans(trace_id)
+    span.attributes = {"blob": "x" * size}
+    return span
+
+
+def test_stored_bytes_counts_the_text_a_span_holds_in_utf8() -> None:
+    span = Span(A, "00000000000000a1", "paiement.débit", service="caisse", attributes={
+        "montant": 12, "devise": "€", "étapes": ("réservé", "payé"), "brut": b"\0" * 10,
+        "lignes": {"n°": "1"}})
+    text = ("paiement.débit" + "caisse" + "montant" + "devise" + "€" + "étapes" + "réservé"
+            + "payé" + "brut" + "lignes" + "n°" + "1")
+    assert stored_bytes(span) == SPAN_OVERHEAD_BYTES + len(text.encode()) + 8 + 10
+
+
+def test_max_trace_bytes_keeps_the_spans_that_fit_in_order_and_reports_the_others(
+        store_factory: StoreFactory) -> None:
+    """Budget: three 1,000-byte spans and one small span. In order, each span that fits is
+    kept; one bigger than the whole budget, and one that no longer fits, are refused, and a
+    later span still fits in the room left. Exactly full is within the budget."""
+    small = stored_bytes(spans(A)[0])
+    unit = stored_bytes(blob(A, 1000))
+    store = store_factory(max_trace_bytes=3 * unit + small)
+    first = [blob(A, 1000), blob(A, 1000), blob(A, 10_000), blob(A, 1000), blob(A, 1000)]
+    result = store.append({A: first, B: [blob(B, 1000)]}, now=0.0, decide_on_arrival={A, B})
+    assert (result.accepted, result.rejected, result.rejected_bytes) == (4, 0, 2)
+    assert result.created == {B} and result.decided_on_arrival == 1  # A is not held whole
+    assert store.counts() == (1, 3)
+    result = store.append({A: [blob(A, 1000)]}, now=1.0)
+    assert (result.accepted, result.rejected_bytes, result.touched) == (0, 1, [])
+    later = spans(A)
+    result = store.append({A: later + spans(A)}, now=2.0)
+    assert (result.accepted, result.rejected, result.rejected_bytes) == (1, 0, 1)
+    [claimed] = claim(store, 100.0)
+    assert ids(claimed) == {s.span_id for s in [*first[:2], first[3], *later]}
+
+
+def test_a_span_bigger_than_max_trace_bytes_opens_no_trace(store_factory: StoreFactory) -> None:
+    store = store_factory(max_trace_bytes=10_000)
+    result = store.append({A: [blob(A, 10_000)]}, now=0.0, decide_on_arrival={A})
+    assert (result.accepted, result.rejected_bytes, result.touched) == (0, 1, [])
+    assert result.created == set() and result.decided_on_arrival == 0
+    assert store.counts() == (0, 0) and store.next_due() is None
+    assert with_trace(store, A, len) is None and claim(store, 100.0) == []
+
+
+def test_max_spans_per_trace_and_max_trace_bytes_are_counted_apart(
+        store_factory: StoreFactory) -> None:
+    """The span refused for its bytes leaves its place to the next one; the one after that
+    finds the trace full."""
+    unit = stored_bytes(blob(A, 1000))
+    store = store_factory(max_spans_per_trace=2, max_trace_bytes=2 * unit)
+    batch = [blob(A, 5000), blob(A, 1000), blob(A, 1000), spans(A)[0]]
+    result = store.append({A: batch}, now=0.0)
+    assert (result.accepted, result.rejected, result.rejected_bytes) == (2, 1, 1)
+    assert with_trace(store, A, lambda t: {s.span_id for s in t}) == \
+        {s.span_id for s in batch[1:3]}
+
+
+def test_a_decided_trace_reopened_keeps_counting_its_earlier_bytes(
+        store_factory: StoreFactory) -> None:
+    """The budget is for everything a trace holds: its spans from before its decision come
+    back with it (a shared store keeps the total in the trace's state, through claim and
+    finish)."""
+    unit = stored_bytes(blob(A, 1000))
+    store = store_factory(decision_wait=10.0, max_trace_bytes=2 * unit)
+    store.append({A: [blob(A, 1000)]}, now=0.0)
+    store.append({A: [blob(A, 1000)]}, now=1.0)
+    [decided] = claim(store, 11.0)
+    result = store.append({A: [blob(A, 1000)]}, now=12.0)
+    assert (result.accepted, result.rejected_bytes, result.late) == (0, 1, 0)
+    assert store.counts() == (0, 0)
+    result = store.append({A: spans(A)}, now=12.0)
+    assert (result.accepted, result.rejected_bytes, result.late) == (0, 1, 0)
 
 
 def test_max_traces_decides_the_oldest_open_trace_early_as_evicted(

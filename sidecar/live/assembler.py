@@ -165,6 +165,9 @@ class Assembler:
         if result.rejected:
             metrics.spans_rejected.labels(reason="max_spans_per_trace").inc(result.rejected)
             log.warning("refused %d span(s): trace over max_spans_per_trace", result.rejected)
+        if result.rejected_bytes:
+            metrics.spans_rejected.labels(reason="max_trace_bytes").inc(result.rejected_bytes)
+            log.warning("refused %d span(s): trace over max_trace_bytes", result.rejected_bytes)
         if result.evicted:
             log.warning("max_traces reached: %d open trace(s) decided early", result.evicted)
         if result.decided_on_arrival:

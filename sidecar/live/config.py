@@ -27,6 +27,7 @@ class Settings:
     max_trace_age: float = 300.0
     max_traces: int = 50_000
     max_spans_per_trace: int = 10_000
+    max_trace_bytes: int = StoreLimits.max_trace_bytes  # spans' bytes held per trace
     decided_retention: float = 60.0
     max_trace_ids: int = 200_000  # traces held by id alone, for rules true without their spans
     signals_out: str | None = None  # JSONL signal log: a path, or "-" for stdout
@@ -56,7 +57,7 @@ class Settings:
                 problems.append(f"{name.replace('_', '-')} must be positive")
         if self.max_trace_age < self.decision_wait:
             problems.append("max-trace-age must be at least decision-wait")
-        for name in ("max_traces", "max_spans_per_trace", "max_trace_ids",
+        for name in ("max_traces", "max_spans_per_trace", "max_trace_bytes", "max_trace_ids",
                      "max_signal_value_bytes"):
             if getattr(self, name) < 1:
                 problems.append(f"{name.replace('_', '-')} must be at least 1")
@@ -81,7 +82,7 @@ class Settings:
     def limits(self) -> StoreLimits:
         return StoreLimits(self.decision_wait, self.max_trace_age, self.max_traces,
                            self.max_spans_per_trace, self.decided_retention, self.claim_lease,
-                           self.max_trace_ids)
+                           self.max_trace_ids, self.max_trace_bytes)
 
 
 def parse_headers(text: str) -> dict[str, str]:

@@ -45,7 +45,8 @@ class Metrics:
             "are BeTrace's own violation spans.", ["reason"], registry=r)
         self.spans_rejected = Counter(
             "betrace_spans_rejected", "Spans refused (reported to the sender as partial "
-            "success): invalid, or over max_spans_per_trace.", ["reason"], registry=r)
+            "success): invalid, over max_spans_per_trace, or over max_trace_bytes.", ["reason"],
+            registry=r)
         self.requests_rejected = Counter(
             "betrace_export_requests_rejected", "Export requests refused whole.",
             ["transport", "reason"], registry=r)

@@ -123,6 +123,9 @@ class Intake:
             if result.rejected:
                 rejected += result.rejected
                 messages.append(f"{result.rejected} span(s) over max_spans_per_trace")
+            if result.rejected_bytes:
+                rejected += result.rejected_bytes
+                messages.append(f"{result.rejected_bytes} span(s) over max_trace_bytes")
         if not rejected:
             return ExportTraceServiceResponse()
         return ExportTraceServiceResponse(partial_success=ExportTracePartialSuccess(

@@ -89,6 +89,52 @@ def span_of(trace_id: str, span_id: str, name: str, parent_span_id: str, start_n
 
 _new = object.__new__
 
+SPAN_OVERHEAD_BYTES = 64  # ids, times, status and kind: what a stored span costs besides its text
+_SCALAR_BYTES = 8  # a bool, int or float value
+_SCALARS = frozenset((bool, int, float))
+
+
+def stored_bytes(span: Span) -> int:
+    """What a span counts against its trace's byte budget (max_trace_bytes): the UTF-8 bytes of
+    its name, service, attribute keys and values (inside arrays and kvlists too, and bytes
+    values as they are: any of them can be the 10 MB one), other values a fixed size, plus a
+    fixed overhead. Taken from the span, not from a store's encoding, so every store agrees.
+    It runs for every stored span: the short strings are measured as one, and the common
+    values without a call."""
+    attributes = span.attributes
+    size = SPAN_OVERHEAD_BYTES + _text_bytes(span.name + (span.service or "")
+                                             + "".join(attributes))
+    for value in attributes.values():
+        kind = type(value)
+        if kind is str:
+            size += len(value) if value.isascii() else _utf8_bytes(value)
+        elif kind in _SCALARS:
+            size += _SCALAR_BYTES
+        else:
+            size += _value_bytes(value)
+    return size
+
+
+def _text_bytes(text: str) -> int:
+    # isascii() reads a flag in CPython: most text is never encoded just to be measured
+    return len(text) if text.isascii() else _utf8_bytes(text)
+
+
+def _utf8_bytes(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def _value_bytes(value: Any) -> int:
+    if isinstance(value, str):
+        return _text_bytes(value)
+    if isinstance(value, bytes):
+        return len(value)
+    if isinstance(value, (tuple, list)):
+        return sum(map(_value_bytes, value))
+    if isinstance(value, dict):
+        return sum(_text_bytes(key) + _value_bytes(item) for key, item in value.items())
+    return _SCALAR_BYTES
+
 
 class Trace:
     """All spans of one trace_id, indexed by name once so a rule only touches the spans it names."""

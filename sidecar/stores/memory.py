@@ -15,24 +15,44 @@ from collections import OrderedDict
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import TypeVar
 
-from sidecar.model.spans import Span, Trace
+from sidecar.model.spans import Span, Trace, stored_bytes
 from sidecar.stores.trace_store import AppendResult, Claimed, StoreLimits
 
 T = TypeVar("T")
 
 
 class _Entry:
-    __slots__ = ("trace", "born", "opened", "last_seen", "signalled", "decided_until",
+    __slots__ = ("trace", "size", "born", "opened", "last_seen", "signalled", "decided_until",
                  "arrival_deadline")
 
     def __init__(self, trace: Trace, now: float) -> None:
         self.trace = trace
+        self.size = 0  # stored_bytes of its spans, against max_trace_bytes
         self.born = now  # when its first span came: kept when a late span re-opens it
         self.opened = now
         self.last_seen = now
         self.signalled: set[str] | None = None  # made on the first signal: most traces have none
         self.decided_until: float | None = None  # set while decided: kept until then
         self.arrival_deadline: float | None = None  # decided on arrival: its would-be deadline
+
+
+def _fitting(spans: list[Span], sizes: list[int], room: int,
+             free: int) -> tuple[list[Span], int, int, int]:
+    """The spans, in order, that fit in `room` more spans and `free` more bytes: (those kept,
+    their bytes, how many were refused over the count, how many over the bytes). A span that
+    does not fit is refused, and a later, smaller one may still fit (as the Redis store's
+    append script does)."""
+    kept: list[Span] = []
+    used = over_count = over_bytes = 0
+    for span, size in zip(spans, sizes):
+        if len(kept) >= room:
+            over_count += 1
+        elif used + size > free:
+            over_bytes += 1
+        else:
+            kept.append(span)
+            used += size
+    return kept, used, over_count, over_bytes
 
 
 class MemoryStore:
@@ -79,9 +99,13 @@ class MemoryStore:
                         entry.born = entry.opened = known[0]
                         whole = False
                 room = limits.max_spans_per_trace - len(entry.trace.spans)
-                if room < len(spans):
-                    result.rejected += len(spans) - max(room, 0)
-                    spans = spans[:max(room, 0)]
+                sizes = [stored_bytes(span) for span in spans]
+                size = sum(sizes)
+                if room < len(spans) or entry.size + size > limits.max_trace_bytes:
+                    spans, size, over_count, over_bytes = _fitting(
+                        spans, sizes, room, limits.max_trace_bytes - entry.size)
+                    result.rejected += over_count
+                    result.rejected_bytes += over_bytes
                     whole = False
                 if not spans:
                     if new:  # made for nothing: forget it again
@@ -100,6 +124,7 @@ class MemoryStore:
                     self._by_age[trace_id] = entry
                     self._spans += len(entry.trace.spans)
                 entry.trace.add(spans)
+                entry.size += size
                 entry.last_seen = now
                 result.accepted += len(spans)
                 result.touched.append(trace_id)

@@ -31,12 +31,19 @@ class StoreLimits:
     # traces known only by id (none of their spans selected), held while some rule fires on
     # traces without its spans; an id costs ~200 bytes where a trace costs kilobytes
     max_trace_ids: int = 200_000
+    # bytes of spans held per trace (model.spans.stored_bytes). Rules see whole values, so a
+    # count alone does not bound a trace: 150 spans with a 10 MB attribute would hold 1.5 GB.
+    # 16 MiB is about ten times a full trace (10,000 spans keeping a few short attributes,
+    # ~170 bytes each) and holds a handful of megabyte values, yet caps one hostile trace at
+    # 3% of the chart's 512 MiB memory limit
+    max_trace_bytes: int = 16 * 1024 * 1024
 
 
 @dataclass
 class AppendResult:
     accepted: int = 0
     rejected: int = 0  # refused: the trace already holds max_spans_per_trace
+    rejected_bytes: int = 0  # refused: the span would take the trace over max_trace_bytes
     late: int = 0  # accepted into a trace that had already been decided (it re-opens)
     evicted: int = 0  # open traces pushed to an early decision to make room (max_traces)
     touched: list[str] = field(default_factory=list)  # traces that received spans

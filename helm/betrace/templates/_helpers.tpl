@@ -120,6 +120,8 @@ args:
   - --decided-retention={{ $s.decidedRetention }}
   - --max-traces={{ $s.maxTraces }}
   - --max-spans-per-trace={{ $s.maxSpansPerTrace }}
+  {{- /* a number from values is a float to Helm: printed as is, 16777216 is 1.6777216e+07 */}}
+  - --max-trace-bytes={{ kindIs "string" $s.maxTraceBytes | ternary $s.maxTraceBytes (int64 $s.maxTraceBytes) }}
   - --max-trace-ids={{ $s.maxTraceIds }}
   - --claim-lease={{ $s.claimLease }}
   - --reload-interval={{ $s.reloadInterval }}

@@ -5,8 +5,9 @@ Keys (trace keys carry the `{trace_id}` hash tag, so Redis Cluster keeps a trace
 slot and every Lua script stays single-slot):
 
     bt:{<trace_id>}:s     list: element 0 the trace's state "st,opened,last,decided_at,
-                          lease_until,finished,token" (st 0 open, 2 claimed, 3 decided on
-                          arrival; times in ms), then one msgpack record per span
+                          lease_until,finished,born,bytes,token" (st 0 open, 2 claimed, 3
+                          decided on arrival; times in ms; bytes the stored_bytes of its spans,
+                          for max_trace_bytes), then one msgpack record per span
     bt:{<trace_id>}:g     hash rule id -> "sent", or when a decider reserved it (dedupe that
                           survives restarts; a stale reservation is a dead decider's)
     bt:{q<N>}:due         sorted set: trace ids by decision deadline min(last + decision_wait,
@@ -43,7 +44,7 @@ from redis.cluster import RedisCluster
 from redis.exceptions import RedisClusterException
 
 from sidecar.model.errors import IncompatibleStore, StoreUnavailable
-from sidecar.model.spans import Span, Trace
+from sidecar.model.spans import Span, Trace, stored_bytes
 from sidecar.stores.redis.connection import connect
 from sidecar.stores.redis.pipeline import (
     APPEND,
@@ -65,7 +66,7 @@ log = logging.getLogger(__name__)
 SHARDS = 16
 # The layout of the keys, trace states, scripts' arguments and span records above. Change it
 # with any of them: sidecars of different formats must not share a Redis.
-FORMAT = "2"
+FORMAT = "3"  # 3: the trace state carries its bytes (a format-2 sidecar would misread it)
 FORMAT_KEY = f"{PREFIX}format"
 _CLAIMS_PER_CALL = 100  # a claim's reply carries every span: keep it well inside the timeout
 
@@ -244,7 +245,7 @@ class RedisStore:
                trace_ids: Collection[str] = ()) -> AppendResult:
         self.check_format()
         limits = self.limits
-        fixed = [_ms(now), limits.max_spans_per_trace, _ms(self.ttl),
+        fixed = [_ms(now), limits.max_spans_per_trace, limits.max_trace_bytes, _ms(self.ttl),
                  _ms(limits.decided_retention), _ms(limits.decision_wait),
                  _ms(limits.max_trace_age)]
         vocabulary = self.vocabulary
@@ -256,13 +257,14 @@ class RedisStore:
         encode = vocabulary.encoder(altered)
         for trace_id, spans in batch.items():
             encoded = [encode(s) for s in spans]
+            sizes = [stored_bytes(s) for s in spans]
             keys = self._trace_keys(trace_id)
             # Decided on arrival only when the caller judged what is stored, all in one call.
             flag = b"1" if (trace_id in decide_on_arrival and len(encoded) <= MAX_ARGS
                             and trace_id not in altered) else b"0"
             for start in range(0, len(encoded), MAX_ARGS):
                 part = encoded[start:start + MAX_ARGS]
-                appends.add(keys, [len(part), flag, *part])
+                appends.add(keys, [len(part), flag, *sizes[start:start + MAX_ARGS], *part])
                 order.append(trace_id)
         if trace_ids:  # held by id alone: created while under max_trace_ids, else only kept
             flag = b"i" if self._held_by_id(now) < limits.max_trace_ids else b"b"
@@ -274,11 +276,13 @@ class RedisStore:
         updates = _ShardUpdates(self)
         previous = None
         for trace_id, reply in zip(order, appends.results(scripts.run())):
-            taken, refused, late, counted, before = map(int, reply.split(b",", 5)[:5])
+            taken, refused, refused_bytes, late, counted, before = map(
+                int, reply.split(b",", 6)[:6])
             due, made = reply.rsplit(b",", 2)[1:]
             first, previous = trace_id != previous, trace_id  # a trace's parts come in a row
             result.accepted += taken
             result.rejected += refused
+            result.rejected_bytes += refused_bytes
             result.late += late
             shard = self._shard(trace_id)
             if taken and (not result.touched or result.touched[-1] != trace_id):
@@ -296,7 +300,7 @@ class RedisStore:
                 by_id = 1 if made == b"i" else -1 if made == b"u" else 0
                 updates.count(shard, counted, taken + before, by_id)
                 self._by_id_estimate += by_id
-            if refused or trace_id in altered:
+            if refused or refused_bytes or trace_id in altered:
                 result.created.discard(trace_id)
         self._send(updates)
         return result
