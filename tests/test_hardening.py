@@ -22,10 +22,12 @@ from typing import Any
 import grpc
 import pytest
 from aiohttp import web
+from conftest import Scrape
 from google.protobuf import json_format
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 from processes import stop
+from prometheus_client import CollectorRegistry, generate_latest
 from test_serve_cli import Serve, read_signals, serve  # noqa: F401 (serve is a fixture)
 from test_serve_e2e import (  # noqa: F401 (start_sidecar is a fixture)
     RULES,
@@ -38,12 +40,18 @@ from test_serve_e2e import (  # noqa: F401 (start_sidecar is a fixture)
     start_sidecar,
 )
 
-from sidecar.live.exporters import SignalBudget, ViolationSpans
+from sidecar.live.assembler import Assembler
+from sidecar.live.exporters import Emitter, SignalBudget, ViolationSpans
 from sidecar.live.http_server import HttpServer
+from sidecar.live.metrics import Metrics
+from sidecar.live.receivers import Intake
+from sidecar.model.errors import StoreBusy
 from sidecar.model.signals import Signal, capped
 from sidecar.model.spans import Span, Trace
 from sidecar.replay.runner import replay
 from sidecar.rules import Violation, load_rules_text
+from sidecar.stores import StoreLimits
+from sidecar.stores.memory import MemoryStore
 
 
 @pytest.mark.parametrize("body", [
@@ -447,3 +455,58 @@ def test_a_noisy_rule_is_counted_not_written_beyond_its_budget(
     metrics = scrape(port)
     assert metrics.value("betrace_signals_suppressed_total", rule="double-charge") == 29
     assert len(running.signals("double-charge")) == 1
+
+
+def test_a_failing_violation_span_export_turns_readyz_degraded_until_one_succeeds(
+        start_sidecar: Callable[..., Running], sdk_client: Callable[..., Any],
+        tmp_path: Path, wait_until: Callable[..., Any]) -> None:
+    """A failing sink was only a counter: /readyz stayed 200 while every violation span was
+    lost. Sidecar A exports to sidecar B, which first asks for another token (UNAUTHENTICATED:
+    not retried, so each export fails at once), then, rotated, for A's."""
+    token = tmp_path / "token"
+    token.write_text("not-yet")
+    receiver = start_sidecar(otlp_token_file=str(token))
+    sender = start_sidecar(export_otlp=f"127.0.0.1:{receiver.sidecar.grpc_port}",
+                           export_otlp_headers="authorization=Bearer%20good")
+    port = sender.sidecar.metrics_port
+    assert get(port, "/readyz")[0] == 200
+    tracer = sdk_client(sender.sidecar.grpc_port).tracer
+    charge_trace(tracer, order_id="while-refused")
+    wait_until(lambda: get(port, "/readyz")[0] == 503, what="/readyz degraded")
+    status, reason = get(port, "/readyz")
+    assert reason.startswith("degraded: ") and "violation span export to 127.0.0.1:" in reason
+
+    token.write_text("good")
+    os.utime(token, (time.time() + 1, time.time() + 1))
+    charge_trace(tracer, order_id="once-accepted")
+    wait_until(lambda: get(port, "/readyz")[0] == 200, what="/readyz ready again")
+
+
+def test_a_decider_behind_refuses_new_traces_as_busy_and_counts_their_spans_once() -> None:
+    """Traces pushed out by --max-traces waited for the decider without a bound: ingest faster
+    than decisions grew memory past what --max-traces allows. Now such a request is refused
+    whole (UNAVAILABLE, retried by the sender), and a retried request's spans count once."""
+    metrics = Metrics(CollectorRegistry())
+    assembler = Assembler(MemoryStore(StoreLimits(max_traces=2)), load_rules_text(RULES),
+                          Emitter(metrics, None, None), metrics)
+    intake = Intake(assembler, metrics)
+
+    def export(n: int) -> None:
+        request = pb_request(n.to_bytes(16, "big"), ["payment.charge"])
+        intake.export_protobuf(request.SerializeToString(), "grpc")
+
+    for n in range(1, 5):  # two held, two pushed out; nobody decides yet
+        export(n)
+    with pytest.raises(StoreBusy):
+        export(5)
+
+    def value(name: str, **labels: str) -> float:
+        return Scrape(generate_latest(metrics.registry).decode()).value(name, **labels)
+
+    assert value("betrace_spans_received_total") == 4
+    assert value("betrace_export_requests_rejected_total", reason="busy") == 1
+    assert value("betrace_store_errors_total") == 0
+    assembler.step()  # the decider catches up
+    export(5)
+    assert value("betrace_spans_received_total") == 5
+    assert value("betrace_traces_decided_total", reason="evicted") == 2

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import pytest
 import redis
 
+from sidecar.model.errors import StoreBusy
 from sidecar.model.spans import SPAN_OVERHEAD_BYTES, Span, Trace, stored_bytes
 from sidecar.stores import Claimed, StoreLimits, TraceStore
 from sidecar.stores.memory import MemoryStore
@@ -535,6 +536,24 @@ def test_max_traces_decides_the_oldest_open_trace_early_as_evicted(
     assert set(rest) == {B, C, D} and {c.reason for c in rest.values()} == {"idle"}
 
 
+def test_a_decider_behind_makes_the_store_refuse_new_traces_not_grow(
+        local_store_factory: StoreFactory) -> None:
+    """With max_traces traces already pushed out and not yet decided, a batch that would push
+    out more is refused whole (StoreBusy: the sender retries) before anything of it is stored;
+    spans for traces already held still go in, and the refusal ends with the next claim."""
+    store = local_store_factory(decision_wait=10.0, max_traces=4)
+    store.append({f"{n:032x}": spans(f"{n:032x}") for n in range(1, 9)}, now=0.0)
+    assert store.counts()[0] == 4  # 4 held, 4 pushed out and awaiting their decision
+    with pytest.raises(StoreBusy, match="4 trace.s. pushed out by max_traces .4. still await"):
+        store.append({A: spans(A), f"{8:032x}": spans(f"{8:032x}")}, now=1.0)
+    assert with_trace(store, f"{8:032x}", len) == 1  # nothing of the refused batch was stored
+    assert with_trace(store, A, len) is None
+    result = store.append({f"{8:032x}": spans(f"{8:032x}")}, now=1.0)  # a held trace: taken
+    assert result.accepted == 1
+    assert len(claim(store, 1.0)) == 4  # the pushed-out ones, decided early
+    assert store.append({A: spans(A)}, now=1.0).evicted == 1
+
+
 def test_an_evicted_trace_still_signals_at_most_once(local_store_factory: StoreFactory) -> None:
     """An early (monotone) signal sent while the trace was open must not be repeated when the
     evicted trace is decided."""
@@ -558,17 +577,17 @@ def test_an_evicted_trace_still_signals_at_most_once(local_store_factory: StoreF
 
 def test_every_trace_of_a_large_evicted_batch_still_signals_at_most_once(
         local_store_factory: StoreFactory) -> None:
-    """Under a flood, one claim may hand out many more evicted traces than max_traces; the
+    """Under a flood, one claim may hand out as many evicted traces as max_traces; the
     decider asks reserve_signals for each of them after the claim."""
-    store = local_store_factory(decision_wait=10.0, max_traces=2)
+    store = local_store_factory(decision_wait=10.0, max_traces=6)
     traces = [f"{n:032x}" for n in range(1, 13)]
     for now, trace_id in enumerate(traces):
         store.append({trace_id: spans(trace_id)}, now=float(now))
         assert store.reserve_signals([("early-rule", trace_id)]) == [True]
     claimed = by_id(claim(store, 12.0))
-    assert set(claimed) == set(traces[:10])
+    assert set(claimed) == set(traces[:6])
     assert {c.reason for c in claimed.values()} == {"evicted"}
-    for trace_id in traces[:10]:
+    for trace_id in traces[:6]:
         assert store.reserve_signals([("early-rule", trace_id)]) == [False], trace_id
 
 
@@ -589,27 +608,32 @@ def test_a_signal_for_an_evicted_trace_is_looked_up_not_searched_for(
     """With 50k traces waiting for their early decision, each reserve_signals call used to scan
     them all under the store lock (one call for 1,000 traces held it 11 s, and ingest fell from
     60k to 2k traces/s). Counted in comparisons, not timed: one lookup per trace."""
-    store = local_store_factory(decision_wait=10.0, max_traces=10)
-    ids = [_CountedId(f"{n:032x}") for n in range(1, 5011)]
+    store = local_store_factory(decision_wait=10.0, max_traces=2500)
+    ids = [_CountedId(f"{n:032x}") for n in range(1, 5001)]
     for trace_id in ids:
-        store.append({trace_id: spans(trace_id)}, now=1.0)  # all but the last 10 evicted
+        store.append({trace_id: spans(trace_id)}, now=1.0)  # the first 2,500 evicted
     _CountedId.compared = 0
     assert store.reserve_signals([("early-rule", t) for t in ids[:1000]]) == [True] * 1000
     assert store.reserve_signals([("early-rule", t) for t in ids[:1000]]) == [False] * 1000
-    assert _CountedId.compared <= 2 * 2000  # a scan made about 2 * 1000 * 2,500
+    assert _CountedId.compared <= 2 * 2000  # a scan made about 2 * 1000 * 1,250
 
 
 def test_a_trace_evicted_twice_before_its_decision_is_decided_once_whole(
         local_store_factory: StoreFactory) -> None:
-    store = local_store_factory(decision_wait=10.0, max_traces=1)
+    store = local_store_factory(decision_wait=10.0, max_traces=2)
     store.append({A: spans(A, 2)}, now=0.0)
     assert store.reserve_signals([("early-rule", A)]) == [True]
-    store.append({B: spans(B)}, now=1.0)  # evicts A
-    store.append({A: spans(A)}, now=2.0)  # A's straggler re-opens it, evicting B
-    store.append({C: spans(C)}, now=3.0)  # evicts A again, before its first eviction is decided
-    claimed = by_id(claim(store, 3.0))
-    assert set(claimed) == {A, B} and {c.reason for c in claimed.values()} == {"evicted"}
-    assert len(claimed[A].trace.spans) == 3  # both parts, in one decision
+    store.append({B: spans(B)}, now=1.0)
+    store.append({C: spans(C)}, now=2.0)  # evicts A
+    store.append({A: spans(A)}, now=3.0)  # A's straggler re-opens it, evicting B
+    [b] = claim(store, 3.0, limit=1)  # the decider takes B, not yet A
+    store.append({D: spans(D)}, now=4.0)  # evicts C
+    [c] = claim(store, 4.0, limit=1)
+    assert (b.trace_id, c.trace_id) == (B, C)
+    store.append({E: spans(E)}, now=5.0)  # evicts A again, before its first eviction is decided
+    [a] = claim(store, 5.0, limit=1)
+    assert a.trace_id == A and a.reason == "evicted"
+    assert len(a.trace.spans) == 3  # both parts, in one decision
     assert store.reserve_signals([("early-rule", A)]) == [False]
 
 

@@ -47,14 +47,14 @@ class Sidecar:
             if settings.tls_cert else None
         self.metrics_token = BearerToken(settings.metrics_token_file, failed) \
             if settings.metrics_token_file else None
-        spans = None
+        self.violation_spans: ViolationSpans | None = None
         if settings.export_otlp:
-            spans = ViolationSpans(settings.export_otlp,
+            self.violation_spans = spans = ViolationSpans(settings.export_otlp,
                                    failed=self.metrics.export_failures.labels(sink="otlp").inc,
                                    ca=settings.export_otlp_ca,
                                    headers=parse_headers(settings.export_otlp_headers))
             self.metrics.export_backlog.labels(sink="otlp").set_function(spans.backlog)
-        self.emitter = Emitter(self.metrics, self._signal_log(), spans,
+        self.emitter = Emitter(self.metrics, self._signal_log(), self.violation_spans,
                                value_limit=settings.max_signal_value_bytes,
                                budget=SignalBudget(settings.signal_budget)
                                if settings.signal_budget else None)
@@ -98,10 +98,12 @@ class Sidecar:
             return False, "shutting down"
         ok, store = self.store.healthy()
         state = f"{len(self.ruleset.rules)} rules, {store}"
-        if self.signal_log is not None:
-            written, sink = self.signal_log.healthy()
-            if not written:  # signals are found but wait in memory: let traffic go elsewhere
-                return False, f"degraded: {state}; {sink}"
+        # a sink that fails turns the sidecar degraded: signals are found but wait in memory
+        # (the log) or are lost (the export), so traffic had better go elsewhere
+        failing = [why for sink in (self.signal_log, self.violation_spans) if sink is not None
+                   for healthy, why in (sink.healthy(),) if not healthy]
+        if failing:
+            return False, f"degraded: {state}; {'; '.join(failing)}"
         return ok, f"{'ready' if ok else 'not ready'}: {state}"
 
     def start(self) -> None:

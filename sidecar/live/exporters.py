@@ -59,6 +59,7 @@ class _Outbox(SpanProcessor):
         self._idle = threading.Event()  # nothing queued and nothing being exported
         self._idle.set()
         self._full_logged = 0.0
+        self.failing: str | None = None  # why the latest export failed; None once one succeeds
         self._thread = threading.Thread(target=self._run, name="violation-spans", daemon=True)
         self._thread.start()
 
@@ -97,9 +98,12 @@ class _Outbox(SpanProcessor):
         except Exception:  # noqa: BLE001 - counted as lost like any failed export
             log.exception("violation span export raised")
             result = SpanExportResult.FAILURE
-        if result is not SpanExportResult.SUCCESS:
-            self.lost(len(spans))
-            log.error("could not export %d violation span(s) over OTLP", len(spans))
+        if result is SpanExportResult.SUCCESS:
+            self.failing = None
+            return
+        self.lost(len(spans))
+        self.failing = f"the latest export of {len(spans)} span(s) failed"
+        log.error("could not export %d violation span(s) over OTLP", len(spans))
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return self._idle.wait(timeout_millis / 1000)
@@ -128,6 +132,7 @@ class ViolationSpans:
     def __init__(self, endpoint: str, failed: Callable[[int], object] = lambda count: None,
                  timeout: float = 10.0, ca: str = "",
                  headers: dict[str, str] | None = None) -> None:
+        self.endpoint = endpoint
         self.ids = _IntoTrace()
         self.provider = TracerProvider(
             resource=Resource.create({"service.name": "betrace",
@@ -142,6 +147,14 @@ class ViolationSpans:
     def backlog(self) -> int:
         """Violation spans queued for export."""
         return self.outbox.queue.qsize()
+
+    def healthy(self) -> tuple[bool, str]:
+        """False while exports fail (after the exporter's own retries), until one succeeds."""
+        failing = self.outbox.failing
+        if failing is None:
+            return True, "violation span export ok"
+        return False, f"violation span export to {self.endpoint} failing ({failing}; " \
+                      f"{self.backlog()} queued)"
 
     def write(self, violation: Violation, signal: Signal) -> None:
         """Callers write one span at a time (the Emitter's lock): see `_IntoTrace`."""

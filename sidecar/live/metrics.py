@@ -38,8 +38,9 @@ class Metrics:
         r = self.registry
         self.violations = Counter("betrace_violations", "Signals emitted, by rule.",
                                   ["rule", "severity"], registry=r)
-        self.spans_received = Counter("betrace_spans_received",
-                                      "Spans received over OTLP.", ["transport"], registry=r)
+        self.spans_received = Counter(
+            "betrace_spans_received", "Spans received over OTLP, counted once taken (a request "
+            "refused as unavailable is retried, and counted then).", ["transport"], registry=r)
         self.spans_dropped = Counter(
             "betrace_spans_dropped", "Spans dropped on purpose: no rule selects them, or they "
             "are BeTrace's own violation spans.", ["reason"], registry=r)

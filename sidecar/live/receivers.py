@@ -32,7 +32,7 @@ from sidecar.live.assembler import ActiveRules, Assembler
 from sidecar.live.credentials import BearerToken
 from sidecar.live.http_server import HTTP_TIMEOUT, BodyError, HttpServer, read_body
 from sidecar.live.metrics import Metrics
-from sidecar.model.errors import StoreUnavailable
+from sidecar.model.errors import StoreBusy, StoreUnavailable
 from sidecar.otlp.decoded import Decoded
 from sidecar.otlp.json_spans import decode_json_request
 
@@ -91,6 +91,18 @@ class Intake:
             raise self._internal(exc, transport, "decoding") from exc
         return self._accept(decoded, active, transport)
 
+    def _count(self, decoded: Decoded, transport: str) -> int:
+        """Count a request's spans as received, dropped and invalid; returns the invalid."""
+        metrics = self.metrics
+        metrics.spans_received.labels(transport=transport).inc(decoded.received)
+        if decoded.not_selected:
+            metrics.spans_dropped.labels(reason="not_selected").inc(decoded.not_selected)
+        if decoded.own:
+            metrics.spans_dropped.labels(reason="own_violation").inc(decoded.own)
+        if decoded.invalid:
+            metrics.spans_rejected.labels(reason="invalid").inc(len(decoded.invalid))
+        return len(decoded.invalid)
+
     def _internal(self, exc: Exception, transport: str, stage: str) -> InternalError:
         """A bug met while `stage`: logged with its stack, counted, answered INTERNAL."""
         self.metrics.requests_rejected.labels(transport=transport, reason="internal").inc()
@@ -100,26 +112,27 @@ class Intake:
 
     def _accept(self, decoded: Decoded, active: ActiveRules,
                 transport: str) -> ExportTraceServiceResponse:
+        """Store, then count: a request refused as unavailable is retried by its sender, and
+        its spans are counted once, when they are taken."""
         metrics = self.metrics
-        metrics.spans_received.labels(transport=transport).inc(decoded.received)
-        if decoded.not_selected:
-            metrics.spans_dropped.labels(reason="not_selected").inc(decoded.not_selected)
-        if decoded.own:
-            metrics.spans_dropped.labels(reason="own_violation").inc(decoded.own)
-        rejected, messages = len(decoded.invalid), list(decoded.invalid[:3])
-        if rejected:
-            metrics.spans_rejected.labels(reason="invalid").inc(rejected)
+        result = None
         if decoded.batch or decoded.bare_trace_ids:
             try:
                 result = self.assembler.ingest(decoded.batch, active, decoded.bare_trace_ids)
+            except StoreBusy:
+                metrics.requests_rejected.labels(transport=transport, reason="busy").inc()
+                raise
             except StoreUnavailable:
                 metrics.store_errors.labels(operation="append").inc()
                 metrics.requests_rejected.labels(transport=transport, reason="unavailable").inc()
                 raise
             except Exception as exc:
+                self._count(decoded, transport)
                 metrics.spans_rejected.labels(reason="internal").inc(
                     sum(map(len, decoded.batch.values())))
                 raise self._internal(exc, transport, "storing the spans") from exc
+        rejected, messages = self._count(decoded, transport), list(decoded.invalid[:3])
+        if result is not None:
             if result.rejected:
                 rejected += result.rejected
                 messages.append(f"{result.rejected} span(s) over max_spans_per_trace")

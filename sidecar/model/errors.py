@@ -98,6 +98,12 @@ class StoreUnavailable(BetraceError):
     exception from a store is a bug, and is reported as one."""
 
 
+class StoreBusy(StoreUnavailable):
+    """The store is full and its decider behind (more traces pushed out by max_traces await
+    their decision than max_traces again): refused whole, before anything is stored, so the
+    sender slows down and retries instead of memory growing without bound."""
+
+
 class IncompatibleStore(BetraceError):
     """The shared trace store holds state written in another format (another BeTrace version):
     mixing the two would misread traces, so the sidecar refuses to use it."""

@@ -12,7 +12,15 @@ from sidecar.rules.loading import (
     rule_files,
 )
 from sidecar.rules.ruleset import (
-    SEVERITIES, Example, Rule, RuleFailure, RuleSet, Verdict, Violation, evaluate, span_order,
+    SEVERITIES,
+    Example,
+    Rule,
+    RuleFailure,
+    RuleSet,
+    Verdict,
+    Violation,
+    evaluate,
+    span_order,
 )
 
 __all__ = [

@@ -15,6 +15,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import TypeVar
 
+from sidecar.model.errors import StoreBusy
 from sidecar.model.spans import Span, Trace, stored_bytes
 from sidecar.stores.trace_store import AppendResult, Claimed, StoreLimits
 
@@ -85,6 +86,8 @@ class MemoryStore:
         result = AppendResult()
         limits = self.limits
         with self._lock:
+            if len(self._entries) + len(batch) > limits.max_traces:
+                self._refuse_when_behind(batch)
             for trace_id in trace_ids:
                 self._seen(trace_id, now, result)
             for trace_id, spans in batch.items():
@@ -142,6 +145,19 @@ class MemoryStore:
                 self._by_activity.move_to_end(trace_id)
                 self._spans += len(spans)
         return result
+
+    def _refuse_when_behind(self, batch: Mapping[str, list[Span]]) -> None:
+        """Raise StoreBusy, before storing any of it, when `batch` would push traces out while
+        max_traces of them already await their early decision: then the held traces and those
+        awaiting are at most twice max_traces, however fast traces come. (A trace decided on
+        arrival is counted as one that would be pushed out, as it is while inside its wait.)"""
+        new = sum(1 for trace_id, spans in batch.items()
+                  if spans and trace_id not in self._entries)
+        pushed_out = new - (self.limits.max_traces - len(self._entries) + len(self._decided))
+        if pushed_out > 0 and len(self._evicted) + pushed_out > self.limits.max_traces:
+            raise StoreBusy(f"{len(self._evicted)} trace(s) pushed out by max_traces "
+                            f"({self.limits.max_traces}) still await their decision: retry "
+                            "later")
 
     def _seen(self, trace_id: str, now: float, result: AppendResult) -> None:
         """A span of `trace_id` that no rule selects: the trace is still in flight. Held by id
