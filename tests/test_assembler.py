@@ -124,6 +124,29 @@ def test_a_fresh_trace_signals_monotone_rules_at_once_and_the_others_at_its_deci
     assert sorted(emitter.rules) == ["big-refund", "unaudited-admin"]  # once each
 
 
+def test_early_signals_beyond_the_backlog_wait_for_the_decision_and_none_is_lost(
+        make_store: Callable[[], TraceStore]) -> None:
+    """A decider busy with a flood of signals must not hold a growing queue of violating
+    traces: beyond the backlog, a violation found on arrival is left to its trace's decision,
+    which finds it again. Each trace still signals exactly once."""
+    store = make_store()
+    now = [1000.0]
+    metrics = Metrics(CollectorRegistry())
+    emitter = Recording(metrics)
+    assembler = Assembler(store, load_rules_text(UNAUDITED), emitter, metrics,
+                          clock=lambda: now[0], early_backlog=5)
+    traces = [f"{n:032x}" for n in range(1, 21)]
+    for n, trace_id in enumerate(traces):
+        assembler.ingest({trace_id: [Span(trace_id, f"{n + 1:016x}", "refund", start_ns=n,
+                                          end_ns=n + 1, attributes={"amount": 5000})]})
+    assembler.step()
+    assert emitter.rules == ["big-refund"] * 5  # at once, up to the backlog
+    now[0] += 2  # past decision_wait
+    while assembler.step():
+        pass
+    assert emitter.rules == ["big-refund"] * 20  # the rest at their decision, none twice
+
+
 def test_a_violation_found_on_the_first_request_is_withdrawn_by_a_later_span(
         make_store: Callable[[], TraceStore]) -> None:
     assembler, emitter, now = assembled(make_store())

@@ -33,6 +33,10 @@ from sidecar.stores import AppendResult, Claimed, TraceStore
 
 log = logging.getLogger(__name__)
 _CLAIMS = 1000  # traces claimed per round
+# Violations found on arrival, and traces that grew, waiting to be signalled early: beyond this
+# many, more wait for their trace's decision instead (which finds them again: the rules are
+# monotone), so a decider busy with a flood of signals holds no growing queue of traces.
+EARLY_BACKLOG = 10_000
 _FAILURE_LOG_SECONDS = 10.0  # a failing rule is logged at most this often
 
 
@@ -75,8 +79,10 @@ class ActiveRules:
 
 class Assembler:
     def __init__(self, store: TraceStore, ruleset: RuleSet, emitter: Emitter, metrics: Metrics,
-                 clock: Callable[[], float] = time.time, horizon: float = 3600.0) -> None:
+                 clock: Callable[[], float] = time.time, horizon: float = 3600.0,
+                 early_backlog: int = EARLY_BACKLOG) -> None:
         self.store = store
+        self.early_backlog = early_backlog
         self.emitter = emitter
         self.metrics = metrics
         self.clock = clock  # wall clock: a shared store compares times across processes
@@ -179,8 +185,10 @@ class Assembler:
         grew = [t for t in result.touched if t not in created] if self.active.monotone else []
         if found or grew:  # (evicted traces wait for the next claim round, like due ones)
             with self._wake:
-                self._found += found
-                self._dirty.update(grew)
+                if len(self._found) < self.early_backlog:
+                    self._found += found
+                if len(self._dirty) < self.early_backlog:
+                    self._dirty.update(grew)
                 self._wake.notify()
         return result
 
