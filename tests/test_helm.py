@@ -77,6 +77,8 @@ SCENARIOS: dict[str, dict[str, Any]] = {
                   "passwordKey": "redis-password"},
         "collector": {"replicas": 3, "exporters": TEMPO}},
     "collector-monitoring": {"metrics": MONITORING, "collector": {"exporters": TEMPO}},
+    "collector-monitoring-token": {"metrics": MONITORING, "sidecar": {
+        "metricsToken": {"existingSecret": "betrace-metrics", "key": "scrape-token"}}},
     "injection-cert-manager": {"mode": "injection", "webhook": {"certManager": {"enabled": True}}},
     "injection-cert-manager-issuer": {
         "mode": "injection", "webhook": {"certManager": {
@@ -204,6 +206,10 @@ def crd(api_version: str, spec: dict[str, Any]) -> dict[str, Any]:
                            "metadata": METADATA, "spec": spec}}
 
 
+SECRET_KEY = {"type": "object", "additionalProperties": False, "required": ["key"],
+              "properties": {"name": {"type": "string"}, "key": {"type": "string"},
+                             "optional": {"type": "boolean"}}}
+
 # The fields of these custom resources that the chart uses, as their CRDs define them
 # (monitoring.coreos.com/v1 of prometheus-operator, cert-manager.io/v1).
 CUSTOM_SCHEMAS = {
@@ -219,7 +225,11 @@ CUSTOM_SCHEMAS = {
             "podMetricsEndpoints": {"type": "array", "minItems": 1, "items": {
                 "type": "object", "additionalProperties": False, "required": ["port"],
                 "properties": {"port": {"type": "string"}, "path": {"type": "string"},
-                               "interval": DURATION, "scrapeTimeout": DURATION}}}}}),
+                               "interval": DURATION, "scrapeTimeout": DURATION,
+                               "authorization": {
+                                   "type": "object", "additionalProperties": False,
+                                   "properties": {"type": {"type": "string"},
+                                                  "credentials": SECRET_KEY}}}}}}}),
     "PrometheusRule": crd("monitoring.coreos.com/v1", {
         "type": "object", "additionalProperties": False, "required": ["groups"],
         "properties": {"groups": {"type": "array", "minItems": 1, "items": {
@@ -389,9 +399,47 @@ def test_sidecar_probes_are_on_the_metrics_port(scenarios: dict[str, Rendered]) 
         assert sidecar["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": 9464}
         assert sidecar["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": 9464}
         # The kubelet and Prometheus reach the pod IP, not loopback.
-        assert flag(sidecar["args"], "metrics-listen") == "0.0.0.0:9464"
+        assert flag(sidecar["args"], "metrics-listen") == "$(BETRACE_POD_IP):9464"
+        assert env_of(sidecar)["BETRACE_POD_IP"]["valueFrom"] == {
+            "fieldRef": {"fieldPath": "status.podIP"}}
         # OTLP stays inside the pod.
         assert flag(sidecar["args"], "listen") == "127.0.0.1:4319"
+
+
+def test_metrics_stay_on_loopback_when_nothing_outside_the_pod_needs_them(
+        render: Callable[..., Rendered]) -> None:
+    sidecar = render({"sidecar": {"livenessProbe": None, "readinessProbe": None}}).sidecar()
+    assert flag(sidecar["args"], "metrics-listen") == "127.0.0.1:9464"
+    assert "ports" not in sidecar and "BETRACE_POD_IP" not in env_of(sidecar)
+    assert flag(sidecar["args"], "metrics-token-file") is None
+
+
+def test_a_metrics_token_is_mounted_asked_for_and_sent_by_the_pod_monitor(
+        scenarios: dict[str, Rendered]) -> None:
+    rendered = scenarios["collector-monitoring-token"]
+    sidecar = rendered.sidecar()
+    path = flag(sidecar["args"], "metrics-token-file")
+    assert path == "/etc/betrace/metrics-token/scrape-token"
+    [mount] = [m for m in sidecar["volumeMounts"] if m["name"] == "betrace-metrics-token"]
+    assert path.startswith(mount["mountPath"] + "/") and mount["readOnly"]
+    pod = rendered.get("Deployment", f"{RELEASE}-collector")["spec"]["template"]["spec"]
+    [volume] = [v for v in pod["volumes"] if v["name"] == "betrace-metrics-token"]
+    assert volume["secret"] == {"secretName": "betrace-metrics"}
+    (monitor,) = rendered.all("PodMonitor")
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    assert endpoint["authorization"] == {
+        "type": "Bearer", "credentials": {"name": "betrace-metrics", "key": "scrape-token"}}
+    # the probes' endpoints ask for no token
+    assert "httpHeaders" not in sidecar["readinessProbe"]["httpGet"]
+
+
+def test_large_limits_are_rendered_as_integers(render: Callable[..., Rendered]) -> None:
+    """Helm reads numbers from values as floats, and prints 16777216 as 1.6777216e+07, which
+    `betrace serve` refuses."""
+    limits = {"maxTraces": 16777216, "maxSpansPerTrace": 2000000, "maxTraceIds": 50000000}
+    args = render({"sidecar": limits}).sidecar()["args"]
+    assert (flag(args, "max-traces"), flag(args, "max-spans-per-trace"),
+            flag(args, "max-trace-ids")) == ("16777216", "2000000", "50000000")
 
 
 def test_a_probe_can_be_turned_off(render: Callable[..., Rendered]) -> None:
@@ -594,7 +642,10 @@ def container_env(c: dict[str, Any], secrets: dict[tuple[str, str], str]) -> dic
     resolved from `secrets`."""
     env: dict[str, str] = {}
     for entry in c.get("env", []):
-        if "valueFrom" in entry:
+        if "fieldRef" in entry.get("valueFrom", {}):  # the downward API: this is the pod
+            assert entry["valueFrom"]["fieldRef"] == {"fieldPath": "status.podIP"}
+            env[entry["name"]] = "127.0.0.1"
+        elif "valueFrom" in entry:
             ref = entry["valueFrom"]["secretKeyRef"]
             env[entry["name"]] = secrets[(ref["name"], ref["key"])]
         else:
@@ -718,13 +769,15 @@ def local_args(args: list[str], replace: dict[str, str]) -> list[str]:
 
 def start_sidecar(rendered: Rendered, rules_dir: Path, processes: Callable[..., Process],
                   secrets: dict[tuple[str, str], str], export: str | None = None,
-                  ) -> tuple[Process, int, int]:
+                  files: dict[str, str] | None = None) -> tuple[Process, int, int]:
+    """The rendered sidecar on free loopback ports; `files` points flags naming files the pod
+    mounts at local copies."""
     sidecar = rendered.sidecar()
     grpc_port, metrics_port = free_port(), free_port()
     args = local_args(sidecar["args"], {
         "rules": str(rules_dir), "listen": f"127.0.0.1:{grpc_port}",
         "metrics-listen": f"127.0.0.1:{metrics_port}",
-        "export-otlp": export or f"127.0.0.1:{free_port()}"})
+        "export-otlp": export or f"127.0.0.1:{free_port()}", **(files or {})})
     assert args[0] == "serve"
     process = processes([*args, "--http-listen="], container_env(sidecar, secrets))
     return process, grpc_port, metrics_port
@@ -757,6 +810,24 @@ def test_the_rendered_sidecar_starts_and_catches_a_violation(
     status, metrics = http_get(metrics_port, "/metrics")
     assert 'betrace_violations_total{rule="payment-retry-idempotency",severity="critical"} 1.0' \
         in metrics
+
+
+def test_the_rendered_sidecar_asks_for_the_metrics_token_and_not_on_its_probes(
+        render: Callable[..., Rendered], processes: Callable[..., Process],
+        tmp_path: Path) -> None:
+    rendered = render({"sidecar": {"metricsToken": {"existingSecret": "m", "key": "token"}}})
+    token = tmp_path / "token"  # the Secret's key, as the volume mounts it
+    token.write_text("scrape-me\n")
+    process, _, metrics_port = start_sidecar(
+        rendered, write_rules(rendered, tmp_path / "rules"), processes, {},
+        files={"metrics-token-file": str(token)})
+    assert process.wait_http(metrics_port, "/readyz")[0] == 200
+    assert http_get(metrics_port, "/healthz")[0] == 200
+    assert http_get(metrics_port, "/metrics")[0] == 401
+    request = urllib.request.Request(f"http://127.0.0.1:{metrics_port}/metrics",
+                                     headers={"Authorization": "Bearer scrape-me"})
+    with urllib.request.urlopen(request, timeout=5) as reply:
+        assert reply.status == 200 and b"betrace_rules_loaded" in reply.read()
 
 
 def test_the_rendered_sidecar_reaches_redis_with_the_secret_password(

@@ -105,6 +105,13 @@ memory
 
 {{/* The BeTrace sidecar container (`betrace serve`): one definition, used in the collector
      pod (mode: collector) and in the webhook's sidecar template (mode: injection). */}}
+{{/* Whether the sidecar's metrics port must listen on the pod IP: the kubelet's probes or
+     Prometheus reach it there. Otherwise it stays on loopback. */}}
+{{- define "betrace.metricsOnPodIP" -}}
+{{- $s := .Values.sidecar -}}
+{{- if or .Values.metrics.podMonitor.enabled $s.livenessProbe $s.readinessProbe -}}true{{- end -}}
+{{- end -}}
+
 {{- define "betrace.sidecarContainer" -}}
 {{- $s := .Values.sidecar -}}
 name: betrace
@@ -114,15 +121,22 @@ args:
   - serve
   - --rules=/etc/betrace/rules
   - --listen=127.0.0.1:4319
-  - --metrics-listen=0.0.0.0:9464
+  {{- if include "betrace.metricsOnPodIP" . }}
+  - --metrics-listen=$(BETRACE_POD_IP):9464
+  {{- else }}
+  - --metrics-listen=127.0.0.1:9464
+  {{- end }}
+  {{- with $s.metricsToken.existingSecret }}
+  - --metrics-token-file=/etc/betrace/metrics-token/{{ $s.metricsToken.key }}
+  {{- end }}
   - --decision-wait={{ $s.decisionWait }}
   - --max-trace-age={{ $s.maxTraceAge }}
   - --decided-retention={{ $s.decidedRetention }}
-  - --max-traces={{ $s.maxTraces }}
-  - --max-spans-per-trace={{ $s.maxSpansPerTrace }}
+  - --max-traces={{ int64 $s.maxTraces }}
+  - --max-spans-per-trace={{ int64 $s.maxSpansPerTrace }}
   {{- /* a number from values is a float to Helm: printed as is, 16777216 is 1.6777216e+07 */}}
   - --max-trace-bytes={{ kindIs "string" $s.maxTraceBytes | ternary $s.maxTraceBytes (int64 $s.maxTraceBytes) }}
-  - --max-trace-ids={{ $s.maxTraceIds }}
+  - --max-trace-ids={{ int64 $s.maxTraceIds }}
   - --claim-lease={{ $s.claimLease }}
   - --reload-interval={{ $s.reloadInterval }}
   - --log-level={{ $s.logLevel }}
@@ -136,6 +150,12 @@ args:
   {{- toYaml . | nindent 2 }}
   {{- end }}
 env:
+  {{- if include "betrace.metricsOnPodIP" . }}
+  - name: BETRACE_POD_IP
+    valueFrom:
+      fieldRef:
+        fieldPath: status.podIP
+  {{- end }}
   {{- if and .Values.redis.url .Values.redis.existingSecret }}
   - name: BETRACE_REDIS_PASSWORD
     valueFrom:
@@ -149,10 +169,12 @@ env:
   {{- with $s.extraEnv }}
   {{- toYaml . | nindent 2 }}
   {{- end }}
+{{- if include "betrace.metricsOnPodIP" . }}
 ports:
   - name: metrics
     containerPort: 9464
     protocol: TCP
+{{- end }}
 {{- with $s.livenessProbe }}
 livenessProbe:
   {{- toYaml . | nindent 2 }}
@@ -169,6 +191,11 @@ volumeMounts:
   - name: betrace-rules
     mountPath: /etc/betrace/rules
     readOnly: true
+  {{- if $s.metricsToken.existingSecret }}
+  - name: betrace-metrics-token
+    mountPath: /etc/betrace/metrics-token
+    readOnly: true
+  {{- end }}
 {{- end -}}
 
 {{/* The pod volumes the sidecar container needs. */}}
@@ -176,6 +203,11 @@ volumeMounts:
 - name: betrace-rules
   configMap:
     name: {{ include "betrace.rulesConfigMapName" . }}
+{{- with .Values.sidecar.metricsToken.existingSecret }}
+- name: betrace-metrics-token
+  secret:
+    secretName: {{ . }}
+{{- end }}
 {{- end -}}
 
 {{/* Pod-level security context shared by every pod of the chart. */}}
