@@ -1153,7 +1153,10 @@ def test_grafana_dashboard(scenarios: dict[str, Rendered]) -> None:
                      everything)
     for metric in ("betrace_spans_received_total", "betrace_spans_dropped_total",
                    "betrace_spans_rejected_total", "betrace_traces_active",
-                   "betrace_spans_buffered"):
+                   "betrace_spans_buffered", "betrace_signal_export_backlog",
+                   "betrace_signal_export_failures_total", "betrace_signals_suppressed_total",
+                   "betrace_export_requests_rejected_total",
+                   "betrace_credential_reload_failures_total"):
         assert metric in everything, metric
     assert re.search(r"histogram_quantile\(0\.99, sum by \(le\) \("
                      r"rate\(betrace_decision_latency_seconds_bucket", everything)
