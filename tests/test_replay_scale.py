@@ -547,7 +547,10 @@ def test_ctrl_c_or_sigterm_stops_and_removes_the_temp_directory(
     process = subprocess.Popen(
         [sys.executable, "-m", "sidecar", "replay", "--rules", str(rules), "--jobs", jobs,
          "--spill-dir", str(spill), str(other), str(fifo)], cwd=REPO, env=env,
-        stderr=subprocess.PIPE)
+        stderr=subprocess.PIPE,
+        # as a terminal's Ctrl-C finds it: a shell starting the tests with `&` ignores SIGINT,
+        # and its children inherit that
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 20
         while not list(spill.iterdir()) and time.monotonic() < deadline:
