@@ -254,6 +254,18 @@ def test_empty_file_has_no_rules_and_no_error(text: str, tmp_path: Path) -> None
     assert [r.id for r in loaded.rules] == ["r1"]
 
 
+@pytest.mark.parametrize("key, value", [("parent", '"a1"'), ("span_id", "12"),
+                                        ("parent", '"00000000000000zz"')])
+def test_an_example_span_id_that_is_not_16_hex_digits_is_located(key: str, value: str) -> None:
+    error = only_error("rules:\n  - id: r1\n    condition: trace.has(a)\n    examples:\n"
+                       "      - violates: true\n        spans:\n"
+                       f"          - {{name: a, {key}: {value}}}\n")
+    assert error.code == "bad-span"
+    assert error.message == (f"span 1: {key} must be a span id of 16 hex digits, such as "
+                             '"00000000000000a1"')
+    assert error.location.line == 7
+
+
 @pytest.mark.parametrize("text", [
     "rules: [{? [a] : b}]\n",                                       # a list as a key
     "rules:\n  - id: r1\n    condition: trace.has(a)\n    ? {x: 1}\n    : 2\n",

@@ -32,6 +32,10 @@ _EMPTY: list[Span] = []
 _EMPTY_TRACE_ID = "0" * 32
 _ORDER = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
 _COUNT_OPS = {"==": operator.eq, "!=": operator.ne, **_ORDER}
+# Span ids as lowercase hex; they win over span attributes spelled the same (a root span has no
+# parent_span_id), so an attribute of that name is never read, and never kept for a rule.
+INTRINSICS = frozenset(("span_id", "parent_span_id", "trace_id"))
+
 _BUILTINS: dict[str, Callable[[Span], Any]] = {
     "name": lambda s: s.name,
     "status": lambda s: s.status,
@@ -144,7 +148,13 @@ def _true_on_empty(test: TraceTest) -> bool:
 # --- span level ---------------------------------------------------------------------------------
 
 def attribute_getter(key: str) -> Callable[[Span], Any]:
-    """Resolve an attribute: span attributes, then resource service.name, then built-ins."""
+    """Resolve an attribute: the id intrinsics first, then span attributes, then resource
+    service.name, then built-ins (DESIGN rules 8 and 19)."""
+    if key in INTRINSICS:
+        def intrinsic(s: Span) -> Any:
+            value = getattr(s, key)
+            return value if value.strip("0") else MISSING  # "" or all zeros: no such id
+        return intrinsic
     if key == "service.name":
         return lambda s: s.attributes.get(key, MISSING if s.service is None else s.service)
     builtin = _BUILTINS.get(key)
@@ -454,7 +464,7 @@ def _pred_attributes(pred: syntax.Pred | None) -> set[str]:
     if pred is None:
         return set()
     if isinstance(pred, (syntax.Compare, syntax.Bare, syntax.Unique)):
-        return {pred.attr}
+        return set() if pred.attr in INTRINSICS else {pred.attr}
     if isinstance(pred, syntax.PredNot):
         return _pred_attributes(pred.operand)
     return set().union(*(_pred_attributes(p) for p in pred.operands))
@@ -466,7 +476,7 @@ def _references(node: syntax.Expr) -> References:
         key = (query.selector.name, query.selector.glob)
         reads.setdefault(key, set()).update(_pred_attributes(query.where))
     for count in _counts(node):
-        if count.unique is not None:
+        if count.unique is not None and count.unique not in INTRINSICS:
             selector = count.query.selector
             reads[(selector.name, selector.glob)].add(count.unique)
     return References(

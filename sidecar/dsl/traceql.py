@@ -64,6 +64,7 @@ from fractions import Fraction
 from typing import Any
 
 from sidecar.dsl import syntax
+from sidecar.dsl.compiler import INTRINSICS
 from sidecar.model.spans import KINDS, STATUSES
 
 __all__ = ["ANY_TRACE", "pushdowns", "rule_query", "traceql_for"]
@@ -272,6 +273,8 @@ def _pred(pred: syntax.Pred | None, positive: bool) -> SpanCond | None:
 def _compare(attr: str, op: str, value: Any) -> SpanCond | None:
     """Alternatives for where `attr` may come from (rule 8): the span attribute, and for the
     built-in fields the intrinsic or the resource's service.name."""
+    if attr in INTRINSICS:
+        return None  # ids are not attributes; left to the rule itself
     sides = [_attribute(_ref("span.", attr), op, value)]
     if attr == "service.name":
         sides.append(_attribute(_ref("resource.", attr), op, value))

@@ -2,10 +2,12 @@
 
     spans:
       - {name: payment.charge, attributes: {attempt: 2}, service: checkout, status: ERROR,
-         kind: SERVER, start_ms: 10, duration_ms: 250, span_id: "00000000000000aa"}
+         kind: SERVER, start_ms: 10, duration_ms: 250, span_id: "00000000000000aa",
+         parent: "00000000000000a1"}
 
 All spans of a list are one trace. `start_ms` defaults to the span's index, so listing order is
-start order; `duration_ms` defaults to 1. YAML types map to OTLP types (a list is an array).
+start order; `duration_ms` defaults to 1; `span_id` to the span's position (1, 2, ... in 16 hex
+digits); `parent` (a span id, 16 hex digits) makes it a child of that span. YAML types map to OTLP types (a list is an array).
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ from __future__ import annotations
 import datetime
 import hashlib
 import math
+import re
 from typing import Any
 
 from sidecar.model.spans import KINDS, STATUSES, Span, Trace
 
-FIELDS = ("name", "attributes", "service", "status", "kind", "start_ms", "duration_ms", "span_id")
+FIELDS = ("name", "attributes", "service", "status", "kind", "start_ms", "duration_ms", "span_id",
+          "parent")
 _EPOCH_NS = 1_790_000_000_000_000_000  # 2026-09: example spans look like recent traffic
 # start + duration stay within OTLP's fixed64 nanoseconds (and within a float's range)
 _MAX_MS = (2**64 - 1 - _EPOCH_NS) // 2 // 1_000_000
@@ -67,14 +71,25 @@ def _span(trace_id: str, index: int, item: Any) -> Span:
         raise CompactSpanError(f"span {index + 1}: attributes must be a mapping", index,
                                "attributes")
     service = item.get("service")
-    span_id = str(item.get("span_id") or f"{index + 1:016x}")
+    span_id = _span_id(item, "span_id", index) or f"{index + 1:016x}"
     start_ns = _EPOCH_NS + int(start_ms * 1_000_000)
     return Span(
-        trace_id, span_id, name,
+        trace_id, span_id, name, parent_span_id=_span_id(item, "parent", index),
         start_ns=start_ns, end_ns=start_ns + int(duration_ms * 1_000_000),
         status=status, kind=kind, service=None if service is None else str(service),
         attributes={str(k): _value(v) for k, v in attributes.items() if v is not None},
     )
+
+
+def _span_id(item: dict[str, Any], key: str, index: int) -> str:
+    """A span id as OTLP/JSON writes it (16 hex digits), lowercased; '' when not given."""
+    value = item.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9a-fA-F]{16}", value):
+        raise CompactSpanError(f"span {index + 1}: {key} must be a span id of 16 hex digits, "
+                               'such as "00000000000000a1"', index, key)
+    return value.lower()
 
 
 def _number(item: dict[str, Any], key: str, index: int, default: float) -> float:
