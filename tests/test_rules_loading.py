@@ -90,7 +90,7 @@ def test_unknown_key_without_a_close_match_lists_the_allowed_keys() -> None:
     error = only_error("rules:\n  - id: r1\n    condition: trace.has(a)\n    foo: 1\n")
     assert error.message == (
         "unknown key 'foo' in rule 'r1'; expected one of: id, name, severity, description, "
-        "condition, when, always, never, signal, tags, enabled, examples")
+        "condition, when, for_each, always, never, signal, tags, enabled, examples")
 
 
 def test_unknown_key_in_signal() -> None:
@@ -730,12 +730,14 @@ VALID_RULE: dict[str, Any] = {"id": "r1", "severity": "high", "condition": "trac
     {"rules": [{**VALID_RULE, "id": "Bad_Id"}]},                               # not kebab-case
     {"rules": [{"id": "r1", "when": "trace.has(a)"}]},                         # no always/never
     {"rules": [{**VALID_RULE, "when": "trace.has(b)", "always": "trace.has(c)"}]},
+    {"rules": [{"id": "r1", "for_each": "a", "when": "b", "always": "c"}]},
+    {"rules": [{"id": "r1", "for_each": "a"}]},
     {"rules": [{**VALID_RULE, "signal": {"mesage": "m"}}]},                    # unknown in signal
     {"rules": [{**VALID_RULE, "examples": [{"violates": True}]}]},             # no spans
     {"rules": {"id": "r1"}},                                                   # not a list
     {"rule": []},                                                              # unknown top key
 ], ids=["unknown-key", "bad-severity", "missing-id", "bad-id", "no-always-never",
-        "condition-and-when", "signal-key", "example-without-spans", "rules-not-list",
+        "condition-and-when", "for-each-and-when", "for-each-alone", "signal-key", "example-without-spans", "rules-not-list",
         "top-level-key"])
 def test_schema_rejects_invalid_documents(document: dict[str, Any]) -> None:
     validator = _validator()

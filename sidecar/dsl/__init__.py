@@ -11,8 +11,10 @@ from sidecar.dsl.compiler import (
     References,
     attribute_getter,
     combine_clauses,
+    combine_for_each,
     compile_clause,
     compile_expression,
+    compile_selector,
     distinct_key,
     glob_matcher,
     memoized,
@@ -23,6 +25,7 @@ from sidecar.dsl.traceql import ANY_TRACE, pushdowns, rule_query, traceql_for
 __all__ = [
     "ANY_TRACE", "MAX_EXPRESSION_BYTES", "MISSING", "CompiledExpr", "References",
     "attribute_getter",
-    "combine_clauses", "compile_clause", "compile_expression", "distinct_key", "glob_matcher",
+    "combine_clauses", "combine_for_each", "compile_clause", "compile_expression",
+    "compile_selector", "distinct_key", "glob_matcher",
     "memoized", "parse", "parse_duration", "pushdowns", "rule_query", "traceql_for",
 ]

@@ -10,6 +10,7 @@ reads (for pruning) and whether a violation can only appear as spans arrive (for
 from __future__ import annotations
 
 import operator
+import threading
 from bisect import bisect_left
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +33,10 @@ _EMPTY: list[Span] = []
 _EMPTY_TRACE_ID = "0" * 32
 _ORDER = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
 _COUNT_OPS = {"==": operator.eq, "!=": operator.ne, **_ORDER}
+# The span a for_each rule is checking, for `this` in its clauses: set per evaluating thread
+# (the live sidecar judges traces on several threads with the same compiled rules).
+_THIS = threading.local()
+
 # Span ids as lowercase hex; they win over span attributes spelled the same (a root span has no
 # parent_span_id), so an attribute of that name is never read, and never kept for a rule.
 INTRINSICS = frozenset(("span_id", "parent_span_id", "trace_id"))
@@ -53,10 +58,13 @@ class References:
     attributes: frozenset[str] = frozenset()
     # (selector text, is glob, attributes read from the spans it selects), for pruning per name
     selectors: frozenset[tuple[str, bool, frozenset[str]]] = frozenset()
+    # reads parent links across the whole trace (`X under this`): every span's ids must be kept
+    structure: bool = False
 
     def __or__(self, other: References) -> References:
         return References(self.names | other.names, self.globs | other.globs,
-                          self.attributes | other.attributes, self.selectors | other.selectors)
+                          self.attributes | other.attributes, self.selectors | other.selectors,
+                          self.structure or other.structure)
 
 
 @dataclass(frozen=True)
@@ -65,7 +73,7 @@ class CompiledExpr:
 
     text: str
     # its syntax tree, kept for the passes that read it (TraceQL translation, analysis)
-    tree: syntax.Expr | syntax.Clauses = field(repr=False, compare=False)
+    tree: syntax.Expr | syntax.Clauses | syntax.ForEach = field(repr=False, compare=False)
     test: TraceTest = field(repr=False)
     witness: SpanSource = field(repr=False)  # the spans that made `test` true
     refs: References
@@ -79,6 +87,7 @@ class CompiledExpr:
 def compile_expression(text: str) -> CompiledExpr:
     """Compile a condition: an expression, or the in-DSL `when {} always {} never {}` form."""
     tree = parse(text)
+    _refuse_this(text, tree)
     if isinstance(tree, syntax.Clauses):
         return combine_clauses(
             _compile_tree(text, tree.when),
@@ -88,13 +97,77 @@ def compile_expression(text: str) -> CompiledExpr:
     return _compile_tree(text, tree)
 
 
-def compile_clause(text: str) -> CompiledExpr:
-    """Compile one `when`, `always` or `never` clause given as its own YAML key."""
+def compile_clause(text: str, for_each: bool = False) -> CompiledExpr:
+    """Compile one `when`, `always` or `never` clause given as its own YAML key; `this` only
+    in the always/never of a for_each rule."""
     tree = parse(text)
     if isinstance(tree, syntax.Clauses):
         raise ExpressionError("a when/always/never block cannot be nested inside a clause",
                               text, tree.start, tree.end)
+    if not for_each:
+        _refuse_this(text, tree)
     return _compile_tree(text, tree)
+
+
+def compile_selector(text: str) -> CompiledExpr:
+    """Compile a `for_each` selector: one span selector with optional `.where(...)`."""
+    tree = parse(text)
+    if not isinstance(tree, syntax.Exists):
+        raise ExpressionError("for_each takes one span selector, with optional .where(...), "
+                              "such as order.placed.where(total > 0)", text, tree.start, tree.end)
+    _refuse_this(text, tree, "the for_each selector defines the span 'this' names")
+    return _compile_tree(text, tree)
+
+
+def combine_for_each(each: CompiledExpr, always: CompiledExpr | None,
+                     never: CompiledExpr | None) -> CompiledExpr:
+    """A violation when, for some span `each` selects, `always` is false or `never` is true;
+    the offending spans are those failing spans."""
+    if always is None and never is None:
+        raise ValueError("a for_each rule needs always or never")
+    assert isinstance(each.tree, syntax.Exists)
+    spans = _query(each.tree.query)
+    a, n = always.test if always else None, never.test if never else None
+
+    def failing(trace: Trace, first_only: bool = False) -> list[Span]:
+        found: list[Span] = []
+        outer = getattr(_THIS, "span", None)
+        try:
+            for span in spans(trace):
+                _THIS.span = span
+                if (a is not None and not a(trace)) or (n is not None and n(trace)):
+                    found.append(span)
+                    if first_only:
+                        break
+        finally:
+            _THIS.span = outer
+        return found
+
+    clauses = [c for c in (always, never) if c is not None]
+    refs = each.refs
+    for clause in clauses:
+        refs = refs | clause.refs
+    # what the clauses read through `this` is read from the spans `each` selects
+    this_reads = frozenset().union(*(_this_attributes(c.tree) for c in clauses))
+    if this_reads:
+        selector = each.tree.query.selector
+        refs = refs | References(attributes=this_reads, selectors=frozenset(
+            {(selector.name, selector.glob, this_reads)}))
+    tree = syntax.ForEach(each.tree.query, always.tree if always else None,
+                          never.tree if never else None)
+    return CompiledExpr(each.text, tree, lambda trace: bool(failing(trace, first_only=True)),
+                        failing, refs, always is None and never is not None and never.monotone,
+                        applies=lambda trace: bool(spans(trace)), fires_on_empty=False)
+
+
+def _refuse_this(text: str, tree: syntax.Expr | syntax.Clauses,
+                 why: str = "'this' names the span a for_each rule checks") -> None:
+    """`this` outside the always/never of a for_each rule has nothing to name: a load error,
+    never a string "this.x" that silently never matches."""
+    for node in _this_nodes(tree):
+        raise ExpressionError(f"'this' cannot be used here: {why}, so it may stand only in "
+                              "that rule's always/never", text, node.start, node.end,
+                              code="misplaced-this")
 
 
 def combine_clauses(when: CompiledExpr, always: CompiledExpr | None,
@@ -181,6 +254,8 @@ def literal_equals(value: Any, literal: Any) -> bool:
 
 
 def _compare(node: syntax.Compare) -> SpanTest:
+    if isinstance(node.value, syntax.ThisAttr):
+        return _compare_this(node.attr, node.op, node.value.attr)
     get, op, literal = attribute_getter(node.attr), node.op, node.value
     if op == "==":
         if type(literal) is str:
@@ -219,6 +294,28 @@ def _compare(node: syntax.Compare) -> SpanTest:
             return lambda s: False  # a substring test needs a string on both sides
         return lambda s: type(v := get(s)) is str and literal in v
     raise AssertionError(f"unknown operator {op}")
+
+
+def _compare_this(attr: str, op: str, this_attr: str) -> SpanTest:
+    """`attr op this.this_attr`: the same typing as against a literal (rules 10, 11), with the
+    checked span's value as the literal; false when either side is missing."""
+    get, get_this = attribute_getter(attr), attribute_getter(this_attr)
+
+    def test(s: Span) -> bool:
+        value, other = get(s), get_this(_THIS.span)
+        if value is MISSING or other is MISSING:
+            return False
+        if op == "==":
+            return literal_equals(value, other)
+        if op == "!=":
+            return not literal_equals(value, other)
+        if op == "contains":
+            return type(value) is str and type(other) is str and other in value
+        if type(value) is str and type(other) is str or \
+                _is_number(value) and _is_number(other):
+            return _ORDER[op](value, other)  # type: ignore[no-any-return]
+        return False
+    return test
 
 
 def _bare(node: syntax.Bare) -> SpanTest:
@@ -371,6 +468,29 @@ def _before(node: syntax.Before) -> TraceTest:
     return before
 
 
+def _relative(node: syntax.Relative) -> TraceTest:
+    """`X before/after this [within D]`, `X under this`: against the span being checked."""
+    spans, within = _query(node.query), node.within_ns
+    if node.relation == "under":
+        def under(trace: Trace) -> bool:
+            found = spans(trace)
+            if not found:
+                return False
+            below = trace.descends_from(_THIS.span)
+            return any(s.span_id in below for s in found)
+        return under
+    sign = 1 if node.relation == "before" else -1
+
+    def ordered(trace: Trace) -> bool:
+        start = _THIS.span.start_ns
+        for s in spans(trace):
+            gap = (start - s.start_ns) * sign  # how long s starts before (after) this
+            if gap > 0 and (within is None or gap <= within):
+                return True
+        return False
+    return ordered
+
+
 def _not(node: syntax.Not) -> TraceTest:
     inner = _expr(node.operand)
     return lambda trace: not inner(trace)
@@ -394,6 +514,7 @@ def _or(node: syntax.Or) -> TraceTest:
 
 _EXPR_BUILDERS: dict[type, Callable[[Any], TraceTest]] = {
     syntax.Exists: _exists, syntax.CountCompare: _count_compare, syntax.Before: _before,
+    syntax.Relative: _relative,
     syntax.Not: _not, syntax.And: _and, syntax.Or: _or,
 }
 
@@ -412,6 +533,8 @@ def _union(first: list[Span], second: list[Span]) -> list[Span]:
 def _witness(node: syntax.Expr) -> SpanSource:
     """The spans behind a true expression; negated parts contribute none (they are absences)."""
     if isinstance(node, syntax.Exists):
+        return _query(node.query)
+    if isinstance(node, syntax.Relative):
         return _query(node.query)
     if isinstance(node, syntax.CountCompare):
         counted = [_query(node.left.query)]
@@ -448,7 +571,7 @@ def _witness(node: syntax.Expr) -> SpanSource:
 
 
 def _queries(node: syntax.Expr) -> list[syntax.Query]:
-    if isinstance(node, syntax.Exists):
+    if isinstance(node, (syntax.Exists, syntax.Relative)):
         return [node.query]
     if isinstance(node, syntax.CountCompare):
         right = [node.right.query] if isinstance(node.right, syntax.Count) else []
@@ -470,6 +593,45 @@ def _pred_attributes(pred: syntax.Pred | None) -> set[str]:
     return set().union(*(_pred_attributes(p) for p in pred.operands))
 
 
+def _this_nodes(node: Any) -> list[syntax.Node]:
+    """Every use of `this` in a trace-level tree (ThisAttr values and Relative terms)."""
+    if isinstance(node, syntax.Clauses):
+        parts = [node.when, node.always, node.never]
+        return [found for part in parts if part is not None for found in _this_nodes(part)]
+    found: list[syntax.Node] = []
+    for query in _queries(node):
+        found += [p.value for p in _preds(query.where)
+                  if isinstance(p, syntax.Compare) and isinstance(p.value, syntax.ThisAttr)]
+    return found + list(_relatives(node))
+
+
+def _relatives(node: syntax.Expr) -> list[syntax.Relative]:
+    if isinstance(node, syntax.Relative):
+        return [node]
+    if isinstance(node, syntax.Not):
+        return _relatives(node.operand)
+    if isinstance(node, (syntax.And, syntax.Or)):
+        return [r for operand in node.operands for r in _relatives(operand)]
+    return []
+
+
+def _preds(pred: syntax.Pred | None) -> list[syntax.Pred]:
+    """Every span-level node under `pred`."""
+    if pred is None:
+        return []
+    if isinstance(pred, syntax.PredNot):
+        return [pred, *_preds(pred.operand)]
+    if isinstance(pred, (syntax.PredAnd, syntax.PredOr)):
+        return [pred, *(p for operand in pred.operands for p in _preds(operand))]
+    return [pred]
+
+
+def _this_attributes(node: Any) -> frozenset[str]:
+    """The attributes read from the checked span through `this.attr`."""
+    return frozenset(n.attr for n in _this_nodes(node)
+                     if isinstance(n, syntax.ThisAttr) and n.attr not in INTRINSICS)
+
+
 def _references(node: syntax.Expr) -> References:
     reads: dict[tuple[str, bool], set[str]] = {}
     for query in _queries(node):
@@ -484,6 +646,7 @@ def _references(node: syntax.Expr) -> References:
         globs=frozenset(name for name, glob in reads if glob),
         attributes=frozenset(a for attrs in reads.values() for a in attrs),
         selectors=frozenset((name, glob, frozenset(attrs)) for (name, glob), attrs in reads.items()),
+        structure=any(r.relation == "under" for r in _relatives(node)),
     )
 
 

@@ -29,7 +29,9 @@ _PARSER = Lark(
     cache=True,
 )
 
-# What each terminal is called in "expected ..." messages, in the order they are listed.
+# What each terminal is called in "expected ..." messages, in the order they are listed (the
+# for_each forms `after`, `under`, `this` are left out: listed everywhere, they would crowd out
+# what the author most likely meant).
 _EXPECTED = {
     "NAME": "a name", "STRING": 'a "quoted string"', "NUMBER": "a number",
     "COUNT": "count(...)", "HAS": "trace.has(...)", "CMP_OP": "a comparison (== != < <= > >=)",
@@ -230,6 +232,30 @@ class _ToAst(Transformer):  # type: ignore[type-arg]
         within = self._duration(children[4]) if len(children) > 3 else None
         return syntax.Before(children[0], children[2], within, **self._pos(meta))
 
+    def after(self, meta: Any, children: list[Any]) -> syntax.Before:
+        """`A after B` is `B before A` everywhere."""
+        within = self._duration(children[4]) if len(children) > 3 else None
+        return syntax.Before(children[2], children[0], within, **self._pos(meta))
+
+    def relative(self, meta: Any, children: list[Any]) -> syntax.Relative:
+        within = self._duration(children[4]) if len(children) > 3 else None
+        return syntax.Relative(children[0], str(children[1]), within, **self._pos(meta))
+
+    def under_within(self, meta: Any, children: list[Any]) -> syntax.Relative:
+        raise self._error("'under' takes no 'within': descent has no time bound", children[3],
+                          code="syntax")
+
+    def this_first(self, meta: Any, children: list[Any]) -> syntax.Relative:
+        """`this before X` is `X after this`; `this under X` has no meaning here."""
+        relation = str(children[1])
+        if relation == "under":
+            raise self._error("'this under X' is not a form: write 'X under this' (some X "
+                              "descends from the span being checked)", children[1],
+                              code="misplaced-this")
+        within = self._duration(children[4]) if len(children) > 3 else None
+        mirrored = "after" if relation == "before" else "before"
+        return syntax.Relative(children[2], mirrored, within, **self._pos(meta))
+
     def count_compare(self, meta: Any, children: list[Any]) -> syntax.CountCompare:
         left, op, right = children
         if isinstance(left, Token):  # `3 < count(x)` reads as `count(x) > 3`
@@ -280,6 +306,7 @@ class _ToAst(Transformer):  # type: ignore[type-arg]
     def selector(self, meta: Any, children: list[Token]) -> syntax.Selector:
         token = children[0]
         if token.type == "NAME":
+            self._not_this(token)
             return syntax.Selector(str(token), **self._pos(meta))
         name = decode_string(token)
         if not name:
@@ -317,6 +344,9 @@ class _ToAst(Transformer):  # type: ignore[type-arg]
                     else str(exc)
                 raise self._error(f"invalid regular expression {value!r} (RE2 syntax): {reason}",
                                   children[2], code="bad-regex") from None
+        elif isinstance(value, syntax.ThisAttr) and op.type == "IN":
+            raise self._error("'in' takes a list, not 'this.attribute'", value,
+                              code="misplaced-this")
         elif value is _UNIQUE:
             if op_text != "==":
                 raise self._error("'unique' only works as 'attr == unique'", op,
@@ -326,10 +356,25 @@ class _ToAst(Transformer):  # type: ignore[type-arg]
 
     def attr(self, meta: Any, children: list[Token]) -> str:
         token = children[0]
-        return str(token) if token.type == "NAME" else decode_string(token)
+        if token.type == "NAME":
+            self._not_this(token)
+            return str(token)
+        return decode_string(token)
+
+    def _not_this(self, token: Token) -> None:
+        """`this.x` read as a span or attribute name would silently never match."""
+        if str(token) == "this" or str(token).startswith("this."):
+            raise self._error(f"'{token}' cannot stand here: 'this.attribute' may stand only "
+                              "on the right of a comparison (== != < <= > >= contains) inside "
+                              ".where(...), in the always/never of a for_each rule (quote a "
+                              "name that really is 'this...')", token, code="misplaced-this")
 
     def list(self, meta: Any, children: list[Any]) -> tuple[Any, ...]:
         items = tuple(c for c in children if c is not None)
+        for item in items:
+            if isinstance(item, syntax.ThisAttr):
+                raise self._error("a list holds literals, not 'this.attribute'", item,
+                                  code="misplaced-this")
         if any(item is _UNIQUE for item in items):
             raise ExpressionError("'unique' cannot be a list item", self.text,
                                   meta.start_pos, meta.end_pos, "misplaced-unique")
@@ -348,6 +393,9 @@ class _ToAst(Transformer):  # type: ignore[type-arg]
             return False
         if kind == "UNIQUE":
             return _UNIQUE
+        if kind == "THIS_ATTR":
+            return syntax.ThisAttr(str(token)[len("this."):], start=token.start_pos or 0,
+                                   end=(token.start_pos or 0) + len(token))
         return str(token)  # a bare identifier on the right is a string
 
 

@@ -1,7 +1,8 @@
 """The rule language's syntax tree: frozen nodes, each knowing where it sits in its expression.
 
-Trace-level nodes (Exists, CountCompare, Before, Not, And, Or, Clauses) decide a whole trace;
-span-level nodes (Compare, Bare, PredNot, PredAnd, PredOr) decide one span inside `.where(...)`.
+Trace-level nodes (Exists, CountCompare, Before, Relative, Not, And, Or, Clauses, ForEach)
+decide a whole trace; span-level nodes (Compare, Bare, PredNot, PredAnd, PredOr) decide one span
+inside `.where(...)`. `this` (ThisAttr, Relative) names the span a `for_each` rule is checking.
 `start`/`end` are character offsets into the expression text, for error carets.
 """
 
@@ -22,12 +23,19 @@ class Node:
 # --- span level ---------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
+class ThisAttr(Node):
+    """`this.attr` on the right of a comparison: that attribute of the span being checked."""
+
+    attr: str
+
+
+@dataclass(frozen=True)
 class Compare(Node):
     """`attr op value`; op is one of == != < <= > >= in matches contains."""
 
     attr: str
     op: str
-    value: Literal | tuple[Literal, ...]
+    value: Literal | tuple[Literal, ...] | ThisAttr
 
 
 @dataclass(frozen=True)
@@ -110,6 +118,16 @@ class Before(Node):
 
 
 @dataclass(frozen=True)
+class Relative(Node):
+    """Some `query` span starts before / after the span being checked (at most `within_ns`
+    apart), or descends from it (`under`, through parent_span_id links)."""
+
+    query: Query
+    relation: str  # before | after | under
+    within_ns: int | None = None
+
+
+@dataclass(frozen=True)
 class Not(Node):
     operand: Expr
 
@@ -124,7 +142,7 @@ class Or(Node):
     operands: tuple[Expr, ...]
 
 
-Expr = Union[Exists, CountCompare, Before, Not, And, Or]
+Expr = Union[Exists, CountCompare, Before, Relative, Not, And, Or]
 
 
 @dataclass(frozen=True)
@@ -132,5 +150,15 @@ class Clauses(Node):
     """The in-DSL `when { } always { } never { }` form of a rule."""
 
     when: Expr
+    always: Expr | None = None
+    never: Expr | None = None
+
+
+@dataclass(frozen=True)
+class ForEach(Node):
+    """A `for_each` rule: checked once per span `each` selects, with `this` naming it; the trace
+    violates when for some such span `always` is false or `never` is true."""
+
+    each: Query
     always: Expr | None = None
     never: Expr | None = None

@@ -205,8 +205,10 @@ def pushdowns(ruleset: Any) -> dict[str, str]:
 
 def _rule_condition(rule: Any) -> TraceCond | None:
     """What a violating trace must hold, from the syntax tree the rule was compiled from: the
-    whole condition, or `when` and (`not always` or `never`)."""
+    whole condition, `when` and (`not always` or `never`), or a span for_each selects."""
     tree = rule.logic.tree
+    if isinstance(tree, syntax.ForEach):  # some span it checks, at least
+        return _query(tree.each)
     if isinstance(tree, syntax.Clauses):
         options = []
         if tree.always is not None:

@@ -64,6 +64,8 @@ class ActiveRules:
         """Whether spans decoded with this projection hold every span and attribute `rule`
         reads: if not, `rule` cannot judge them (a pruned attribute would read as missing)."""
         kept = self.ruleset.refs.selectors
+        if rule.logic.refs.structure and not self.ruleset.refs.structure:
+            return False  # spans between a span and its descendants were pruned away
         for selector, glob, attributes in rule.logic.refs.selectors:
             if glob:
                 if not any(s == selector and g and attributes <= a for s, g, a in kept):

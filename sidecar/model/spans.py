@@ -139,13 +139,14 @@ def _value_bytes(value: Any) -> int:
 class Trace:
     """All spans of one trace_id, indexed by name once so a rule only touches the spans it names."""
 
-    __slots__ = ("trace_id", "spans", "by_name", "_glob_cache")
+    __slots__ = ("trace_id", "spans", "by_name", "_glob_cache", "_children")
 
     def __init__(self, trace_id: str, spans: Iterable[Span]) -> None:
         self.trace_id = trace_id
         self.spans: list[Span] = []
         self.by_name: dict[str, list[Span]] = {}
         self._glob_cache: dict[str, list[Span]] = {}
+        self._children: dict[str, list[Span]] | None = None
         self.add(spans)
 
     def add(self, spans: Iterable[Span]) -> None:
@@ -159,6 +160,7 @@ class Trace:
             else:
                 bucket.append(span)
         self._glob_cache.clear()
+        self._children = None
 
     def without_repeats(self) -> Trace:
         """The trace with each span id once (its first copy). A collector retries an Export
@@ -177,6 +179,26 @@ class Trace:
         if found is None:
             found = [s for name, bucket in self.by_name.items() if matches(name) for s in bucket]
             self._glob_cache[glob_key] = found
+        return found
+
+    def descends_from(self, ancestor: Span) -> set[str]:
+        """The span ids under `ancestor` at any depth, through parent_span_id links among the
+        trace's span ids (a cycle ends the walk; a span is not under itself)."""
+        children = self._children
+        if children is None:
+            children = {}
+            for span in self.spans:
+                if span.parent_span_id:
+                    children.setdefault(span.parent_span_id, []).append(span)
+            self._children = children
+        found: set[str] = set()
+        stack = [ancestor.span_id]
+        while stack:
+            for child in children.get(stack.pop(), ()):
+                if child.span_id not in found:
+                    found.add(child.span_id)
+                    stack.append(child.span_id)
+        found.discard(ancestor.span_id)
         return found
 
     def __iter__(self) -> Iterator[Span]:

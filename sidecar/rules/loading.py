@@ -16,13 +16,21 @@ from typing import Any
 
 import yaml
 
-from sidecar.dsl import CompiledExpr, combine_clauses, compile_clause, compile_expression
+from sidecar.dsl import (
+    CompiledExpr,
+    combine_clauses,
+    combine_for_each,
+    compile_clause,
+    compile_expression,
+    compile_selector,
+)
 from sidecar.model.errors import ExpressionError, Location, RuleError, RuleLoadError
 from sidecar.rules.compact import CompactSpanError, trace_from_compact
 from sidecar.rules.ruleset import SEVERITIES, Example, Rule, RuleSet
 from sidecar.rules.yaml_source import YamlSource, is_string, mapping_items
 
-RULE_KEYS = ("id", "name", "severity", "description", "condition", "when", "always", "never",
+RULE_KEYS = ("id", "name", "severity", "description", "condition", "when", "for_each", "always",
+             "never",
              "signal", "tags", "enabled", "examples")
 SIGNAL_KEYS = ("message", "context")
 EXAMPLE_KEYS = ("description", "violates", "spans")
@@ -223,9 +231,11 @@ class _Loader:
 
     def _logic(self, doc: YamlSource, node: yaml.Node, fields: dict[str, yaml.Node],
                rule_id: str | None) -> CompiledExpr | None:
-        """`condition`, or `when` with `always`/`never`: exactly one of the two shapes."""
+        """`condition`, or `when` or `for_each` with `always`/`never`: exactly one shape."""
         condition, when = fields.get("condition"), fields.get("when")
         always, never = fields.get("always"), fields.get("never")
+        if "for_each" in fields:
+            return self._for_each(doc, fields, rule_id)
         if condition is not None:
             for key in ("when", "always", "never"):
                 if key in fields:
@@ -251,6 +261,29 @@ class _Loader:
                                    for n, p in zip((always, never), parts[1:])):
             return None
         return combine_clauses(parts[0], parts[1], parts[2])
+
+    def _for_each(self, doc: YamlSource, fields: dict[str, yaml.Node],
+                  rule_id: str | None) -> CompiledExpr | None:
+        """`for_each` with `always`/`never`: the clauses are checked once per selected span."""
+        each, always, never = fields["for_each"], fields.get("always"), fields.get("never")
+        for key in ("when", "condition"):
+            if key in fields:
+                self._error(doc, fields[key], f"'{key}' cannot be combined with 'for_each': a "
+                            "for_each rule is checked for every span it selects; put the "
+                            "test in 'always' or 'never'", "schema", rule_id)
+                return None
+        if always is None and never is None:
+            self._error(doc, each, "a 'for_each' rule needs 'always' or 'never' (or both)",
+                        "missing-always-never", rule_id)
+            return None
+        selector = self._compile(doc, each, "for_each", rule_id, compile_selector)
+        clauses = [self._compile(doc, n, key, rule_id,
+                                 lambda text: compile_clause(text, for_each=True))
+                   if n is not None else None for key, n in (("always", always), ("never", never))]
+        if selector is None or any(n is not None and c is None
+                                   for n, c in zip((always, never), clauses)):
+            return None
+        return combine_for_each(selector, clauses[0], clauses[1])
 
     def _compile(self, doc: YamlSource, node: yaml.Node, key: str, rule_id: str | None,
                  compiler: Callable[[str], CompiledExpr]) -> CompiledExpr | None:

@@ -171,7 +171,9 @@ class RuleSet:
         context = frozenset(key for rule in self.rules for key in rule.context)
         names, globs = refs.names, [glob_matcher(g) for g in sorted(refs.globs)]
         wants: Callable[[str], bool] = names.__contains__
-        if globs:
+        if refs.structure:  # `X under this` follows parent links through spans no rule names
+            wants = lambda name: True  # noqa: E731 (their ids are kept, not their attributes)
+        elif globs:
             wants = memoized(lambda name: name in names or any(g(name) for g in globs))
         exact: dict[str, set[str]] = {}
         by_glob: list[tuple[Callable[[str], bool], frozenset[str]]] = []
