@@ -587,6 +587,24 @@ def test_replay_with_bad_rules(tmp_path: Path, replay_files: tuple[Path, Path]) 
     assert "nothing was run" in result.stderr
 
 
+def test_replay_rule_using_a_macro_and_a_list_of_another_file(
+        tmp_path: Path, replay_files: tuple[Path, Path]) -> None:
+    _, traces = replay_files
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "a-admin.yaml").write_text(
+        "rules:\n  - id: sensitive-admin-unaudited\n"
+        "    when: sensitive_admin\n    always: audit.log\n")
+    (rules / "names.yaml").write_text(
+        "lists:\n  sensitive_operations: [role_change, impersonate]\n"
+        "macros:\n"
+        "  sensitive_admin: admin.action.where(admin.operation in sensitive_operations)\n")
+    result = betrace("replay", "--rules", rules, traces)
+    assert result.returncode == EXIT_OK, result.stderr
+    assert [(s["rule_id"], s["trace_id"], s["span_ids"]) for s in signals_of(result.stdout)] == [
+        ("sensitive-admin-unaudited", T2, ["b2b2b2b2b2b2b2b2"])]
+
+
 def test_replay_into_a_closed_pipe_ends_quietly(replay_files: tuple[Path, Path]) -> None:
     """`betrace replay ... | head -0`: the reader is gone before the first signal."""
     rules, traces = replay_files

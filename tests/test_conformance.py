@@ -2,7 +2,9 @@
 
 Each case is an expression (`expr`, expect: is it true for the trace), a rule's clauses
 (`rule`, expect: does the rule fire), or text that must fail to load (`error`, a substring of
-the message).
+the message). A case may declare file-level `lists:` and `macros:` (in that order, as written)
+for its rule, or give the whole rule file as `document:` text, for what a generated document
+cannot hold (a name declared twice).
 """
 
 from __future__ import annotations
@@ -30,8 +32,12 @@ def _cases() -> list[Any]:
 
 
 def _rule_document(case: dict[str, Any]) -> str:
+    if "document" in case:
+        return str(case["document"])
     clauses = case["rule"] if "rule" in case else {"condition": case["expr"]}
-    return yaml.safe_dump({"rules": [{"id": "case", "severity": "info", **clauses}]})
+    names = {key: case[key] for key in ("lists", "macros") if key in case}
+    return yaml.safe_dump({**names, "rules": [{"id": "case", "severity": "info", **clauses}]},
+                          sort_keys=False)
 
 
 @pytest.mark.parametrize("case", _cases())

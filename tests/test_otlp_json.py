@@ -21,6 +21,7 @@ from sidecar.otlp.decoded import SpanFilter
 from sidecar.otlp.json_spans import InputError, spans_from_request
 from sidecar.replay.sources import read_source
 
+
 def read_spans(source: str, errors: list[InputError] | None = None) -> list[Span]:
     """Every span of a source as replay reads it (no rules: nothing pruned); without an error
     list, the first problem raises ValueError."""

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
+from sidecar.dsl import rule_query
 from sidecar.model.errors import RuleError, RuleLoadError
 from sidecar.model.signals import Signal, signal_id
 from sidecar.model.spans import Span, Trace
@@ -778,3 +779,127 @@ def test_projection_keeps_per_span_name_what_the_rules_selecting_it_read_and_sig
     assert projection.attributes_for("x") == {"k", "order_id"}
     assert projection.attributes_for("GET /users") == {"http.status_code", "order_id"}
     assert projection.attributes == {"attempt", "k", "order_id", "http.status_code"}
+
+
+# --- lists and macros (DESIGN rule 20) ----------------------------------------------------------
+
+NAMES_FILE = """\
+lists:
+  sensitive_operations: [role_change, impersonate]
+macros:
+  sensitive_admin: admin.action.where(admin.operation in sensitive_operations)
+  unaudited: not audit.log
+"""
+
+
+def test_lists_and_macros_are_shared_by_the_files_loaded_together(tmp_path: Path) -> None:
+    # "a-rules.yaml" loads before the file declaring the names it uses.
+    write(tmp_path / "a-rules.yaml", "rules:\n  - id: sensitive-unaudited\n"
+          "    condition: sensitive_admin and unaudited\n")
+    write(tmp_path / "names.yaml", NAMES_FILE)
+    rule = load_rules([tmp_path]).rules[0]
+    fires = trace_from_compact([{"name": "admin.action",
+                                 "attributes": {"admin.operation": "impersonate"}}])
+    audited = trace_from_compact([{"name": "admin.action",
+                                   "attributes": {"admin.operation": "impersonate"}},
+                                  {"name": "audit.log"}])
+    other = trace_from_compact([{"name": "admin.action",
+                                 "attributes": {"admin.operation": "read"}}])
+    assert [rule.evaluate(t) is not None for t in (fires, audited, other)] == [True, False, False]
+
+
+def test_duplicate_name_across_files_names_both_places(tmp_path: Path) -> None:
+    first = write(tmp_path / "a.yaml", NAMES_FILE)
+    second = write(tmp_path / "b.yaml", "macros:\n  unaudited: not audit.trail\n")
+    with pytest.raises(RuleLoadError) as raised:
+        load_rules([first, second])
+    assert [str(e) for e in raised.value.errors] == [
+        f"{second}:2:3: error[duplicate-name]: duplicate macro name 'unaudited' (first declared "
+        f"as a macro at {first}:5:3)\n"
+        " 2 |   unaudited: not audit.trail\n"
+        "   |   ^^^^^^^^^"]
+
+
+def test_undefined_list_is_located_at_its_name() -> None:
+    error = only_error("lists:\n  codes: [500]\nrules:\n  - id: r1\n"
+                       "    condition: http.request.where(code in server_codes)\n")
+    assert str(error) == (
+        "f.yaml:5:43: error[undefined-list]: undefined list 'server_codes'; lists defined: codes\n"
+        " 5 |     condition: http.request.where(code in server_codes)\n"
+        "   |                                           ^^^^^^^^^^^^")
+    assert error.rule_id == "r1"
+
+
+def test_error_inside_a_macro_is_located_at_its_use_and_names_the_macro() -> None:
+    error = only_error("macros:\n  distinct_ids: id == unique\nrules:\n  - id: r1\n"
+                       "    condition: |\n      x.where(a > 1)\n        and y.where(distinct_ids)\n")
+    assert str(error) == (
+        "f.yaml:7:21: error[misplaced-unique]: in macro 'distinct_ids' (f.yaml:2): 'unique' is "
+        "reserved for count(...).where(attr == unique)\n"
+        " 7 |         and y.where(distinct_ids)\n"
+        "   |                     ^^^^^^^^^^^^")
+
+
+def test_syntax_error_in_a_macro_is_located_in_its_body_even_unused() -> None:
+    error = only_error("macros:\n  big: amount >> 1000\nrules:\n  - id: r1\n    condition: x\n")
+    assert (error.location.line, error.location.column, error.code) == (2, 16, "syntax")
+
+
+def test_predicate_macro_used_as_a_condition_says_where_it_can_stand() -> None:
+    error = only_error("macros:\n  big: amount > 1000\nrules:\n  - id: r1\n    condition: big\n")
+    assert str(error) == (
+        "f.yaml:5:16: error[macro-use]: macro 'big' (f.yaml:2) is a span predicate: it can stand "
+        "only inside .where(...)\n"
+        " 5 |     condition: big\n"
+        "   |                ^^^")
+
+
+def test_a_broken_macro_is_reported_once_not_at_every_use() -> None:
+    errors = errors_of("macros:\n  ping: pong\n  pong: ping\nrules:\n  - id: r1\n"
+                       "    condition: ping and pong\n")
+    assert [(e.location.line, e.message) for e in errors] == [
+        (2, "recursive macros: ping -> pong -> ping")]
+
+
+def test_rule_set_tells_which_lists_and_macros_no_rule_uses() -> None:
+    loaded = load_rules_text(NAMES_FILE + "  unused_macro: x\n"
+                             "rules:\n  - id: r1\n    enabled: false\n"
+                             "    condition: sensitive_admin\n")
+    assert [name for name, _ in loaded.declarations] == [
+        "sensitive_operations", "sensitive_admin", "unaudited", "unused_macro"]
+    assert [(name, where.line) for name, where in loaded.unused_declarations] == [
+        ("unaudited", 5), ("unused_macro", 6)]
+
+
+def test_passes_see_the_expanded_rule() -> None:
+    """Pruning, early signals and the TraceQL pushdown read the expanded tree."""
+    loaded = load_rules_text(NAMES_FILE + "rules:\n  - id: r1\n"
+                             "    condition: sensitive_admin and unaudited\n")
+    rule = loaded.rules[0]
+    assert loaded.refs.names == {"admin.action", "audit.log"}
+    assert loaded.projection().attributes_for("admin.action") == {"admin.operation"}
+    assert not rule.logic.monotone
+    assert rule_query(rule) == ('{ name = "admin.action" && (span.admin.operation = '
+                                '"role_change" || span.admin.operation = "impersonate") }')
+
+
+def test_schema_accepts_lists_and_macros() -> None:
+    document = NAMES_FILE + "rules:\n  - id: r1\n    condition: sensitive_admin\n"
+    load_rules_text(document)
+    assert _validator().is_valid(yaml.safe_load(document))
+    assert not _validator().is_valid({"macros": {"and": "x"}})
+
+
+def test_digest_changes_when_a_macro_changes(tmp_path: Path) -> None:
+    write(tmp_path / "rules.yaml", "rules:\n  - id: r1\n    condition: x.where(big)\n")
+    names = write(tmp_path / "names.yaml", "macros:\n  big: amount > 1000\n")
+    before = load_rules([tmp_path]).digest
+    names.write_text("macros:\n  big: amount > 5000\n")
+    assert load_rules([tmp_path]).digest != before
+
+
+def test_macros_doubling_past_the_size_limit_are_refused_where_declared() -> None:
+    doubling = "".join(f"  m{i}: m{i - 1} or m{i - 1}\n" for i in range(1, 14))
+    error = only_error(f"macros:\n  m0: a\n{doubling}rules:\n  - id: r1\n    condition: m13\n")
+    assert (error.code, error.location.line) == ("too-large", 15)
+    assert "once its macros are expanded" in error.message

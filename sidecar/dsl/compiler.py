@@ -19,7 +19,8 @@ from typing import Any
 import re2
 
 from sidecar.dsl import syntax
-from sidecar.dsl.parser import compile_regex, parse
+from sidecar.dsl.definitions import NO_DEFINITIONS, Definitions
+from sidecar.dsl.parser import compile_regex, parse_expression
 from sidecar.model.errors import ExpressionError
 from sidecar.model.spans import Span, Trace
 
@@ -82,41 +83,44 @@ class CompiledExpr:
     # true on a trace holding none of the spans it names: true on every such trace, so such a
     # trace is never pruned away unseen (DESIGN: absence is part of the semantics)
     fires_on_empty: bool = False
+    uses: frozenset[str] = frozenset()  # the lists and macros it uses (through macros too)
 
 
-def compile_expression(text: str) -> CompiledExpr:
+def compile_expression(text: str, definitions: Definitions = NO_DEFINITIONS) -> CompiledExpr:
     """Compile a condition: an expression, or the in-DSL `when {} always {} never {}` form."""
-    tree = parse(text)
+    tree, uses, _ = parse_expression(text, definitions)
     _refuse_this(text, tree)
     if isinstance(tree, syntax.Clauses):
         return combine_clauses(
-            _compile_tree(text, tree.when),
-            _compile_tree(text, tree.always) if tree.always is not None else None,
-            _compile_tree(text, tree.never) if tree.never is not None else None,
+            _compile_tree(text, tree.when, uses),
+            _compile_tree(text, tree.always, uses) if tree.always is not None else None,
+            _compile_tree(text, tree.never, uses) if tree.never is not None else None,
         )
-    return _compile_tree(text, tree)
+    return _compile_tree(text, tree, uses)
 
 
-def compile_clause(text: str, for_each: bool = False) -> CompiledExpr:
+def compile_clause(text: str, definitions: Definitions = NO_DEFINITIONS,
+                   for_each: bool = False) -> CompiledExpr:
     """Compile one `when`, `always` or `never` clause given as its own YAML key; `this` only
     in the always/never of a for_each rule."""
-    tree = parse(text)
+    tree, uses, _ = parse_expression(text, definitions)
     if isinstance(tree, syntax.Clauses):
         raise ExpressionError("a when/always/never block cannot be nested inside a clause",
                               text, tree.start, tree.end)
     if not for_each:
         _refuse_this(text, tree)
-    return _compile_tree(text, tree)
+    return _compile_tree(text, tree, uses)
 
 
-def compile_selector(text: str) -> CompiledExpr:
-    """Compile a `for_each` selector: one span selector with optional `.where(...)`."""
-    tree = parse(text)
+def compile_selector(text: str, definitions: Definitions = NO_DEFINITIONS) -> CompiledExpr:
+    """Compile a `for_each` selector: one span selector with optional `.where(...)` (or a macro
+    standing for one)."""
+    tree, uses, _ = parse_expression(text, definitions)
     if not isinstance(tree, syntax.Exists):
         raise ExpressionError("for_each takes one span selector, with optional .where(...), "
                               "such as order.placed.where(total > 0)", text, tree.start, tree.end)
     _refuse_this(text, tree, "the for_each selector defines the span 'this' names")
-    return _compile_tree(text, tree)
+    return _compile_tree(text, tree, uses)
 
 
 def combine_for_each(each: CompiledExpr, always: CompiledExpr | None,
@@ -157,7 +161,8 @@ def combine_for_each(each: CompiledExpr, always: CompiledExpr | None,
                           never.tree if never else None)
     return CompiledExpr(each.text, tree, lambda trace: bool(failing(trace, first_only=True)),
                         failing, refs, always is None and never is not None and never.monotone,
-                        applies=lambda trace: bool(spans(trace)), fires_on_empty=False)
+                        applies=lambda trace: bool(spans(trace)), fires_on_empty=False,
+                        uses=each.uses.union(*(c.uses for c in clauses)))
 
 
 def _refuse_this(text: str, tree: syntax.Expr | syntax.Clauses,
@@ -186,18 +191,18 @@ def combine_clauses(when: CompiledExpr, always: CompiledExpr | None,
             spans = _union(spans, never.witness(trace))
         return spans
 
-    refs = when.refs
+    refs, uses = when.refs, when.uses
     for clause in (always, never):
         if clause is not None:
-            refs = refs | clause.refs
+            refs, uses = refs | clause.refs, uses | clause.uses
     monotone = always is None and when.monotone and never is not None and never.monotone
     tree = syntax.Clauses(when=when.tree, always=always.tree if always else None,
                           never=never.tree if never else None)
     return CompiledExpr(when.text, tree, test, witness, refs, monotone, applies=when.test,
-                        fires_on_empty=_true_on_empty(test))
+                        fires_on_empty=_true_on_empty(test), uses=uses)
 
 
-def _compile_tree(text: str, tree: syntax.Expr) -> CompiledExpr:
+def _compile_tree(text: str, tree: syntax.Expr, uses: frozenset[str]) -> CompiledExpr:
     refs = _references(tree)
     sources = [_candidates(syntax.Selector(name)) for name in sorted(refs.names)]
     sources += [_candidates(syntax.Selector(glob, glob=True)) for glob in sorted(refs.globs)]
@@ -205,7 +210,7 @@ def _compile_tree(text: str, tree: syntax.Expr) -> CompiledExpr:
     on_empty = _true_on_empty(test)
     return CompiledExpr(text, tree, test, _witness(tree), refs, _monotone(tree, positive=True),
                         applies=lambda trace: on_empty or any(source(trace) for source in sources),
-                        fires_on_empty=on_empty)
+                        fires_on_empty=on_empty, uses=uses)
 
 
 def _true_on_empty(test: TraceTest) -> bool:

@@ -1,7 +1,11 @@
 """Text to syntax tree: lark (LALR) parses, one Transformer pass builds frozen AST nodes.
 
 Every failure leaves this module as an ExpressionError with an offset and a friendly
-"expected ..." text; lark's own exceptions are unwrapped in `parse` and nowhere else.
+"expected ..." text; lark's own exceptions are unwrapped in `_parse` and nowhere else.
+
+Lists and macros (see `definitions`) are resolved in the same pass: a list name after `in`
+becomes its items, and a macro's name becomes its body, parsed in the context of the use (as a
+condition, `expr`, or as a predicate, `pred`) and spliced in, as if written there in parentheses.
 """
 
 from __future__ import annotations
@@ -9,25 +13,27 @@ from __future__ import annotations
 import functools
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import re2
 from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, VisitError
 
 from sidecar.dsl import syntax
+from sidecar.dsl.definitions import NO_DEFINITIONS, Definitions, Macro
 from sidecar.model.errors import ExpressionError
 
 MAX_EXPRESSION_BYTES = 64 * 1024
 MAX_DEPTH = 100  # far below Python's recursion limit, far above any rule a person writes
 
-_PARSER = Lark(
-    (Path(__file__).parent / "grammar.lark").read_text(),
-    parser="lalr",
-    propagate_positions=True,
-    cache=True,
-)
+_GRAMMAR = (Path(__file__).parent / "grammar.lark").read_text()
+# One parser per start symbol: a rule, and a macro's body used as a condition or a predicate
+# (one parser with several start symbols would build other tables, and other "expected" texts).
+_PARSERS = {start: Lark(_GRAMMAR, parser="lalr", propagate_positions=True, cache=True,
+                        start=start)
+            for start in ("start", "expr", "pred")}
 
 # What each terminal is called in "expected ..." messages, in the order they are listed (the
 # for_each forms `after`, `under`, `this` are left out: listed everywhere, they would crowd out
@@ -54,11 +60,47 @@ _FLIPPED = {"==": "==", "!=": "!=", "<": ">", "<=": ">=", ">": "<", ">=": "<="}
 _RE2_OPTIONS = re2.Options()
 _RE2_OPTIONS.log_errors = False  # we report bad patterns ourselves, with a caret
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_NUMBER = re.compile(r"-?\d+(\.\d+)?([eE][-+]?\d+)?")  # the grammar's NUMBER
+
+
+class Parsed(NamedTuple):
+    tree: Any
+    uses: frozenset[str]  # the lists and macros it uses, directly or through a macro
+    size: int  # in bytes, once its macros are expanded
+
+
+class Ungrammatical(ExpressionError):
+    """Text the grammar cannot read from the start symbol tried, or that uses a macro of the
+    other kind (a macro's body may still read in its other context)."""
+
+
+def parse(text: str, definitions: Definitions = NO_DEFINITIONS) -> syntax.Expr | syntax.Clauses:
+    """Parse one expression (a condition, a clause, or the in-DSL when/always/never form)."""
+    return parse_expression(text, definitions).tree
+
+
+def parse_expression(text: str, definitions: Definitions = NO_DEFINITIONS) -> Parsed:
+    """`parse`, also telling which lists and macros the expression uses."""
+    return _parse(text, definitions, "start", None)
+
+
+def check_macro(macro: Macro, definitions: Definitions) -> None:
+    """Raise what is wrong with a macro's body (offsets in its own text) unless it reads as a
+    condition or as a predicate; which one it must be is known only where it is used."""
+    errors = []
+    for context in ("expr", "pred"):
+        try:
+            _parse(macro.text, definitions, context, macro)
+            return
+        except ExpressionError as exc:
+            errors.append(exc)
+    meaningful = [e for e in errors if not isinstance(e, Ungrammatical)]
+    raise meaningful[0] if meaningful else max(errors, key=lambda e: e.start)
 
 
 @functools.lru_cache(maxsize=4096)
-def parse(text: str) -> syntax.Expr | syntax.Clauses:
-    """Parse one expression (a condition, a clause, or the in-DSL when/always/never form)."""
+def _parse(text: str, definitions: Definitions, start: str, within: Macro | None) -> Parsed:
+    """Parse `text` from the grammar's `start` symbol; `within` is the macro whose body it is."""
     try:
         size = len(text.encode())
     except UnicodeEncodeError as exc:  # a lone surrogate, e.g. from a YAML "\ud800" escape
@@ -71,12 +113,13 @@ def parse(text: str) -> syntax.Expr | syntax.Clauses:
         raise ExpressionError("empty expression; expected a rule such as trace.has(span.name)",
                               text, 0)
     try:
-        tree = _PARSER.parse(text)
+        tree = _PARSERS[start].parse(text)
     except UnexpectedInput as exc:
         raise _syntax_error(text, exc) from None
     _check_depth(text, tree)
+    to_ast = _ToAst(text, definitions, within, size)
     try:
-        return _ToAst(text).transform(tree)  # type: ignore[no-any-return]
+        ast = to_ast.transform(tree)
     except VisitError as exc:
         if isinstance(exc.orig_exc, ExpressionError):
             raise exc.orig_exc from None
@@ -85,6 +128,9 @@ def parse(text: str) -> syntax.Expr | syntax.Clauses:
             else 0
         raise ExpressionError(f"cannot read this expression: {type(exc.orig_exc).__name__}: "
                               f"{exc.orig_exc}", text, start) from None
+    if to_ast.spliced:
+        _check_expanded_depth(text, ast)
+    return Parsed(ast, frozenset(to_ast.uses), to_ast.size)
 
 
 def parse_duration(text: str) -> int:
@@ -118,7 +164,7 @@ def _shortened(token: str) -> str:
     return token if len(token) <= 24 else f"{token[:10]}...{token[-6:]} ({len(token)} characters)"
 
 
-def _syntax_error(text: str, exc: UnexpectedInput) -> ExpressionError:
+def _syntax_error(text: str, exc: UnexpectedInput) -> Ungrammatical:
     expected = sorted(
         {name for name in getattr(exc, "expected", None) or getattr(exc, "allowed", ())
          if name in _EXPECTED},
@@ -126,18 +172,18 @@ def _syntax_error(text: str, exc: UnexpectedInput) -> ExpressionError:
     wanted = ", ".join(_EXPECTED[name] for name in expected[:8]) or "something else"
     end = len(text.rstrip())  # "unexpected end" points just past the last word, not a newline
     if isinstance(exc, UnexpectedEOF):
-        return ExpressionError(f"unexpected end of expression; expected {wanted}", text, end)
+        return Ungrammatical(f"unexpected end of expression; expected {wanted}", text, end)
     if isinstance(exc, UnexpectedCharacters):
         char = text[exc.pos_in_stream]
         hint = f" ({_HINTS[char]})" if char in _HINTS else ""
-        return ExpressionError(f"unexpected character {char!r}; expected {wanted}{hint}",
-                               text, exc.pos_in_stream)
+        return Ungrammatical(f"unexpected character {char!r}; expected {wanted}{hint}",
+                             text, exc.pos_in_stream)
     token: Token = exc.token  # type: ignore[attr-defined]
     if token.type == "$END":
-        return ExpressionError(f"unexpected end of expression; expected {wanted}", text, end)
+        return Ungrammatical(f"unexpected end of expression; expected {wanted}", text, end)
     start = token.start_pos or 0
-    return ExpressionError(f"unexpected {str(token)!r}; expected {wanted}",
-                           text, start, start + len(token))
+    return Ungrammatical(f"unexpected {str(token)!r}; expected {wanted}",
+                         text, start, start + len(token))
 
 
 def _check_depth(text: str, tree: Tree) -> None:
@@ -151,6 +197,27 @@ def _check_depth(text: str, tree: Tree) -> None:
                                   "about 45 nested parentheses); "
                                   "split it into simpler terms", text, start, code="too-deep")
         stack.extend((child, depth + 1) for child in node.children if isinstance(child, Tree))
+
+
+def _check_expanded_depth(text: str, tree: syntax.Node) -> None:
+    """Macros nest: refuse an expanded tree deeper than any single text may parse."""
+    stack = [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ExpressionError(f"expression nests too deeply once its macros are expanded "
+                                  f"(over {MAX_DEPTH} levels); split it into simpler terms",
+                                  text, node.start, node.end, code="too-deep")
+        stack.extend((child, depth + 1) for child in syntax.children(node))
+
+
+def parse_literal(text: str) -> syntax.Literal:
+    """A literal written on its own (a list item in a rule file), read as on the right of a
+    comparison: a number, `true`/`false`, else a string (so `NO` stays "NO"). ValueError
+    for a number no span can hold."""
+    if _NUMBER.fullmatch(text):
+        return parse_number(text)
+    return {"true": True, "false": False}.get(text, text)
 
 
 def compile_regex(pattern: str) -> re2._Regexp:
@@ -169,17 +236,93 @@ def decode_string(token: str) -> str:
 _UNIQUE = object()  # the `unique` keyword, before it is known to sit in `attr == unique`
 
 
+@dataclass(frozen=True)
+class _Use:
+    """A macro's name where a condition term, a predicate or a span selector stands: which of
+    them is known only to the node that holds it."""
+
+    macro: Macro
+    start: int
+    end: int
+
+
 @v_args(meta=True)
 class _ToAst(Transformer):  # type: ignore[type-arg]
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, definitions: Definitions, within: Macro | None,
+                 size: int) -> None:
         super().__init__()
         self.text = text
+        self.definitions = definitions
+        self.within = within
+        self.size = size
+        self.uses: set[str] = set()
+        self.spliced: dict[tuple[int, int], Macro] = {}  # where each expanded macro sits
 
     def _error(self, message: str, where: Any, code: str = "syntax") -> ExpressionError:
         if isinstance(where, Token):
             return ExpressionError(message, self.text, where.start_pos or 0,
                                    (where.start_pos or 0) + len(where), code)
+        macro = self.spliced.get((where.start, where.end)) \
+            if isinstance(where, syntax.Node) else None
+        if macro is not None:  # found on a macro's expansion, which sits at its use
+            message = f"in macro '{macro.name}' ({macro.origin}): {message}"
         return ExpressionError(message, self.text, where.start, where.end, code)
+
+    # --- lists and macros ---
+
+    def _use(self, token: Token) -> _Use | None:
+        """A use of the macro `token` names, if one is declared so."""
+        macro = self.definitions.macros.get(str(token))
+        if macro is None:
+            return None
+        if self.within is not None and macro.index >= self.within.index:
+            raise self._error(self.definitions.order_error(self.within, macro), token,
+                              code="macro-order")
+        start = token.start_pos or 0
+        return _Use(macro, start, start + len(token))
+
+    def _splice(self, use: _Use, context: str) -> Any:
+        """The macro's body read as a condition (`expr`) or a predicate (`pred`), placed at
+        its use."""
+        macro = use.macro
+        try:
+            body = _parse(macro.text, self.definitions, context, macro)
+        except Ungrammatical:  # so, read here, neither is this text (see check_macro)
+            kind = "a span predicate: it can stand only inside .where(...)" \
+                if context == "expr" else "a condition on the trace, not a span predicate"
+            raise Ungrammatical(f"macro '{macro.name}' ({macro.origin}) is {kind}", self.text,
+                                use.start, use.end, "macro-use") from None
+        except ExpressionError as exc:
+            raise self._error(f"in macro '{macro.name}' ({macro.origin}): {exc.message}",
+                              use, exc.code) from None
+        self.size += body.size
+        if self.size > MAX_EXPRESSION_BYTES:
+            raise self._error(f"expression is {self.size} bytes once its macros are expanded; "
+                              f"the limit is {MAX_EXPRESSION_BYTES}", use, code="too-large")
+        self.uses |= body.uses | {macro.name}
+        self.spliced[(use.start, use.end)] = macro
+        return syntax.relocated(body.tree, use.start, use.end)
+
+    def _macro_query(self, use: _Use, role: str) -> syntax.Query:
+        """A macro standing as a span selector: its body must be one span query."""
+        tree = self._splice(use, "expr")
+        if not isinstance(tree, syntax.Exists):
+            macro = use.macro
+            raise self._error(f"macro '{macro.name}' ({macro.origin}) is not a single span "
+                              f"query such as payment.charge.where(...), so it cannot stand "
+                              f"{role}", use, code="macro-use")
+        return tree.query
+
+    def _list(self, token: Token) -> tuple[syntax.Literal, ...]:
+        items = self.definitions.lists.get(str(token))
+        if items is None:
+            known = sorted(self.definitions.lists)
+            defined = f"lists defined: {', '.join(known)}" if known else \
+                "no lists are defined (declare them under 'lists:' in a rule file)"
+            raise self._error(f"undefined list '{token}'; {defined}", token,
+                              code="undefined-list")
+        self.uses.add(str(token))
+        return items
 
     def _duration(self, token: Token) -> int:
         try:
@@ -225,12 +368,16 @@ class _ToAst(Transformer):  # type: ignore[type-arg]
     def negation(self, meta: Any, children: list[Any]) -> syntax.Not:
         return syntax.Not(children[0], **self._pos(meta))
 
-    def exists(self, meta: Any, children: list[Any]) -> syntax.Exists:
+    def exists(self, meta: Any, children: list[Any]) -> Any:
+        if isinstance(children[0], _Use):  # a macro standing as a condition term
+            return self._splice(children[0], "expr")
         return syntax.Exists(children[0], **self._pos(meta))
 
     def before(self, meta: Any, children: list[Any]) -> syntax.Before:
+        first, second = (self._macro_query(c, "in 'before'") if isinstance(c, _Use) else c
+                         for c in (children[0], children[2]))
         within = self._duration(children[4]) if len(children) > 3 else None
-        return syntax.Before(children[0], children[2], within, **self._pos(meta))
+        return syntax.Before(first, second, within, **self._pos(meta))
 
     def after(self, meta: Any, children: list[Any]) -> syntax.Before:
         """`A after B` is `B before A` everywhere."""
@@ -267,8 +414,12 @@ class _ToAst(Transformer):  # type: ignore[type-arg]
             right = self._number(right)
         return syntax.CountCompare(left, str(op), right, **self._pos(meta))
 
-    def query(self, meta: Any, children: list[Any]) -> syntax.Query:
+    def query(self, meta: Any, children: list[Any]) -> syntax.Query | _Use:
         selector, wheres = self._selector_and_wheres(children)
+        if isinstance(selector, _Use):
+            if not wheres:
+                return selector  # a condition term (exists) or a selector (before): see there
+            selector, wheres = self._macro_selector(selector, wheres, "before .where(...)")
         where = self._conjoin(wheres, meta)
         for node in _walk_preds(where):
             if isinstance(node, syntax.Unique):
@@ -278,6 +429,8 @@ class _ToAst(Transformer):  # type: ignore[type-arg]
 
     def count(self, meta: Any, children: list[Any]) -> syntax.Count:
         selector, wheres = self._selector_and_wheres(children)
+        if isinstance(selector, _Use):
+            selector, wheres = self._macro_selector(selector, wheres, "in count(...)")
         where = self._conjoin(wheres, meta)
         terms = _conjuncts(where)
         uniques = [t for t in terms if isinstance(t, syntax.Unique)]
@@ -294,20 +447,27 @@ class _ToAst(Transformer):  # type: ignore[type-arg]
         query = syntax.Query(selector, filtered, **self._pos(meta))
         return syntax.Count(query, uniques[0].attr if uniques else None, **self._pos(meta))
 
-    def _selector_and_wheres(self, children: list[Any]) -> tuple[syntax.Selector, list[Any]]:
+    def _selector_and_wheres(self, children: list[Any]) -> tuple[Any, list[Any]]:
         parts = [c for c in children if not (isinstance(c, Token) and c.type in ("HAS", "COUNT"))]
         return parts[0], parts[1:]
+
+    def _macro_selector(self, use: _Use, wheres: list[Any],
+                        role: str) -> tuple[syntax.Selector, list[Any]]:
+        """A macro standing as a selector, `.where`s following: its query's selector, and its
+        `.where` first (`retried.where(p)` is `payment.charge.where(attempt > 1 and p)`)."""
+        query = self._macro_query(use, role)
+        return query.selector, [query.where, *wheres] if query.where is not None else wheres
 
     def _conjoin(self, preds: list[Any], meta: Any) -> Any:
         if not preds:
             return None
         return preds[0] if len(preds) == 1 else syntax.PredAnd(tuple(preds), **self._pos(meta))
 
-    def selector(self, meta: Any, children: list[Token]) -> syntax.Selector:
+    def selector(self, meta: Any, children: list[Token]) -> syntax.Selector | _Use:
         token = children[0]
         if token.type == "NAME":
             self._not_this(token)
-            return syntax.Selector(str(token), **self._pos(meta))
+            return self._use(token) or syntax.Selector(str(token), **self._pos(meta))
         name = decode_string(token)
         if not name:
             raise self._error("a quoted span name cannot be empty", token)
@@ -329,13 +489,22 @@ class _ToAst(Transformer):  # type: ignore[type-arg]
     def pred_negation(self, meta: Any, children: list[Any]) -> syntax.PredNot:
         return syntax.PredNot(children[0], **self._pos(meta))
 
-    def bare(self, meta: Any, children: list[Any]) -> syntax.Bare:
-        return syntax.Bare(children[0], **self._pos(meta))
+    def bare(self, meta: Any, children: list[Any]) -> Any:
+        attr = children[0]
+        use = self._use(attr) if isinstance(attr, Token) else None
+        if use is not None:  # a macro standing as a predicate
+            return self._splice(use, "pred")
+        return syntax.Bare(str(attr), **self._pos(meta))
 
     def compare(self, meta: Any, children: list[Any]) -> Any:
         attr, op, value = children
-        op_text = str(op)
-        if op.type == "MATCHES":
+        attr, op_text = str(attr), str(op)  # (a predicate cannot stand left of an operator)
+        if op.type == "IN" and isinstance(value, Token):
+            if str(value) == "this" or str(value).startswith("this."):
+                raise self._error("'in' takes a list, not 'this.attribute'", value,
+                                  code="misplaced-this")
+            value = self._list(value)
+        elif op.type == "MATCHES":
             value = decode_string(value)
             try:
                 compile_regex(value)
@@ -344,9 +513,6 @@ class _ToAst(Transformer):  # type: ignore[type-arg]
                     else str(exc)
                 raise self._error(f"invalid regular expression {value!r} (RE2 syntax): {reason}",
                                   children[2], code="bad-regex") from None
-        elif isinstance(value, syntax.ThisAttr) and op.type == "IN":
-            raise self._error("'in' takes a list, not 'this.attribute'", value,
-                              code="misplaced-this")
         elif value is _UNIQUE:
             if op_text != "==":
                 raise self._error("'unique' only works as 'attr == unique'", op,
@@ -355,10 +521,11 @@ class _ToAst(Transformer):  # type: ignore[type-arg]
         return syntax.Compare(attr, op_text, value, **self._pos(meta))
 
     def attr(self, meta: Any, children: list[Token]) -> str:
+        """A NAME stays a token, which `bare` may find to be a macro's; quoted, it never is."""
         token = children[0]
         if token.type == "NAME":
             self._not_this(token)
-            return str(token)
+            return token
         return decode_string(token)
 
     def _not_this(self, token: Token) -> None:

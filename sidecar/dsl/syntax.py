@@ -8,8 +8,9 @@ inside `.where(...)`. `this` (ThisAttr, Relative) names the span a `for_each` ru
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Union
+from collections.abc import Iterator
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Union
 
 Literal = Union[str, int, float, bool]
 
@@ -162,3 +163,24 @@ class ForEach(Node):
     each: Query
     always: Expr | None = None
     never: Expr | None = None
+
+
+def relocated(node: Any, start: int, end: int) -> Any:
+    """`node` and every node under it placed at `start`..`end`: a macro's expansion sits where
+    the macro is used, so an error found in it points at the use."""
+    if isinstance(node, tuple):
+        return tuple(relocated(item, start, end) for item in node)
+    if not isinstance(node, Node):
+        return node
+    changes = {f.name: relocated(getattr(node, f.name), start, end)
+               for f in fields(node) if f.name not in ("start", "end")}
+    return replace(node, **changes, start=start, end=end)
+
+
+def children(node: Node) -> Iterator[Node]:
+    """The nodes directly under `node`."""
+    for f in fields(node):
+        value = getattr(node, f.name)
+        for item in value if isinstance(value, tuple) else (value,):
+            if isinstance(item, Node):
+                yield item

@@ -3,6 +3,9 @@
 Loading is all-or-nothing and reports every problem at once: `load_rules` raises a
 RuleLoadError listing each error with file, line and column, so `check` shows them all and a
 running sidecar keeps its last good rules.
+
+The files loaded together share their `lists:` and `macros:`, so every file is read before any
+rule is compiled: a rule may use a macro declared in a file read after its own.
 """
 
 from __future__ import annotations
@@ -17,12 +20,18 @@ from typing import Any
 import yaml
 
 from sidecar.dsl import (
+    NO_DEFINITIONS,
     CompiledExpr,
+    Definitions,
+    Macro,
+    check_macro,
     combine_clauses,
     combine_for_each,
     compile_clause,
     compile_expression,
     compile_selector,
+    name_error,
+    parse_literal,
 )
 from sidecar.model.errors import ExpressionError, Location, RuleError, RuleLoadError
 from sidecar.rules.compact import CompactSpanError, trace_from_compact
@@ -35,11 +44,10 @@ RULE_KEYS = ("id", "name", "severity", "description", "condition", "when", "for_
 SIGNAL_KEYS = ("message", "context")
 EXAMPLE_KEYS = ("description", "violates", "spans")
 TEST_KEYS = ("rule", "description", "violates", "spans")
-FILE_KEYS = ("rules", "tests")
+FILE_KEYS = ("rules", "tests", "lists", "macros")
 RULE_FILE_SUFFIXES = (".yaml", ".yml")
 _KEBAB = re.compile(r"[a-z0-9]+(-[a-z0-9]+)*")
 _INVALID: Any = object()  # a YAML value that could not be constructed (already reported)
-
 
 
 def rule_files(paths: Iterable[str | Path]) -> tuple[list[Path], list[RuleError]]:
@@ -75,9 +83,9 @@ def load_rules(paths: Sequence[str | Path]) -> RuleSet:
         except (OSError, UnicodeDecodeError) as exc:
             errors.append(RuleError(f"cannot read: {exc}", Location(str(path), 0, 0), code="io"))
             continue
-        digest.update(f"{path}\0{text}\0".encode())
-        loader.load_file(str(path), text)
-    loader.resolve_tests()
+        digest.update(f"{path}\0{text}\0".encode())  # (lists and macros included)
+        loader.read_file(str(path), text)
+    loader.finish()
     if errors:
         raise RuleLoadError(errors)
     return RuleSet(
@@ -86,6 +94,7 @@ def load_rules(paths: Sequence[str | Path]) -> RuleSet:
         examples=tuple(loader.examples),
         files=tuple(str(p) for p in files),
         digest=digest.hexdigest(),
+        declarations=loader.declarations(),
     )
 
 
@@ -93,13 +102,13 @@ def load_rules_text(text: str, path: str = "<rules>") -> RuleSet:
     """Load one rule document from a string (tests, the demo, embedded rules)."""
     errors: list[RuleError] = []
     loader = _Loader(errors)
-    loader.load_file(path, text)
-    loader.resolve_tests()
+    loader.read_file(path, text)
+    loader.finish()
     if errors:
         raise RuleLoadError(errors)
     return RuleSet(tuple(r for r in loader.rules if r.enabled),
                    tuple(r for r in loader.rules if not r.enabled), tuple(loader.examples),
-                   (path,), hashlib.sha256(text.encode()).hexdigest())
+                   (path,), hashlib.sha256(text.encode()).hexdigest(), loader.declarations())
 
 
 class _Loader:
@@ -111,8 +120,14 @@ class _Loader:
         self.examples: list[Example] = []
         self._seen_ids: dict[str, Location] = {}
         self._tests: list[tuple[YamlSource, yaml.Node, Example]] = []
+        self._documents: list[tuple[YamlSource, dict[str, yaml.Node]]] = []
+        self._declared: dict[str, tuple[str, Location]] = {}  # list or macro name: (kind, where)
+        self._lists: dict[str, tuple[Any, ...]] = {}
+        self._macros: list[tuple[YamlSource, yaml.ScalarNode, Macro]] = []
+        self.definitions = NO_DEFINITIONS
 
-    def load_file(self, path: str, text: str) -> None:
+    def read_file(self, path: str, text: str) -> None:
+        """Read one file's YAML and its lists and macros; its rules wait for `finish`."""
         try:
             doc = YamlSource(path, text)
         except RuleError as exc:
@@ -126,18 +141,109 @@ class _Loader:
                         code="schema")
             return
         fields = self._fields(doc, doc.root, FILE_KEYS, "rule file")
-        for key in ("rules", "tests"):
-            node = fields.get(key)
-            if node is None or node.tag == "tag:yaml.org,2002:null":
-                continue  # absent, or every entry commented out
-            if not isinstance(node, yaml.SequenceNode):
-                self._error(doc, node, f"'{key}' must be a list", code="schema")
+        for name, _, node in self._declarations(doc, fields.get("lists"), "list"):
+            items = self._list_items(doc, node, name)
+            if items is not None:
+                self._lists[name] = items
+        for name, key_node, node in self._declarations(doc, fields.get("macros"), "macro"):
+            if not is_string(node):
+                self._error(doc, node, f"macro '{name}' must be a rule expression (a string)",
+                            "schema")
                 continue
-            for item in node.value:
-                if key == "rules":
-                    self._rule(doc, item)
-                else:
-                    self._test(doc, item)
+            where = doc.location(key_node)
+            self._macros.append((doc, node, Macro(name, node.value, f"{where.file}:{where.line}",
+                                                  len(self._macros))))
+        self._documents.append((doc, fields))
+
+    def finish(self) -> None:
+        """Check the macros, then every file's rules and tests, now that all names are known."""
+        self.definitions = self._checked_definitions()
+        for doc, fields in self._documents:
+            for key in ("rules", "tests"):
+                node = fields.get(key)
+                if node is None or node.tag == "tag:yaml.org,2002:null":
+                    continue  # absent, or every entry commented out
+                if not isinstance(node, yaml.SequenceNode):
+                    self._error(doc, node, f"'{key}' must be a list", code="schema")
+                    continue
+                for item in node.value:
+                    if key == "rules":
+                        self._rule(doc, item)
+                    else:
+                        self._test(doc, item)
+        self._resolve_tests()
+
+    def declarations(self) -> tuple[tuple[str, Location], ...]:
+        """Every list and macro name, with where it is declared."""
+        return tuple((name, where) for name, (_, where) in self._declared.items())
+
+    def _declarations(self, doc: YamlSource, node: yaml.Node | None,
+                      kind: str) -> list[tuple[str, yaml.ScalarNode, yaml.Node]]:
+        """(name, key node, value node) of each new name in a `lists:` or `macros:` mapping,
+        after reporting bad and repeated names (lists and macros share one namespace)."""
+        if node is None or node.tag == "tag:yaml.org,2002:null":
+            return []
+        if not isinstance(node, yaml.MappingNode):
+            self._error(doc, node, f"'{kind}s' must be a mapping from names to "
+                        f"{'lists' if kind == 'list' else 'expressions'}", code="schema")
+            return []
+        found = []
+        for key_node, value_node in mapping_items(node):
+            if not isinstance(key_node, yaml.ScalarNode):
+                self._error(doc, key_node, f"a {kind} name must be a plain name", "bad-name")
+                continue
+            name = key_node.value  # as written: a name such as `NO` is not a YAML boolean here
+            problem = name_error(name)
+            first = self._declared.get(name)
+            if problem:
+                self._error(doc, key_node, problem, "bad-name")
+            elif first is not None:
+                self._error(doc, key_node, f"duplicate {kind} name '{name}' (first declared as "
+                            f"a {first[0]} at {first[1]})", "duplicate-name")
+            else:
+                self._declared[name] = (kind, doc.location(key_node))
+                found.append((name, key_node, value_node))
+        return found
+
+    def _list_items(self, doc: YamlSource, node: yaml.Node,
+                    name: str) -> tuple[Any, ...] | None:
+        """A list's items, each read as a literal of the rule language: a plain item is a
+        number, `true`/`false` or else a string (YAML's own `NO`, `on` or `null` are strings);
+        a quoted item is a string."""
+        if not isinstance(node, yaml.SequenceNode):
+            self._error(doc, node, f"list '{name}' must be a YAML list of literals, such as "
+                        "[USD, EUR, 5]", "schema")
+            return None
+        items = []
+        for item in node.value:
+            if not isinstance(item, yaml.ScalarNode):
+                kind = "list" if isinstance(item, yaml.SequenceNode) else "mapping"
+                self._error(doc, item, f"an item of list '{name}' is a literal (a string, a "
+                            f"number, true or false), not a {kind}", "schema")
+                return None
+            try:
+                items.append(parse_literal(item.value) if item.style is None else item.value)
+            except ValueError as exc:
+                self._error(doc, item, str(exc), "out-of-range")
+                return None
+        return tuple(items)
+
+    def _checked_definitions(self) -> Definitions:
+        """Every list, and each macro whose body is sound, checked in declaration order: a
+        broken macro is reported where it is declared, and left out."""
+        if not self._lists and not self._macros:
+            return NO_DEFINITIONS  # (parses stay cached from one reload to the next)
+        sound = [macro for _, _, macro in self._macros]
+        definitions = Definitions(self._lists, sound)
+        for doc, node, macro in self._macros:
+            try:
+                check_macro(macro, definitions)
+            except ExpressionError as exc:
+                location = doc.expression_location(node, exc.start, exc.end)
+                self.errors.append(RuleError(exc.message, location, exc.code))
+                sound.remove(macro)
+                definitions = Definitions(self._lists, sound)
+        return definitions
 
     def _error(self, doc: YamlSource, node: yaml.Node, message: str, code: str = "rule",
                rule_id: str | None = None) -> None:
@@ -278,7 +384,7 @@ class _Loader:
             return None
         selector = self._compile(doc, each, "for_each", rule_id, compile_selector)
         clauses = [self._compile(doc, n, key, rule_id,
-                                 lambda text: compile_clause(text, for_each=True))
+                                 lambda text, names: compile_clause(text, names, for_each=True))
                    if n is not None else None for key, n in (("always", always), ("never", never))]
         if selector is None or any(n is not None and c is None
                                    for n, c in zip((always, never), clauses)):
@@ -286,13 +392,13 @@ class _Loader:
         return combine_for_each(selector, clauses[0], clauses[1])
 
     def _compile(self, doc: YamlSource, node: yaml.Node, key: str, rule_id: str | None,
-                 compiler: Callable[[str], CompiledExpr]) -> CompiledExpr | None:
+                 compiler: Callable[[str, Definitions], CompiledExpr]) -> CompiledExpr | None:
         if not is_string(node):
             self._error(doc, node, f"'{key}' must be a rule expression (a string)", "schema",
                         rule_id)
             return None
         try:
-            return compiler(node.value)
+            return compiler(node.value, self.definitions)
         except ExpressionError as exc:
             location = doc.expression_location(node, exc.start, exc.end)
             self.errors.append(RuleError(exc.message, location, exc.code, rule_id))
@@ -395,7 +501,7 @@ class _Loader:
         if example is not None:
             self._tests.append((doc, rule_node, Example(rule_node.value, *example)))
 
-    def resolve_tests(self) -> None:
+    def _resolve_tests(self) -> None:
         """Standalone tests may name rules from any file; check the names once all are read."""
         known = {r.id for r in self.rules} | set(self._seen_ids)
         for doc, rule_node, example in self._tests:

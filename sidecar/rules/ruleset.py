@@ -155,6 +155,8 @@ class RuleSet:
     examples: tuple[Example, ...] = ()
     files: tuple[str, ...] = ()
     digest: str = ""
+    # the lists and macros the files declare, with where (see `unused_declarations`)
+    declarations: tuple[tuple[str, Location], ...] = ()
 
     @property
     def refs(self) -> References:
@@ -198,6 +200,12 @@ class RuleSet:
         most = max((len(on_globs | reads) for reads in exact.values()), default=0)
         return Projection(wants, refs.attributes, attributes_for, self.every_trace_matters,
                           max(most, len(on_globs)))
+
+    @property
+    def unused_declarations(self) -> list[tuple[str, Location]]:
+        """Lists and macros no rule uses, even through another macro (disabled rules count)."""
+        used = frozenset().union(*(rule.logic.uses for rule in self.rules + self.disabled))
+        return [(name, where) for name, where in self.declarations if name not in used]
 
     def rule(self, rule_id: str) -> Rule | None:
         return next((r for r in self.rules + self.disabled if r.id == rule_id), None)
