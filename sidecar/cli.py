@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -59,6 +60,17 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("paths", nargs="+", metavar="PATH", help="rule file or directory")
     check.add_argument("--format", choices=("text", "json"), default="text")
     check.set_defaults(run=_check)
+
+    rules = commands.add_parser(
+        "rules", help="list the rules: what each reads and when it can fire",
+        description="Load rule files (or directories of them) as `check` does and list every "
+        "rule, disabled ones too: id, severity, enabled, file:line, form, whether it can signal "
+        "as spans arrive, whether it fires on traces without its spans, and the spans and "
+        "attributes it reads. The table cuts long `reads` at the terminal's width (100 "
+        "columns when not a terminal); JSON has them whole. Errors and exit status as `check`.")
+    rules.add_argument("paths", nargs="+", metavar="PATH", help="rule file or directory")
+    rules.add_argument("--format", choices=("table", "json"), default="table")
+    rules.set_defaults(run=_rules)
 
     test = commands.add_parser(
         "test", help="run the examples of every rule",
@@ -351,16 +363,24 @@ def _load(paths: Sequence[str]) -> RuleSet | None:
         return None
 
 
-def _check(args: argparse.Namespace) -> int:
+def _checked(paths: Sequence[str], as_json: bool) -> RuleSet | None:
+    """Rules, or None after reporting every error on stdout, as text or JSON: what `check`
+    prints, and `rules` too."""
     try:
-        ruleset = load_rules(args.paths)
+        return load_rules(paths)
     except RuleLoadError as exc:
-        if args.format == "json":
+        if as_json:
             print(json.dumps({"ok": False, "errors": [e.as_dict() for e in exc.errors]},
                              indent=2))
         else:
             print(exc)
             print(f"{len(exc.errors)} error(s)")
+        return None
+
+
+def _check(args: argparse.Namespace) -> int:
+    ruleset = _checked(args.paths, args.format == "json")
+    if ruleset is None:
         return EXIT_FAILED
     rules = len(ruleset.rules) + len(ruleset.disabled)
     warnings = ruleset.warnings()
@@ -374,6 +394,20 @@ def _check(args: argparse.Namespace) -> int:
         print(f"ok: {rules} rule(s) ({len(ruleset.disabled)} disabled) in "
               f"{len(ruleset.files)} file(s)" + (f", {len(warnings)} warning(s)" if warnings
                                                   else ""))
+    return EXIT_OK
+
+
+def _rules(args: argparse.Namespace) -> int:
+    from sidecar.rules.listing import as_json, table
+
+    ruleset = _checked(args.paths, args.format == "json")
+    if ruleset is None:
+        return EXIT_FAILED
+    if args.format == "json":
+        print(as_json(ruleset))
+    else:
+        for line in table(ruleset, shutil.get_terminal_size((100, 24)).columns):
+            print(line)
     return EXIT_OK
 
 

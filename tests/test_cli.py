@@ -38,11 +38,12 @@ def _env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("BETRACE_")}
 
 
-def betrace(*args: str | Path, stdin: bytes | None = None,
-            command: list[str] | None = None) -> subprocess.CompletedProcess[str]:
+def betrace(*args: str | Path, stdin: bytes | None = None, command: list[str] | None = None,
+            columns: int = 100) -> subprocess.CompletedProcess[str]:
+    """Run it as a user would, in a terminal `columns` wide (tables fit themselves to it)."""
     argv = (command or [sys.executable, "-m", "sidecar"]) + [str(a) for a in args]
     result = subprocess.run(argv, cwd=REPO, input=stdin, capture_output=True, timeout=120,
-                            env=_env())
+                            env={**_env(), "COLUMNS": str(columns)})
     return subprocess.CompletedProcess(result.args, result.returncode,
                                        result.stdout.decode(), result.stderr.decode())
 
@@ -63,7 +64,7 @@ def test_help_lists_the_commands() -> None:
     assert {"check", "test", "replay"} <= set(subcommands())
 
 
-@pytest.mark.parametrize("command", ["check", "test", "replay", "serve", "demo"])
+@pytest.mark.parametrize("command", ["check", "rules", "test", "replay", "serve", "demo"])
 def test_help_of_every_subcommand(command: str) -> None:
     if command not in subcommands():
         pytest.skip(f"`betrace {command}` is not there yet")
@@ -177,6 +178,115 @@ def test_check_missing_path(tmp_path: Path) -> None:
     assert result.returncode == EXIT_FAILED
     assert result.stdout == (f"{tmp_path / 'nope.yaml'}: error[io]: no such file or directory\n"
                              "1 error(s)\n")
+
+
+# --- rules --------------------------------------------------------------------------------------
+
+def test_rules_lists_the_catalog_as_json() -> None:
+    result = betrace("rules", "--format", "json", "rules/")
+    assert result.returncode == EXIT_OK, result.stdout + result.stderr
+    listing = json.loads(result.stdout)
+    loaded = load_rules([RULES_DIR])
+    assert listing["digest"] == json.loads(betrace("check", "--format", "json", "rules/")
+                                           .stdout)["digest"]
+    rules = {rule["id"]: rule for rule in listing["rules"]}
+    assert len(rules) == len(listing["rules"])
+    assert set(rules) == {r.id for r in loaded.rules + loaded.disabled}
+    for rule in listing["rules"]:
+        assert list(rule) == ["id", "severity", "enabled", "file", "line", "form", "reads",
+                              "on_arrival", "fires_without_its_spans"]
+        text = (REPO / rule["file"]).read_text().splitlines()[rule["line"] - 1]
+        assert text.strip() == f"- id: {rule['id']}", (rule["id"], text)
+    payment = rules["payment-retry-idempotency"]
+    assert (payment["severity"], payment["enabled"], payment["form"]) == (
+        "critical", True, "condition")
+    assert payment["reads"] == [{"span": "payment.charge", "glob": False,
+                                 "attributes": ["attempt", "payment_intent_id"]}]
+    assert payment["on_arrival"] is True  # two distinct intents stay two as spans arrive
+    audit = rules["admin-action-audit-log"]
+    assert audit["form"] == "when+always"
+    assert audit["on_arrival"] is False  # an audit.log still in flight would clear it
+    assert {r["span"]: r["glob"] for r in rules["http-5xx-without-error-log"]["reads"]} == {
+        "*": True, "exception": False, "log.error": False}
+    assert not any(rule["fires_without_its_spans"] for rule in listing["rules"])
+
+
+def test_rules_table_of_the_catalog() -> None:
+    loaded = load_rules([RULES_DIR])
+    wide = betrace("rules", "rules/", columns=250)
+    assert wide.returncode == EXIT_OK, wide.stdout + wide.stderr
+    header, *lines = wide.stdout.splitlines()
+    assert header.split() == ["RULE", "SEVERITY", "ENABLED", "FORM", "ARRIVAL", "EMPTY", "AT",
+                              "READS"]
+    assert sorted(line.split()[0] for line in lines) == sorted(
+        r.id for r in loaded.rules + loaded.disabled)
+    [payment] = [line for line in lines if line.startswith("payment-retry-idempotency ")]
+    assert payment.split() == ["payment-retry-idempotency", "critical", "yes", "condition",
+                               "yes", "no", "rules/payments.yaml:4",
+                               "payment.charge(attempt,payment_intent_id)"]
+    columns = {header.index(name) for name in ("SEVERITY", "FORM", "AT", "READS")}
+    assert all(line[column - 2:column - 1] == " " and line[column] != " "
+               for line in lines for column in columns), "columns are aligned"
+    [http] = [line for line in lines if line.startswith("http-5xx-without-error-log ")]
+    assert http.endswith(' "*"(http.response.status_code,http.route,http.status_code,kind)'
+                         " exception log.error")
+    narrow = betrace("rules", "rules/", columns=100).stdout.splitlines()
+    assert [line.split()[:7] for line in narrow] == [line.split()[:7] for line in wide.stdout
+                                                      .splitlines()]
+    assert any(line.endswith("…") for line in narrow)
+    assert all(line.endswith("…") or line in wide.stdout.splitlines() for line in narrow)
+
+
+FORMS = """rules:
+  - id: quiet
+    severity: low
+    enabled: false
+    condition: count("GET /users/*").where(http.status_code >= 500) > 0
+  - name: Health is checked
+    id: health-checked
+    condition: not health.check
+  - id: refund-unless-fraud
+    when: refund.issued
+    never: fraud.flag.where(score > 90)
+  - id: admin-audited-never-twice
+    never: count(audit.log) > 1
+    when: admin.action
+    always: audit.log.where(status != ERROR)
+"""
+
+
+def test_rules_forms_disabled_rules_and_rules_without_their_spans(tmp_path: Path) -> None:
+    (tmp_path / "forms.yaml").write_text(FORMS)
+    result = betrace("rules", "--format", "json", tmp_path)
+    assert result.returncode == EXIT_OK, result.stdout + result.stderr
+    listing = json.loads(result.stdout)["rules"]
+    assert [(r["id"], r["enabled"], r["line"], r["form"], r["on_arrival"],
+             r["fires_without_its_spans"]) for r in listing] == [
+        ("quiet", False, 2, "condition", True, False),
+        ("health-checked", True, 6, "condition", False, True),
+        ("refund-unless-fraud", True, 9, "when+never", True, False),
+        ("admin-audited-never-twice", True, 12, "when+always+never", False, False),
+    ]
+    assert listing[0]["reads"] == [{"span": "GET /users/*", "glob": True,
+                                    "attributes": ["http.status_code"]}]
+    assert listing[1]["severity"] == "medium"  # the default
+    table = betrace("rules", tmp_path, columns=250).stdout.splitlines()
+    assert table[1].split()[:3] == ["quiet", "low", "no"]
+    assert table[1].endswith(' "GET /users/*"(http.status_code)')
+    assert table[2].split()[4:6] == ["no", "yes"]
+
+
+def test_rules_with_bad_or_missing_files_fail_as_check_does(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(BAD)
+    for paths in ([bad], [tmp_path / "nope.yaml"], [RULES_DIR, bad]):
+        for listing_format, check_format in (("table", "text"), ("json", "json")):
+            listed = betrace("rules", "--format", listing_format, *paths)
+            checked = betrace("check", "--format", check_format, *paths)
+            assert listed.returncode == checked.returncode == EXIT_FAILED
+            assert (listed.stdout, listed.stderr) == (checked.stdout, checked.stderr)
+            assert listed.stdout.endswith(" error(s)\n") if listing_format == "table" else \
+                json.loads(listed.stdout)["ok"] is False
 
 
 # --- test ---------------------------------------------------------------------------------------

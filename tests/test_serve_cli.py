@@ -250,6 +250,33 @@ def test_a_rule_the_parser_chokes_on_is_refused_and_later_reloads_still_happen(
     assert "Traceback" not in process.stderr
 
 
+def test_the_log_lists_the_rules_at_start_and_reload_and_says_when_they_are_good_again(
+        serve: Callable[..., Serve], rules_file: Path, free_port: Callable[[], int]) -> None:
+    process = serve("--rules", str(rules_file), "--listen", f"127.0.0.1:{free_port()}",
+                    "--http-listen", "", "--metrics-listen", "", "--reload-interval", "1h")
+    process.wait_for_line("betrace listening")
+    assert process.wait_for_line(" INFO sidecar.live.reload: rule double-charge ").endswith(
+        f"severity=critical enabled=yes form=condition on_arrival=yes "
+        f"fires_without_its_spans=no at={rules_file}:3 reads=payment.charge")
+    assert "form=when+always on_arrival=no " in process.wait_for_line(": rule admin-audit ")
+
+    rules_file.write_text(NEW_RULES.replace("> 0", "> > 0"))
+    before = process.mark()
+    process.send(signal.SIGHUP)
+    process.wait_for_line("rule reload failed", after=before)
+    rules_file.write_text(NEW_RULES)
+    before = process.mark()
+    process.send(signal.SIGHUP)
+    good = process.wait_for_line("rules are good again", after=before)
+    assert " INFO " in good and "after 1 failed reload(s), failing since 20" in good
+    process.wait_for_line("rules reloaded", after=before)
+    process.wait_for_line(": rule refund-seen severity=info enabled=yes ", after=before)
+    assert ": rule double-charge " not in "\n".join(process.lines[before:])
+
+    process.send(signal.SIGTERM)
+    assert process.wait() == 0, process.stderr
+
+
 # --- settings from the environment --------------------------------------------------------------
 
 def test_betrace_environment_variables_are_honoured_and_flags_win(

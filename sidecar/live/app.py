@@ -20,7 +20,7 @@ from sidecar.live.credentials import BearerToken, ServerTls, TlsFiles
 from sidecar.live.exporters import Emitter, SignalBudget, ViolationSpans
 from sidecar.live.metrics import Metrics, MetricsServer
 from sidecar.live.receivers import Intake, OtlpHttp, grpc_server
-from sidecar.live.reload import RuleWatcher
+from sidecar.live.reload import RuleWatcher, log_rules
 from sidecar.live.signal_log import SignalLog
 from sidecar.model.signal_writers import JsonLinesWriter, SignalWriter
 from sidecar.rules import RuleSet, load_rules
@@ -151,6 +151,7 @@ class Sidecar:
                  if self._metrics_http else "",
                  len(self.ruleset.rules), ", ".join(s.rules), self.ruleset.digest[:12],
                  redact(s.store), s.decision_wait)
+        log_rules(self.ruleset)
 
     def stop(self, grace: float = 5.0) -> None:
         """Stop accepting, decide every buffered trace, flush outputs."""

@@ -1,7 +1,9 @@
 """Hot reload: the rules path is polled (and SIGHUP forces a look); a change is loaded as a whole
 and swapped in atomically. A bad change keeps the last good rules, logs every error with
 file:line:col, and bumps `betrace_rule_reload_failures_total`; nothing stops the thread, and
-`betrace_rule_reload_last_check_timestamp_seconds` shows it is still looking.
+`betrace_rule_reload_last_check_timestamp_seconds` shows it is still looking. The rules loaded
+are logged one `rule <id> ...` line each (as `betrace rules` lists them), and the first good
+reload after failed ones says so, with when the failures began.
 
 Polling by content digest rather than inotify: it works the same on a Kubernetes ConfigMap
 (whose files change by a symlink swap), on network volumes, and in tests.
@@ -11,13 +13,22 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 from sidecar.live.metrics import Metrics
 from sidecar.model.errors import RuleLoadError
+from sidecar.model.signals import rfc3339
 from sidecar.rules import RuleSet, load_rules, rule_files
+from sidecar.rules.listing import log_lines
 
 log = logging.getLogger(__name__)
+
+
+def log_rules(ruleset: RuleSet) -> None:
+    """Every rule, one INFO line each, so the log tells which rules ran when (start, reloads)."""
+    for line in log_lines(ruleset):
+        log.info("%s", line)
 
 
 class RuleWatcher:
@@ -30,6 +41,8 @@ class RuleWatcher:
         self.digest = current.digest
         self._seen = self._fingerprint()
         self._poke = threading.Event()
+        self._failures = 0  # failed reloads since the last good one
+        self._failing_since: int | None = None  # when the first of them failed (ns)
 
     def _fingerprint(self) -> tuple[tuple[str, int, int], ...]:
         files, _ = rule_files(self.paths)
@@ -57,16 +70,35 @@ class RuleWatcher:
         self.metrics.rules_current.set(1)
         self.metrics.reload_last_success.set_to_current_time()
         if ruleset.digest == self.digest:
+            self._good_again(changed=False)
             return False
         self.apply(ruleset)
         self.digest = ruleset.digest
         self.metrics.reloads.inc()
+        self._good_again(changed=True)
         log.info("rules reloaded: %d enabled rule(s) from %d file(s), digest %s",
                  len(ruleset.rules), len(ruleset.files), ruleset.digest[:12])
+        log_rules(ruleset)
         return True
 
-    def _refused(self, errors: str) -> None:
+    def _good_again(self, changed: bool) -> None:
+        """After failed reloads, say once that the rules load again: the errors logged before
+        are over."""
+        if self._failing_since is None:
+            return
+        log.info("rules are good again after %d failed reload(s), failing since %s%s",
+                 self._failures, rfc3339(self._failing_since),
+                 "" if changed else "; they are the rules loaded before, unchanged")
+        self._failures, self._failing_since = 0, None
+
+    def _failed(self) -> None:
         self.metrics.reload_failures.inc()
+        self._failures += 1
+        if self._failing_since is None:
+            self._failing_since = time.time_ns()
+
+    def _refused(self, errors: str) -> None:
+        self._failed()
         self.metrics.rules_current.set(0)
         log.error("rule reload failed; keeping the last good rules loaded before:\n%s", errors)
 
@@ -85,5 +117,5 @@ class RuleWatcher:
                     self.reload()
             except Exception:  # noqa: BLE001 - e.g. applying the rules: logged, and watch on
                 log.exception("rule reload failed; the reload thread goes on watching")
-                self.metrics.reload_failures.inc()
+                self._failed()
             self.metrics.reload_last_check.set_to_current_time()

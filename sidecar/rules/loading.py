@@ -35,7 +35,7 @@ from sidecar.dsl import (
 )
 from sidecar.model.errors import ExpressionError, Location, RuleError, RuleLoadError
 from sidecar.rules.compact import CompactSpanError, trace_from_compact
-from sidecar.rules.ruleset import SEVERITIES, Example, Rule, RuleSet
+from sidecar.rules.ruleset import SEVERITIES, Example, Rule, RuleSet, rule_form
 from sidecar.rules.yaml_source import YamlSource, is_string, mapping_items
 
 RULE_KEYS = ("id", "name", "severity", "description", "condition", "when", "for_each", "always",
@@ -315,7 +315,7 @@ class _Loader:
             id=rule_id, name=name, severity=severity,
             description=(self._string(doc, fields, "description", rule_id) or "").strip(),
             message=(message or name).strip(), context=tuple(context), tags=tuple(tags),
-            enabled=enabled, logic=logic, location=doc.location(node),
+            enabled=enabled, form=rule_form(fields), logic=logic, location=doc.location(node),
         ))
 
     def _valid_id(self, doc: YamlSource, node: yaml.Node, id_node: yaml.Node | None,

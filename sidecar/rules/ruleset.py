@@ -21,6 +21,9 @@ from sidecar.model.signals import MAX_VALUE_BYTES, Signal, capped, rfc3339, sign
 from sidecar.model.spans import Projection, Span, Trace
 
 SEVERITIES = ("critical", "high", "medium", "low", "info")
+# The keys holding a rule's logic, in the order its form names them (`when+always+never`);
+# `for_each` (DESIGN rule 16) is listed so that its rules read `for_each+always` once they load.
+FORM_KEYS = ("for_each", "condition", "when", "always", "never")
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,7 @@ class Rule:
     context: tuple[str, ...]
     tags: tuple[str, ...]
     enabled: bool
+    form: str  # which logic keys it has, e.g. `condition` or `when+always` (see `rule_form`)
     logic: CompiledExpr = field(repr=False)
     location: Location
 
@@ -225,6 +229,13 @@ class RuleSet:
     def evaluate(self, trace: Trace) -> list[Violation]:
         """The violations of every enabled rule (see `evaluate`)."""
         return evaluate(trace, self.rules).violations
+
+
+def rule_form(keys: Iterable[str]) -> str:
+    """A rule's shape named by the logic keys it has, so `betrace rules` tells `condition`,
+    `when+always` and `when+never` rules apart without reading their expressions."""
+    present = set(keys)
+    return "+".join(key for key in FORM_KEYS if key in present)
 
 
 def span_order(span: Span) -> tuple[int, str]:
