@@ -113,7 +113,8 @@ def test_check_shipped_rules_json() -> None:
     assert result.returncode == EXIT_OK
     report = json.loads(result.stdout)
     assert report["ok"] is True and report["errors"] == []
-    assert report["rules"] == len(load_rules([RULES_DIR]).rules)
+    loaded = load_rules([RULES_DIR])
+    assert report["rules"] == len(loaded.rules) + len(loaded.disabled)
     assert re.fullmatch(r"[0-9a-f]{64}", report["digest"])
 
 
@@ -199,12 +200,12 @@ def test_rules_lists_the_catalog_as_json() -> None:
         assert text.strip() == f"- id: {rule['id']}", (rule["id"], text)
     payment = rules["payment-retry-idempotency"]
     assert (payment["severity"], payment["enabled"], payment["form"]) == (
-        "critical", True, "condition")
+        "critical", True, "for_each+never")
     assert payment["reads"] == [{"span": "payment.charge", "glob": False,
-                                 "attributes": ["attempt", "payment_intent_id"]}]
-    assert payment["on_arrival"] is True  # two distinct intents stay two as spans arrive
+                                 "attributes": ["attempt", "cart.id", "payment_intent_id"]}]
+    assert payment["on_arrival"] is True  # a second intent of the cart stays there
     audit = rules["admin-action-audit-log"]
-    assert audit["form"] == "when+always"
+    assert audit["form"] == "for_each+always"
     assert audit["on_arrival"] is False  # an audit.log still in flight would clear it
     assert {r["span"]: r["glob"] for r in rules["http-5xx-without-error-log"]["reads"]} == {
         "*": True, "exception": False, "log.error": False}
@@ -221,9 +222,9 @@ def test_rules_table_of_the_catalog() -> None:
     assert sorted(line.split()[0] for line in lines) == sorted(
         r.id for r in loaded.rules + loaded.disabled)
     [payment] = [line for line in lines if line.startswith("payment-retry-idempotency ")]
-    assert payment.split() == ["payment-retry-idempotency", "critical", "yes", "condition",
-                               "yes", "no", "rules/payments.yaml:4",
-                               "payment.charge(attempt,payment_intent_id)"]
+    assert payment.split() == ["payment-retry-idempotency", "critical", "yes", "for_each+never",
+                               "yes", "no", "rules/payments.yaml:7",
+                               "payment.charge(attempt,cart.id,payment_intent_id)"]
     columns = {header.index(name) for name in ("SEVERITY", "FORM", "AT", "READS")}
     assert all(line[column - 2:column - 1] == " " and line[column] != " "
                for line in lines for column in columns), "columns are aligned"
@@ -297,8 +298,9 @@ def test_test_shipped_rules() -> None:
     loaded = load_rules([RULES_DIR])
     lines = result.stdout.splitlines()
     passes = [line for line in lines if line.startswith("PASS  ")]
-    assert sorted(line.split()[1] for line in passes) == sorted(r.id for r in loaded.rules)
-    assert len(passes) == len(loaded.rules) == len(lines) - 1
+    every = loaded.rules + loaded.disabled  # disabled rules' examples run too
+    assert sorted(line.split()[1] for line in passes) == sorted(r.id for r in every)
+    assert len(passes) == len(every) == len(lines) - 1
     total = len(loaded.examples)
     assert lines[-1] == f"{total}/{total} examples passed"
 

@@ -500,7 +500,8 @@ def test_default_rules_are_the_catalog_rules(scenarios: dict[str, Rendered],
     for f in rules.iterdir():
         for rule in yaml.safe_load(f.read_text())["rules"]:
             original = catalog[rule["id"]]
-            for key in ("name", "severity", "condition", "when", "always", "never", "signal"):
+            for key in ("name", "severity", "condition", "when", "for_each", "always", "never",
+                        "signal"):
                 assert rule.get(key) == original.get(key), (rule["id"], key)
 
 
@@ -802,7 +803,7 @@ def test_the_rendered_sidecar_starts_and_catches_a_violation(
             with tracer.start_as_current_span("payment.charge") as span:
                 span.set_attribute("attempt", attempt)
                 span.set_attribute("payment_intent_id", intent)
-                span.set_attribute("order_id", "ord_1001")
+                span.set_attribute("cart.id", "cart_1001")
     violations = wait_until(lambda: otlp_receiver.spans("betrace.violation"), timeout=30,
                             what="a betrace.violation span from the rendered sidecar")
     attributes = {a.key: a.value.string_value for a in violations[0][1].attributes}

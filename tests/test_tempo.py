@@ -73,9 +73,12 @@ def test_catalog_queries() -> None:
         '{ name = "payment.charge" && (span.attempt > 1 || span.attempt > 1.0) }'
     assert queries["payment-requires-confirmed-reservation"] == '{ name = "payment.charge" }'
     assert traceql_for(load_rules([RULES / "payments.yaml"])) == '{ name = "payment.charge" }'
-    assert queries["free-tier-rate-limit"] == '{ name = "api.request" && span.tier = "free" }'
-    assert queries["agent-refund-without-order-lookup"] == '{ name = "agent.refund" }'
-    assert queries["admin-action-step-up-mfa"] == '{ name = "admin.action" }'  # in-DSL when
+    assert queries["free-tier-rate-limit"] == (
+        '{ name = "api.request" && span.tier = "free" && (span.request_count_1m > 100 || '
+        'span.request_count_1m > 100.0) }')
+    assert queries["admin-action-audit-log"] == '{ name = "admin.action" }'  # for_each
+    assert queries["agent-refund-human-approval"] == (
+        '{ name = "agent.refund" && (span.amount > 50 || span.amount > 50.0) }')
     assert queries["phi-access-audit-within-200ms"] == (
         '{ name = "db.query" && (span.db.sql.table = "patient_records" || '
         'span.db.sql.table = "patient_encounters" || span.db.sql.table = "lab_results") }')

@@ -124,105 +124,108 @@ def client_ip() -> str:
 
 
 # --- the seven incidents -------------------------------------------------------------------------
+# Each emits the spans and attributes of its case study's instrumentation snippet
+# (../shared/seeds, case studies 1-7): the snippet's spans are siblings under the service's
+# request span (`tracer.start_span` does not make a span current), in the snippet's order.
 
-def checkout(t: Trace, order: str, reservation: str, intents: list[str], amount: int) -> None:
-    """A checkout: reserve stock, then charge; one payment.charge per intent (attempt 1, 2, ...)."""
+def checkout(t: Trace, cart: str, reserved: bool, intents: list[str], total: float) -> None:
+    """A checkout: reserve stock (case study 5), then charge_payment once per intent (case study
+    1: attempt 1, 2, ...). A lost race leaves the reservation unconfirmed, and the buggy code
+    charges anyway."""
     root = edge(t, "POST", "/checkout", 420 + 2300 * (len(intents) - 1))
     svc = t.http_server("POST", "/checkout", "checkout", 3, 410 + 2300 * (len(intents) - 1),
-                        parent=root, order_id=order)
-    res = t.span("inventory.reserve", "inventory", 8, 45, parent=svc, kind="SERVER", attrs={
-        "order_id": order, "reservation.status": reservation,
-        "order.skus": ["sku_" + hex_id(16) for _ in range(rng.randrange(1, 4))]})
+                        parent=root)
+    reservation = "res_" + hex_id(32)[:10]
+    reserve = {"item.id": "item_" + hex_id(16)[:5], "confirmed": reserved}
+    if reserved:
+        reserve["reservation.id"] = reservation
+    res = t.span("inventory.reserve", "checkout", 8, 45, parent=svc, attrs=reserve)
     t.db("inventory", 11, 9, res, "stock_levels", "UPDATE")
     at = 70.0
     for attempt, intent in enumerate(intents, 1):
         last = attempt == len(intents)
-        t.span("payment.charge", "payments", at, 280 if last else 2000, parent=svc, kind="CLIENT",
-               status="OK" if last else "ERROR",
-               error=None if last else "psp timeout after 2000ms",
-               attrs={"order_id": order, "payment_intent_id": intent, "attempt": attempt,
-                      "amount_cents": amount, "currency": "EUR", "payment.provider": "stripe"})
+        charge = {"amount": total, "payment_intent_id": intent, "attempt": attempt,
+                  "cart.id": cart}
+        if reserved:
+            charge["reservation.id"] = reservation
+        t.span("payment.charge", "checkout", at, 280 if last else 2000, parent=svc,
+               status="UNSET" if last else "ERROR",
+               error=None if last else "psp timeout after 2000ms", attrs=charge)
         at += 2300
     t.db("checkout", at - 2300 + 290, 6, svc, "orders", "INSERT")
 
 
 def patient_records(t: Trace, tenant: str, filtered: bool) -> None:
-    root = edge(t, "GET", "/patients/{id}/records", 95)
-    svc = t.http_server("GET", "/patients/{id}/records", "records-api", 2, 90, parent=root,
-                        tenant_id=tenant, **{"enduser.id": "u_doc_" + hex_id(16)[:6]})
-    t.span("auth.check", "records-api", 4, 3, parent=svc, attrs={"tenant_id": tenant})
-    extra = {"tenant_filter_applied": True} if filtered else {}  # the raw query sets nothing
-    t.db("records-api", 9, 14, svc, "patient_records", tenant_id=tenant,
-         **{"enduser.id": svc["attributes"]["enduser.id"]}, **extra)
-    t.span("audit.log", "audit", 41, 5, parent=svc, kind="CONSUMER",
-           attrs={"audit.category": "phi_access", "tenant_id": tenant})
+    """export_patient_records (case study 2); the incident's bulk export left the filter out."""
+    root = edge(t, "GET", "/patients/export", 95)
+    svc = t.http_server("GET", "/patients/export", "records-api", 2, 90, parent=root)
+    t.span("tenant.context_loaded", "records-api", 4, 3, parent=svc, attrs={"tenant.id": tenant})
+    query = {"table": "patient_records", "tenant.id": tenant}
+    if filtered:
+        query["tenant_filter"] = True
+    t.span("database.query", "records-api", 9, 14, parent=svc, attrs=query)
 
 
-def admin_role_change(t: Trace, audited: bool) -> None:
-    user = "u_ops_" + hex_id(16)[:5]
-    root = edge(t, "POST", "/admin/users/{id}/role", 160)
-    svc = t.http_server("POST", "/admin/users/{id}/role", "admin-api", 3, 150, parent=root,
-                        **{"enduser.id": user})
-    t.span("auth.mfa", "auth", 6, 60, parent=svc, kind="SERVER",
-           attrs={"auth.result": "success", "auth.method": "totp", "enduser.id": user})
+def admin_action(t: Trace, audited: bool) -> None:
+    """bulk_deactivate_users (case study 3); the incident's new feature wrote no audit log."""
+    admin, users = "adm_" + hex_id(16)[:5], ["u_" + hex_id(16)[:6] for _ in range(3)]
+    root = edge(t, "POST", "/admin/users/deactivate", 160)
+    svc = t.http_server("POST", "/admin/users/deactivate", "admin-api", 3, 150, parent=root)
     action = t.span("admin.action", "admin-api", 70, 55, parent=svc, attrs={
-        "admin.operation": "role_change", "enduser.id": user,
-        "target.id": "u_" + hex_id(16)[:6], "admin.new_role": "billing_admin"})
-    t.db("admin-api", 74, 7, action, "user_roles", "UPDATE")
+        "admin.id": admin, "action": "bulk_deactivate", "user_count": len(users),
+        "compliance.framework": "SOC2", "compliance.control": "CC7.2"})
+    t.db("admin-api", 74, 7, action, "users", "UPDATE")
     if audited:
-        t.span("audit.log", "audit", 128, 8, parent=svc, kind="CONSUMER",
-               attrs={"audit.category": "admin", "enduser.id": user})
+        t.span("audit.log", "admin-api", 128, 8, parent=svc, attrs={
+            "admin.id": admin, "action": "bulk_deactivate", "affected_users": users})
 
 
-def bulk_fanout(t: Trace, tier: str, requests: int) -> None:
-    key, customer = "key_" + hex_id(32), "cus_" + hex_id(16)[:6]
-    total = 12 + requests * 4.5
-    root = edge(t, "POST", "/v1/batch", total + 10)
-    svc = t.http_server("POST", "/v1/batch", "public-api", 4, total, parent=root, tier=tier,
-                        **{"api.key_id": key, "customer_id": customer})
-    for i in range(requests):
-        t.span("api.request", "public-api", 8 + i * 4.5, 3.8, parent=svc, attrs={
-            "tier": tier, "api.key_id": key, "customer_id": customer,
-            "http.route": "/v1/items/{id}", "item.id": f"it_{i:04d}"})
+def api_request(t: Trace, tier: str, count_1m: int, cached: bool) -> None:
+    """handle_api_request (case study 4): a cache hit returned before the rate limiter ran."""
+    user = "u_" + hex_id(16)[:6]
+    root = edge(t, "GET", "/v1/reports", 6 if cached else 40)
+    svc = t.http_server("GET", "/v1/reports", "public-api", 1, 5 if cached else 38, parent=root)
+    request = {"user.id": user, "tier": tier, "endpoint": "/v1/reports",
+               "request_count_1m": count_1m}
+    if cached:
+        request["cache_hit"] = True
+    t.span("api.request", "public-api", 2, 3 if cached else 35, parent=svc, attrs=request)
+    if not cached:
+        t.span("rate_limit.check", "public-api", 3, 2, parent=svc, attrs={"tier": tier})
 
 
 def agent_refund(t: Trace, amount: float, approved: bool) -> None:
+    """agent_refund (case study 6) inside an agent run; the incident's currency bug skipped the
+    approval. The approval is the refund's sibling, started while the refund runs."""
     order = f"ord_{rng.randrange(10_000, 99_999)}"
-    root = edge(t, "POST", "/v1/support/messages", 6200 if approved else 3900)
-    svc = t.http_server("POST", "/v1/support/messages", "support-agent", 2,
-                        6190 if approved else 3890, parent=root,
+    root = edge(t, "POST", "/v1/support/messages", 6200)
+    svc = t.http_server("POST", "/v1/support/messages", "support-agent", 2, 6190, parent=root,
                         **{"session.id": "s_" + hex_id(32)})
-    run = t.span("agent.run", "support-agent", 5, 6180 if approved else 3880, parent=svc,
+    run = t.span("agent.run", "support-agent", 5, 6180, parent=svc,
                  attrs={"gen_ai.agent.name": "support-bot"})
     llm = {"gen_ai.operation.name": "chat", "gen_ai.request.model": "gpt-4o-mini",
            "gen_ai.system": "openai"}
     t.span("chat gpt-4o-mini", "support-agent", 8, 900, parent=run, kind="CLIENT", attrs=llm)
-    t.span("agent.tool_call", "support-agent", 920, 60, parent=run, attrs={
-        "gen_ai.agent.name": "support-bot", "gen_ai.tool.name": "lookup_order", "order_id": order})
-    t.span("chat gpt-4o-mini", "support-agent", 990, 1100, parent=run, kind="CLIENT", attrs=llm)
-    at = 2100.0
+    t.span("agent.refund", "support-agent", 2100, 2600, parent=run, attrs={
+        "order.id": order, "amount": amount, "reason": "item damaged"})
     if approved:
-        t.span("human.approval", "approvals", at, 2200, parent=run, kind="CLIENT", attrs={
-            "approval.decision": "approved", "approver.id": "u_sup_" + hex_id(16)[:4],
-            "order_id": order})
-        at += 2300
-    t.span("agent.refund", "support-agent", at, 350, parent=run, attrs={
-        "order_id": order, "amount": amount, "currency": "EUR", "gen_ai.agent.name": "support-bot"})
-    t.span("chat gpt-4o-mini", "support-agent", at + 400, 1300, parent=run, kind="CLIENT",
-           attrs=llm)
+        t.span("human.approval", "support-agent", 2150, 2200, parent=run,
+               attrs={"approved": True})
+    t.span("chat gpt-4o-mini", "support-agent", 4800, 1300, parent=run, kind="CLIENT", attrs=llm)
 
 
-def gdpr_deletion(t: Trace, days: float) -> None:
-    request = "dsr_" + hex_id(32)
+def gdpr_deletion(t: Trace, days: int) -> None:
+    """process_deletion_request (case study 7), run by a worker off the erasure queue."""
+    user = "u_" + hex_id(16)[:6]
     root = t.span("dsr.erasure process", "privacy-worker", 0, 1900, kind="CONSUMER", attrs={
-        "messaging.system": "kafka", "messaging.destination.name": "dsr.erasure",
-        "dsr.request_id": request})
-    run = t.span("deletion.run", "privacy-worker", 5, 1880, parent=root,
-                 attrs={"dsr.request_id": request})
+        "messaging.system": "kafka", "messaging.destination.name": "dsr.erasure"})
+    process = t.span("deletion.process", "privacy-worker", 5, 1840, parent=root, attrs={
+        "user.id": user, "days_since_request": days, "compliance.framework": "GDPR",
+        "compliance.article": "17"})
     for i, table in enumerate(("users", "addresses", "orders_archive", "marketing_contacts")):
-        t.db("privacy-worker", 20 + i * 400, rng.randrange(40, 380), run, table, "DELETE")
-    t.span("deletion.complete", "privacy-worker", 1850, 20, parent=run, attrs={
-        "dsr.request_id": request, "days_since_request": days, "deletion.scope": "full_account"})
+        t.db("privacy-worker", 20 + i * 400, rng.randrange(40, 380), process, table, "DELETE")
+    t.span("deletion.complete", "privacy-worker", 1850, 20, parent=root, attrs={
+        "user.id": user, "days_since_request": days})
 
 
 # --- SRE incidents -------------------------------------------------------------------------------
@@ -338,31 +341,32 @@ def admin_listing(t: Trace) -> None:
 def scenarios() -> list[tuple[str, object, tuple[str, ...]]]:
     """(label, builder, rule ids it must violate)."""
     return [
-        ("payment retry, new intent", lambda t: checkout(t, "ord_81723", "confirmed",
-                                                         ["pi_3Q1abcR", "pi_3Q2xyzS"], 12999),
+        ("payment retry, new intent", lambda t: checkout(t, "cart_81723", True,
+                                                         ["pi_3Q1abcR", "pi_3Q2xyzS"], 129.99),
          ("payment-retry-idempotency",)),
-        ("payment retry, same intent", lambda t: checkout(t, "ord_81790", "confirmed",
-                                                          ["pi_3Q7kfmT", "pi_3Q7kfmT"], 4550),
+        ("payment retry, same intent", lambda t: checkout(t, "cart_81790", True,
+                                                          ["pi_3Q7kfmT", "pi_3Q7kfmT"], 45.5),
          ()),
         ("patient records, no tenant filter", lambda t: patient_records(t, "clinic_12", False),
          ("patient-query-requires-tenant-filter",)),
         ("patient records, tenant filter", lambda t: patient_records(t, "clinic_12", True), ()),
-        ("admin role change, no audit", lambda t: admin_role_change(t, False),
+        ("bulk deactivation, no audit", lambda t: admin_action(t, False),
          ("admin-action-audit-log",)),
-        ("admin role change, audited", lambda t: admin_role_change(t, True), ()),
-        ("free-tier bulk fan-out of 140", lambda t: bulk_fanout(t, "free", 140),
+        ("bulk deactivation, audited", lambda t: admin_action(t, True), ()),
+        ("free tier at 140/min, cache hit", lambda t: api_request(t, "free", 140, True),
          ("free-tier-rate-limit",)),
-        ("free-tier bulk fan-out of 100", lambda t: bulk_fanout(t, "free", 100), ()),
-        ("charge on a pending reservation", lambda t: checkout(t, "ord_81802", "pending",
-                                                               ["pi_3QAp0dD"], 2399),
+        ("free tier at 140/min, rate-limited", lambda t: api_request(t, "free", 140, False), ()),
+        ("free tier at 100/min, cache hit", lambda t: api_request(t, "free", 100, True), ()),
+        ("race lost, charged anyway", lambda t: checkout(t, "cart_81802", False,
+                                                         ["pi_3QAp0dD"], 23.99),
          ("payment-requires-confirmed-reservation",)),
-        ("charge on a confirmed reservation", lambda t: checkout(t, "ord_81811", "confirmed",
-                                                                 ["pi_3QB11cE"], 2399), ()),
-        ("agent refund 180 unapproved", lambda t: agent_refund(t, 180.0, False),
+        ("charge on a confirmed reservation", lambda t: checkout(t, "cart_81811", True,
+                                                                 ["pi_3QB11cE"], 23.99), ()),
+        ("agent refund 5000 unapproved", lambda t: agent_refund(t, 5000.0, False),
          ("agent-refund-human-approval",)),
         ("agent refund 180 approved", lambda t: agent_refund(t, 180.0, True), ()),
-        ("gdpr erasure on day 41.5", lambda t: gdpr_deletion(t, 41.5), ("gdpr-deletion-30-days",)),
-        ("gdpr erasure on day 29.5", lambda t: gdpr_deletion(t, 29.5), ()),
+        ("gdpr erasure on day 45", lambda t: gdpr_deletion(t, 45), ("gdpr-deletion-30-days",)),
+        ("gdpr erasure on day 30", lambda t: gdpr_deletion(t, 30), ()),
         ("503 without error log", lambda t: order_lookup(t, 503, False),
          ("http-5xx-without-error-log",)),
         ("503 with error log", lambda t: order_lookup(t, 503, True), ()),
@@ -377,12 +381,12 @@ def scenarios() -> list[tuple[str, object, tuple[str, ...]]]:
         *[("login", login, ()) for _ in range(3)],
         ("order lookup", lambda t: order_lookup(t, 200, False), ()),
         ("order lookup", lambda t: order_lookup(t, 200, False), ()),
-        ("checkout", lambda t: checkout(t, "ord_81844", "confirmed", ["pi_3QC9zzF"], 899), ()),
+        ("checkout", lambda t: checkout(t, "cart_81844", True, ["pi_3QC9zzF"], 8.99), ()),
         ("liveness probe", lambda t: probe(t, "/healthz", 200), ()),
         ("readiness probe failing at shutdown", lambda t: probe(t, "/readyz", 503), ()),
         ("agent answers from the FAQ", agent_faq, ()),
         ("agent refund within its limit", lambda t: agent_refund(t, 35.0, False), ()),
-        ("gdpr erasure on day 3", lambda t: gdpr_deletion(t, 3.0), ()),
+        ("gdpr erasure on day 3", lambda t: gdpr_deletion(t, 3), ()),
         ("nightly vacuum", vacuum, ()),
         ("admin user listing", admin_listing, ()),
     ]

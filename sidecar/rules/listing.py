@@ -35,7 +35,7 @@ def describe(rule: Rule) -> dict[str, Any]:
         "line": rule.location.line,
         "form": rule.form,
         "reads": [{"span": span, "glob": glob, "attributes": sorted(attributes)}
-                  for span, glob, attributes in sorted(rule.logic.refs.selectors)],
+                  for (span, glob), attributes in sorted(_by_selector(rule).items())],
         "on_arrival": rule.logic.monotone,
         "fires_without_its_spans": rule.fires_without_its_spans,
     }
@@ -87,3 +87,12 @@ def _selector(span: str, glob: bool) -> str:
 
 def _yes(value: bool) -> str:
     return "yes" if value else "no"
+
+
+def _by_selector(rule: Rule) -> dict[tuple[str, bool], set[str]]:
+    """Each selector once, with every attribute read on its spans (a rule may select the same
+    spans in several places: the for_each span, and the same name inside its clauses)."""
+    merged: dict[tuple[str, bool], set[str]] = {}
+    for span, glob, attributes in rule.logic.refs.selectors:
+        merged.setdefault((span, glob), set()).update(attributes)
+    return merged
