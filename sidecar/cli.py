@@ -75,9 +75,14 @@ def _parser() -> argparse.ArgumentParser:
     test = commands.add_parser(
         "test", help="run the examples of every rule",
         description="Run each rule's examples and standalone test files (YAML with a 'tests:' "
-        "list of {rule, description, violates, spans}). Exit 1 if any example fails.")
+        "list of {rule, description, violates, spans}, or {rule, description, file, expect} "
+        "over a captured OTLP JSON file). An example may also assert its signal's message, "
+        "context and offending spans. Exit 1 if any example fails, 2 if the rules cannot be "
+        "loaded or --rule names no rule.")
     test.add_argument("paths", nargs="+", metavar="PATH", help="rule/test file or directory")
     test.add_argument("--junit", metavar="FILE", help="also write a JUnit XML report")
+    test.add_argument("--rule", action="append", metavar="ID",
+                      help="run only this rule's examples and tests (repeatable)")
     test.set_defaults(run=_test)
 
     replay = commands.add_parser(
@@ -412,12 +417,19 @@ def _rules(args: argparse.Namespace) -> int:
 
 
 def _test(args: argparse.Namespace) -> int:
-    from sidecar.rules.examples import report, run_examples, write_junit
+    from sidecar.replay.runner import replay_one_rule
+    from sidecar.rules.examples import only_rules, report, run_examples, write_junit
 
     ruleset = _load(args.paths)
     if ruleset is None:
         return EXIT_UNUSABLE
-    results = run_examples(ruleset)
+    if args.rule:
+        try:
+            ruleset = only_rules(ruleset, args.rule)
+        except ValueError as exc:
+            print(f"betrace test: {exc}", file=sys.stderr)
+            return EXIT_UNUSABLE
+    results = run_examples(ruleset, replay_one_rule)
     for line in report(ruleset, results):
         print(line)
     failed = sum(not r.passed for r in results)

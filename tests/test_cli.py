@@ -335,10 +335,10 @@ def test_test_failing_example_names_its_location(tmp_path: Path) -> None:
     assert result.returncode == EXIT_FAILED
     assert result.stdout.splitlines() == [
         "FAIL  admin-action-audit-log (1/3 examples)",
-        f"      - wrongly declared quiet: {rules}:10:9: expected no violation, but the rule "
-        "fired",
-        f"      - example at {rules}:13:9: {rules}:13:9: expected a violation, but the rule "
-        "stayed quiet",
+        f"      - {rules}:10:9: example 'wrongly declared quiet' of admin-action-audit-log: "
+        "expected no violation, but the rule fired",
+        f"      - {rules}:13:9: example of admin-action-audit-log: expected a violation, but "
+        "the rule stayed quiet",
         "PASS  retry-storm (1/1 examples)",
         "2/4 examples passed",
     ]
@@ -361,7 +361,9 @@ def test_test_junit_report(tmp_path: Path) -> None:
     assert cases[1].get("name") == "wrongly declared quiet"
     failure = cases[1].find("failure")
     assert failure is not None
-    assert failure.get("message") == (f"{rules}:10:9: expected no violation, but the rule fired")
+    assert failure.get("message") == failure.text == (
+        f"{rules}:10:9: example 'wrongly declared quiet' of admin-action-audit-log: expected no "
+        "violation, but the rule fired")
     assert all(float(c.get("time", "-1")) >= 0 for c in cases)
 
 

@@ -392,8 +392,8 @@ def test_disabled_rule_is_not_evaluated_but_its_examples_run() -> None:
     lines = report(loaded, results)
     assert lines[0] == "NONE  live-rule: no examples"
     assert lines[1] == "FAIL  quiet-rule (1/2 examples)"
-    assert lines[2].startswith("      - a wrong expectation, still checked while disabled: "
-                               "<rules>:9:9: expected no violation, but the rule fired")
+    assert lines[2] == ("      - <rules>:9:9: example 'a wrong expectation, still checked "
+                        "while disabled' of quiet-rule: expected no violation, but the rule fired")
 
 
 def test_disabled_rule_is_still_validated() -> None:
@@ -737,9 +737,16 @@ VALID_RULE: dict[str, Any] = {"id": "r1", "severity": "high", "condition": "trac
     {"rules": [{**VALID_RULE, "examples": [{"violates": True}]}]},             # no spans
     {"rules": {"id": "r1"}},                                                   # not a list
     {"rule": []},                                                              # unknown top key
+    {"rules": [{**VALID_RULE, "examples": [{"violates": False, "message": "m",
+                                            "spans": [{"name": "a"}]}]}]},
+    {"rules": [VALID_RULE], "tests": [{"rule": "r1", "file": "f.otlp.jsonl", "expect": [],
+                                       "violates": True}]},
+    {"rules": [{**VALID_RULE, "examples": [{"violates": True, "spans": [
+        {"name": "a", "resource": {"service.version": "1.0"}}]}]}]},
 ], ids=["unknown-key", "bad-severity", "missing-id", "bad-id", "no-always-never",
         "condition-and-when", "for-each-and-when", "for-each-alone", "signal-key", "example-without-spans", "rules-not-list",
-        "top-level-key"])
+        "top-level-key", "assertion-on-quiet-example", "file-test-with-violates",
+        "unreadable-resource-attribute"])
 def test_schema_rejects_invalid_documents(document: dict[str, Any]) -> None:
     validator = _validator()
     assert not validator.is_valid(document)

@@ -43,7 +43,7 @@ from sidecar.otlp.json_spans import InputError
 from sidecar.replay.partitions import Outcome, Plan, ReadResult, RuleStats, Worker
 from sidecar.replay.progress import Progress
 from sidecar.replay.tempo import DEFAULT_LIMIT, TempoStats, tempo_traces
-from sidecar.rules import RuleSet
+from sidecar.rules import Rule, RuleSet
 
 
 def _default_memory() -> int:
@@ -146,6 +146,20 @@ def replay(ruleset: RuleSet, sources: Sequence[str], emit: Callable[[Signal], No
         reads, outcomes, summary.spilled_bytes = run(plan, sources, progress, jobs)
     progress.clear()
     return _summarize(summary, reads, outcomes, emit, on_error, started)
+
+
+def replay_one_rule(rule: Rule, path: str) -> tuple[list[Signal], list[str]]:
+    """One rule (enabled or not) over every trace of one captured file, as `replay` evaluates
+    them: what `betrace test` checks a file test against. Besides the signals, what went wrong
+    (input skipped, the rule raising), each a sentence."""
+    signals: list[Signal] = []
+    problems: list[str] = []
+    summary = replay(RuleSet((rule,)), [path], signals.append,
+                     on_error=lambda error: problems.append(f"{error} (skipped)"))
+    stats = summary.rules[rule.id]
+    if stats.errors:
+        problems.append(f"the rule raised on {stats.errors} trace(s); first: {stats.error}")
+    return signals, problems
 
 
 def replay_tempo(ruleset: RuleSet, url: str, emit: Callable[[Signal], None],

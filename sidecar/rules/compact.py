@@ -4,10 +4,14 @@
       - {name: payment.charge, attributes: {attempt: 2}, service: checkout, status: ERROR,
          kind: SERVER, start_ms: 10, duration_ms: 250, span_id: "00000000000000aa",
          parent: "00000000000000a1"}
+      - {name: payment.refund, resource: {service.name: checkout}}
 
 All spans of a list are one trace. `start_ms` defaults to the span's index, so listing order is
 start order; `duration_ms` defaults to 1; `span_id` to the span's position (1, 2, ... in 16 hex
 digits); `parent` (a span id, 16 hex digits) makes it a child of that span. YAML types map to OTLP types (a list is an array).
+`resource` holds the span's resource attributes as an exporter sends them; rules and signals
+read only `service.name` there (DESIGN rule 8), so that is the one key it takes (`service` is
+its shorthand).
 """
 
 from __future__ import annotations
@@ -20,8 +24,9 @@ from typing import Any
 
 from sidecar.model.spans import KINDS, STATUSES, Span, Trace
 
-FIELDS = ("name", "attributes", "service", "status", "kind", "start_ms", "duration_ms", "span_id",
-          "parent")
+FIELDS = ("name", "attributes", "service", "resource", "status", "kind", "start_ms",
+          "duration_ms", "span_id", "parent")
+RESOURCE_KEYS = ("service.name",)  # the resource attributes rules and signals can read
 _EPOCH_NS = 1_790_000_000_000_000_000  # 2026-09: example spans look like recent traffic
 # start + duration stay within OTLP's fixed64 nanoseconds (and within a float's range)
 _MAX_MS = (2**64 - 1 - _EPOCH_NS) // 2 // 1_000_000
@@ -70,15 +75,34 @@ def _span(trace_id: str, index: int, item: Any) -> Span:
     if not isinstance(attributes, dict):
         raise CompactSpanError(f"span {index + 1}: attributes must be a mapping", index,
                                "attributes")
-    service = item.get("service")
+    service = _service(item, index)
     span_id = _span_id(item, "span_id", index) or f"{index + 1:016x}"
     start_ns = _EPOCH_NS + int(start_ms * 1_000_000)
     return Span(
         trace_id, span_id, name, parent_span_id=_span_id(item, "parent", index),
         start_ns=start_ns, end_ns=start_ns + int(duration_ms * 1_000_000),
         status=status, kind=kind, service=None if service is None else str(service),
-        attributes={str(k): _value(v) for k, v in attributes.items() if v is not None},
+        attributes={str(k): otlp_value(v) for k, v in attributes.items() if v is not None},
     )
+
+
+def _service(item: dict[str, Any], index: int) -> Any:
+    """`service`, or `resource: {service.name: ...}`: the one resource attribute a Span keeps."""
+    resource = item.get("resource")
+    if resource is None:
+        return item.get("service")
+    if not isinstance(resource, dict):
+        raise CompactSpanError(f"span {index + 1}: resource must be a mapping such as "
+                               "{service.name: checkout}", index, "resource")
+    for key in resource:
+        if key not in RESOURCE_KEYS:
+            raise CompactSpanError(
+                f"span {index + 1}: resource attribute {key!r} cannot be read by rules, which "
+                f"see only {', '.join(RESOURCE_KEYS)} of a span's resource", index, "resource")
+    if "service" in item and "service.name" in resource:
+        raise CompactSpanError(f"span {index + 1}: give the service once, as 'service' or as "
+                               "resource 'service.name'", index, "resource")
+    return resource.get("service.name", item.get("service"))
 
 
 def _span_id(item: dict[str, Any], key: str, index: int) -> str:
@@ -103,12 +127,12 @@ def _number(item: dict[str, Any], key: str, index: int, default: float) -> float
     return value
 
 
-def _value(value: Any) -> Any:
+def otlp_value(value: Any) -> Any:
     """YAML values as OTLP would carry them: lists become arrays, dates become strings."""
     if isinstance(value, list):
-        return tuple(_value(v) for v in value)
+        return tuple(otlp_value(v) for v in value)
     if isinstance(value, dict):
-        return {str(k): _value(v) for k, v in value.items()}
+        return {str(k): otlp_value(v) for k, v in value.items()}
     if isinstance(value, (datetime.date, datetime.datetime)):
         return value.isoformat()
     return value

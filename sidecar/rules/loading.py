@@ -34,19 +34,23 @@ from sidecar.dsl import (
     parse_literal,
 )
 from sidecar.model.errors import ExpressionError, Location, RuleError, RuleLoadError
-from sidecar.rules.compact import CompactSpanError, trace_from_compact
-from sidecar.rules.ruleset import SEVERITIES, Example, Rule, RuleSet, rule_form
+from sidecar.rules.compact import CompactSpanError, otlp_value, trace_from_compact
+from sidecar.rules.ruleset import SEVERITIES, Example, Expected, Rule, RuleSet, rule_form
 from sidecar.rules.yaml_source import YamlSource, is_string, mapping_items
 
 RULE_KEYS = ("id", "name", "severity", "description", "condition", "when", "for_each", "always",
              "never",
              "signal", "tags", "enabled", "examples")
 SIGNAL_KEYS = ("message", "context")
-EXAMPLE_KEYS = ("description", "violates", "spans")
-TEST_KEYS = ("rule", "description", "violates", "spans")
+# what a test may assert about the signal besides `violates` (each needs `violates: true`)
+ASSERTION_KEYS = ("message", "context", "offending")
+EXAMPLE_KEYS = ("description", "violates", "spans", *ASSERTION_KEYS)
+TEST_KEYS = ("rule", "description", "violates", "spans", *ASSERTION_KEYS, "file", "expect")
+EXPECT_KEYS = ("trace_id", "message", "context")  # an expected signal of a file test
 FILE_KEYS = ("rules", "tests", "lists", "macros")
 RULE_FILE_SUFFIXES = (".yaml", ".yml")
 _KEBAB = re.compile(r"[a-z0-9]+(-[a-z0-9]+)*")
+_TRACE_ID = re.compile(r"[0-9a-fA-F]{32}")
 _INVALID: Any = object()  # a YAML value that could not be constructed (already reported)
 
 
@@ -454,22 +458,25 @@ class _Loader:
             return []
         found = []
         for item in node.value:
-            example = self._example(doc, item, EXAMPLE_KEYS, rule_id)
+            if not isinstance(item, yaml.MappingNode):
+                self._error(doc, item, "an example is a mapping with 'violates' and 'spans'",
+                            "schema", rule_id)
+                continue
+            fields = self._fields(doc, item, EXAMPLE_KEYS, "example", rule_id)
+            example = self._example(doc, item, fields, rule_id, "example")
             if example is not None and rule_id is not None:
-                found.append(Example(rule_id, *example))
+                found.append(example)
         return found
 
-    def _example(self, doc: YamlSource, node: yaml.Node, allowed: Sequence[str],
-                 rule_id: str | None) -> tuple[str, bool, Any, Location] | None:
-        """Check one example's shape and spans; (description, violates, spans, location)."""
-        if not isinstance(node, yaml.MappingNode):
-            self._error(doc, node, "an example is a mapping with 'violates' and 'spans'",
-                        "schema", rule_id)
-            return None
-        fields = self._fields(doc, node, allowed, "example", rule_id)
+    def _example(self, doc: YamlSource, node: yaml.Node, fields: dict[str, yaml.Node],
+                 rule_id: str | None, kind: str) -> Example | None:
+        """Check one example's (or test's) spans and what it asserts about the signal."""
+        if "file" in fields:
+            return self._file_test(doc, node, fields, rule_id)
         if "violates" not in fields or "spans" not in fields:
-            self._error(doc, node, "an example needs 'violates: true|false' and 'spans'",
-                        "schema", rule_id)
+            needs = "an example needs 'violates: true|false' and 'spans'" if kind == "example" \
+                else "a test needs 'violates: true|false' and 'spans' (or 'file' and 'expect')"
+            self._error(doc, node, needs, "schema", rule_id)
             return None
         violates = self._bool(doc, fields["violates"], "violates", rule_id, default=False)
         spans = self._value(doc, fields["spans"], rule_id)
@@ -485,9 +492,88 @@ class _Loader:
             return None
         description = self._value(doc, fields["description"], rule_id) \
             if "description" in fields else ""
-        if description is _INVALID:
+        expected = self._expected(doc, fields, rule_id)
+        if description is _INVALID or expected is None:
             return None
-        return str(description), violates, spans, doc.location(node)
+        asserted = next((key for key in ASSERTION_KEYS if key in fields), None)
+        if asserted is not None and not violates:
+            self._error(doc, fields[asserted], f"'{asserted}' asserts what the signal says, but "
+                        f"this {kind} expects no signal (violates: false)", "schema", rule_id)
+            return None
+        return Example(rule_id or "", str(description), violates, spans, doc.location(node),
+                       kind, expected)
+
+    def _expected(self, doc: YamlSource, fields: dict[str, yaml.Node], rule_id: str | None,
+                  trace_id: str | None = None) -> Expected | None:
+        """The `message`, `context` and `offending` a signal must have (None after reporting
+        why they cannot be read)."""
+        before = len(self.errors)
+        message = self._string(doc, fields, "message", rule_id)
+        context: Any = {}
+        if "context" in fields:
+            context = self._value(doc, fields["context"], rule_id)
+            if context is not _INVALID and not isinstance(context, dict):
+                self._error(doc, fields["context"], "'context' must be a mapping from the "
+                            "signal's context keys to their values", "schema", rule_id)
+        offending = self._string_list(doc, fields.get("offending"), "offending", rule_id)
+        if len(self.errors) > before:
+            return None
+        return Expected(trace_id, message, {str(k): otlp_value(v) for k, v in context.items()},
+                        tuple(offending) if "offending" in fields else None)
+
+    def _file_test(self, doc: YamlSource, node: yaml.Node, fields: dict[str, yaml.Node],
+                   rule_id: str | None) -> Example | None:
+        """A test over a captured OTLP JSON file (its path relative to the test file), listing
+        under `expect` every signal the rule must give on the file's traces."""
+        for key in ("violates", "spans", *ASSERTION_KEYS):
+            if key in fields:
+                self._error(doc, fields[key], f"'{key}' cannot be combined with 'file': a file "
+                            "test lists the signals it expects under 'expect'", "schema", rule_id)
+                return None
+        file_node, expect_node = fields["file"], fields.get("expect")
+        if not is_string(file_node):
+            self._error(doc, file_node, "'file' must be a path (a string)", "schema", rule_id)
+            return None
+        path = Path(doc.path).parent / file_node.value
+        if not path.is_file():
+            self._error(doc, file_node, f"no such file: {path}", "io", rule_id)
+            return None
+        if not isinstance(expect_node, yaml.SequenceNode):
+            self._error(doc, expect_node or node, "a file test needs 'expect': a list of the "
+                        "signals the rule must give, such as [{trace_id: <32 hex digits>}] "
+                        "([] for none)", "schema", rule_id)
+            return None
+        expect: dict[str, Expected] = {}
+        for item in expect_node.value:
+            expected = self._expected_signal(doc, item, rule_id)
+            if expected is None or expected.trace_id is None:
+                continue
+            if expected.trace_id in expect:
+                self._error(doc, item, f"trace {expected.trace_id} is expected twice (a rule "
+                            "signals at most once per trace)", "schema", rule_id)
+            expect[expected.trace_id] = expected
+        description = self._value(doc, fields["description"], rule_id) \
+            if "description" in fields else ""
+        if description is _INVALID or len(expect) < len(expect_node.value):
+            return None
+        return Example(rule_id or "", str(description), bool(expect), None, doc.location(node),
+                       "test", file=str(path), expect=tuple(expect.values()))
+
+    def _expected_signal(self, doc: YamlSource, node: yaml.Node,
+                         rule_id: str | None) -> Expected | None:
+        """One item of a file test's `expect`: a trace id, and what its signal says."""
+        if not isinstance(node, yaml.MappingNode):
+            self._error(doc, node, "each expected signal is a mapping with 'trace_id'",
+                        "schema", rule_id)
+            return None
+        fields = self._fields(doc, node, EXPECT_KEYS, "expected signal", rule_id)
+        trace_node = fields.get("trace_id")
+        if trace_node is None or not is_string(trace_node) \
+                or not _TRACE_ID.fullmatch(trace_node.value):
+            self._error(doc, trace_node or node, "an expected signal needs 'trace_id': the "
+                        "trace id as OTLP JSON writes it (32 hex digits)", "schema", rule_id)
+            return None
+        return self._expected(doc, fields, rule_id, str(trace_node.value).lower())
 
     def _test(self, doc: YamlSource, node: yaml.Node) -> None:
         """A standalone test case: like an example, but naming its rule with `rule:`."""
@@ -497,9 +583,9 @@ class _Loader:
         if rule_node is None or not is_string(rule_node):
             self._error(doc, node, "a test needs 'rule: <rule id>'", "schema")
             return
-        example = self._example(doc, node, TEST_KEYS, rule_node.value)
+        example = self._example(doc, node, fields, rule_node.value, "test")
         if example is not None:
-            self._tests.append((doc, rule_node, Example(rule_node.value, *example)))
+            self._tests.append((doc, rule_node, example))
 
     def _resolve_tests(self) -> None:
         """Standalone tests may name rules from any file; check the names once all are read."""

@@ -27,14 +27,29 @@ FORM_KEYS = ("for_each", "condition", "when", "always", "never")
 
 
 @dataclass(frozen=True)
+class Expected:
+    """What a signal must say, as a test asserts it: each part given is checked, the rest not."""
+
+    trace_id: str | None = None  # which trace of a captured file it comes from
+    message: str | None = None
+    context: dict[str, Any] = field(default_factory=dict)  # only the keys listed
+    offending: tuple[str, ...] | None = None  # span names, in the signal's span order
+
+
+@dataclass(frozen=True)
 class Example:
-    """A trace written in the compact span form and whether the rule must fire on it."""
+    """A trace written in the compact span form and whether the rule must fire on it (and what
+    its signal says); or, for a test, a captured OTLP JSON file and every signal it must give."""
 
     rule_id: str
     description: str
     violates: bool
     spans: Any = field(repr=False)
     location: Location
+    kind: str = "example"  # or "test": from a `tests:` list
+    expected: Expected = Expected()  # with violates: what the signal says
+    file: str | None = None  # a captured file, replayed instead of `spans`
+    expect: tuple[Expected, ...] = ()  # with file: exactly the signals the rule gives there
 
 
 @dataclass(frozen=True)
