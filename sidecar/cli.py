@@ -56,9 +56,15 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser(
         "check", help="validate rule files and report every error",
         description="Load rule files (or directories of them) and report every error with "
-        "file:line:column. Exit 1 if there is any error.")
+        "file:line:column, then warnings (to stderr), each at its rule or declaration: a rule "
+        "that fires on traces without its spans, a \"*\" selector (every span is kept), an "
+        "unused list or macro, a span name no other rule or example names (a misspelt macro "
+        "reads as one), a rule with no examples. Exit 1 if there is any error, or any warning "
+        "with --strict.")
     check.add_argument("paths", nargs="+", metavar="PATH", help="rule file or directory")
     check.add_argument("--format", choices=("text", "json"), default="text")
+    check.add_argument("--strict", action="store_true",
+                       help="treat warnings as errors (exit 1 if there is any)")
     check.set_defaults(run=_check)
 
     rules = commands.add_parser(
@@ -389,17 +395,22 @@ def _check(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     rules = len(ruleset.rules) + len(ruleset.disabled)
     warnings = ruleset.warnings()
+    refused = args.strict and bool(warnings)
     if args.format == "json":
-        print(json.dumps({"ok": True, "files": list(ruleset.files), "rules": rules,
+        print(json.dumps({"ok": not refused, "files": list(ruleset.files), "rules": rules,
                           "enabled": len(ruleset.rules), "digest": ruleset.digest,
-                          "errors": [], "warnings": warnings}, indent=2))
+                          "errors": [], "warnings": [w.as_dict() for w in warnings],
+                          "strict": args.strict}, indent=2))
     else:
         for warning in warnings:
-            print(warning)
-        print(f"ok: {rules} rule(s) ({len(ruleset.disabled)} disabled) in "
-              f"{len(ruleset.files)} file(s)" + (f", {len(warnings)} warning(s)" if warnings
-                                                  else ""))
-    return EXIT_OK
+            print(warning, file=sys.stderr)
+        if refused:
+            print(f"{len(warnings)} warning(s), made errors by --strict")
+        else:
+            print(f"ok: {rules} rule(s) ({len(ruleset.disabled)} disabled) in "
+                  f"{len(ruleset.files)} file(s)" + (f", {len(warnings)} warning(s)"
+                                                      if warnings else ""))
+    return EXIT_FAILED if refused else EXIT_OK
 
 
 def _rules(args: argparse.Namespace) -> int:

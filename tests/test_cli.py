@@ -32,6 +32,8 @@ EXIT_OK, EXIT_FAILED, EXIT_UNUSABLE, EXIT_SKIPPED_INPUT = 0, 1, 2, 3
 SIGNAL_FIELDS = {"signal_id", "rule_id", "rule_name", "severity", "trace_id", "span_ids",
                  "message", "context", "mode", "detected_at"}
 LOCATION = re.compile(r"^(?P<file>[^\s:]+):(?P<line>\d+):(?P<column>\d+): error\[", re.M)
+WARNING = re.compile(r"^(?P<file>[^\s:]+):(?P<line>\d+):(?P<column>\d+): "
+                     r"warning\[(?P<code>[a-z-]+)\]: (?P<message>.+)$")
 
 
 def _env() -> dict[str, str]:
@@ -46,6 +48,13 @@ def betrace(*args: str | Path, stdin: bytes | None = None, command: list[str] | 
                             env={**_env(), "COLUMNS": str(columns)})
     return subprocess.CompletedProcess(result.args, result.returncode,
                                        result.stdout.decode(), result.stderr.decode())
+
+
+def warning_lines(stderr: str) -> list[re.Match[str]]:
+    """Each line of `check`'s stderr, which must all be warnings."""
+    found = [(line, WARNING.match(line)) for line in stderr.splitlines()]
+    assert all(match for _, match in found), stderr
+    return [match for _, match in found if match]
 
 
 def subcommands() -> list[str]:
@@ -103,9 +112,15 @@ def test_check_shipped_rules() -> None:
     result = betrace("check", "rules/")
     loaded = load_rules([RULES_DIR])
     count = len(loaded.rules) + len(loaded.disabled)
+    warnings = loaded.warnings()
     assert result.returncode == EXIT_OK, result.stdout
     assert result.stdout == (f"ok: {count} rule(s) ({len(loaded.disabled)} disabled) in "
-                             f"{len(loaded.files)} file(s)\n")
+                             f"{len(loaded.files)} file(s)"
+                             + (f", {len(warnings)} warning(s)" if warnings else "") + "\n")
+    assert [m["code"] for m in warning_lines(result.stderr)] == [w.code for w in warnings]
+    # Every catalog rule has examples, uses its declarations and names only spans its examples
+    # show; what it warns about is a deliberate "*" (a 5xx on any server span).
+    assert [w.code for w in warnings] == ["keeps-every-span"]
 
 
 def test_check_shipped_rules_json() -> None:
@@ -116,6 +131,94 @@ def test_check_shipped_rules_json() -> None:
     loaded = load_rules([RULES_DIR])
     assert report["rules"] == len(loaded.rules) + len(loaded.disabled)
     assert re.fullmatch(r"[0-9a-f]{64}", report["digest"])
+
+
+WARNED = """\
+lists:
+  currencies: [USD, EUR]
+  unused_list: [a]
+macros:
+  retried: payment.charge.where(attempt > 1)
+  unused_macro: amount > 5
+rules:
+  - id: retry-refunded
+    condition: retryed and refund.issued
+    examples:
+      - {violates: false, spans: [{name: refund.issued}]}
+  - id: any-error
+    condition: '"*".where(status == ERROR and currency in currencies)'
+    examples:
+      - {violates: true, spans: [{name: checkout, status: ERROR, attributes: {currency: USD}}]}
+  - id: no-audit
+    condition: not audit.log
+    examples:
+      - {violates: true, spans: [{name: checkout}]}
+  - id: refunded-twice
+    condition: count(refund.issued) > 1
+"""
+# (line, code, rule id, what the message says) of each warning WARNED gives, in file order
+WARNED_EXPECTED = [
+    (3, "unused-list", None, "list 'unused_list' is declared but no rule uses it"),
+    (5, "unused-macro", None, "macro 'retried' is declared but no rule uses it"),
+    (6, "unused-macro", None, "macro 'unused_macro' is declared but no rule uses it"),
+    (8, "lone-selector", "retry-refunded", "rule 'retry-refunded' selects span 'retryed', which "
+     "no other rule and no example span names; did you mean the macro 'retried'?"),
+    (12, "keeps-every-span", "any-error", "rule 'any-error' selects \"*\", which matches every "
+     "span name: pruning is off and every span of every trace is kept until decided"),
+    (16, "fires-without-spans", "no-audit", "rule 'no-audit' fires on every trace without the "
+     "spans it names"),
+    (16, "lone-selector", "no-audit", "rule 'no-audit' selects span 'audit.log', which no other "
+     "rule and no example span names; is it misspelt?"),
+    (20, "no-examples", "refunded-twice", "rule 'refunded-twice' has no examples"),
+]
+
+
+def test_check_warns_on_stderr_one_located_line_each_and_exits_0(tmp_path: Path) -> None:
+    rules = tmp_path / "warned.yaml"
+    rules.write_text(WARNED)
+    result = betrace("check", rules)
+    assert result.returncode == EXIT_OK, result.stdout + result.stderr
+    assert result.stdout == "ok: 4 rule(s) (0 disabled) in 1 file(s), 8 warning(s)\n"
+    found = warning_lines(result.stderr)
+    assert [(m["file"], int(m["line"]), int(m["column"]), m["code"]) for m in found] == [
+        (str(rules), line, 3 if rule is None else 5, code)
+        for line, code, rule, _ in WARNED_EXPECTED]
+    for match, (*_, message) in zip(found, WARNED_EXPECTED):
+        assert match["message"].startswith(message), match["message"]
+
+
+def test_check_strict_makes_warnings_errors(tmp_path: Path) -> None:
+    rules = tmp_path / "warned.yaml"
+    rules.write_text(WARNED)
+    result = betrace("check", "--strict", rules)
+    assert result.returncode == EXIT_FAILED
+    assert result.stdout == "8 warning(s), made errors by --strict\n"
+    assert len(result.stderr.splitlines()) == 8
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    (clean / "ok.yaml").write_text("rules:\n  - id: r1\n    condition: count(a) > 1\n"
+                                   "    examples:\n      - {violates: false, spans: [{name: a}]}\n")
+    quiet = betrace("check", "--strict", clean)
+    assert (quiet.returncode, quiet.stdout, quiet.stderr) == (
+        EXIT_OK, "ok: 1 rule(s) (0 disabled) in 1 file(s)\n", "")
+
+
+def test_check_json_lists_the_warnings(tmp_path: Path) -> None:
+    rules = tmp_path / "warned.yaml"
+    rules.write_text(WARNED)
+    result = betrace("check", "--format", "json", rules)
+    assert result.returncode == EXIT_OK
+    report = json.loads(result.stdout)
+    assert report["ok"] is True and report["errors"] == [] and report["strict"] is False
+    assert [(w["file"], w["line"], w["code"], w["rule_id"]) for w in report["warnings"]] == [
+        (str(rules), line, code, rule) for line, code, rule, _ in WARNED_EXPECTED]
+    assert all(w["message"].startswith(message)
+               for w, (*_, message) in zip(report["warnings"], WARNED_EXPECTED))
+    strict = betrace("check", "--format", "json", "--strict", rules)
+    assert strict.returncode == EXIT_FAILED
+    refused = json.loads(strict.stdout)
+    assert refused["ok"] is False and refused["strict"] is True
+    assert refused["warnings"] == report["warnings"]
 
 
 BAD = """\

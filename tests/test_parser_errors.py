@@ -617,3 +617,111 @@ def test_a_5000_digit_literal_in_a_rule_file_names_its_line_and_column(tmp_path:
     error = load_error("rules:\n  - id: big\n    condition: count(order) > " + "9" * 5000 + "\n")
     assert (error.location.line, error.location.column) == (3, 31)
     assert "out of range" in str(error)
+
+
+# --- calls the language does not have -----------------------------------------------------------
+
+NO_STRING_FUNCTIONS = ("the language has no string functions; test the attribute itself: == "
+                       "compares case-sensitively, contains \"text\" finds a substring, matches "
+                       "\"(?i)^text$\" ignores case")
+
+
+@pytest.mark.parametrize(("text", "message", "column", "width"), [
+    ('lower(x) == "a"', f"unknown function 'lower': {NO_STRING_FUNCTIONS}", 1, 5),
+    ('x.where(lower(a) == "b")', f"unknown function 'lower': {NO_STRING_FUNCTIONS}", 9, 5),
+    ("trace.exists(payment.charge)",
+     "unknown function 'trace.exists'; did you mean 'trace.has'?", 1, 12),
+    ("has(payment.charge)", "unknown function 'has'; did you mean 'trace.has'?", 1, 3),
+    ("Count(x) > 1", "unknown function 'Count'; did you mean 'count'?", 1, 5),
+    ("exists(x)", "unknown function 'exists'; the functions are trace.has(...), trace.count(...) "
+     "and count(...), and the method .where(...)", 1, 6),
+    ("payment.charge.wher(attempt > 1)", "'.wher(' is not a method; did you mean '.where('?",
+     15, 5),
+    ("count(x).were(a > 1) > 2", "'.were(' is not a method; did you mean '.where('?", 9, 5),
+    ("trace.has(x).where(a > 1).filter(b)",
+     "'.filter(' is not a method; the only method is .where(...)", 26, 7),
+])
+def test_an_unknown_function_is_named_with_the_nearest_real_one(
+        text: str, message: str, column: int, width: int) -> None:
+    error = expression_error(text)
+    assert (error.message, error.code) == (message, "unknown-function")
+    assert str(error).splitlines()[-1] == "   | " + " " * (column - 1) + "^" * width
+
+
+def test_an_unknown_function_in_a_rule_file_points_at_its_name() -> None:
+    text = ("rules:\n"
+            "  - id: r1\n"
+            "    condition: |\n"
+            "      payment.charge.where(attempt > 1)\n"
+            "        and trace.exists(refund.issued)\n")
+    assert str(load_error(text)) == (
+        "rules.yaml:5:13: error[unknown-function]: unknown function 'trace.exists'; did you "
+        "mean 'trace.has'?\n"
+        " 5 |         and trace.exists(refund.issued)\n"
+        "   |             ^^^^^^^^^^^^")
+
+
+@pytest.mark.parametrize("text", [
+    "x.where(count(a) > 1)",  # a real function where it cannot stand: the plain syntax error
+    "x before y within(2s)",  # a keyword before '(' is no function
+    "foo (x)",  # a name and a parenthesis apart are no call
+])
+def test_what_is_no_unknown_call_keeps_the_plain_syntax_error(text: str) -> None:
+    error = expression_error(text)
+    assert (error.code, error.message.startswith("unexpected '('")) == ("syntax", True)
+
+
+# --- YAML that cannot hold an expression as written ---------------------------------------------
+
+QUOTE_IT = ("quote the expression with single quotes or write it as a block scalar: `{key}: |` "
+            "and the expression on the next line")
+
+
+@pytest.mark.parametrize(("line", "key", "column"), [
+    ("    condition: trace.has(a): b", "condition", 28),  # `: ` inside a plain scalar
+    ('    when: x.where(route == "/a: b")', "when", 31),
+    ('    condition: "GET /x".where(status == ERROR)', "condition", 24),  # a leading quote
+    ("    condition: [a, b] and c", "condition", 23),
+    ("    condition: *.where(a > 1)", "condition", 17),
+    ("    condition: `x` and y", "condition", 16),
+])
+def test_a_yaml_error_in_an_expression_says_how_to_quote_it(
+        line: str, key: str, column: int) -> None:
+    error = load_error(f"rules:\n  - id: r1\n{line}\n    never: y\n")
+    assert error.code == "yaml"
+    assert error.message.endswith("; " + QUOTE_IT.format(key=key)), error.message
+    assert (error.location.line, error.location.column) == (3, column)
+
+
+def test_a_yaml_error_in_a_macro_or_a_continued_expression_says_how_to_quote_it() -> None:
+    macro = load_error("macros:\n  big: amount: 3\nrules:\n  - id: r1\n    condition: x\n")
+    assert macro.message == ("invalid YAML: mapping values are not allowed here; "
+                             + QUOTE_IT.format(key="big"))
+    continued = load_error("rules:\n  - id: r1\n    condition: x\n      and y: z\n")
+    assert continued.message.endswith(QUOTE_IT.format(key="condition"))
+    assert (continued.location.line, continued.location.column) == (4, 12)
+
+
+def test_a_yaml_error_elsewhere_has_no_quoting_hint() -> None:
+    for text in ("rules:\n  - id: r1\n    name: a: b\n    condition: x\n",
+                 "rules:\n  - id: a\n   condition: x\n"):  # indentation, at the key itself
+        assert "quote the expression" not in load_error(text).message
+
+
+def test_an_expression_cut_by_a_yaml_comment_says_how_to_quote_it() -> None:
+    text = ("rules:\n"
+            "  - id: r1\n"
+            '    condition: http.request.where(url matches "^/a #b")\n')
+    assert str(load_error(text)) == (
+        "rules.yaml:3:47: error[syntax]: unexpected character '\"'; expected a \"quoted string\" "
+        "(YAML ended the expression at ' #', which starts a comment; "
+        + QUOTE_IT.format(key="condition") + ")\n"
+        ' 3 |     condition: http.request.where(url matches "^/a #b")\n'
+        "   |                                               ^")
+    noted = load_error("macros:\n  big: amount = 1  # a note\nrules:\n  - id: r1\n"
+                       "    condition: x.where(big)\n")
+    assert noted.location.line == 2  # nothing left open: the comment is a real one
+    assert "YAML ended the expression" not in noted.message
+    cut = load_error("macros:\n  big: (amount > 1 #0)\nrules:\n  - id: r1\n"
+                     "    condition: x.where(big)\n")
+    assert cut.message.endswith(QUOTE_IT.format(key="big") + ")")

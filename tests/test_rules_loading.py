@@ -872,9 +872,10 @@ def test_rule_set_tells_which_lists_and_macros_no_rule_uses() -> None:
     loaded = load_rules_text(NAMES_FILE + "  unused_macro: x\n"
                              "rules:\n  - id: r1\n    enabled: false\n"
                              "    condition: sensitive_admin\n")
-    assert [name for name, _ in loaded.declarations] == [
-        "sensitive_operations", "sensitive_admin", "unaudited", "unused_macro"]
-    assert [(name, where.line) for name, where in loaded.unused_declarations] == [
+    assert [(declared.name, declared.kind) for declared in loaded.declarations] == [
+        ("sensitive_operations", "list"), ("sensitive_admin", "macro"), ("unaudited", "macro"),
+        ("unused_macro", "macro")]
+    assert [(unused.name, unused.location.line) for unused in loaded.unused_declarations] == [
         ("unaudited", 5), ("unused_macro", 6)]
 
 

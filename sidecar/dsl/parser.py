@@ -10,6 +10,7 @@ condition, `expr`, or as a predicate, `pred`) and spliced in, as if written ther
 
 from __future__ import annotations
 
+import difflib
 import functools
 import math
 import re
@@ -22,7 +23,7 @@ from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, VisitError
 
 from sidecar.dsl import syntax
-from sidecar.dsl.definitions import NO_DEFINITIONS, Definitions, Macro
+from sidecar.dsl.definitions import KEYWORDS, NO_DEFINITIONS, Definitions, Macro
 from sidecar.model.errors import ExpressionError
 
 MAX_EXPRESSION_BYTES = 64 * 1024
@@ -54,6 +55,18 @@ _HINTS = {
     "!": "use 'not' for negation ('!=' compares)",
     "'": "strings are written in double quotes",
 }
+# What a name followed by `(` may have meant: the calls the grammar has, under the names an
+# author may reach for.
+_FUNCTIONS = {"trace.has": "trace.has", "has": "trace.has", "trace.count": "trace.count",
+              "count": "count"}
+_STRING_FUNCTIONS = frozenset({
+    "lower", "upper", "tolower", "toupper", "lowercase", "uppercase", "len", "length", "trim",
+    "strip", "substr", "substring", "concat", "replace", "split", "startswith", "starts_with",
+    "endswith", "ends_with", "str", "string", "regex", "match", "like", "ilike"})
+# Words the grammar reads as keywords, which never name a function
+_KEYWORDS = KEYWORDS | {"after", "under", "this"}
+_CALLED_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*$")
+_CALLED_METHOD = re.compile(r"\.\s*([A-Za-z_][A-Za-z0-9_]*)\s*\(")
 _DURATION_UNITS_NS = {"ms": 1_000_000, "s": 1_000_000_000, "m": 60_000_000_000,
                       "h": 3_600_000_000_000}
 _FLIPPED = {"==": "==", "!=": "!=", "<": ">", "<=": ">=", ">": "<", ">=": "<="}
@@ -175,6 +188,9 @@ def _syntax_error(text: str, exc: UnexpectedInput) -> Ungrammatical:
         return Ungrammatical(f"unexpected end of expression; expected {wanted}", text, end)
     if isinstance(exc, UnexpectedCharacters):
         char = text[exc.pos_in_stream]
+        unknown = _unknown_call(text, exc.pos_in_stream)
+        if unknown is not None:
+            return unknown
         hint = f" ({_HINTS[char]})" if char in _HINTS else ""
         return Ungrammatical(f"unexpected character {char!r}; expected {wanted}{hint}",
                              text, exc.pos_in_stream)
@@ -182,8 +198,50 @@ def _syntax_error(text: str, exc: UnexpectedInput) -> Ungrammatical:
     if token.type == "$END":
         return Ungrammatical(f"unexpected end of expression; expected {wanted}", text, end)
     start = token.start_pos or 0
-    return Ungrammatical(f"unexpected {str(token)!r}; expected {wanted}",
-                         text, start, start + len(token))
+    return _unknown_call(text, start) or Ungrammatical(
+        f"unexpected {str(token)!r}; expected {wanted}", text, start, start + len(token))
+
+
+def _unknown_call(text: str, at: int) -> Ungrammatical | None:
+    """The error for a call the language does not have, when the parser stopped at its `(`
+    (`lower(`, `trace.exists(`, `payment.charge.wher(`) or at the `.` of a method after a
+    call (`count(x).were(`); None when the text there is no such call, or calls a real
+    function where it cannot stand (then the plain syntax error says what can)."""
+    method = _CALLED_METHOD.match(text, at)
+    if method is not None:
+        return _unknown_method(text, method.group(1), at, method.end(1))
+    if not text.startswith("(", at):
+        return None
+    called = _CALLED_NAME.search(text, 0, at)
+    if called is None or text[called.start() - 1:called.start()].isdigit():  # (`1e5(`)
+        return None
+    name, start = called.group(), called.start()
+    if name in _KEYWORDS or _FUNCTIONS.get(name) == name:
+        return None
+    if "." in name and not (name.startswith("trace.") and name.count(".") == 1):
+        dot = name.rindex(".")  # `payment.charge.wher(`: a method on a selector
+        return _unknown_method(text, name[dot + 1:], start + dot, at)
+    if name.lower() in _STRING_FUNCTIONS:
+        message = (f"unknown function '{name}': the language has no string functions; test the "
+                   "attribute itself: == compares case-sensitively, contains \"text\" finds a "
+                   "substring, matches \"(?i)^text$\" ignores case")
+    else:
+        close = difflib.get_close_matches(name.lower(), _FUNCTIONS, n=1)
+        message = f"unknown function '{name}'; " + (
+            f"did you mean '{_FUNCTIONS[close[0]]}'?" if close else
+            "the functions are trace.has(...), trace.count(...) and count(...), and the method "
+            ".where(...)")
+    return Ungrammatical(message, text, start, at, code="unknown-function")
+
+
+def _unknown_method(text: str, name: str, start: int, end: int) -> Ungrammatical | None:
+    """`.name(` after a selector or a call, at `start` (its dot); None for `.where(` itself."""
+    if name == "where":
+        return None
+    close = difflib.get_close_matches(name.lower(), ["where"], n=1)
+    hint = "did you mean '.where('?" if close else "the only method is .where(...)"
+    return Ungrammatical(f"'.{name}(' is not a method; {hint}", text, start, end,
+                         code="unknown-function")
 
 
 def _check_depth(text: str, tree: Tree) -> None:

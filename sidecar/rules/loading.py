@@ -35,8 +35,16 @@ from sidecar.dsl import (
 )
 from sidecar.model.errors import ExpressionError, Location, RuleError, RuleLoadError
 from sidecar.rules.compact import CompactSpanError, otlp_value, trace_from_compact
-from sidecar.rules.ruleset import SEVERITIES, Example, Expected, Rule, RuleSet, rule_form
-from sidecar.rules.yaml_source import YamlSource, is_string, mapping_items
+from sidecar.rules.ruleset import (
+    SEVERITIES,
+    Declaration,
+    Example,
+    Expected,
+    Rule,
+    RuleSet,
+    rule_form,
+)
+from sidecar.rules.yaml_source import YamlSource, is_string, mapping_items, quoting_hint
 
 RULE_KEYS = ("id", "name", "severity", "description", "condition", "when", "for_each", "always",
              "never",
@@ -177,9 +185,10 @@ class _Loader:
                         self._test(doc, item)
         self._resolve_tests()
 
-    def declarations(self) -> tuple[tuple[str, Location], ...]:
+    def declarations(self) -> tuple[Declaration, ...]:
         """Every list and macro name, with where it is declared."""
-        return tuple((name, where) for name, (_, where) in self._declared.items())
+        return tuple(Declaration(name, kind, where)
+                     for name, (kind, where) in self._declared.items())
 
     def _declarations(self, doc: YamlSource, node: yaml.Node | None,
                       kind: str) -> list[tuple[str, yaml.ScalarNode, yaml.Node]]:
@@ -244,7 +253,8 @@ class _Loader:
                 check_macro(macro, definitions)
             except ExpressionError as exc:
                 location = doc.expression_location(node, exc.start, exc.end)
-                self.errors.append(RuleError(exc.message, location, exc.code))
+                self.errors.append(RuleError(_cut_hinted(doc, node, macro.name, exc.message),
+                                             location, exc.code))
                 sound.remove(macro)
                 definitions = Definitions(self._lists, sound)
         return definitions
@@ -405,7 +415,8 @@ class _Loader:
             return compiler(node.value, self.definitions)
         except ExpressionError as exc:
             location = doc.expression_location(node, exc.start, exc.end)
-            self.errors.append(RuleError(exc.message, location, exc.code, rule_id))
+            self.errors.append(RuleError(_cut_hinted(doc, node, key, exc.message), location,
+                                         exc.code, rule_id))
             return None
 
     def _signal(self, doc: YamlSource, node: yaml.Node | None,
@@ -598,3 +609,11 @@ class _Loader:
                             "unknown-rule")
             else:
                 self.examples.append(example)
+
+
+def _cut_hinted(doc: YamlSource, node: yaml.ScalarNode, key: str, message: str) -> str:
+    """`message`, saying how to quote the expression when a YAML comment cut it short."""
+    if not doc.cut_by_comment(node):
+        return message
+    return (f"{message} (YAML ended the expression at ' #', which starts a comment; "
+            f"{quoting_hint(key)})")

@@ -3,6 +3,8 @@ rules read (the projection that prunes spans at ingest)."""
 
 from __future__ import annotations
 
+import difflib
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -19,6 +21,7 @@ from sidecar.dsl import (
 from sidecar.model.errors import Location
 from sidecar.model.signals import MAX_VALUE_BYTES, Signal, capped, rfc3339, signal_id
 from sidecar.model.spans import Projection, Span, Trace
+from sidecar.rules.compact import trace_from_compact
 
 SEVERITIES = ("critical", "high", "medium", "low", "info")
 # The keys holding a rule's logic, in the order its form names them (`when+always+never`);
@@ -50,6 +53,32 @@ class Example:
     expected: Expected = Expected()  # with violates: what the signal says
     file: str | None = None  # a captured file, replayed instead of `spans`
     expect: tuple[Expected, ...] = ()  # with file: exactly the signals the rule gives there
+
+
+class Declaration(NamedTuple):
+    """A file-level list or macro name, and where it is declared."""
+
+    name: str
+    kind: str  # "list" or "macro"
+    location: Location
+
+
+@dataclass(frozen=True)
+class RuleWarning:
+    """Something `betrace check` points out without refusing the rules (`--strict` refuses)."""
+
+    message: str
+    location: Location
+    code: str
+    rule_id: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.location}: warning[{self.code}]: {self.message}"
+
+    def as_dict(self) -> dict[str, object]:
+        loc = self.location
+        return {"file": loc.file, "line": loc.line, "column": loc.column, "code": self.code,
+                "rule_id": self.rule_id, "message": self.message}
 
 
 @dataclass(frozen=True)
@@ -175,7 +204,7 @@ class RuleSet:
     files: tuple[str, ...] = ()
     digest: str = ""
     # the lists and macros the files declare, with where (see `unused_declarations`)
-    declarations: tuple[tuple[str, Location], ...] = ()
+    declarations: tuple[Declaration, ...] = ()
 
     @property
     def refs(self) -> References:
@@ -221,10 +250,10 @@ class RuleSet:
                           max(most, len(on_globs)))
 
     @property
-    def unused_declarations(self) -> list[tuple[str, Location]]:
+    def unused_declarations(self) -> list[Declaration]:
         """Lists and macros no rule uses, even through another macro (disabled rules count)."""
         used = frozenset().union(*(rule.logic.uses for rule in self.rules + self.disabled))
-        return [(name, where) for name, where in self.declarations if name not in used]
+        return [declared for declared in self.declarations if declared.name not in used]
 
     def rule(self, rule_id: str) -> Rule | None:
         return next((r for r in self.rules + self.disabled if r.id == rule_id), None)
@@ -234,12 +263,54 @@ class RuleSet:
         """Some rule fires on traces without its spans: no trace may be pruned away unseen."""
         return any(rule.fires_without_its_spans for rule in self.rules)
 
-    def warnings(self) -> list[str]:
-        """What `betrace check` points out without refusing the rules, each located."""
-        return [f"{rule.location}: warning: rule '{rule.id}' fires on every trace without the "
-                "spans it names (it is true on an empty trace), so on unrelated traffic too; "
-                "every trace is kept by id until decided, and counts as applicable in replay"
-                for rule in self.rules + self.disabled if rule.fires_without_its_spans]
+    def warnings(self) -> list[RuleWarning]:
+        """What `betrace check` points out without refusing the rules, in file order."""
+        every = self.rules + self.disabled
+        found = [RuleWarning(f"rule '{rule.id}' fires on every trace without the spans it "
+                             "names (it is true on an empty trace), so on unrelated traffic "
+                             "too; every trace is kept by id until decided, and counts as "
+                             "applicable in replay", rule.location, "fires-without-spans",
+                             rule.id)
+                 for rule in every if rule.fires_without_its_spans]
+        found += [RuleWarning(f"rule '{rule.id}' selects \"{glob}\", which matches every span "
+                              "name: pruning is off and every span of every trace is kept "
+                              "until decided; name the spans, or narrow the glob (\"GET *\")",
+                              rule.location, "keeps-every-span", rule.id)
+                  for rule in self.rules for glob in sorted(rule.logic.refs.globs)
+                  if not glob.strip("*")]
+        found += [RuleWarning(f"{declared.kind} '{declared.name}' is declared but no rule uses "
+                              "it", declared.location, f"unused-{declared.kind}")
+                  for declared in self.unused_declarations]
+        found += self._lone_selectors()
+        with_examples = {example.rule_id for example in self.examples}
+        found += [RuleWarning(f"rule '{rule.id}' has no examples, so `betrace test` cannot "
+                              "show that it fires and that it stays quiet", rule.location,
+                              "no-examples", rule.id)
+                  for rule in every if rule.id not in with_examples]
+        order = {file: index for index, file in enumerate(self.files)}
+        return sorted(found, key=lambda w: (order.get(w.location.file, len(order)),
+                                            w.location.line, w.location.column))
+
+    def _lone_selectors(self) -> list[RuleWarning]:
+        """Span names one rule selects and nothing else names (no other rule, no example
+        span): a misspelt name, or a misspelt macro, which reads as a span name."""
+        every = self.rules + self.disabled
+        selecting = Counter(name for rule in every for name in rule.logic.refs.names)
+        in_examples = {span.name for example in self.examples
+                       for span in trace_from_compact(example.spans).spans}
+        macros = [declared.name for declared in self.declarations if declared.kind == "macro"]
+        found = []
+        for rule in every:
+            for name in sorted(rule.logic.refs.names):
+                if selecting[name] > 1 or name in in_examples:
+                    continue
+                close = difflib.get_close_matches(name, macros, n=1)
+                hint = f"; did you mean the macro '{close[0]}'?" if close else \
+                    "; is it misspelt?"
+                found.append(RuleWarning(f"rule '{rule.id}' selects span '{name}', which no "
+                                         f"other rule and no example span names{hint}",
+                                         rule.location, "lone-selector", rule.id))
+        return found
 
     def evaluate(self, trace: Trace) -> list[Violation]:
         """The violations of every enabled rule (see `evaluate`)."""

@@ -6,6 +6,7 @@ expression held by a scalar, whatever its quoting or block style) into `Location
 
 from __future__ import annotations
 
+import re
 from bisect import bisect_right
 from typing import Any
 
@@ -13,6 +14,9 @@ import yaml
 
 from sidecar.model.errors import Location, RuleError
 
+# The keys whose values are rule expressions (with the names under `macros:`)
+EXPRESSION_KEYS = ("condition", "when", "always", "never", "for_each")
+_KEY_LINE = re.compile(r"(\s*)(?:-\s+)?([A-Za-z_][A-Za-z0-9_.]*)\s*:(?:\s|$)")
 _MAX_ALIGN_SCAN = 256  # how far to look for the next character of a scalar in its source
 MAX_NESTING = 64  # YAML nesting deeper than this is refused: composing it recurses per level
 
@@ -63,11 +67,51 @@ class YamlSource:
         except yaml.MarkedYAMLError as exc:
             mark = exc.problem_mark or exc.context_mark
             what = exc.problem or exc.context or "invalid YAML"
-            raise RuleError(f"invalid YAML: {what}",
+            key = self.expression_key(mark.line, mark.column) if mark else None
+            hint = f"; {quoting_hint(key)}" if key else ""
+            raise RuleError(f"invalid YAML: {what}{hint}",
                             self._location_at(mark.index if mark else 0), code="yaml") from None
         except yaml.reader.ReaderError as exc:
             raise RuleError(f"invalid YAML: character {exc.character:#06x} is not allowed "
                             "(unprintable)", self._location_at(exc.position), code="yaml") from None
+
+    def expression_key(self, line: int, column: int) -> str | None:
+        """The key whose value holds (`line`, `column`), 0-based, when that value is a rule
+        expression (a logic key, or a name under `macros:`): found by indentation, since the
+        text did not parse."""
+        text = self.lines[line] if line < len(self.lines) else ""
+        if not text.strip():
+            return None
+        match = _KEY_LINE.match(text)
+        if match and column < match.end():
+            return None  # at the key itself (bad indentation, say), not in its value
+        owner = (line, match.group(2)) if match else self._owner(line, _indent(text))
+        if owner is None:
+            return None
+        key_line, key = owner
+        if key in EXPRESSION_KEYS:
+            return key
+        parent = self._owner(key_line, _indent(self.lines[key_line]))
+        return key if parent is not None and parent[1] == "macros" else None
+
+    def cut_by_comment(self, node: yaml.ScalarNode) -> bool:
+        """A plain scalar that ends where ` #` starts a comment, leaving an expression open (a
+        parenthesis or a double quote unclosed): YAML cut it there."""
+        if node.style is not None:
+            return False
+        rest = self.text[node.end_mark.index:].split("\n", 1)[0]
+        text = node.value
+        return rest.lstrip(" \t").startswith("#") and (
+            text.count("(") > text.count(")") or text.count('"') % 2 == 1)
+
+    def _owner(self, line: int, indent: int) -> tuple[int, str] | None:
+        """The nearest line before `line` indented less than `indent`, as (line, its key), if
+        it holds a key."""
+        for index in range(line - 1, -1, -1):
+            if _indent(self.lines[index]) < indent:
+                match = _KEY_LINE.match(self.lines[index])
+                return (index, match.group(2)) if match else None
+        return None
 
     def value(self, node: yaml.Node) -> Any:
         """The Python value of a node (plain types only: SafeLoader)."""
@@ -104,6 +148,19 @@ class YamlSource:
         line_end = self._line_starts[line] + len(source_line)
         width = max(1, min(end if end is not None else index + 1, line_end) - index)
         return Location(self.path, line + 1, column + 1, source_line, width)
+
+
+def quoting_hint(key: str) -> str:
+    """How to write an expression YAML cannot hold as a plain scalar (`: `, ` #`, a leading
+    quote, `*`, `[`...)."""
+    return (f"quote the expression with single quotes or write it as a block scalar: "
+            f"`{key}: |` and the expression on the next line")
+
+
+def _indent(line: str) -> int:
+    """A line's indentation; a blank or comment line has none that could hold a key."""
+    return len(line) - len(line.lstrip(" ")) if line.strip() and \
+        not line.lstrip().startswith("#") else 1 << 30
 
 
 def _align(source: str, start: int, end: int, value: str) -> list[int]:
