@@ -161,3 +161,43 @@ rules:
     with_under = load_rules_text(ORDERS).projection()
     # (signal context attributes are kept on every span; nothing else on unnamed ones)
     assert with_under.wants_name("llm.call") and with_under.attributes_for("llm.call") == {"order_id"}
+
+
+NAMED = """
+lists:
+  risky_actions: [bulk_deactivate, role_change]
+macros:
+  risky: admin.action.where(action in risky_actions)
+  same_admin: admin.id == this.admin.id and action == this.action
+rules:
+  - id: risky-action-audited
+    severity: high
+    for_each: risky
+    always: audit.log.where(same_admin) after this
+"""
+
+
+def test_lists_and_macros_live(
+        start_sidecar: Callable[..., Running], sdk_client: Callable[..., Any],
+        wait_until: Callable[..., Any], store: str) -> None:
+    """Rule 20 live: a macro as the for_each selector, over a list, and a macro using `this`;
+    only the risky action without its audit log signals."""
+    running = start_sidecar(NAMED, store=store)
+    tracer = sdk_client(running.sidecar.grpc_port).tracer
+
+    def admin(action: str, audited: bool) -> Any:
+        with tracer.start_as_current_span("POST /admin") as request:
+            tracer.start_span("admin.action", attributes={"admin.id": "a1",
+                                                          "action": action}).end()
+            if audited:
+                tracer.start_span("audit.log", attributes={"admin.id": "a1",
+                                                           "action": action}).end()
+        return request
+
+    unaudited = admin("bulk_deactivate", audited=False)
+    admin("role_change", audited=True)
+    admin("password_reset", audited=False)  # not in the list: out of scope
+    [signal] = wait_until(lambda: running.signals("risky-action-audited"), what="the signal")
+    assert signal["trace_id"] == hex_trace(unaudited)
+    running.sidecar.stop()
+    assert len(running.signals("risky-action-audited")) == 1
