@@ -201,3 +201,26 @@ def test_lists_and_macros_live(
     assert signal["trace_id"] == hex_trace(unaudited)
     running.sidecar.stop()
     assert len(running.signals("risky-action-audited")) == 1
+
+
+def test_a_monotone_for_each_rule_signals_on_arrival(
+        start_sidecar: Callable[..., Running], sdk_client: Callable[..., Any],
+        wait_until: Callable[..., Any], store: str) -> None:
+    """`for_each` with `never` alone, of a monotone clause, signals as the spans arrive: long
+    before the trace's decision (30 s here)."""
+    rules = """
+rules:
+  - id: refund-repeated
+    severity: critical
+    for_each: refund
+    never: refund.where(refund_id == this.refund_id and span_id != this.span_id)
+"""
+    running = start_sidecar(rules, store=store, decision_wait=30.0, max_trace_age=60.0)
+    tracer = sdk_client(running.sidecar.grpc_port).tracer
+    with tracer.start_as_current_span("POST /refunds") as request:
+        for _ in range(2):
+            tracer.start_span("refund", attributes={"refund_id": "r-1"}).end()
+    [signal] = wait_until(lambda: running.signals("refund-repeated"), timeout=10,
+                          what="the signal, on arrival")
+    assert signal["trace_id"] == hex_trace(request)
+    assert running.sidecar.store.counts()[0] == 1  # the trace is still open, undecided
