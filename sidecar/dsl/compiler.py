@@ -20,7 +20,7 @@ import re2
 
 from sidecar.dsl import syntax
 from sidecar.dsl.definitions import NO_DEFINITIONS, Definitions
-from sidecar.dsl.parser import compile_regex, parse_expression
+from sidecar.dsl.parser import compile_regex, parse_expression, walk_preds
 from sidecar.model.errors import ExpressionError
 from sidecar.model.spans import Span, Trace
 
@@ -305,22 +305,27 @@ def _compare_this(attr: str, op: str, this_attr: str) -> SpanTest:
     """`attr op this.this_attr`: the same typing as against a literal (rules 10, 11), with the
     checked span's value as the literal; false when either side is missing."""
     get, get_this = attribute_getter(attr), attribute_getter(this_attr)
+    compare = _THIS_OPS.get(op) or _ordered(_ORDER[op])
 
     def test(s: Span) -> bool:
         value, other = get(s), get_this(_THIS.span)
-        if value is MISSING or other is MISSING:
-            return False
-        if op == "==":
-            return literal_equals(value, other)
-        if op == "!=":
-            return not literal_equals(value, other)
-        if op == "contains":
-            return type(value) is str and type(other) is str and other in value
-        if type(value) is str and type(other) is str or \
-                _is_number(value) and _is_number(other):
-            return _ORDER[op](value, other)  # type: ignore[no-any-return]
-        return False
+        return value is not MISSING and other is not MISSING and compare(value, other)
     return test
+
+
+def _ordered(order: Callable[[Any, Any], bool]) -> Callable[[Any, Any], bool]:
+    """An order between two strings or two numbers; false across types."""
+    return lambda value, other: (type(value) is str and type(other) is str
+                                 or _is_number(value) and _is_number(other)) \
+        and order(value, other)
+
+
+_THIS_OPS: dict[str, Callable[[Any, Any], bool]] = {
+    "==": literal_equals,
+    "!=": lambda value, other: not literal_equals(value, other),
+    "contains": lambda value, other: type(value) is str and type(other) is str
+    and other in value,
+}
 
 
 def _bare(node: syntax.Bare) -> SpanTest:
@@ -605,7 +610,7 @@ def _this_nodes(node: Any) -> list[syntax.Node]:
         return [found for part in parts if part is not None for found in _this_nodes(part)]
     found: list[syntax.Node] = []
     for query in _queries(node):
-        found += [p.value for p in _preds(query.where)
+        found += [p.value for p in walk_preds(query.where)
                   if isinstance(p, syntax.Compare) and isinstance(p.value, syntax.ThisAttr)]
     return found + list(_relatives(node))
 
@@ -618,17 +623,6 @@ def _relatives(node: syntax.Expr) -> list[syntax.Relative]:
     if isinstance(node, (syntax.And, syntax.Or)):
         return [r for operand in node.operands for r in _relatives(operand)]
     return []
-
-
-def _preds(pred: syntax.Pred | None) -> list[syntax.Pred]:
-    """Every span-level node under `pred`."""
-    if pred is None:
-        return []
-    if isinstance(pred, syntax.PredNot):
-        return [pred, *_preds(pred.operand)]
-    if isinstance(pred, (syntax.PredAnd, syntax.PredOr)):
-        return [pred, *(p for operand in pred.operands for p in _preds(operand))]
-    return [pred]
 
 
 def _this_attributes(node: Any) -> frozenset[str]:

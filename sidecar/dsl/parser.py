@@ -479,7 +479,7 @@ class _ToAst(Transformer):  # type: ignore[type-arg]
                 return selector  # a condition term (exists) or a selector (before): see there
             selector, wheres = self._macro_selector(selector, wheres, "before .where(...)")
         where = self._conjoin(wheres, meta)
-        for node in _walk_preds(where):
+        for node in walk_preds(where):
             if isinstance(node, syntax.Unique):
                 raise self._error("'unique' is reserved for count(...).where(attr == unique)",
                                   node, code="misplaced-unique")
@@ -494,7 +494,7 @@ class _ToAst(Transformer):  # type: ignore[type-arg]
         uniques = [t for t in terms if isinstance(t, syntax.Unique)]
         rest = [t for t in terms if t is not None and not isinstance(t, syntax.Unique)]
         for term in rest:
-            for node in _walk_preds(term):
+            for node in walk_preds(term):
                 if isinstance(node, syntax.Unique):
                     raise self._error("'attr == unique' must be a term of its own, joined to "
                                       "the rest with 'and'", node, code="misplaced-unique")
@@ -633,7 +633,7 @@ def _conjuncts(pred: Any) -> list[Any]:
     return [pred]
 
 
-def _walk_preds(pred: Any) -> list[Any]:
+def walk_preds(pred: Any) -> list[Any]:
     """Every span-level node under `pred` (iteratively: depth is bounded but be frugal)."""
     found, stack = [], [pred] if pred is not None else []
     while stack:
