@@ -37,39 +37,30 @@ from urllib.parse import urlsplit
 import jsonschema
 import pytest
 import yaml
+from chart import CHART, NAMESPACE, RELEASE, REPO, Rendered, container, flag, helm, require
+from chart import render as render_chart
 from processes import closed_at_end, stop
 
-REPO = Path(__file__).resolve().parent.parent
-CHART = REPO / "helm" / "betrace"
 ALERTS = CHART / "files" / "alerts.yaml"
 DOCKERFILE = REPO / "Dockerfile"
-RELEASE, NAMESPACE = "betrace", "observability"
 # The chart says kubeVersion >=1.25; validate against that and the newest schemas shipped.
 K8S_VERSIONS = ("1.25.0", "1.37.0")
 NATIVE_SIDECAR_VERSIONS = ("1.29.0", "1.37.0")  # restartPolicy on init containers
 CUSTOM_KINDS = {"PodMonitor", "PrometheusRule", "Certificate", "Issuer"}
 
-
-def _require(module: str) -> Any:
-    if os.environ.get("CI") == "true":
-        return __import__(module)
-    return pytest.importorskip(module, reason=f"{module} (the `test` extras) is needed")
-
-
-helm = _require("helm_python")
-kubernetes_validate = _require("kubernetes_validate")
+kubernetes_validate = require("kubernetes_validate")
 
 
 # --- scenarios -----------------------------------------------------------------------------------
 
-TEMPO = {"otlp/tempo": {"endpoint": "tempo.observability:4317", "tls": {"insecure": True}}}
+TEMPO = {"otlp_grpc/tempo": {"endpoint": "tempo.observability:4317", "tls": {"insecure": True}}}
 MONITORING = {"podMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}}
 
 SCENARIOS: dict[str, dict[str, Any]] = {
     "defaults": {},
     "collector-exporters": {
         "collector": {"exporters": {**TEMPO, "debug": {"verbosity": "basic"}},
-                      "pipelineExporters": ["otlp/tempo"]}},
+                      "pipelineExporters": ["otlp_grpc/tempo"]}},
     "collector-redis-bundled": {"redis": {"bundled": {"enabled": True}},
                                 "collector": {"replicas": 3}},
     "collector-redis-external-secret": {
@@ -96,89 +87,19 @@ SCENARIOS: dict[str, dict[str, Any]] = {
 # --- rendering -----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")
-def chart_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The chart; if files/alerts.yaml (written separately) is not there yet, a copy of the chart
-    with a minimal placeholder, never a file in the repository."""
-    if ALERTS.is_file():
-        return CHART
-    import shutil
-
-    copy_dir = tmp_path_factory.mktemp("chart") / "betrace"
-    shutil.copytree(CHART, copy_dir)
-    (copy_dir / "files" / "alerts.yaml").write_text(
-        "groups:\n  - name: betrace-placeholder\n    rules:\n"
-        "      - alert: BetracePlaceholder\n        expr: vector(0) > 1\n")
-    return copy_dir
-
-
-@pytest.fixture(scope="session")
-def chart(chart_dir: Path) -> Iterator[Any]:
-    with helm.Chart.load(chart_dir) as loaded:
+def chart() -> Iterator[Any]:
+    with helm.Chart.load(CHART) as loaded:
         yield loaded
 
 
-class Rendered:
-    """One `helm template`: the objects, and NOTES.txt."""
-
-    def __init__(self, manifests: dict[str, str]) -> None:
-        self.notes = ""
-        self.objects: list[dict[str, Any]] = []
-        for path, text in sorted(manifests.items()):
-            if path.endswith("NOTES.txt"):
-                self.notes = text
-            elif path.endswith((".yaml", ".yml")):
-                self.objects.extend(doc for doc in yaml.safe_load_all(text) if doc)
-
-    def all(self, kind: str) -> list[dict[str, Any]]:
-        return [o for o in self.objects if o["kind"] == kind]
-
-    def get(self, kind: str, name: str | None = None) -> dict[str, Any]:
-        found = [o for o in self.all(kind) if name is None or o["metadata"]["name"] == name]
-        assert len(found) == 1, f"{len(found)} {kind} named {name}: " \
-                                f"{[o['metadata']['name'] for o in self.all(kind)]}"
-        return found[0]
-
-    def pod_specs(self) -> list[tuple[str, dict[str, Any]]]:
-        return [(o["metadata"]["name"], o["spec"]["template"]["spec"])
-                for o in self.objects if o["kind"] in ("Deployment", "StatefulSet", "DaemonSet")]
-
-    def sidecar_template(self) -> dict[str, Any]:
-        data = self.get("ConfigMap", f"{RELEASE}-sidecar-template")["data"]
-        return yaml.safe_load(data["sidecar.yaml"])
-
-    def sidecar(self) -> dict[str, Any]:
-        """The BeTrace sidecar container: the injection template's, or the collector pod's."""
-        names = {o["metadata"]["name"] for o in self.all("ConfigMap")}
-        if f"{RELEASE}-sidecar-template" in names:
-            return self.sidecar_template()["container"]
-        spec = self.get("Deployment", f"{RELEASE}-collector")["spec"]["template"]["spec"]
-        return container(spec, "betrace")
+@pytest.fixture(scope="session")
+def render() -> Callable[..., Rendered]:
+    return render_chart
 
 
 @pytest.fixture(scope="session")
-def render(chart: Any) -> Callable[..., Rendered]:
-    def run(values: dict[str, Any] | None = None, namespace: str = NAMESPACE) -> Rendered:
-        return Rendered(chart.render(copy.deepcopy(values) if values else None, name=RELEASE,
-                                     namespace=namespace, is_install=True))
-
-    return run
-
-
-@pytest.fixture(scope="session")
-def scenarios(render: Callable[..., Rendered]) -> dict[str, Rendered]:
-    return {name: render(values) for name, values in SCENARIOS.items()}
-
-
-def container(pod_spec: dict[str, Any], name: str) -> dict[str, Any]:
-    found = [c for c in pod_spec["containers"] if c["name"] == name]
-    assert len(found) == 1, [c["name"] for c in pod_spec["containers"]]
-    return found[0]
-
-
-def flag(args: list[str], name: str) -> str | None:
-    values = [a.split("=", 1)[1] for a in args if a.startswith(f"--{name}=")]
-    assert len(values) <= 1, args
-    return values[0] if values else None
+def scenarios() -> dict[str, Rendered]:
+    return {name: render_chart(values) for name, values in SCENARIOS.items()}
 
 
 def env_of(c: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -422,11 +343,12 @@ def test_a_metrics_token_is_mounted_asked_for_and_sent_by_the_pod_monitor(
     assert path == "/etc/betrace/metrics-token/scrape-token"
     [mount] = [m for m in sidecar["volumeMounts"] if m["name"] == "betrace-metrics-token"]
     assert path.startswith(mount["mountPath"] + "/") and mount["readOnly"]
-    pod = rendered.get("Deployment", f"{RELEASE}-collector")["spec"]["template"]["spec"]
+    pod = rendered.collector_pod()
     [volume] = [v for v in pod["volumes"] if v["name"] == "betrace-metrics-token"]
     assert volume["secret"] == {"secretName": "betrace-metrics"}
     (monitor,) = rendered.all("PodMonitor")
-    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    endpoint, collector_endpoint = monitor["spec"]["podMetricsEndpoints"]
+    assert "authorization" not in collector_endpoint  # the collector's own metrics
     assert endpoint["authorization"] == {
         "type": "Bearer", "credentials": {"name": "betrace-metrics", "key": "scrape-token"}}
     # the probes' endpoints ask for no token
@@ -465,15 +387,6 @@ def test_a_max_trace_bytes_that_is_no_size_is_refused_by_the_schema(
 
 # --- rules ---------------------------------------------------------------------------------------
 
-def write_rules(rendered: Rendered, directory: Path) -> Path:
-    data = rendered.get("ConfigMap", f"{RELEASE}-rules")["data"]
-    assert data
-    directory.mkdir(parents=True, exist_ok=True)
-    for name, text in data.items():
-        (directory / name).write_text(text)
-    return directory
-
-
 def betrace(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "sidecar", *args], cwd=REPO, text=True,
                           capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
@@ -481,7 +394,7 @@ def betrace(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]
 
 def test_default_rules_pass_betrace_check_and_their_examples(
         scenarios: dict[str, Rendered], tmp_path: Path) -> None:
-    rules = write_rules(scenarios["defaults"], tmp_path / "rules")
+    rules = scenarios["defaults"].write_rules(tmp_path / "rules")
     assert sorted(p.name for p in rules.iterdir()) == ["payments.yaml", "security.yaml"]
     check = betrace("check", str(rules))
     assert check.returncode == 0, check.stdout + check.stderr
@@ -494,7 +407,7 @@ def test_default_rules_pass_betrace_check_and_their_examples(
 def test_default_rules_are_the_catalog_rules(scenarios: dict[str, Rendered],
                                              tmp_path: Path) -> None:
     """The shipped values copy catalog rules: same condition, severity and signal."""
-    rules = write_rules(scenarios["defaults"], tmp_path / "rules")
+    rules = scenarios["defaults"].write_rules(tmp_path / "rules")
     catalog = {r["id"]: r for f in ("payments.yaml", "security.yaml")
                for r in yaml.safe_load((REPO / "rules" / f).read_text())["rules"]}
     for f in rules.iterdir():
@@ -509,7 +422,7 @@ def test_a_bad_rule_in_values_fails_betrace_check(render: Callable[..., Rendered
                                                   tmp_path: Path) -> None:
     bad = "rules:\n  - id: broken\n    name: Broken\n    severity: high\n" \
           "    condition: trace.has(payment.charge).where(amount >)\n"
-    rules = write_rules(render({"rules": {"broken.yaml": bad}}), tmp_path / "rules")
+    rules = render({"rules": {"broken.yaml": bad}}).write_rules(tmp_path / "rules")
     check = betrace("check", str(rules))
     assert check.returncode != 0
     assert "broken.yaml" in check.stdout + check.stderr
@@ -518,7 +431,7 @@ def test_a_bad_rule_in_values_fails_betrace_check(render: Callable[..., Rendered
 def test_rules_are_mounted_as_a_directory_and_hot_reloaded(
         render: Callable[..., Rendered], scenarios: dict[str, Rendered]) -> None:
     rendered = scenarios["defaults"]
-    spec = rendered.get("Deployment", f"{RELEASE}-collector")["spec"]["template"]["spec"]
+    spec = rendered.collector_pod()
     sidecar = container(spec, "betrace")
     assert flag(sidecar["args"], "rules") == "/etc/betrace/rules"
     mount = [m for m in sidecar["volumeMounts"] if m["mountPath"] == "/etc/betrace/rules"]
@@ -549,47 +462,41 @@ def test_rules_are_mounted_as_a_directory_and_hot_reloaded(
 def test_existing_rules_configmap_is_used_instead(scenarios: dict[str, Rendered]) -> None:
     rendered = scenarios["existing-rules-configmap"]
     assert not [o for o in rendered.all("ConfigMap") if o["metadata"]["name"].endswith("-rules")]
-    spec = rendered.get("Deployment", f"{RELEASE}-collector")["spec"]["template"]["spec"]
+    spec = rendered.collector_pod()
     assert {"name": "betrace-rules", "configMap": {"name": "my-rules"}} in spec["volumes"]
 
 
 # --- collector mode ------------------------------------------------------------------------------
 
-def collector_config(rendered: Rendered) -> dict[str, Any]:
-    data = rendered.get("ConfigMap", f"{RELEASE}-collector-config")["data"]
-    config: dict[str, Any] = yaml.safe_load(data["config.yaml"])
-    return config
-
-
 def test_collector_config_feeds_the_sidecar_and_the_users_exporters(
         scenarios: dict[str, Rendered]) -> None:
     rendered = scenarios["collector-exporters"]
-    config = collector_config(rendered)
+    config = rendered.collector_config()
     assert set(config["receivers"]["otlp"]["protocols"]) == {"grpc", "http"}
     assert config["receivers"]["otlp"]["protocols"]["grpc"]["endpoint"].endswith(":4317")
     assert config["receivers"]["otlp"]["protocols"]["http"]["endpoint"].endswith(":4318")
     assert "batch" in config["processors"]
-    betrace_exporter = config["exporters"]["otlp/betrace"]
+    betrace_exporter = config["exporters"]["otlp_grpc/betrace"]
     assert betrace_exporter["endpoint"] == "127.0.0.1:4319"
     assert betrace_exporter["tls"] == {"insecure": True}
     assert betrace_exporter["retry_on_failure"]["enabled"] is True
     assert betrace_exporter["sending_queue"]["enabled"] is True
     assert betrace_exporter["sending_queue"]["queue_size"] == 5000
     # The user's exporters pass through as written; only the listed ones are in the pipeline.
-    assert config["exporters"]["otlp/tempo"] == TEMPO["otlp/tempo"]
+    assert config["exporters"]["otlp_grpc/tempo"] == TEMPO["otlp_grpc/tempo"]
     assert config["exporters"]["debug"] == {"verbosity": "basic"}
     traces = config["service"]["pipelines"]["traces"]
     assert traces["receivers"] == ["otlp"]
     assert traces["processors"][-1] == "batch"
-    assert traces["exporters"] == ["otlp/tempo", "otlp/betrace"]
+    assert traces["exporters"] == ["otlp_grpc/tempo", "otlp_grpc/betrace"]
     assert set(traces["processors"]) <= set(config["processors"])
     assert set(config["service"]["extensions"]) <= set(config["extensions"])
 
     # Without pipelineExporters, every exporter given goes in the pipeline.
-    config = collector_config(scenarios["collector-monitoring"])
-    assert config["service"]["pipelines"]["traces"]["exporters"] == ["otlp/tempo", "otlp/betrace"]
-    config = collector_config(scenarios["defaults"])
-    assert config["service"]["pipelines"]["traces"]["exporters"] == ["otlp/betrace"]
+    config = scenarios["collector-monitoring"].collector_config()
+    assert config["service"]["pipelines"]["traces"]["exporters"] == ["otlp_grpc/tempo", "otlp_grpc/betrace"]
+    config = scenarios["defaults"].collector_config()
+    assert config["service"]["pipelines"]["traces"]["exporters"] == ["otlp_grpc/betrace"]
 
 
 def test_collector_pod_runs_the_collector_and_the_sidecar(scenarios: dict[str, Rendered]) -> None:
@@ -617,6 +524,8 @@ def test_collector_pod_runs_the_collector_and_the_sidecar(scenarios: dict[str, R
 
 
 @pytest.mark.parametrize("values, message", [
+    ({"collector": {"exporters": {"otlp_grpc/betrace": {"endpoint": "x:4317"}}}},
+     "otlp_grpc/betrace"),
     ({"collector": {"exporters": {"otlp/betrace": {"endpoint": "x:4317"}}}}, "otlp/betrace"),
     ({"collector": {"exporters": TEMPO, "pipelineExporters": ["otlp/jaeger"]}}, "otlp/jaeger"),
     ({"mode": "injection", "webhook": {"namespaces": [NAMESPACE]}}, "release namespace"),
@@ -790,7 +699,7 @@ def test_the_rendered_sidecar_starts_and_catches_a_violation(
         wait_until: Callable[..., Any]) -> None:
     rendered = render({"sidecar": {"decisionWait": "1s", "maxTraceAge": "10s",
                                    "signalsOut": ""}})
-    rules = write_rules(rendered, tmp_path / "rules")
+    rules = rendered.write_rules(tmp_path / "rules")
     process, grpc_port, metrics_port = start_sidecar(rendered, rules, processes, {},
                                                      export=otlp_receiver.endpoint)
     status, body = process.wait_http(metrics_port, "/readyz")
@@ -820,7 +729,7 @@ def test_the_rendered_sidecar_asks_for_the_metrics_token_and_not_on_its_probes(
     token = tmp_path / "token"  # the Secret's key, as the volume mounts it
     token.write_text("scrape-me\n")
     process, _, metrics_port = start_sidecar(
-        rendered, write_rules(rendered, tmp_path / "rules"), processes, {},
+        rendered, rendered.write_rules(tmp_path / "rules"), processes, {},
         files={"metrics-token-file": str(token)})
     assert process.wait_http(metrics_port, "/readyz")[0] == 200
     assert http_get(metrics_port, "/healthz")[0] == 200
@@ -845,7 +754,7 @@ def test_the_rendered_sidecar_reaches_redis_with_the_secret_password(
         _wait_for_redis(port, password)
         rendered = render({"redis": {"url": f"redis://127.0.0.1:{port}/0",
                                      "existingSecret": "redis-auth"}})
-        rules = write_rules(rendered, tmp_path / "rules")
+        rules = rendered.write_rules(tmp_path / "rules")
         process, _, metrics_port = start_sidecar(rendered, rules, processes,
                                                  {("redis-auth", "password"): password})
         status, body = process.wait_http(metrics_port, "/readyz")
@@ -1108,9 +1017,16 @@ def test_the_rendered_webhook_serves_its_certificate_and_injects_a_valid_pod(
 def test_pod_monitor_scrapes_the_sidecar_metrics_port(scenarios: dict[str, Rendered]) -> None:
     rendered = scenarios["collector-monitoring"]
     (monitor,) = rendered.all("PodMonitor")
-    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    endpoint, collector_endpoint = monitor["spec"]["podMetricsEndpoints"]
     assert endpoint["port"] == "metrics" and endpoint["path"] == "/metrics"
+    # and the collector's own metrics, where its queue to the sidecar shows
+    assert collector_endpoint["port"] == "otelcol-metrics"
     template = rendered.get("Deployment", f"{RELEASE}-collector")["spec"]["template"]
+    [collector_port] = [p for p in container(template["spec"], "otel-collector")["ports"]
+                        if p["name"] == "otelcol-metrics"]
+    assert collector_port["containerPort"] == 8888
+    telemetry = rendered.collector_config()["service"]["telemetry"]["metrics"]["readers"]
+    assert telemetry[0]["pull"]["exporter"]["prometheus"]["port"] == 8888
     assert monitor["spec"]["selector"]["matchLabels"].items() <= \
         template["metadata"]["labels"].items()
     assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
@@ -1130,15 +1046,14 @@ def test_pod_monitor_scrapes_the_sidecar_metrics_port(scenarios: dict[str, Rende
     assert not scenarios["defaults"].all("PrometheusRule")
 
 
-def test_prometheus_rule_carries_the_alerts_file(scenarios: dict[str, Rendered],
-                                                 chart_dir: Path) -> None:
+def test_prometheus_rule_carries_the_alerts_file(scenarios: dict[str, Rendered]) -> None:
     for scenario in ("collector-monitoring", "injection-monitoring-redis"):
         rule = scenarios[scenario].get("PrometheusRule")
-        expected = yaml.safe_load((chart_dir / "files" / "alerts.yaml").read_text())["groups"]
+        expected = yaml.safe_load((CHART / "files" / "alerts.yaml").read_text())["groups"]
         assert rule["spec"]["groups"] == expected
         # Alert templates ({{ $labels.x }}) are Prometheus's, left alone by Helm.
-    if ALERTS.is_file() and "{{" in ALERTS.read_text():
-        assert "{{" in json.dumps(scenarios["collector-monitoring"].get("PrometheusRule"))
+    assert "{{" in ALERTS.read_text()
+    assert "{{" in json.dumps(scenarios["collector-monitoring"].get("PrometheusRule"))
 
 
 def test_grafana_dashboard(scenarios: dict[str, Rendered]) -> None:
@@ -1196,15 +1111,15 @@ def test_schema_accepts_every_scenario(chart: Any) -> None:
 
 
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
-def test_helm_lint_is_clean(chart_dir: Path, scenario: str) -> None:
-    report = helm.lint(chart_dir, copy.deepcopy(SCENARIOS[scenario]) or None, strict=True,
+def test_helm_lint_is_clean(scenario: str) -> None:
+    report = helm.lint(CHART, copy.deepcopy(SCENARIOS[scenario]) or None, strict=True,
                        namespace=NAMESPACE, kube_version="v1.30.0")
     assert report["errors"] == []
     assert [m for m in report["messages"] if m["severity"] >= 2] == [], report["messages"]
 
 
-def test_helm_lint_reports_bad_values(chart_dir: Path) -> None:
-    report = helm.lint(chart_dir, {"mode": "bogus"}, strict=True, namespace=NAMESPACE)
+def test_helm_lint_reports_bad_values() -> None:
+    report = helm.lint(CHART, {"mode": "bogus"}, strict=True, namespace=NAMESPACE)
     assert [m for m in report["messages"] if m["severity"] == 3], report
 
 
