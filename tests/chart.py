@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -101,3 +102,27 @@ def flag(args: list[str], name: str) -> str | None:
     values = [a.split("=", 1)[1] for a in args if a.startswith(f"--{name}=")]
     assert len(values) <= 1, args
     return values[0] if values else None
+
+
+def expand(value: str, env: dict[str, str]) -> str:
+    """The kubelet's $(VAR) expansion of env values and args: a defined variable is replaced,
+    $$ is a literal $, anything else stays as written."""
+    return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)",
+                  lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)),
+                  value)
+
+
+def container_env(c: dict[str, Any], secrets: dict[tuple[str, str], str]) -> dict[str, str]:
+    """The environment Kubernetes gives the container: values expanded in order, Secret keys
+    resolved from `secrets`."""
+    env: dict[str, str] = {}
+    for entry in c.get("env", []):
+        if "fieldRef" in entry.get("valueFrom", {}):  # the downward API: this is the pod
+            assert entry["valueFrom"]["fieldRef"] == {"fieldPath": "status.podIP"}
+            env[entry["name"]] = "127.0.0.1"
+        elif "valueFrom" in entry:
+            ref = entry["valueFrom"]["secretKeyRef"]
+            env[entry["name"]] = secrets[(ref["name"], ref["key"])]
+        else:
+            env[entry["name"]] = expand(entry["value"], env)
+    return env

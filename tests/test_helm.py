@@ -37,7 +37,18 @@ from urllib.parse import urlsplit
 import jsonschema
 import pytest
 import yaml
-from chart import CHART, NAMESPACE, RELEASE, REPO, Rendered, container, flag, helm, require
+from chart import (
+    CHART,
+    NAMESPACE,
+    RELEASE,
+    REPO,
+    Rendered,
+    container,
+    container_env,
+    flag,
+    helm,
+    require,
+)
 from chart import render as render_chart
 from processes import closed_at_end, stop
 
@@ -538,30 +549,6 @@ def test_inconsistent_values_fail_with_a_message(render: Callable[..., Rendered]
 
 
 # --- Redis ---------------------------------------------------------------------------------------
-
-def expand(value: str, env: dict[str, str]) -> str:
-    """The kubelet's $(VAR) expansion of env values and args: a defined variable is replaced,
-    $$ is a literal $, anything else stays as written."""
-    return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)",
-                  lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)),
-                  value)
-
-
-def container_env(c: dict[str, Any], secrets: dict[tuple[str, str], str]) -> dict[str, str]:
-    """The environment Kubernetes gives the container: values expanded in order, Secret keys
-    resolved from `secrets`."""
-    env: dict[str, str] = {}
-    for entry in c.get("env", []):
-        if "fieldRef" in entry.get("valueFrom", {}):  # the downward API: this is the pod
-            assert entry["valueFrom"]["fieldRef"] == {"fieldPath": "status.podIP"}
-            env[entry["name"]] = "127.0.0.1"
-        elif "valueFrom" in entry:
-            ref = entry["valueFrom"]["secretKeyRef"]
-            env[entry["name"]] = secrets[(ref["name"], ref["key"])]
-        else:
-            env[entry["name"]] = expand(entry["value"], env)
-    return env
-
 
 def test_bundled_redis_is_small_noeviction_and_wired_in(scenarios: dict[str, Rendered]) -> None:
     rendered = scenarios["collector-redis-bundled"]
