@@ -8,6 +8,7 @@ and its fixed twin; the rules are the catalog's, given to the chart as Helm valu
 
 from __future__ import annotations
 
+import re
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from chart import REPO, render
 from otelcol import built
 from pipeline import ChartPod, Jaeger, Process, attributes
@@ -56,13 +58,23 @@ def test_the_charts_collector_config_passes_otelcol_validate(values: dict[str, A
                                                              tmp_path: Path) -> None:
     config = tmp_path / "config.yaml"
     config.write_text(render(values).get("ConfigMap", "betrace-collector-config")
-                      ["data"]["config.yaml"])
+                      ["data"]["config.yaml"])  # as mounted, unchanged
     result = subprocess.run([str(built("otelcol")), "validate", f"--config={config}"],
                             env={"MY_POD_IP": "10.0.0.7"}, capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     # and it uses no deprecated name (v0.161.0 warns of `otlp` for `otlp_grpc`)
     assert "deprecated" not in result.stdout + result.stderr
+
+
+def test_the_readme_shows_the_config_the_chart_renders() -> None:
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("### With the OpenTelemetry Collector"):]
+    block = re.search(r"```yaml\n(.*?)```", section, re.S)
+    assert block
+    rendered = render({"collector": {"exporters": {"otlp_grpc/tempo": {
+        "endpoint": "tempo.observability:4317", "tls": {"insecure": True}}}}})
+    assert yaml.safe_load(block.group(1)) == rendered.collector_config()
 
 
 def test_violation_spans_land_in_jaeger_inside_the_violating_traces(
