@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tempo_fake import FakeTempo, compile_traceql, serve
 
+from sidecar.dsl import glob_matcher, span_names_for
 from sidecar.dsl.traceql import ANY_TRACE, pushdowns, rule_query, traceql_for
 from sidecar.model.spans import Projection, Span, Trace
 from sidecar.otlp.json_spans import InputError
@@ -129,6 +130,7 @@ def test_the_evaluator_models_tempo_typing() -> None:
 def test_rules_that_cannot_narrow_fetch_everything(condition: str) -> None:
     ruleset = load_rules_text(f"rules:\n  - id: r\n    condition: '{condition}'\n")
     assert traceql_for(ruleset) == ANY_TRACE
+    assert span_names_for(ruleset.rules) is None
 
 
 def test_quoting_and_escaping() -> None:
@@ -230,6 +232,15 @@ def random_trace(draw: st.DrawFn) -> Trace:
 _SYNTHETIC = load_rules_text(SYNTHETIC)
 _SYNTHETIC_QUERIES = {rule.id: compile_traceql(rule_query(rule)) for rule in _SYNTHETIC.rules}
 _SYNTHETIC_ALL = compile_traceql(traceql_for(_SYNTHETIC))
+_SYNTHETIC_NAMES = {rule.id: span_names_for([rule]) for rule in _SYNTHETIC.rules}
+
+
+def holds_a_span_named(names: list[tuple[str, bool]] | None, trace: Trace) -> bool:
+    """What a search by span name alone (Jaeger's operation) finds, None: every trace."""
+    if names is None:
+        return True
+    matchers = [glob_matcher(name) if glob else name.__eq__ for name, glob in names]
+    return any(match(span.name) for span in trace.spans for match in matchers)
 
 
 @settings(max_examples=400, deadline=None)
@@ -239,6 +250,8 @@ def test_pushdown_is_never_stricter_than_the_rule(generated: Trace) -> None:
         if rule.evaluate(generated) is not None:
             assert _SYNTHETIC_QUERIES[rule.id](generated.spans), (rule.id, rule_query(rule))
             assert _SYNTHETIC_ALL(generated.spans), rule.id
+            assert holds_a_span_named(_SYNTHETIC_NAMES[rule.id], generated), rule.id
+            assert holds_a_span_named(span_names_for(_SYNTHETIC.rules), generated), rule.id
 
 
 def test_synthetic_rules_do_narrow() -> None:
@@ -256,6 +269,13 @@ def test_synthetic_rules_do_narrow() -> None:
     assert queries["count-negated"] == '{ name = "checkout" }'
     assert not any("} && {" in q or "} && (" in q for q in queries.values())
     assert sum(q == ANY_TRACE for q in queries.values()) == 0
+    # By span name alone, only the rules that select `"*"` search every trace.
+    assert [rule_id for rule_id, names in _SYNTHETIC_NAMES.items() if names is None] == \
+        ["builtins"]
+    assert _SYNTHETIC_NAMES["glob"] == [("GET /*", True)]
+    assert _SYNTHETIC_NAMES["counts"] == [("checkout", False), ("refund", False)]
+    assert _SYNTHETIC_NAMES["dsl-clauses"] == [("checkout", False)]
+    assert span_names_for(_SYNTHETIC.rules) is None  # because of `builtins`
 
 
 # --- the client: search -------------------------------------------------------------------------
