@@ -10,7 +10,7 @@ import shutil
 import sys
 import time
 from collections.abc import Sequence
-from typing import IO
+from typing import IO, Any
 
 from sidecar import __version__
 from sidecar.live.config import Settings
@@ -455,10 +455,11 @@ def _replay(args: argparse.Namespace) -> int:
 
     from sidecar.model.errors import SourceError
     from sidecar.model.signal_writers import make_writer
+    from sidecar.replay.backend import BackendError, TraceBackend
     from sidecar.replay.progress import Progress
-    from sidecar.replay.runner import DEFAULT_MEMORY, ReplayOptions, replay, replay_tempo
+    from sidecar.replay.runner import DEFAULT_MEMORY, ReplayOptions, replay, replay_backend
     from sidecar.replay.sources import expand_sources, parse_moment
-    from sidecar.replay.tempo import TempoError, TempoStats
+    from sidecar.replay.tempo import TempoClient
 
     signal.signal(signal.SIGTERM, _terminated)
     ruleset = _load(args.rules)
@@ -474,6 +475,9 @@ def _replay(args: argparse.Namespace) -> int:
                               "searched over a time range")
         if args.tempo_limit < 1:
             raise SourceError(f"--tempo-limit must be at least 1, not {args.tempo_limit}")
+        backend: TraceBackend[Any] | None = None
+        if args.tempo:
+            backend = TempoClient(args.tempo, org_id=args.tempo_org_id)
         sources = expand_sources(args.sources) if args.sources else []
         until = parse_moment(args.until) if args.until else None
         options = ReplayOptions(
@@ -481,7 +485,7 @@ def _replay(args: argparse.Namespace) -> int:
             jobs=args.jobs,
             spill_dir=args.spill_dir,
             since_ns=parse_moment(args.since) if args.since else None,
-            until_ns=until if until is not None or not args.tempo else time.time_ns(),
+            until_ns=until if until is not None or backend is None else time.time_ns(),
             edge_ns=_edge(args.edge), group_by=args.group_by,
             value_limit=args.max_signal_value_bytes)
         if options.value_limit < 1:
@@ -503,31 +507,30 @@ def _replay(args: argparse.Namespace) -> int:
         writer = make_writer(args.format, out, columns)
         def report(error: object) -> None:
             print(f"betrace: {error}", file=sys.stderr)
-        tempo = TempoStats()
-        if args.tempo:
-            summary = replay_tempo(ruleset, args.tempo, writer.write, on_error=report,
-                                   options=options, limit=args.tempo_limit,
-                                   org_id=args.tempo_org_id, stats=tempo, progress=progress)
+        if backend is not None:
+            summary = replay_backend(ruleset, backend, writer.write, on_error=report,
+                                     options=options, limit=args.tempo_limit,
+                                     progress=progress)
         else:
             summary = replay(ruleset, sources, writer.write, on_error=report, options=options,
                              progress=progress)
         writer.close()
     except BrokenPipeError:
         raise  # the reader went away (`| head`): main() ends quietly
-    except (OSError, TempoError) as exc:
+    except (OSError, BackendError) as exc:
         progress.clear()
         print(f"betrace: {exc}", file=sys.stderr)
         return EXIT_UNUSABLE
     finally:
         if args.out:
             out.close()
-    for line in summary.lines() + (tempo.lines() if args.tempo else []):
+    for line in summary.lines() + (backend.stats.lines() if backend is not None else []):
         print(line, file=sys.stderr)
     if args.fail_on_violation and summary.signals:
         return EXIT_FAILED
     if summary.rule_errors:
         return EXIT_RULE_ERRORS
-    incomplete = args.tempo and (tempo.truncated or tempo.missing or tempo.partial)
+    incomplete = backend is not None and backend.stats.incomplete
     return EXIT_SKIPPED_INPUT if summary.skipped or incomplete else EXIT_OK
 
 
