@@ -551,7 +551,7 @@ def test_betrace_replay_from_tempo_writes_the_signals_and_the_search_figures(
     (("--tempo", "http://127.0.0.1:9"), "--tempo needs --since"),
     ((), "nothing to replay"),
     (("--tempo", "http://127.0.0.1:9", "--since", "1h", "--tempo-limit", "0"),
-     "--tempo-limit must be at least 1"),
+     "--search-limit must be at least 1"),  # --tempo-limit is its older spelling
 ])
 def test_betrace_replay_refuses_unusable_tempo_options(args: tuple[str, ...],
                                                        message: str) -> None:
