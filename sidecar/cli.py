@@ -10,7 +10,7 @@ import shutil
 import sys
 import time
 from collections.abc import Sequence
-from typing import IO
+from typing import IO, Any
 
 from sidecar import __version__
 from sidecar.live.config import Settings
@@ -98,14 +98,17 @@ def _parser() -> argparse.ArgumentParser:
         "ExportTraceServiceRequest preceded by its length, 4 bytes big-endian), plain, gzip or "
         "zstd, recognised by content - group spans by trace across all sources, evaluate each "
         "trace once, and write one signal per (rule, trace), sorted by rule, time and trace. "
-        "Spans no rule names are dropped unread. A per-rule summary goes to stderr.",
+        "Spans no rule names are dropped unread. A per-rule summary goes to stderr. With "
+        "--tempo or --jaeger, the traces come from that store instead: those it finds between "
+        "--since and --until that could violate a rule, each fetched whole.",
         epilog="Malformed input is reported as FILE:LINE (JSON) or FILE@BYTE-OFFSET (proto, "
         "offset in the decompressed data) and skipped; the rest is replayed. "
         "Exit status: 0 done; 1 violations found with --fail-on-violation; 2 could not run "
-        "(bad rules or options, a source that matches nothing or cannot be read, Tempo "
-        "unreachable); 3 done, but malformed input was skipped (with --tempo: or a trace was "
-        "missing, partial, or a search window still full); 4 done, but a rule raised on some "
-        "traces (the summary names it; every other rule was judged).")
+        "(bad rules or options, a source that matches nothing or cannot be read, Tempo or "
+        "Jaeger unreachable or not answering its API); 3 done, but malformed input was skipped "
+        "(with --tempo or --jaeger: or a trace was missing, partial, or a search window still "
+        "full); 4 done, but a rule raised on some traces (the summary names it; every other "
+        "rule was judged).")
     replay.add_argument("sources", nargs="*", metavar="SOURCE",
                         help="file, directory (read recursively, hidden entries skipped), glob "
                         "(quoted globs are expanded too) or '-' for stdin")
@@ -143,12 +146,20 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("--progress", choices=MODES, default="auto",
                         help="progress on stderr: auto (a redrawn line with spans/s and ETA on a "
                         "terminal, else a line every 5 s), bar, lines or never")
-    replay.add_argument("--tempo", metavar="URL",
-                        help="read from Tempo instead of files (needs --since): search with a "
-                        "TraceQL query compiled from the rules, fetch each candidate trace whole")
-    replay.add_argument("--tempo-limit", type=int, default=1000, metavar="N",
-                        help="traces per Tempo search request, at most the server's "
-                        "max_result_limit (default: 1000); fuller windows are split")
+    store = replay.add_mutually_exclusive_group()
+    store.add_argument("--tempo", metavar="URL",
+                       help="read from Tempo instead of files (needs --since): search with a "
+                       "TraceQL query compiled from the rules, fetch each candidate trace whole")
+    store.add_argument("--jaeger", metavar="URL",
+                       help="read from Jaeger's query service (http://HOST:16686) instead of "
+                       "files (needs --since): search each service for the span names the rules "
+                       "need (every service when a rule needs none), fetch each candidate trace "
+                       "whole")
+    replay.add_argument("--search-limit", "--tempo-limit", dest="search_limit", type=int,
+                        default=1000, metavar="N",
+                        help="with --tempo or --jaeger, traces per search request, at most "
+                        "the server's (Tempo's max_result_limit, the Jaeger memory store's "
+                        "max_traces; default: 1000); fuller windows are split")
     replay.add_argument("--tempo-org-id", metavar="TENANT",
                         help="X-Scope-OrgID for a multi-tenant Tempo")
     replay.set_defaults(run=_replay)
@@ -455,25 +466,34 @@ def _replay(args: argparse.Namespace) -> int:
 
     from sidecar.model.errors import SourceError
     from sidecar.model.signal_writers import make_writer
+    from sidecar.replay.backend import BackendError, TraceBackend
+    from sidecar.replay.jaeger import JaegerClient
     from sidecar.replay.progress import Progress
-    from sidecar.replay.runner import DEFAULT_MEMORY, ReplayOptions, replay, replay_tempo
+    from sidecar.replay.runner import DEFAULT_MEMORY, ReplayOptions, replay, replay_backend
     from sidecar.replay.sources import expand_sources, parse_moment
-    from sidecar.replay.tempo import TempoError, TempoStats
+    from sidecar.replay.tempo import TempoClient
 
     signal.signal(signal.SIGTERM, _terminated)
     ruleset = _load(args.rules)
     if ruleset is None:
         return EXIT_UNUSABLE
     try:
-        if args.tempo and args.sources:
-            raise SourceError("give either SOURCE files or --tempo, not both")
-        if not args.tempo and not args.sources:
-            raise SourceError("nothing to replay: give SOURCE files (or '-') or --tempo URL")
-        if args.tempo and not args.since:
-            raise SourceError("--tempo needs --since (and --until, default now): Tempo is "
+        store = "--tempo" if args.tempo else "--jaeger" if args.jaeger else None
+        if store and args.sources:
+            raise SourceError(f"give either SOURCE files or {store}, not both")
+        if not store and not args.sources:
+            raise SourceError("nothing to replay: give SOURCE files (or '-'), --tempo URL or "
+                              "--jaeger URL")
+        if store and not args.since:
+            raise SourceError(f"{store} needs --since (and --until, default now): the store is "
                               "searched over a time range")
-        if args.tempo_limit < 1:
-            raise SourceError(f"--tempo-limit must be at least 1, not {args.tempo_limit}")
+        if args.search_limit < 1:
+            raise SourceError(f"--search-limit must be at least 1, not {args.search_limit}")
+        backend: TraceBackend[Any] | None = None
+        if args.tempo:
+            backend = TempoClient(args.tempo, org_id=args.tempo_org_id)
+        elif args.jaeger:
+            backend = JaegerClient(args.jaeger)
         sources = expand_sources(args.sources) if args.sources else []
         until = parse_moment(args.until) if args.until else None
         options = ReplayOptions(
@@ -481,7 +501,7 @@ def _replay(args: argparse.Namespace) -> int:
             jobs=args.jobs,
             spill_dir=args.spill_dir,
             since_ns=parse_moment(args.since) if args.since else None,
-            until_ns=until if until is not None or not args.tempo else time.time_ns(),
+            until_ns=until if until is not None or backend is None else time.time_ns(),
             edge_ns=_edge(args.edge), group_by=args.group_by,
             value_limit=args.max_signal_value_bytes)
         if options.value_limit < 1:
@@ -503,31 +523,30 @@ def _replay(args: argparse.Namespace) -> int:
         writer = make_writer(args.format, out, columns)
         def report(error: object) -> None:
             print(f"betrace: {error}", file=sys.stderr)
-        tempo = TempoStats()
-        if args.tempo:
-            summary = replay_tempo(ruleset, args.tempo, writer.write, on_error=report,
-                                   options=options, limit=args.tempo_limit,
-                                   org_id=args.tempo_org_id, stats=tempo, progress=progress)
+        if backend is not None:
+            summary = replay_backend(ruleset, backend, writer.write, on_error=report,
+                                     options=options, limit=args.search_limit,
+                                     progress=progress)
         else:
             summary = replay(ruleset, sources, writer.write, on_error=report, options=options,
                              progress=progress)
         writer.close()
     except BrokenPipeError:
         raise  # the reader went away (`| head`): main() ends quietly
-    except (OSError, TempoError) as exc:
+    except (OSError, BackendError) as exc:
         progress.clear()
         print(f"betrace: {exc}", file=sys.stderr)
         return EXIT_UNUSABLE
     finally:
         if args.out:
             out.close()
-    for line in summary.lines() + (tempo.lines() if args.tempo else []):
+    for line in summary.lines() + (backend.stats.lines() if backend is not None else []):
         print(line, file=sys.stderr)
     if args.fail_on_violation and summary.signals:
         return EXIT_FAILED
     if summary.rule_errors:
         return EXIT_RULE_ERRORS
-    incomplete = args.tempo and (tempo.truncated or tempo.missing or tempo.partial)
+    incomplete = backend is not None and backend.stats.incomplete
     return EXIT_SKIPPED_INPUT if summary.skipped or incomplete else EXIT_OK
 
 

@@ -18,16 +18,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tempo_fake import FakeTempo, compile_traceql, serve
 
+from sidecar.dsl import glob_matcher, span_names_for
 from sidecar.dsl.traceql import ANY_TRACE, pushdowns, rule_query, traceql_for
 from sidecar.model.spans import Projection, Span, Trace
 from sidecar.otlp.json_spans import InputError
-from sidecar.replay.tempo import (
-    TempoClient,
-    TempoError,
-    TempoStats,
-    normalize_trace_id,
-    tempo_traces,
-)
+from sidecar.replay.backend import normalize_trace_id
+from sidecar.replay.tempo import TempoClient, TempoError
 from sidecar.rules import RuleSet, load_rules, load_rules_text
 from sidecar.rules.compact import trace_from_compact
 
@@ -129,6 +125,7 @@ def test_the_evaluator_models_tempo_typing() -> None:
 def test_rules_that_cannot_narrow_fetch_everything(condition: str) -> None:
     ruleset = load_rules_text(f"rules:\n  - id: r\n    condition: '{condition}'\n")
     assert traceql_for(ruleset) == ANY_TRACE
+    assert span_names_for(ruleset.rules) is None
 
 
 def test_quoting_and_escaping() -> None:
@@ -230,6 +227,15 @@ def random_trace(draw: st.DrawFn) -> Trace:
 _SYNTHETIC = load_rules_text(SYNTHETIC)
 _SYNTHETIC_QUERIES = {rule.id: compile_traceql(rule_query(rule)) for rule in _SYNTHETIC.rules}
 _SYNTHETIC_ALL = compile_traceql(traceql_for(_SYNTHETIC))
+_SYNTHETIC_NAMES = {rule.id: span_names_for([rule]) for rule in _SYNTHETIC.rules}
+
+
+def holds_a_span_named(names: list[tuple[str, bool]] | None, trace: Trace) -> bool:
+    """What a search by span name alone (Jaeger's operation) finds, None: every trace."""
+    if names is None:
+        return True
+    matchers = [glob_matcher(name) if glob else name.__eq__ for name, glob in names]
+    return any(match(span.name) for span in trace.spans for match in matchers)
 
 
 @settings(max_examples=400, deadline=None)
@@ -239,6 +245,8 @@ def test_pushdown_is_never_stricter_than_the_rule(generated: Trace) -> None:
         if rule.evaluate(generated) is not None:
             assert _SYNTHETIC_QUERIES[rule.id](generated.spans), (rule.id, rule_query(rule))
             assert _SYNTHETIC_ALL(generated.spans), rule.id
+            assert holds_a_span_named(_SYNTHETIC_NAMES[rule.id], generated), rule.id
+            assert holds_a_span_named(span_names_for(_SYNTHETIC.rules), generated), rule.id
 
 
 def test_synthetic_rules_do_narrow() -> None:
@@ -256,6 +264,13 @@ def test_synthetic_rules_do_narrow() -> None:
     assert queries["count-negated"] == '{ name = "checkout" }'
     assert not any("} && {" in q or "} && (" in q for q in queries.values())
     assert sum(q == ANY_TRACE for q in queries.values()) == 0
+    # By span name alone, only the rules that select `"*"` search every trace.
+    assert [rule_id for rule_id, names in _SYNTHETIC_NAMES.items() if names is None] == \
+        ["builtins"]
+    assert _SYNTHETIC_NAMES["glob"] == [("GET /*", True)]
+    assert _SYNTHETIC_NAMES["counts"] == [("checkout", False), ("refund", False)]
+    assert _SYNTHETIC_NAMES["dsl-clauses"] == [("checkout", False)]
+    assert span_names_for(_SYNTHETIC.rules) is None  # because of `builtins`
 
 
 # --- the client: search -------------------------------------------------------------------------
@@ -308,7 +323,7 @@ def test_ranges_longer_than_tempo_allows_are_split(fake: FakeTempo, tempo: str) 
     assert widths[0] == 5 * 3600 and min(widths) > 1000
 
     fake.max_duration_s = None
-    client.search('{ name = "payment.charge" }', T0, T0 + 3 * 86_400 + 5, max_window_s=86_400)
+    client.search('{ name = "payment.charge" }', T0, T0 + 3 * 86_400 + 5, max_window=86_400)
     days = [(int(r.params["start"]), int(r.params["end"])) for r in fake.requests[len(widths):]]
     assert days == [(T0, T0 + 86_400), (T0 + 86_400, T0 + 2 * 86_400),
                     (T0 + 2 * 86_400, T0 + 3 * 86_400), (T0 + 3 * 86_400, T0 + 3 * 86_400 + 5)]
@@ -320,17 +335,16 @@ def payments() -> RuleSet:
     return load_rules([RULES / "payments.yaml"])
 
 
-def run(url: str, ruleset: RuleSet, client: TempoClient, errors: list[InputError] | None,
+def run(ruleset: RuleSet, client: TempoClient, errors: list[InputError] | None,
         since_s: int = T0 - 10, until_s: int = T0 + 1000, **options: Any) -> dict[str, list[Span]]:
-    return dict(tempo_traces(url, ruleset, since_s * NS, until_s * NS, errors=errors,
-                             client=client, **options))
+    return dict(client.traces(ruleset, since_s * NS, until_s * NS, errors=errors, **options))
 
 
 def test_fetch_hex_and_base64_ids(fake: FakeTempo, tempo: str) -> None:
     hex_id = fake.add(trace(1, ("payment.charge", {"attempt": 2, "payment_intent_id": "pi_1"})))
     b64_id = fake.add(trace(2, ("payment.charge", {"attempt": 1})), base64_ids=True)
     client, _ = client_for(tempo)
-    got = run(tempo, payments(), client, [])
+    got = run(payments(), client, [])
     assert set(got) == {hex_id, b64_id}
     assert [s.span_id for s in got[b64_id]] == [f"{2:08x}{1:08x}"]
     assert got[hex_id][0].attributes == {"attempt": 2, "payment_intent_id": "pi_1"}
@@ -350,9 +364,9 @@ def test_a_resource_attribute_comes_along_for_group_by(fake: FakeTempo, tempo: s
     narrow = ruleset.projection()
     wider = Projection(narrow.wants_name, None)  # every attribute of the spans rules select
     client, _ = client_for(tempo)
-    [(got_id, spans)] = list(tempo_traces(
-        tempo, ruleset, (T0 - 5) * NS, (T0 + 5) * NS, errors=[], client=client,
-        projection=wider, resource_key="service.version"))
+    [(got_id, spans)] = list(client.traces(
+        ruleset, (T0 - 5) * NS, (T0 + 5) * NS, errors=[], projection=wider,
+        resource_key="service.version"))
     assert got_id == trace_id and [span.group for span in spans] == ["1.4.2", "1.4.2"]
     assert spans[0].attributes["region"] == "eu" and spans[0].service == "checkout"
 
@@ -366,7 +380,7 @@ def test_our_own_violation_spans_are_not_evaluated(fake: FakeTempo, tempo: str) 
     spans[1].kind = "SERVER"
     fake.add(spans)
     client, _ = client_for(tempo)
-    got = run(tempo, ruleset, client, [])
+    got = run(ruleset, client, [])
     assert {trace_id: [s.name for s in kept] for trace_id, kept in got.items()} == \
         {spans[0].trace_id: ["checkout"]}  # fetched (the query matched), then left out
     assert not ruleset.evaluate(Trace(spans[0].trace_id, got[spans[0].trace_id]))
@@ -377,7 +391,7 @@ def test_older_tempo_without_v2_is_read_from_batches(fake: FakeTempo, tempo: str
     ids = {fake.add(trace(n, ("payment.charge", {}), at_s=T0 + n), base64_ids=n % 2 == 0)
            for n in range(1, 4)}
     client, _ = client_for(tempo)
-    got = run(tempo, payments(), client, [], workers=1)
+    got = run(payments(), client, [], workers=1)
     assert set(got) == ids
     assert len(fake.paths("/api/v2/traces/")) == 1  # learnt once, then v1 only
     assert len(fake.paths("/api/traces/")) == 3
@@ -389,9 +403,9 @@ def test_an_expired_trace_is_counted_and_skipped(fake: FakeTempo, tempo: str,
     gone = fake.add(trace(2, ("payment.charge", {}), at_s=T0 + 3))
     fake.expired.add(gone)
     client, _ = client_for(tempo)
-    stats = TempoStats()
+    stats = client.stats
     with caplog.at_level(logging.WARNING, logger="sidecar.replay.tempo"):
-        got = run(tempo, payments(), client, errors := [], stats=stats)
+        got = run(payments(), client, errors := [])
     assert set(got) == {kept} and not errors
     assert (stats.candidates, stats.fetched, stats.missing) == (2, 1, 1)
     assert "no longer has it" in caplog.text
@@ -402,7 +416,7 @@ def test_5xx_and_429_are_retried_with_backoff(fake: FakeTempo, tempo: str) -> No
     fake.fail[f"/api/v2/traces/{trace_id}"] = [(503, {}), (502, {}), (429, {"Retry-After": "3"})]
     fake.fail["/api/search"] = [(500, {})]
     client, slept = client_for(tempo)
-    got = run(tempo, payments(), client, errors := [])
+    got = run(payments(), client, errors := [])
     assert set(got) == {trace_id} and not errors
     assert sorted(slept) == [0.5, 0.5, 1.0, 3.0]  # search 0.5; fetch 0.5, 1.0, Retry-After 3
     assert client.stats.retries == 4
@@ -414,14 +428,14 @@ def test_a_trace_that_keeps_failing_is_reported_and_skipped(fake: FakeTempo, tem
     fake.fail[f"/api/v2/traces/{bad}"] = [(500, {})] * 3
     client, slept = client_for(tempo, retries=2)
     errors: list[InputError] = []
-    assert set(run(tempo, payments(), client, errors)) == {good}
+    assert set(run(payments(), client, errors)) == {good}
     assert len(errors) == 1 and client.stats.failed == 1 and len(slept) == 2
     assert errors[0].source == f"{tempo}/api/v2/traces/{bad}"
     assert "HTTP 500" in errors[0].reason
 
     fake.fail[f"/api/v2/traces/{bad}"] = [(500, {})] * 3
     with pytest.raises(ValueError, match=f"/api/v2/traces/{bad}"):
-        run(tempo, payments(), client_for(tempo, retries=2)[0], None)
+        run(payments(), client_for(tempo, retries=2)[0], None)
 
 
 def test_search_errors_name_the_url(fake: FakeTempo, tempo: str) -> None:
@@ -447,14 +461,14 @@ def test_unreachable_tempo_and_timeouts(fake: FakeTempo, tempo: str,
     trace_id = fake.add(trace(1, ("payment.charge", {})))
     fake.delays[f"/api/v2/traces/{trace_id}"] = [0.6]  # once: the retry gets an answer
     client, slept = client_for(tempo, timeout=0.2)
-    assert set(run(tempo, payments(), client, errors := [])) == {trace_id} and not errors
+    assert set(run(payments(), client, errors := [])) == {trace_id} and not errors
     assert slept == [0.5]
 
 
 def test_tenant_and_auth_headers(fake: FakeTempo, tempo: str) -> None:
     fake.add(trace(1, ("payment.charge", {})))
     client, _ = client_for(tempo, org_id="acme", headers={"Authorization": "Bearer t0k"})
-    run(tempo, payments(), client, [])
+    run(payments(), client, [])
     assert {r.headers.get("x-scope-orgid") for r in fake.requests} == {"acme"}
     assert {r.headers.get("authorization") for r in fake.requests} == {"Bearer t0k"}
 
@@ -478,12 +492,12 @@ def test_replaying_payments_from_tempo_finds_exactly_the_violations(fake: FakeTe
             assert (example.rule_id, trace_id) in expected
     unrelated = {fake.add(trace(1000 + n, ("checkout", {}), ("inventory.reserve", {}),
                                 at_s=T0 + 3 * n)) for n in range(30)}
-    stats = TempoStats()
     errors: list[InputError] = []
     found: set[tuple[str, str]] = set()
     client, _ = client_for(tempo)
-    for trace_id, spans in tempo_traces(tempo, ruleset, (T0 - 5) * NS, (T0 + 400) * NS,
-                                        errors=errors, stats=stats, client=client, limit=3):
+    stats = client.stats
+    for trace_id, spans in client.traces(ruleset, (T0 - 5) * NS, (T0 + 400) * NS,
+                                         errors=errors, limit=3):
         found |= {(v.rule.id, trace_id) for v in ruleset.evaluate(Trace(trace_id, spans))}
     assert found == expected and len(expected) >= 2
     assert not errors and stats.truncated == 0 and stats.split > 0
@@ -537,7 +551,7 @@ def test_betrace_replay_from_tempo_writes_the_signals_and_the_search_figures(
     (("--tempo", "http://127.0.0.1:9"), "--tempo needs --since"),
     ((), "nothing to replay"),
     (("--tempo", "http://127.0.0.1:9", "--since", "1h", "--tempo-limit", "0"),
-     "--tempo-limit must be at least 1"),
+     "--search-limit must be at least 1"),  # --tempo-limit is its older spelling
 ])
 def test_betrace_replay_refuses_unusable_tempo_options(args: tuple[str, ...],
                                                        message: str) -> None:

@@ -28,7 +28,7 @@ from sidecar.dsl.parser import (
     parse_duration,
     parse_literal,
 )
-from sidecar.dsl.traceql import ANY_TRACE, pushdowns, rule_query, traceql_for
+from sidecar.dsl.traceql import ANY_TRACE, pushdowns, rule_query, span_names_for, traceql_for
 
 __all__ = [
     "ANY_TRACE", "MAX_EXPRESSION_BYTES", "MISSING", "NO_DEFINITIONS", "CompiledExpr",
@@ -36,5 +36,5 @@ __all__ = [
     "combine_clauses", "combine_for_each", "compile_clause", "compile_expression",
     "compile_selector", "distinct_key", "glob_matcher",
     "memoized", "name_error", "parse", "parse_duration", "parse_literal", "pushdowns",
-    "rule_query", "traceql_for",
+    "rule_query", "span_names_for", "traceql_for",
 ]

@@ -52,6 +52,11 @@ through De Morgan. The rest of the where-clause is simply left out, which only w
 
 Arrays: TraceQL's `=` matches an array holding the value while BeTrace's does not match arrays
 at all; that only widens the query. Events, links and other resource attributes are never used.
+
+For a store searched by span name alone (Jaeger: service and operation, exact), the same
+conditions give `span_names_for`: the selector of each spanset of the query, so a trace that
+could violate holds a span of one of those names; `{ }`, or a spanset whose selector is `"*"`,
+means every trace.
 """
 
 from __future__ import annotations
@@ -59,7 +64,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
@@ -67,7 +72,7 @@ from sidecar.dsl import syntax
 from sidecar.dsl.compiler import INTRINSICS
 from sidecar.model.spans import KINDS, STATUSES
 
-__all__ = ["ANY_TRACE", "pushdowns", "rule_query", "traceql_for"]
+__all__ = ["ANY_TRACE", "pushdowns", "rule_query", "span_names_for", "traceql_for"]
 
 ANY_TRACE = "{ }"  # the query of a rule set that cannot be narrowed: every trace in the range
 
@@ -130,9 +135,11 @@ def _render_span(cond: SpanCond, nested: bool = False) -> str:
 
 @dataclass(frozen=True)
 class _Spanset:
-    """`{ t1 && t2 ... }`: some span meets every term."""
+    """`{ t1 && t2 ... }`: some span meets every term; `selector` names it (for `span_names_for`;
+    its `name = ...` term, if any, is among the terms)."""
 
     terms: tuple[SpanCond, ...]
+    selector: syntax.Selector = field(compare=False)
 
     def implies(self, other: _Spanset) -> bool:
         return set(other.terms) <= set(self.terms)
@@ -146,10 +153,6 @@ class _Either:
 TraceCond = _Spanset | _Either
 
 
-def _spanset(cond: SpanCond | None) -> TraceCond | None:
-    if cond is None:
-        return None  # `{ }` matches every trace: no condition
-    return _Spanset(cond.terms if isinstance(cond, _AllOf) else (cond,))
 
 
 def _both(parts: Iterable[TraceCond | None]) -> TraceCond | None:
@@ -203,6 +206,28 @@ def pushdowns(ruleset: Any) -> dict[str, str]:
     return {rule.id: rule_query(rule) for rule in ruleset.rules}
 
 
+def span_names_for(rules: Iterable[Any]) -> list[tuple[str, bool]] | None:
+    """The selectors, as (name, is a glob), of which every trace that could violate one of
+    `rules` holds at least one span: what a store searched by span name alone (Jaeger's
+    operation) can filter with. None when some rule needs no particular span name (it fires
+    without its spans, or only on what `"*"` selects): every trace must then be searched."""
+    names: list[tuple[str, bool]] = []
+    pending = [_either(_rule_condition(rule) for rule in rules)]
+    while pending:
+        cond = pending.pop()
+        if cond is None:
+            return None
+        if isinstance(cond, _Either):
+            pending.extend(reversed(cond.parts))
+            continue
+        selector = cond.selector
+        if _name(selector) is None:
+            return None  # `"*".where(...)`: a span of any name
+        if (selector.name, selector.glob) not in names:
+            names.append((selector.name, selector.glob))
+    return names
+
+
 def _rule_condition(rule: Any) -> TraceCond | None:
     """What a violating trace must hold, from the syntax tree the rule was compiled from: the
     whole condition, `when` and (`not always` or `never`), or a span for_each selects."""
@@ -240,7 +265,10 @@ def _need(node: syntax.Expr, positive: bool) -> TraceCond | None:
 
 
 def _query(query: syntax.Query) -> TraceCond | None:
-    return _spanset(_all_of([_name(query.selector), _pred(query.where, positive=True)]))
+    cond = _all_of([_name(query.selector), _pred(query.where, positive=True)])
+    if cond is None:
+        return None  # `{ }` matches every trace: no condition
+    return _Spanset(cond.terms if isinstance(cond, _AllOf) else (cond,), query.selector)
 
 
 def _name(selector: syntax.Selector) -> SpanCond | None:

@@ -1,2 +1,2 @@
-"""Replay: rules over recorded traces (files, Tempo), partitioned across processes, with a
+"""Replay: rules over recorded traces (files, Tempo, Jaeger), partitioned across processes, with a
 compliance summary. May import `model`, `dsl`, `rules` and `otlp`; never `live` or `stores`."""

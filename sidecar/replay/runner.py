@@ -40,9 +40,9 @@ from sidecar.model.signals import MAX_VALUE_BYTES, Signal
 from sidecar.model.spans import Span
 from sidecar.otlp.decoded import SpanFilter
 from sidecar.otlp.json_spans import InputError
+from sidecar.replay.backend import DEFAULT_LIMIT, TraceBackend
 from sidecar.replay.partitions import Outcome, Plan, ReadResult, RuleStats, Worker
 from sidecar.replay.progress import Progress
-from sidecar.replay.tempo import DEFAULT_LIMIT, TempoStats, tempo_traces
 from sidecar.rules import Rule, RuleSet
 
 
@@ -58,7 +58,7 @@ def _default_memory() -> int:
 DEFAULT_MEMORY = _default_memory()
 DEFAULT_EDGE_NS = 5 * 60 * 10**9  # the live sidecar's default max trace age
 _MAX_PARTITIONS = 512
-_TEMPO_TRACES_PER_ROUND = 1000  # whole traces from Tempo evaluated at a time
+_WHOLE_TRACES_PER_ROUND = 1000  # whole traces from a store evaluated at a time
 _POLL_SECONDS = 0.2
 
 
@@ -162,21 +162,21 @@ def replay_one_rule(rule: Rule, path: str) -> tuple[list[Signal], list[str]]:
     return signals, problems
 
 
-def replay_tempo(ruleset: RuleSet, url: str, emit: Callable[[Signal], None],
-                 on_error: Callable[[InputError], None] = lambda e: None,
-                 options: ReplayOptions = ReplayOptions(), *, limit: int = DEFAULT_LIMIT,
-                 org_id: str | None = None, stats: TempoStats | None = None,
-                 progress: Progress | None = None) -> ReplaySummary:
-    """`replay` over the traces Tempo finds between options.since_ns and options.until_ns (both
-    required). Tempo returns each trace whole, so traces are evaluated as they arrive, a round
-    at a time, in this process (the time goes into HTTP, not into evaluating)."""
+def replay_backend(ruleset: RuleSet, backend: TraceBackend[Any], emit: Callable[[Signal], None],
+                   on_error: Callable[[InputError], None] = lambda e: None,
+                   options: ReplayOptions = ReplayOptions(), *, limit: int = DEFAULT_LIMIT,
+                   progress: Progress | None = None) -> ReplaySummary:
+    """`replay` over the traces a store (Tempo, Jaeger) finds between options.since_ns and
+    options.until_ns (both required); its search figures are in `backend.stats`. The store
+    returns each trace whole, so traces are evaluated as they arrive, a round at a time, in this
+    process (the time goes into HTTP, not into evaluating)."""
     if options.since_ns is None or options.until_ns is None:
-        raise ValueError("replay from Tempo needs --since (and --until, default now)")
+        raise ValueError(f"replay from {backend.name} needs --since (and --until, default now)")
     started = time.perf_counter()
     summary = ReplaySummary(sources=1, group_by=options.group_by)
     summary.rules = {rule.id: RuleStats() for rule in ruleset.rules}
-    # The range picks traces (Tempo's search); each is then evaluated whole, spans outside the
-    # range included: cutting a trace at the range's edge could make a rule cry wolf.
+    # The range picks traces (the store's search); each is then evaluated whole, spans outside
+    # the range included: cutting a trace at the range's edge could make a rule cry wolf.
     keep = SpanFilter.of(ruleset.projection(), group_by=options.group_by)
     plan = Plan(ruleset.rules, keep, "", 1, 1, options.memory, time.time_ns(), options.group_by,
                 None, options.value_limit)
@@ -186,13 +186,12 @@ def replay_tempo(ruleset: RuleSet, url: str, emit: Callable[[Signal], None],
     outcomes: list[Outcome] = []
     pending: dict[str, list[Span]] = {}
     spans = 0
-    for trace_id, found in tempo_traces(
-            url, ruleset, options.since_ns, options.until_ns, errors=errors, stats=stats,
-            limit=limit, org_id=org_id, projection=keep.projection,
-            resource_key=keep.resource_key):
+    for trace_id, found in backend.traces(
+            ruleset, options.since_ns, options.until_ns, errors=errors, limit=limit,
+            projection=keep.projection, resource_key=keep.resource_key):
         spans += len(found)
         pending[trace_id] = found
-        if len(pending) >= _TEMPO_TRACES_PER_ROUND:
+        if len(pending) >= _WHOLE_TRACES_PER_ROUND:
             outcomes.append(worker.evaluate(pending))
             pending = {}
         if progress.due():
