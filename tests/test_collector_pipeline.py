@@ -78,16 +78,15 @@ def test_the_readme_shows_the_config_the_chart_renders() -> None:
 
 
 def test_violation_spans_land_in_jaeger_inside_the_violating_traces(
-        start: Callable[..., Process], tmp_path: Path, free_port: Callable[[], int],
-        sdk_client: Callable[..., Any], wait_until: Callable[..., Any],
+        start: Callable[..., Process], tmp_path: Path, sdk_client: Callable[..., Any], wait_until: Callable[..., Any],
         scrape: Callable[[int], Any]) -> None:
-    jaeger = Jaeger(start, tmp_path, free_port)
+    jaeger = Jaeger(start, tmp_path)
     rendered = render({
         "rules": CATALOG,
         "sidecar": {"decisionWait": "1s"},
         "collector": {"exporters": {"otlp_grpc/jaeger": {
             "endpoint": f"127.0.0.1:{jaeger.otlp_grpc}", "tls": {"insecure": True}}}}})
-    pod = ChartPod(rendered, tmp_path / "pod", free_port).start(start)
+    pod = ChartPod(rendered, tmp_path / "pod").start(start)
 
     app = sdk_client(pod.otlp_grpc, service="demo-shop")
     for scenario in SCENARIOS:

@@ -50,7 +50,7 @@ from chart import (
     require,
 )
 from chart import render as render_chart
-from processes import closed_at_end, stop
+from processes import closed_at_end, free_port, stop
 
 ALERTS = CHART / "files" / "alerts.yaml"
 DOCKERFILE = REPO / "Dockerfile"
@@ -601,12 +601,6 @@ def test_external_redis_password_comes_from_the_secret(scenarios: dict[str, Rend
 
 
 # --- the sidecar container, run for real ---------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
 
 def http_get(port: int, path: str) -> tuple[int, str]:
     try:

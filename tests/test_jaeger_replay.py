@@ -7,14 +7,11 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,8 +22,8 @@ from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExport
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from otelcol import REPO, built
-from processes import stop
+from pipeline import Jaeger, Process
+from processes import closed_at_end, free_port
 
 from sidecar.otlp.json_spans import InputError
 from sidecar.replay.jaeger import JaegerClient, JaegerError
@@ -85,36 +82,13 @@ TRAFFIC: dict[str, tuple[float, list[Spec]]] = {
 
 
 @dataclass
-class Jaeger:
-    query: str  # the query service's URL, what --jaeger takes
-    otlp_http: str  # another port of the same binary, which is not the query API
+class Stored:
+    jaeger: Jaeger
     traces: dict[str, str]  # TRAFFIC's names -> trace ids
 
-
-def pick_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def get(url: str) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as error:
-        with error:
-            return error.code, error.read()
-    except OSError:
-        return 0, b""
-
-
-def wait_for(what: str, condition: Any, process: subprocess.Popen[bytes], log: Path,
-             timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise AssertionError(f"no {what} within {timeout}s:\n{log.read_text()}")
-        time.sleep(0.1)
+    @property
+    def query(self) -> str:  # the query service's URL, what --jaeger takes
+        return self.jaeger.query
 
 
 def send(grpc_port: int, traffic: dict[str, tuple[float, list[Spec]]]) -> dict[str, str]:
@@ -150,38 +124,18 @@ def send(grpc_port: int, traffic: dict[str, tuple[float, list[Spec]]]) -> dict[s
 
 
 @pytest.fixture(scope="module")
-def jaeger(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Jaeger]:
+def jaeger(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stored]:
     """The real Jaeger (in-memory store) holding TRAFFIC, every span of it queryable."""
-    binary = built("jaeger")
-    ports = {name: pick_port() for name in ("JAEGER_OTLP_GRPC_PORT", "JAEGER_OTLP_HTTP_PORT",
-                                             "JAEGER_QUERY_HTTP_PORT", "JAEGER_QUERY_GRPC_PORT")}
-    log = tmp_path_factory.mktemp("jaeger") / "jaeger.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [str(binary), "--config", str(REPO / "deploy" / "jaeger" / "config.yaml")],
-            cwd=REPO, env={**os.environ, **{k: str(v) for k, v in ports.items()}},
-            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        query = f"http://127.0.0.1:{ports['JAEGER_QUERY_HTTP_PORT']}"
-        wait_for("query API", lambda: get(f"{query}/api/v3/services")[0] == 200, process, log)
-        traces = send(ports["JAEGER_OTLP_GRPC_PORT"], TRAFFIC)
-
-        def stored() -> bool:  # Jaeger batches what it receives: wait until all of it is in
-            return all(spans_in(query, traces[name]) == len(specs)
-                       for name, (_, specs) in TRAFFIC.items())
-
-        wait_for("stored traffic", stored, process, log)
-        yield Jaeger(query, f"http://127.0.0.1:{ports['JAEGER_OTLP_HTTP_PORT']}", traces)
-    finally:
-        stop(process)
-
-
-def spans_in(query: str, trace_id: str) -> int:
-    status, body = get(f"{query}/api/v3/traces/{trace_id}?raw_traces=true")
-    if status != 200:
-        return 0
-    return sum(len(scope["spans"]) for resource in json.loads(body)["result"]["resourceSpans"]
-               for scope in resource["scopeSpans"])
+    with contextmanager(closed_at_end)(Process) as start:
+        jaeger = Jaeger(start, tmp_path_factory.mktemp("jaeger"))
+        traces = send(jaeger.otlp_grpc, TRAFFIC)
+        deadline = time.monotonic() + 30
+        # Jaeger batches what it receives: wait until all of it is in
+        while not all(len(jaeger.spans(traces[name])) == len(specs)
+                      for name, (_, specs) in TRAFFIC.items()):
+            assert time.monotonic() < deadline, f"traffic not stored:\n{jaeger.process.output}"
+            time.sleep(0.1)
+        yield Stored(jaeger, traces)
 
 
 def moment(ns: int) -> str:
@@ -202,7 +156,7 @@ def signalled(stdout: str) -> set[tuple[str, str]]:
 
 # --- betrace replay --jaeger, through the real command line ---------------------------------------
 
-def test_replay_from_jaeger_signals_exactly_the_violating_traces(jaeger: Jaeger,
+def test_replay_from_jaeger_signals_exactly_the_violating_traces(jaeger: Stored,
                                                                  tmp_path: Path) -> None:
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULES)
@@ -224,7 +178,7 @@ def test_replay_from_jaeger_signals_exactly_the_violating_traces(jaeger: Jaeger,
     assert "double-charge: 1 violation(s) in 2 applicable trace(s)" in done.stderr
 
 
-def test_a_rule_on_absence_searches_every_service(jaeger: Jaeger, tmp_path: Path) -> None:
+def test_a_rule_on_absence_searches_every_service(jaeger: Stored, tmp_path: Path) -> None:
     """No span name narrows `not trace.has(auth.check)`: every trace in the range is fetched,
     those no other rule names too, and the absence rule judges each."""
     (tmp_path / "rules.yaml").write_text(RULES)
@@ -243,7 +197,7 @@ def test_a_rule_on_absence_searches_every_service(jaeger: Jaeger, tmp_path: Path
     assert f"{len(in_range)} candidate trace(s), {len(in_range)} fetched" in done.stderr
 
 
-def test_full_search_windows_are_split_until_none_is(jaeger: Jaeger) -> None:
+def test_full_search_windows_are_split_until_none_is(jaeger: Stored) -> None:
     """Jaeger answers at most num_traces traces per search: with a limit of 2, the window
     holding both checkout charges comes back full and is halved; nothing is missed."""
     ruleset = load_rules_text(RULES)
@@ -261,7 +215,7 @@ def test_full_search_windows_are_split_until_none_is(jaeger: Jaeger) -> None:
     assert stats.candidates == stats.fetched == 5 and stats.retries == 0
 
 
-def test_a_range_without_traces_replays_nothing(jaeger: Jaeger, tmp_path: Path) -> None:
+def test_a_range_without_traces_replays_nothing(jaeger: Stored, tmp_path: Path) -> None:
     """Jaeger answers a search that finds nothing with a 404 ("No traces found")."""
     (tmp_path / "rules.yaml").write_text(RULES)
     done = betrace_replay("--rules", str(tmp_path / "rules.yaml"), "--jaeger", jaeger.query,
@@ -273,14 +227,15 @@ def test_a_range_without_traces_replays_nothing(jaeger: Jaeger, tmp_path: Path) 
 
 # --- what is not Jaeger's query API -------------------------------------------------------------
 
-def test_a_url_that_is_not_jaegers_query_api_is_a_clear_error(jaeger: Jaeger,
+def test_a_url_that_is_not_jaegers_query_api_is_a_clear_error(jaeger: Stored,
                                                               tmp_path: Path) -> None:
     (tmp_path / "rules.yaml").write_text(RULES)
     rules = ("--rules", str(tmp_path / "rules.yaml"), "--since", moment(SINCE))
     # Jaeger's own OTLP/HTTP receiver: 404 for /api/v3/services
-    done = betrace_replay(*rules, "--jaeger", jaeger.otlp_http)
+    otlp_http = f"http://127.0.0.1:{jaeger.jaeger.otlp_http}"
+    done = betrace_replay(*rules, "--jaeger", otlp_http)
     assert done.returncode == 2, done.stderr
-    assert f"{jaeger.otlp_http}/api/v3/services: HTTP 404: 404 page not found (is this the " \
+    assert f"{otlp_http}/api/v3/services: HTTP 404: 404 page not found (is this the " \
         "URL of Jaeger's query service" in done.stderr
     # a wrong path prefix: the query service answers its UI's HTML page
     done = betrace_replay(*rules, "--jaeger", f"{jaeger.query}/jaeger")
@@ -296,7 +251,7 @@ def test_a_url_that_is_not_jaegers_query_api_is_a_clear_error(jaeger: Jaeger,
 
 def test_an_unreachable_jaeger_is_a_clear_error_naming_the_url(tmp_path: Path) -> None:
     (tmp_path / "rules.yaml").write_text(RULES)
-    url = f"http://127.0.0.1:{pick_port()}"  # nothing listens there
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     done = betrace_replay("--rules", str(tmp_path / "rules.yaml"), "--jaeger", url,
                           "--since", "1h")
     assert done.returncode == 2, done.stderr

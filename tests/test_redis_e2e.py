@@ -44,9 +44,9 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.resource.v1 import resource_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
-from processes import closed_at_end, stop
+from processes import closed_at_end, free_port, stop
 from prometheus_client.parser import text_string_to_metric_families
-from redis_servers import RedisServer, free_port, start_cluster
+from redis_servers import RedisServer, start_cluster
 
 REPO = Path(__file__).resolve().parent.parent
 
