@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sidecar.model.spans import Projection, Span
@@ -359,3 +359,124 @@ def test_empty_and_blank_files_give_nothing(tmp_path: Path) -> None:
         path.write_text(content)
         errors: list[InputError] = []
         assert list(read_spans(str(path), errors=errors)) == [] and errors == []
+
+
+# --- the typed pass decodes as the lenient one -------------------------------------------------
+
+_VALUES = st.one_of(
+    st.fixed_dictionaries({"stringValue": st.text(max_size=5)}),
+    st.fixed_dictionaries({"intValue": st.one_of(st.integers(-2**63, 2**63 - 1),
+                                                 st.sampled_from(["7", "-3"]))}),
+    st.fixed_dictionaries({"boolValue": st.booleans()}),
+    st.fixed_dictionaries({"doubleValue": st.sampled_from([1.5, 2, "Infinity"])}),  # NaN != NaN
+    st.fixed_dictionaries({"arrayValue": st.fixed_dictionaries(
+        {"values": st.lists(st.fixed_dictionaries({"intValue": st.integers(0, 9)}),
+                            max_size=2)})}),
+    st.sampled_from([{}, {"kvlistValue": {"values": [{"key": "z",
+                                                       "value": {"boolValue": True}}]}},
+                     {"bytesValue": "AAE="}]))
+_ATTRIBUTES = st.lists(st.fixed_dictionaries(
+    {"key": st.sampled_from(["k1", "k2", "service.version", "region"]), "value": _VALUES}),
+    max_size=4)
+_VALID_SPAN = {
+    "traceId": st.sampled_from(["5b8efff798038103d269b633813fc60c",
+                                "5B8EFFF798038103D269B633813FC60C",
+                                b64("0af7651916cd43dd8448eb211c80319c")]),
+    "spanId": st.sampled_from([SPAN, b64("b7ad6b7169203331")]),
+    "name": st.sampled_from(["a", "b", "c", "betrace.violation"]),
+    "startTimeUnixNano": st.sampled_from(["1700000000000000000", 1700000000000000001]),
+    "parentSpanId": st.sampled_from([PARENT, "", "0" * 16]),
+    "kind": st.sampled_from([0, 2, "SPAN_KIND_CLIENT"]),
+    "endTimeUnixNano": st.just("1700000000250000000"),
+    "status": st.sampled_from([{}, {"code": 2}, {"code": "STATUS_CODE_OK"},
+                               {"code": 1, "message": "m"}]),
+    "attributes": _ATTRIBUTES,
+}
+# one field of a span made invalid: left out, null, or a wrong value
+_BROKEN: dict[str, list[Any]] = {
+    "traceId": ["xyz", 5, "0" * 32], "spanId": ["abc", [], "0" * 16], "name": [5, ["a"]],
+    "startTimeUnixNano": ["soon", -1], "parentSpanId": ["zz"], "kind": [9, "SERVER", 2.5],
+    "endTimeUnixNano": ["x"], "status": [{"code": 7}, "x", []],
+    "attributes": [{}, "x", 5, [{"key": "k1"}], [{"key": 5, "value": {"intValue": 1}}], ["x"],
+                   [{"key": "k1", "value": 5}], [{"key": "k2", "value": {"bogus": 1}}],
+                   [{"key": "k1", "value": {"stringValue": 5}}],
+                   [{"key": "region", "value": {"intValue": "x"}}]],
+}
+
+
+@st.composite
+def _spans(draw: st.DrawFn) -> dict[str, Any]:
+    span = {key: draw(values) for key, values in _VALID_SPAN.items()}
+    span["events"] = [{"name": "e"}]
+    broken = draw(st.sampled_from([None, None, *_BROKEN]))
+    if broken is not None:
+        change = draw(st.sampled_from(["absent", None, *_BROKEN[broken]]))
+        if change == "absent":
+            del span[broken]
+        else:
+            span[broken] = change
+    return span
+
+
+_SPANS = _spans()
+_RESOURCE = st.fixed_dictionaries({"attributes": st.lists(st.fixed_dictionaries(
+    {"key": st.sampled_from(["service.name", "region"]), "value": _VALUES}), max_size=3)})
+_SCOPES = st.lists(st.fixed_dictionaries({"scope": st.just({"name": "lib"}),
+                                          "spans": st.lists(_SPANS, min_size=1, max_size=5)}),
+                   min_size=1, max_size=3)
+_REQUESTS = st.one_of(
+    st.fixed_dictionaries({"resourceSpans": st.lists(
+        st.fixed_dictionaries({"resource": _RESOURCE, "scopeSpans": _SCOPES}),
+        min_size=1, max_size=3)}),
+    st.fixed_dictionaries({"batches": st.lists(
+        st.fixed_dictionaries({"instrumentationLibrarySpans": _SCOPES}), max_size=2)}))
+# the structure around the spans, malformed
+_MALFORMED = [
+    {}, [], 5, {"other": 1}, {"resourceSpans": None}, {"resourceSpans": "x"},
+    {"resourceSpans": None, "batches": []}, {"resourceSpans": [7]},
+    {"resourceSpans": [{"resource": None}]}, {"resourceSpans": [{"resource": "x"}]},
+    {"resourceSpans": [{"scopeSpans": 5}]}, {"resourceSpans": [{"scopeSpans": [5]}]},
+    {"resourceSpans": [{"scopeSpans": [{"spans": None}]}]},
+    {"resourceSpans": [{"scopeSpans": [{"spans": [5, {"name": "a"}]}]}]},
+    {"resourceSpans": [{"scopeSpans": None, "instrumentationLibrarySpans": [{"spans": []}]}]},
+    {"resourceSpans": [{"resource": {"attributes": [{"key": 3}]}}]},
+    {"resourceSpans": [{"resource": {"attributes": [{"key": "service.name",
+                                                     "value": {"intValue": "x"}}]}}]},
+]
+_FILTERS = [
+    SpanFilter(Projection.everything()),
+    SpanFilter(Projection(lambda name: name == "a", frozenset({"k1"}),
+                          lambda name: frozenset({"k1"}), most_attributes=1)),
+    SpanFilter(Projection(lambda name: name in ("a", "b"), frozenset(),
+                          lambda name: frozenset(), trace_ids=True),
+               since_ns=1700000000000000001, until_ns=2**63, resource_key="region"),
+]
+
+
+@settings(max_examples=400, deadline=None)
+@given(doc=_REQUESTS, which=st.integers(0, len(_FILTERS) - 1))
+def test_the_typed_pass_decodes_every_request_as_the_lenient_pass(doc: Any, which: int) -> None:
+    """decode_json (msgspec, attributes parsed only where kept) against decode_json_request
+    (orjson, every field checked): the same spans, counts, ids held and reasons."""
+    assert_same_decoding(doc, _FILTERS[which])
+
+
+@pytest.mark.parametrize("doc", _MALFORMED)
+@pytest.mark.parametrize("keep", _FILTERS)
+def test_the_typed_pass_refuses_malformed_requests_as_the_lenient_pass(
+        doc: Any, keep: SpanFilter) -> None:
+    assert_same_decoding(doc, keep)
+
+
+def assert_same_decoding(doc: Any, keep: SpanFilter) -> None:
+    from sidecar.otlp.json_spans import decode_json, decode_json_request
+
+    for text in (json.dumps(doc).encode(), json.dumps(doc, separators=(",", ":")).encode()):
+        try:
+            reference = decode_json_request(json.loads(text), keep)
+        except ValueError as exc:
+            with pytest.raises(ValueError) as raised:
+                decode_json(text, keep)
+            assert str(raised.value) == str(exc)
+            continue
+        assert decode_json(text, keep) == reference

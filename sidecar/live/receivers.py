@@ -18,7 +18,6 @@ from concurrent import futures
 from typing import Any
 
 import grpc
-import orjson
 from aiohttp import web
 from google.protobuf import json_format
 from google.rpc import code_pb2, status_pb2
@@ -34,7 +33,7 @@ from sidecar.live.http_server import HTTP_TIMEOUT, BodyError, HttpServer, read_b
 from sidecar.live.metrics import Metrics
 from sidecar.model.errors import StoreBusy, StoreUnavailable
 from sidecar.otlp.decoded import Decoded
-from sidecar.otlp.json_spans import decode_json_request
+from sidecar.otlp.json_spans import decode_json
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +82,8 @@ class Intake:
     def export_json(self, body: bytes, transport: str) -> ExportTraceServiceResponse:
         active = self.assembler.active
         try:
-            decoded = decode_json_request(orjson.loads(body), active.keep)
-        except (ValueError, orjson.JSONDecodeError) as exc:
+            decoded = decode_json(body, active.keep)
+        except ValueError as exc:  # orjson.JSONDecodeError among them
             self.metrics.requests_rejected.labels(transport=transport, reason="invalid").inc()
             raise InvalidRequest(f"not an OTLP JSON ExportTraceServiceRequest: {exc}") from None
         except Exception as exc:

@@ -2,9 +2,12 @@
 line of the Collector file exporter's output (`read_requests` streams those: one request per
 line, or one pretty-printed over many lines).
 
-The `Projection` drops unwanted spans before their attributes are decoded. A malformed line or
-span is skipped and reported (an `InputError` for a file), never fatal, so the caller can say
-exactly which data went unchecked.
+Bytes are decoded in one pass by msgspec into typed structs that keep each span's attributes
+and status as raw JSON: a span no rule selects costs its name, the attributes of a selected one
+are decoded only for the keys its rules read (the `Projection`). Input the typed pass does not
+accept (a field of an unexpected type, say) is decoded again leniently from `orjson`'s parse,
+which says exactly what was wrong. A malformed line or span is skipped and reported (an
+`InputError` for a file), never fatal, so the caller can say exactly which data went unchecked.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from dataclasses import dataclass
 from itertools import chain
 from typing import IO, Any
 
+import msgspec
 import orjson
 
 from sidecar.model.names import VIOLATION_SPAN
@@ -68,11 +72,12 @@ def spans_from_request(
     return spans
 
 
-def read_requests(stream: IO[bytes], report: Callable[[int, str], None]
-                  ) -> Iterator[tuple[int, Any]]:
-    """Each parsed JSON request of an open stream with the line it starts on: line by line, or the
-    whole input at once if its first line opens a document. A line that is not JSON is reported
-    and skipped; errors of the stream itself (bad compressed data) are the caller's."""
+def read_requests(stream: IO[bytes], keep: SpanFilter, report: Callable[[int, str], None]
+                  ) -> Iterator[tuple[int, Decoded]]:
+    """Each JSON request of an open stream, decoded as `keep` says, with the line it starts on:
+    line by line, or the whole input at once if its first line opens a document. A line that is
+    not JSON, or no request, is reported (line, reason) and skipped; errors of the stream itself
+    (bad compressed data) are the caller's."""
     numbered = enumerate(stream, 1)
     for number, line in numbered:
         if not line.isspace():
@@ -86,16 +91,18 @@ def read_requests(stream: IO[bytes], report: Callable[[int, str], None]
         lines: Iterator[tuple[int, bytes]] = iter(((number, line + stream.read()),))
     else:
         lines = chain(((number, line),), numbered)
-    loads, decode_error = orjson.loads, orjson.JSONDecodeError
     for number, line in lines:
         if line.isspace():
             continue
         try:
-            doc = loads(line)
-        except decode_error as exc:
+            decoded = decode_json(line, keep)
+        except orjson.JSONDecodeError as exc:
             report(*_locate(exc, number, line))
             continue
-        yield number, doc
+        except ValueError as exc:
+            report(number, str(exc))
+            continue
+        yield number, decoded
 
 
 def _locate(exc: orjson.JSONDecodeError, first: int, text: bytes) -> tuple[int, str]:
@@ -106,16 +113,44 @@ def _locate(exc: orjson.JSONDecodeError, first: int, text: bytes) -> tuple[int, 
     return line, f"invalid JSON at column {exc.colno}: {exc.msg}"
 
 
-def decode_json_request(doc: Any, keep: SpanFilter) -> Decoded:
-    """One decoded ExportTraceServiceRequest (an OTLP/HTTP JSON body, a file line, a Tempo
+def decode_json(data: bytes, keep: SpanFilter) -> Decoded:
+    """One ExportTraceServiceRequest as JSON bytes (an OTLP/HTTP body, a file line, a Tempo
     answer) as `otlp.protobuf.ProtobufDecoder` decodes protobuf: the same spans kept, with the
-    same attributes, the same counts, the same ids held. A malformed request raises ValueError."""
+    same attributes, the same counts, the same ids held. Invalid JSON raises
+    `orjson.JSONDecodeError` (a ValueError, with the line and column), a malformed request
+    ValueError."""
+    try:
+        request = _REQUEST.decode(data)
+    except msgspec.DecodeError:  # not JSON, or a field the typed pass does not accept
+        return decode_json_request(orjson.loads(data), keep)
+    resource_spans = request.resourceSpans
+    if resource_spans is msgspec.UNSET and request.batches is not msgspec.UNSET:
+        resource_spans = request.batches  # Tempo says "batches"
+    if type(resource_spans) is not list:  # absent, null: the lenient pass says what it means
+        return decode_json_request(orjson.loads(data), keep)
     out = Decoded()
-    since, until = keep.since_ns, keep.until_ns
+    bare: set[str] | None = set() if keep.projection.trace_ids else None
+    spans, out.received = _decode_typed(resource_spans, keep.projection, out.invalid,
+                                        keep.resource_key, bare, (keep.since_ns, keep.until_ns))
+    return _decoded(out, spans, keep, bare)
+
+
+def decode_json_request(doc: Any, keep: SpanFilter) -> Decoded:
+    """`decode_json` of a request already parsed by `orjson`: the lenient pass, which names
+    exactly what is malformed."""
+    out = Decoded()
     bare: set[str] | None = set() if keep.projection.trace_ids else None
     # our own violation spans come through, to be counted as such rather than as not selected
     spans, out.received = _decode(doc, keep.projection, out.invalid, keep.resource_key, bare,
-                                  (since, until), own=True)
+                                  (keep.since_ns, keep.until_ns), own=True)
+    return _decoded(out, spans, keep, bare)
+
+
+def _decoded(out: Decoded, spans: list[Span], keep: SpanFilter, bare: set[str] | None
+             ) -> Decoded:
+    """`out` completed with the decoded spans: BeTrace's own counted, the rest in the window
+    batched by trace."""
+    since, until = keep.since_ns, keep.until_ns
     for span in spans:
         if span.name == VIOLATION_SPAN:
             out.own += 1
@@ -126,6 +161,138 @@ def decode_json_request(doc: Any, keep: SpanFilter) -> Decoded:
         out.bare_trace_ids = bare - out.batch.keys()
     return out
 
+
+# --- the typed pass (msgspec) ----------------------------------------------------------------
+# Fields typed as the lenient pass requires them; those it checks span by span are `Any`, so
+# that one bad span does not send the whole request to the lenient pass.
+
+_NO_JSON = msgspec.Raw(b"")  # a field that is absent
+
+
+class _KeyValue(msgspec.Struct, gc=False):
+    key: str
+    value: msgspec.Raw = msgspec.Raw(b"null")
+
+
+class _Span(msgspec.Struct, gc=False):
+    traceId: Any = None
+    spanId: Any = None
+    parentSpanId: Any = None
+    name: Any = msgspec.UNSET
+    kind: Any = 0
+    startTimeUnixNano: Any = None
+    endTimeUnixNano: Any = None
+    status: msgspec.Raw = _NO_JSON
+    attributes: msgspec.Raw = _NO_JSON
+
+
+class _Scope(msgspec.Struct, gc=False):
+    spans: list[_Span] = []
+
+
+class _ResourceSpans(msgspec.Struct, gc=False):
+    resource: msgspec.Raw = _NO_JSON
+    scopeSpans: list[_Scope] | None = None
+    instrumentationLibrarySpans: list[_Scope] | None = None  # OTLP before 0.15
+
+
+class _Request(msgspec.Struct, gc=False):
+    resourceSpans: list[_ResourceSpans] | None | msgspec.UnsetType = msgspec.UNSET
+    batches: list[_ResourceSpans] | None | msgspec.UnsetType = msgspec.UNSET
+
+
+_REQUEST = msgspec.json.Decoder(_Request)
+_KEY_VALUES = msgspec.json.Decoder(list[_KeyValue])
+_STATUS_OF: dict[bytes, str] = {}  # a status's JSON, as written, to its code's name
+_parse = msgspec.json.Decoder().decode  # a part of a document already found to be JSON
+
+
+def _decode_typed(resource_spans: list[_ResourceSpans], projection: Projection, bad: list[str],
+                  resource_key: str | None, bare: set[str] | None, bare_window: tuple[int, int]
+                  ) -> tuple[list[Span], int]:
+    """`_decode` of a typed request: the same spans and reasons."""
+    wants, keep_for = projection.wants_name, projection.attributes_for
+    selected: dict[str, frozenset[str] | None | bool] = {}  # per name: its keys, False if not
+    spans: list[Span] = []
+    received = 0
+    for entry in resource_spans:
+        resource = _parse(entry.resource) if entry.resource else _NOTHING
+        service, extra = _resource(resource, resource_key)
+        scopes = entry.scopeSpans
+        if scopes is None:
+            scopes = entry.instrumentationLibrarySpans or []
+        for scope in scopes:
+            raw_spans = scope.spans
+            received += len(raw_spans)
+            for raw in raw_spans:
+                name = raw.name
+                if type(name) is not str:
+                    if name is msgspec.UNSET:
+                        name = ""
+                    else:
+                        bad.append("span: name is not a string")
+                        continue
+                try:
+                    keys = selected[name]
+                except KeyError:
+                    keys = selected[name] = keep_for(name) \
+                        if wants(name) or name == VIOLATION_SPAN else False
+                if keys is False:
+                    if bare is not None:  # not selected: its trace is still known by its id
+                        trace_id = _id(raw.traceId, 16)
+                        start = _nanos(raw.startTimeUnixNano) or 0
+                        if trace_id and bare_window[0] <= start < bare_window[1]:
+                            bare.add(trace_id)
+                    continue
+                try:
+                    span = _typed_span(raw, name, keys, service)  # type: ignore[arg-type]
+                except ValueError as exc:
+                    bad.append(f"span {name!r}: {exc}" if raw.name else f"span: {exc}")
+                    continue
+                span.group = extra
+                spans.append(span)
+    return spans, received
+
+
+def _typed_span(raw: _Span, name: str, keys: frozenset[str] | None, service: str | None
+                ) -> Span:
+    """`_span` of a typed span: the same checks in the same order."""
+    trace_id, span_id, parent, start, end, kind = _checked(
+        raw.traceId, raw.spanId, raw.parentSpanId, raw.startTimeUnixNano, raw.endTimeUnixNano,
+        raw.kind)
+    written = bytes(raw.status)
+    status = _STATUS_OF.get(written)
+    if status is None:
+        status = _status(_parse(written) if written else _NOTHING)
+        if len(_STATUS_OF) < 64:  # the few ways a status is written
+            _STATUS_OF[written] = status
+    return span_of(trace_id, span_id, name, parent, start, end, status, kind, service,
+                   _typed_attributes(raw.attributes, keys) if raw.attributes and
+                   (keys is None or keys) else {}, None)
+
+
+def _typed_attributes(raw: msgspec.Raw, keys: frozenset[str] | None) -> dict[str, Any]:
+    """`_attributes` of a span's raw attribute list: only the values of `keys` are parsed."""
+    try:
+        items = _KEY_VALUES.decode(raw)
+    except msgspec.DecodeError:  # the lenient pass says what is wrong, or that it is empty
+        loaded = _parse(raw)
+        return _attributes(loaded, keys) if loaded else {}
+    attributes: dict[str, Any] = {}
+    for item in items:
+        key = item.key
+        if keys is not None and key not in keys:
+            continue
+        try:
+            value = _value(_parse(item.value))
+        except ValueError as exc:
+            raise ValueError(f"attribute {key!r}: {exc}") from None
+        if value is not _EMPTY:
+            attributes[key] = value
+    return attributes
+
+
+# --- the lenient pass (orjson) ---------------------------------------------------------------
 
 def _decode(doc: Any, projection: Projection | None, bad: list[str],
             resource_key: str | None = None, bare: set[str] | None = None,
@@ -150,15 +317,7 @@ def _decode(doc: Any, projection: Projection | None, bad: list[str],
     for entry in resource_spans:
         if type(entry) is not dict:
             raise ValueError(f"{key} entry is not an object")
-        resource = entry.get("resource", _NOTHING)
-        if type(resource) is not dict:
-            raise ValueError("resource is not an object")
-        wanted = _SERVICE_NAME if resource_key is None else _SERVICE_NAME | {resource_key}
-        found = _attributes(resource.get("attributes", []), wanted)
-        service = found.get("service.name")
-        if type(service) is not str:
-            service = None
-        extra = found.get(resource_key) if resource_key is not None else None
+        service, extra = _resource(entry.get("resource", _NOTHING), resource_key)
         scopes = entry.get("scopeSpans")
         if scopes is None:
             scopes = entry.get("instrumentationLibrarySpans", [])  # OTLP before 0.15
@@ -189,6 +348,17 @@ def _decode(doc: Any, projection: Projection | None, bad: list[str],
     return spans, received
 
 
+def _resource(resource: Any, resource_key: str | None) -> tuple[str | None, Any]:
+    """A resource's service.name, and its `resource_key` attribute (None if absent)."""
+    if type(resource) is not dict:
+        raise ValueError("resource is not an object")
+    wanted = _SERVICE_NAME if resource_key is None else _SERVICE_NAME | {resource_key}
+    found = _attributes(resource.get("attributes", []), wanted)
+    service = found.get("service.name")
+    return (service if type(service) is str else None,
+            found.get(resource_key) if resource_key is not None else None)
+
+
 def _span(raw: Any, wants: Callable[[str], bool] | None,
           keep_for: Callable[[str], frozenset[str] | None] | None,
           service: str | None, own: bool = False) -> Span | None:
@@ -201,34 +371,46 @@ def _span(raw: Any, wants: Callable[[str], bool] | None,
         raise ValueError("name is not a string")
     if wants is not None and not wants(name) and not (own and name == VIOLATION_SPAN):
         return None
-    trace_id = _id(raw.get("traceId"), 16)
+    trace_id, span_id, parent, start, end, kind = _checked(
+        raw.get("traceId"), raw.get("spanId"), raw.get("parentSpanId"),
+        raw.get("startTimeUnixNano"), raw.get("endTimeUnixNano"), raw.get("kind", 0))
+    status = _status(raw.get("status", _NOTHING))
+    attributes = raw.get("attributes")
+    keep = keep_for(name) if keep_for is not None else None
+    return span_of(trace_id, span_id, name, parent, start, end, status, kind, service,
+                   _attributes(attributes, keep) if attributes and (keep is None or keep)
+                   else {}, None)
+
+
+def _status(status: Any) -> str:
+    """A Status object's code as its name."""
+    code = status.get("code", 0) if type(status) is dict else None
+    name = _STATUSES.get(code) if type(code) in (int, str) else None
+    if name is None:
+        raise ValueError(f"invalid status {_short(status)}")
+    return name
+
+
+def _checked(raw_trace: Any, raw_span: Any, raw_parent: Any, raw_start: Any, raw_end: Any,
+             kind_code: Any) -> tuple[str, str, str, int, int, str]:
+    """A span's ids, times and kind from JSON, each checked (ValueError says which is not
+    valid) before its status and attributes are."""
+    trace_id = _id(raw_trace, 16)
     if not trace_id:
-        raise ValueError(f"invalid traceId {_short(raw.get('traceId'))}")
-    span_id = _id(raw.get("spanId"), 8)
+        raise ValueError(f"invalid traceId {_short(raw_trace)}")
+    span_id = _id(raw_span, 8)
     if not span_id:
-        raise ValueError(f"invalid spanId {_short(raw.get('spanId'))}")
-    parent = raw.get("parentSpanId")
-    parent = _id(parent, 8) if parent else ""  # all zeros, as some exporters write, is "" too
+        raise ValueError(f"invalid spanId {_short(raw_span)}")
+    parent = _id(raw_parent, 8) if raw_parent else ""  # all zeros, as some exporters write: ""
     if parent is None:
-        raise ValueError(f"invalid parentSpanId {_short(raw.get('parentSpanId'))}")
-    start = _nanos(raw.get("startTimeUnixNano"))
-    end = _nanos(raw.get("endTimeUnixNano"))
+        raise ValueError(f"invalid parentSpanId {_short(raw_parent)}")
+    start, end = _nanos(raw_start), _nanos(raw_end)
     if start is None or end is None:
         raise ValueError("invalid startTimeUnixNano or endTimeUnixNano")
-    kind_code = raw.get("kind", 0)
     kind = _KINDS.get(kind_code) if type(kind_code) in (int, str) else None
     if kind is None:
         raise ValueError(f"invalid kind {_short(kind_code)}")
-    status = raw.get("status", _NOTHING)
-    code = status.get("code", 0) if type(status) is dict else None
-    status_name = _STATUSES.get(code) if type(code) in (int, str) else None
-    if status_name is None:
-        raise ValueError(f"invalid status {_short(status)}")
-    attributes = raw.get("attributes")
-    keep = keep_for(name) if keep_for is not None else None
-    return span_of(
-        trace_id, span_id, name, parent, start, end, status_name, kind, service,
-        _attributes(attributes, keep) if attributes and (keep is None or keep) else {}, None)
+    return trace_id, span_id, parent, start, end, kind
 
 
 def _id(raw: Any, size: int) -> str | None:

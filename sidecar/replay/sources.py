@@ -24,7 +24,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
-from typing import IO, Any
+from typing import IO
 
 import orjson
 import zstandard
@@ -32,7 +32,7 @@ import zstandard
 from sidecar.model.errors import SourceError
 from sidecar.model.spans import Span
 from sidecar.otlp.decoded import Decoded, SpanFilter
-from sidecar.otlp.json_spans import InputError, decode_json_request, read_requests
+from sidecar.otlp.json_spans import InputError, decode_json, read_requests
 from sidecar.otlp.protobuf import ProtobufDecoder
 
 Batch = dict[str, list[Span]]  # one request's kept spans by trace id
@@ -182,13 +182,9 @@ class _Reader:
             self.line = line
             self.report(reason, line=line)
 
-        for self.line, doc in read_requests(stream, bad_line):
+        for self.line, decoded in read_requests(stream, self.keep, bad_line):
             bad: list[str] = []
-            try:
-                batch = self._json_request(doc, bad)
-            except ValueError as exc:
-                self.report(str(exc), line=self.line)
-                continue
+            batch = _batch(decoded, bad)
             for reason in bad:
                 self.report(reason, line=self.line)
             if self.progress is not None:
@@ -238,14 +234,10 @@ class _Reader:
                 raise ValueError(f"unreadable zstd frame: {exc}") from None
         if payload[:1] == b"{":
             try:
-                doc = orjson.loads(payload)
+                return _batch(decode_json(payload, self.keep), bad)
             except orjson.JSONDecodeError as exc:
                 raise ValueError(f"invalid JSON frame: {exc}") from None
-            return self._json_request(doc, bad)
         return _batch(self.proto.decode(payload), bad)
-
-    def _json_request(self, doc: Any, bad: list[str]) -> Batch:
-        return _batch(decode_json_request(doc, self.keep), bad)
 
 
 def _batch(decoded: Decoded, bad: list[str]) -> Batch:
