@@ -114,6 +114,23 @@ class ReplaySummary:
         return out
 
 
+def _window(options: ReplayOptions) -> tuple[int, int] | None:
+    if options.since_ns is None and options.until_ns is None:
+        return None
+    return options.since_ns or 0, 2**64 if options.until_ns is None else options.until_ns
+
+
+def span_filter(ruleset: RuleSet, options: ReplayOptions) -> SpanFilter:
+    """What replay keeps of what it reads: the spans the rules select (with the --group-by
+    attribute), starting within the window widened by `edge_ns` on each side."""
+    refs, window = ruleset.refs, _window(options)
+    return SpanFilter.of(ruleset.projection(),
+                         None if window is None else max(0, window[0] - options.edge_ns),
+                         None if window is None else window[1] + options.edge_ns,
+                         options.group_by,
+                         None if refs.globs or ruleset.every_trace_matters else refs.names)
+
+
 def replay(ruleset: RuleSet, sources: Sequence[str], emit: Callable[[Signal], None],
            on_error: Callable[[InputError], None] = lambda e: None,
            options: ReplayOptions = ReplayOptions(),
@@ -124,15 +141,8 @@ def replay(ruleset: RuleSet, sources: Sequence[str], emit: Callable[[Signal], No
     started = time.perf_counter()
     summary = ReplaySummary(sources=len(sources), group_by=options.group_by)
     summary.rules = {rule.id: RuleStats() for rule in ruleset.rules}
-    refs = ruleset.refs
-    window = None
-    if options.since_ns is not None or options.until_ns is not None:
-        window = (options.since_ns or 0, 2**64 if options.until_ns is None else options.until_ns)
-    keep = SpanFilter.of(ruleset.projection(),
-                         None if window is None else max(0, window[0] - options.edge_ns),
-                         None if window is None else window[1] + options.edge_ns,
-                         options.group_by,
-                         None if refs.globs or ruleset.every_trace_matters else refs.names)
+    window = _window(options)
+    keep = span_filter(ruleset, options)
     jobs = max(1, min(options.jobs, len(sources)))  # files are the unit of parallel reading
     share = max(1, options.memory // jobs)
     total = sum(os.path.getsize(s) for s in sources if s != "-")
