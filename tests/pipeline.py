@@ -97,8 +97,8 @@ def _move(tree: dict[str, Any], path: str, chart_value: object, value: object) -
 
 class ChartPod:
     """One collector pod as the chart renders it: `collector` and `sidecar` are Processes
-    (started by `start(start_process)`), the sidecar's signal log (`--signals-out=-`, its stdout)
-    is `signals()`. The pod IP is 127.0.0.1."""
+    (started by `start(start_process)`), the sidecar's signal log (`--signals-out=-`, its stdout,
+    one file across `sidecar.restart()`) is `signals()`. The pod IP is 127.0.0.1."""
 
     def __init__(self, rendered: Rendered, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
@@ -150,13 +150,19 @@ class ChartPod:
         self.collector = start_process([str(built("otelcol")), f"--config={self.config}"],
                                        self.directory / "otelcol.log", self.collector_env)
         self.collector.wait_http_ok(f"http://127.0.0.1:{self.health}/")
-        self.sidecar.wait_http_ok(f"http://127.0.0.1:{self.metrics}/readyz")
+        self.wait_sidecar_ready()
         return self
 
+    def wait_sidecar_ready(self, timeout: float = 30.0) -> None:
+        """Until the sidecar's /readyz answers 200 (rules loaded, its store reachable): after
+        `start`, a `sidecar.restart()` or a store outage."""
+        self.sidecar.wait_http_ok(f"http://127.0.0.1:{self.metrics}/readyz", timeout)
+
     def signals(self) -> list[dict[str, Any]]:
+        """The complete lines of the signal log (one being written is read next time)."""
         if not self.signal_log.exists():
             return []
-        return [json.loads(line) for line in self.signal_log.read_text().splitlines()
+        return [json.loads(line) for line in self.signal_log.read_text().split("\n")[:-1]
                 if line.strip()]
 
     @property

@@ -650,6 +650,30 @@ def test_redis_outage_answers_unavailable_and_loses_nothing_acknowledged(
     sidecar.clean_stderr()
 
 
+def test_sigterm_while_redis_is_down_exits_0_and_leaves_the_traces_in_redis(
+        redis_factory: Callable[..., RedisServer], serve: Callable[..., Serve],
+        client: Callable[[int], Client]) -> None:
+    """A pod stopped during a Redis outage (a rollout, a node drain): the final decision pass
+    cannot reach Redis, so the open traces stay there for the other sidecars (or this one,
+    restarted); the sidecar still closes its outputs and exits 0. It used to die of the
+    StoreUnavailable with a traceback and exit 1, its queued violation spans lost uncounted."""
+    server = redis_factory("--appendonly", "yes", "--appendfsync", "always")
+    sidecar = serve(server.url, "--decision-wait", "3s").listening()
+    trace_id = trace_id_for(0, "sigterm")
+    assert client(sidecar.grpc_port).send(pb_request(trace_id, [("admin.action", {})])) \
+        == [grpc.StatusCode.OK]
+    server.stop()
+    sidecar.process.terminate()
+    assert sidecar.process.wait(20) == 0, sidecar.stderr
+    sidecar.close()
+    assert "could not decide the buffered traces on the way out" in sidecar.stderr
+    sidecar.clean_stderr()
+
+    server.start()  # the AOF is replayed: the trace, undecided, is still there
+    heir = serve(server.url).listening()
+    expect_exactly([sidecar, heir], [(ADMIN, trace_id)], traces=None)
+
+
 # --- 5: Redis Cluster --------------------------------------------------------------------------
 
 def test_sidecars_on_a_redis_cluster_signal_exactly_once_without_crossslot(

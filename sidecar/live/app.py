@@ -22,6 +22,7 @@ from sidecar.live.metrics import Metrics, MetricsServer
 from sidecar.live.receivers import Intake, OtlpHttp, grpc_server
 from sidecar.live.reload import RuleWatcher, log_rules
 from sidecar.live.signal_log import SignalLog
+from sidecar.model.errors import StoreUnavailable
 from sidecar.model.signal_writers import JsonLinesWriter, SignalWriter
 from sidecar.rules import RuleSet, load_rules
 from sidecar.stores import TraceStore
@@ -170,7 +171,13 @@ class Sidecar:
         for thread in self._threads:
             if thread.name in ("decide", "reload"):
                 thread.join(timeout=grace)
-        decided = self.assembler.drain()
+        try:
+            decided = self.assembler.drain()
+        except StoreUnavailable as exc:  # a shared store: its traces wait there for the others
+            decided = 0
+            self.metrics.store_errors.labels(operation="decide").inc()
+            log.error("could not decide the buffered traces on the way out (%s): they stay in "
+                      "the store, for the other sidecars or this one restarted", exc)
         if self._http is not None:
             self._http.close()
         self.emitter.close()
