@@ -214,7 +214,7 @@ def assert_signalled_once(signals: list[dict[str, Any]], shop: SteadyShop) -> No
 
 
 def test_a_sidecar_killed_under_load_and_restarted_loses_no_violation(
-        start: Callable[..., Process], tmp_path: Path, free_port: Callable[[], int],
+        start: Callable[..., Process], tmp_path: Path,
         sdk_client: Callable[..., Any], wait_until: Callable[..., Any],
         scrape: Callable[[int], Any], new_redis: Callable[..., RedisServer]) -> None:
     """`kill -9` of the sidecar mid-stream, a new one 3 s later with the same args. What it
@@ -226,7 +226,7 @@ def test_a_sidecar_killed_under_load_and_restarted_loses_no_violation(
     store = new_redis()
     pod = ChartPod(render({"rules": RULES, "redis": {"url": store.url},
                            "sidecar": {"decisionWait": "1s", "claimLease": "5s"}}),
-                   tmp_path / "pod", free_port).start(start)
+                   tmp_path / "pod").start(start)
     client = redis.Redis(port=store.port)
     app = sdk_client(pod.otlp_grpc, service="shop", batch=True, schedule_delay_millis=100)
     shop = SteadyShop([app.tracer], rate=40, seconds=20)
@@ -281,7 +281,7 @@ def test_a_sidecar_killed_under_load_and_restarted_loses_no_violation(
 
 
 def test_the_redis_store_stopped_for_20s_under_load_loses_no_violation(
-        start: Callable[..., Process], tmp_path: Path, free_port: Callable[[], int],
+        start: Callable[..., Process], tmp_path: Path,
         sdk_client: Callable[..., Any], wait_until: Callable[..., Any],
         scrape: Callable[[int], Any], new_redis: Callable[..., RedisServer]) -> None:
     """Redis stopped (SIGTERM) for 20 s mid-stream, then started again on the same port and
@@ -295,7 +295,7 @@ def test_the_redis_store_stopped_for_20s_under_load_loses_no_violation(
     store = new_redis("--appendonly", "yes", "--appendfsync", "always")
     pod = ChartPod(render({"rules": RULES, "redis": {"url": store.url},
                            "sidecar": {"decisionWait": "1s", "claimLease": "5s"}}),
-                   tmp_path / "pod", free_port).start(start)
+                   tmp_path / "pod").start(start)
     sidecar = pod.sidecar.process
     app = sdk_client(pod.otlp_grpc, service="shop", batch=True, schedule_delay_millis=100)
     shop = SteadyShop([app.tracer], rate=40, seconds=28)
@@ -357,7 +357,7 @@ def test_the_redis_store_stopped_for_20s_under_load_loses_no_violation(
 
 
 def test_two_collectors_and_sidecars_on_one_redis_signal_each_violation_once(
-        start: Callable[..., Process], tmp_path: Path, free_port: Callable[[], int],
+        start: Callable[..., Process], tmp_path: Path,
         sdk_client: Callable[..., Any], wait_until: Callable[..., Any],
         scrape: Callable[[int], Any], new_redis: Callable[..., RedisServer]) -> None:
     """Two collector pods, each with its sidecar, one Redis. The app's two tracers export to
@@ -367,7 +367,7 @@ def test_two_collectors_and_sidecars_on_one_redis_signal_each_violation_once(
     store = new_redis()
     rendered = render({"rules": RULES, "redis": {"url": store.url},
                        "sidecar": {"decisionWait": "1s"}})
-    pods = [ChartPod(rendered, tmp_path / f"pod-{n}", free_port).start(start) for n in (0, 1)]
+    pods = [ChartPod(rendered, tmp_path / f"pod-{n}").start(start) for n in (0, 1)]
     apps = [sdk_client(pod.otlp_grpc, service=service, batch=True, schedule_delay_millis=100)
             for pod, service in zip(pods, ("checkout", "cart"))]
     shop = SteadyShop([app.tracer for app in apps], rate=40, seconds=15)
