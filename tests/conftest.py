@@ -183,5 +183,25 @@ def redis_server() -> Iterator[Any]:
 
 
 @pytest.fixture
+def redis_factory() -> Iterator[Callable[..., Any]]:
+    """`redis_factory(*extra_args, port=None)`: a fresh, started redis-server on loopback;
+    every one is stopped and its directory removed at the end of the test."""
+    from redis_servers import RedisServer
+
+    made: list[RedisServer] = []
+
+    def make(*extra: str, port: int | None = None, start: bool = True) -> Any:
+        server = RedisServer(port, *extra)
+        made.append(server)
+        return server.start() if start else server
+
+    try:
+        yield make
+    finally:
+        for server in made:
+            server.cleanup()
+
+
+@pytest.fixture
 def redis_url(redis_server: Any) -> str:
     return str(redis_server.url)

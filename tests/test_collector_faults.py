@@ -57,23 +57,7 @@ DUE = [f"bt:{{q{shard}}}:due" for shard in range(SHARDS)]  # deadlines, or lease
 
 
 @pytest.fixture
-def new_redis() -> Iterator[Callable[..., RedisServer]]:
-    """`new_redis(*extra_args)`: a fresh redis-server for this test, removed at its end."""
-    made: list[RedisServer] = []
-
-    def make(*extra: str) -> RedisServer:
-        made.append(RedisServer(None, *extra))
-        return made[-1].start()
-
-    try:
-        yield make
-    finally:
-        for server in made:
-            server.cleanup()
-
-
-@pytest.fixture
-def start(new_redis: Callable[..., RedisServer]) -> Iterator[Callable[..., Process]]:
+def start(redis_factory: Callable[..., RedisServer]) -> Iterator[Callable[..., Process]]:
     """`start(args, log, env=None, stdout=None)`: a Process, stopped at the end of the test,
     before the Redis it uses."""
     yield from closed_at_end(Process)
@@ -216,14 +200,14 @@ def assert_signalled_once(signals: list[dict[str, Any]], shop: SteadyShop) -> No
 def test_a_sidecar_killed_under_load_and_restarted_loses_no_violation(
         start: Callable[..., Process], tmp_path: Path,
         sdk_client: Callable[..., Any], wait_until: Callable[..., Any],
-        scrape: Callable[[int], Any], new_redis: Callable[..., RedisServer]) -> None:
+        scrape: Callable[[int], Any], redis_factory: Callable[..., RedisServer]) -> None:
     """`kill -9` of the sidecar mid-stream, a new one 3 s later with the same args. What it
     acknowledged is in Redis; what it had not, the collector retries. The traces it had claimed
     return to the pool after `claimLease` (5 s here, 30 s by default, so the test stays short). A
     signal written just before the kill, but not yet recorded as sent in Redis, is written again
     by the new process under the same signal_id: the log is counted by signal_id. (Duplicate
     lines seen: 0 in each of our runs; the window is one Redis round trip.)"""
-    store = new_redis()
+    store = redis_factory()
     pod = ChartPod(render({"rules": RULES, "redis": {"url": store.url},
                            "sidecar": {"decisionWait": "1s", "claimLease": "5s"}}),
                    tmp_path / "pod").start(start)
@@ -283,7 +267,7 @@ def test_a_sidecar_killed_under_load_and_restarted_loses_no_violation(
 def test_the_redis_store_stopped_for_20s_under_load_loses_no_violation(
         start: Callable[..., Process], tmp_path: Path,
         sdk_client: Callable[..., Any], wait_until: Callable[..., Any],
-        scrape: Callable[[int], Any], new_redis: Callable[..., RedisServer]) -> None:
+        scrape: Callable[[int], Any], redis_factory: Callable[..., RedisServer]) -> None:
     """Redis stopped (SIGTERM) for 20 s mid-stream, then started again on the same port and
     directory. It runs as the chart's bundled Redis does, with an append-only file and
     `appendfsync always`: a store that forgets what it acknowledged loses spans whatever the
@@ -292,7 +276,7 @@ def test_the_redis_store_stopped_for_20s_under_load_loses_no_violation(
     pausing clients (`CLIENT PAUSE`), which keeps connections and state. While it is down the
     sidecar answers UNAVAILABLE, stays up, counts the store errors, and the collector queues
     and retries."""
-    store = new_redis("--appendonly", "yes", "--appendfsync", "always")
+    store = redis_factory("--appendonly", "yes", "--appendfsync", "always")
     pod = ChartPod(render({"rules": RULES, "redis": {"url": store.url},
                            "sidecar": {"decisionWait": "1s", "claimLease": "5s"}}),
                    tmp_path / "pod").start(start)
@@ -359,12 +343,12 @@ def test_the_redis_store_stopped_for_20s_under_load_loses_no_violation(
 def test_two_collectors_and_sidecars_on_one_redis_signal_each_violation_once(
         start: Callable[..., Process], tmp_path: Path,
         sdk_client: Callable[..., Any], wait_until: Callable[..., Any],
-        scrape: Callable[[int], Any], new_redis: Callable[..., RedisServer]) -> None:
+        scrape: Callable[[int], Any], redis_factory: Callable[..., RedisServer]) -> None:
     """Two collector pods, each with its sidecar, one Redis. The app's two tracers export to
     the two collectors, the second's spans children of the first's root: every trace is split
     across the pods (a violating one two items each side), so only the shared store sees the
     whole trace, and one of the two sidecars signals it."""
-    store = new_redis()
+    store = redis_factory()
     rendered = render({"rules": RULES, "redis": {"url": store.url},
                        "sidecar": {"decisionWait": "1s"}})
     pods = [ChartPod(rendered, tmp_path / f"pod-{n}").start(start) for n in (0, 1)]

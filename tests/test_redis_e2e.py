@@ -211,24 +211,6 @@ def helpers() -> Iterator[Callable[..., Proc]]:
 
 
 @pytest.fixture
-def redis_factory() -> Iterator[Callable[..., RedisServer]]:
-    """`redis_factory(*extra_args, port=None)`: a fresh, started redis-server on loopback;
-    every one is stopped and its directory removed at the end of the test."""
-    made: list[RedisServer] = []
-
-    def make(*extra: str, port: int | None = None, start: bool = True) -> RedisServer:
-        server = RedisServer(port, *extra)
-        made.append(server)
-        return server.start() if start else server
-
-    try:
-        yield make
-    finally:
-        for server in made:
-            server.cleanup()
-
-
-@pytest.fixture
 def redis_cluster() -> Iterator[list[RedisServer]]:
     nodes = start_cluster(3)
     try:
