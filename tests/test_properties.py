@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from sidecar.dsl import compile_expression, parse
 from sidecar.model.errors import ExpressionError, RuleLoadError
 from sidecar.model.spans import Trace
-from sidecar.rules import EXAMPLE_KEYS, RULE_KEYS, SIGNAL_KEYS, load_rules_text
+from sidecar.rules import EXAMPLE_KEYS, RULE_KEYS, SIGNAL_KEYS, evaluate, load_rules_text
 from sidecar.rules.compact import trace_from_compact
 
 BOUNDED = settings(max_examples=200, deadline=None,
@@ -344,3 +344,20 @@ def test_when_rule_verdict_does_not_depend_on_span_order(
     assert (first is None) == (second is None)
     if first is not None and second is not None:
         assert {s.span_id for s in first.spans} == {s.span_id for s in second.spans}
+
+
+@BOUNDED
+@given(condition(), TRACE_EXPR, COMPACT_SPANS)
+def test_a_rule_out_of_scope_never_fires(text: str, clause: str,
+                                         spans: list[dict[str, object]]) -> None:
+    """Replay skips a rule that does not apply to a trace (its compliance figure needs the
+    scope anyway): that may never change what fires, for condition, when and for_each rules."""
+    rules = load_rules_text(yaml.safe_dump({"rules": [
+        {"id": "condition", "condition": text},
+        {"id": "when", "when": "trace.has(a)", "never": clause},
+        {"id": "each", "for_each": "b.where(x > 0)", "never": clause}]})).rules
+    trace = trace_from_compact(spans, seed=text)
+    judged = evaluate(trace, rules, scope=True)
+    assert [v.rule.id for v in judged.violations] == \
+        [v.rule.id for v in evaluate(trace, rules).violations]
+    assert {r.id for r in judged.applied} >= {v.rule.id for v in judged.violations}

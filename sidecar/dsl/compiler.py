@@ -135,9 +135,12 @@ def combine_for_each(each: CompiledExpr, always: CompiledExpr | None,
 
     def failing(trace: Trace, first_only: bool = False) -> list[Span]:
         found: list[Span] = []
+        selected = spans(trace)
+        if not selected:  # (most traces: no span to check)
+            return found
         outer = getattr(_THIS, "span", None)
         try:
-            for span in spans(trace):
+            for span in selected:
                 _THIS.span = span
                 if (a is not None and not a(trace)) or (n is not None and n(trace)):
                     found.append(span)

@@ -182,7 +182,9 @@ def evaluate(trace: Trace, rules: Iterable[Rule], scope: bool = False) -> Verdic
     for rule in rules:
         logic = rule.logic
         try:
-            if scope and logic.applies(trace):
+            if scope:  # a rule out of scope cannot fire: no `when`, no span it names, no each
+                if not logic.applies(trace):
+                    continue
                 applied.append(rule)
             if logic.test(trace):
                 violations.append(Violation(rule, trace, logic.witness(trace)))
