@@ -23,11 +23,11 @@ per batch), the same sink everywhere:
                       a queue for minutes) to `python -m sidecar serve` with the one rule.
   (i') uncompressed   (i) with `compression: none` on otlp/betrace: what gzip costs on loopback.
 The rule and the policy are one predicate derived from the workloads: a span named one of the 8
-names they select, with status ERROR and code.lineno < 20 (about 0.5% of such spans, 2.5% of A's
-traces, 0.25% of B's). BeTrace: `NAME.where(status == ERROR and code.lineno < 20) or ...` over the
-8 names (monotone: it signals as soon as a trace matches); OTTL: `span.status.code ==
-STATUS_CODE_ERROR and span.attributes["code.lineno"] < 20 and (span.name == "..." or ...)` (the
-tests that fail most often first). Both wait DECISION_WAIT (2 s) and hold at most NUM_TRACES
+names they select, with status ERROR and code.lineno < 20 (2.6% of A's traces, 0.3% of B's).
+BeTrace: `NAME.where(status == ERROR and code.lineno < 20) or ...` over the 8 names (monotone: it
+signals as soon as a trace matches); OTTL: `span.status.code == STATUS_CODE_ERROR and
+span.attributes["code.lineno"] < 20 and (span.name == "..." or ...)` (the tests that fail most
+often first). Both wait DECISION_WAIT (2 s) and hold at most NUM_TRACES
 (100,000) traces (tail_sampling num_traces, betrace --max-traces).
 
 Figures, per workload and configuration, in one run:
@@ -71,6 +71,7 @@ process started here is stopped at the end of its part, also on Ctrl-C or an err
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -263,12 +264,6 @@ class Pipeline:
             self.close()
             raise
 
-    def __enter__(self) -> Pipeline:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def metrics(self) -> dict[str, float]:
         return scrape(f"http://127.0.0.1:{self.metrics_port}/metrics")
 
@@ -363,7 +358,7 @@ def load(tmp: Path, otelcol: str, config: Config, pool: list[bytes], matches: li
             return ingest.send(p, pool, first, seconds=secs)
         return paced(p, pool, first, rate, secs)
 
-    with Pipeline(tmp, otelcol, config, DECISION_WAIT) as p:
+    with contextlib.closing(Pipeline(tmp, otelcol, config, DECISION_WAIT)) as p:
         warm, _ = send(0, DECISION_WAIT + 1.0)
         first = warm // SPANS_PER_REQUEST
         taken0, cpu0, host0, own0 = p.taken(), p.cpu(), busy_seconds(), sum(os.times()[:2])
@@ -398,7 +393,7 @@ def memory(tmp: Path, otelcol: str, config: Config, pool: list[bytes], spans: in
     """(RSS growth per process, spans sent) while `spans` are sent at `rate` and nothing falls
     due (paced: sent as fast as taken, a collector would also grow by what it queues for a
     slower sidecar, and a Go heap keeps its peak)."""
-    with Pipeline(tmp, otelcol, config, HOLD_WAIT) as p:
+    with contextlib.closing(Pipeline(tmp, otelcol, config, HOLD_WAIT)) as p:
         ingest.send(p, pool, 0, count=2)  # warm-up: first-request allocations are not per span
         time.sleep(1.0)
         rss0 = p.rss()
@@ -480,8 +475,8 @@ def latency(tmp: Path, otelcol: str, config: Config, n: int,
     done = threading.Event()
     tailer = None
     try:
-        with Pipeline(tmp, otelcol, config, DECISION_WAIT,
-                      sink_port=sink.port if sink else None) as p:
+        with contextlib.closing(Pipeline(tmp, otelcol, config, DECISION_WAIT,
+                                         sink_port=sink.port if sink else None)) as p:
             if p.sidecar:
                 tailer = threading.Thread(target=tail_signals, args=(p.sidecar.signals, seen,
                                                                      done), daemon=True)
@@ -580,7 +575,8 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     started = time.perf_counter()
     otelcol = otelcol_binary()
-    version = subprocess.run([otelcol, "--version"], capture_output=True, text=True).stdout
+    version = subprocess.run([otelcol, "--version"], check=True, capture_output=True,
+                             text=True).stdout
     pools = {"A": make_pool(args.requests, 1.0, 1), "B": make_pool(args.requests, 0.1, 2)}
     print(f"{version.strip()} ({otelcol}); {os.cpu_count()} CPUs, load average "
           f"{os.getloadavg()[0]:.2f}; {args.requests} requests x {SPANS_PER_REQUEST} spans per "
