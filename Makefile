@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run demo replay test check bench bench-replay clean otelcol jaeger
+.PHONY: run demo replay test check bench bench-replay bench-collector clean otelcol jaeger
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,11 @@ bench: $(STAMP)
 REPLAY_TRACES ?= 3200000
 bench-replay: $(STAMP)
 	$(BIN)/python bench/replay.py --traces $(REPLAY_TRACES) --keep
+
+# BeTrace beside the collector's tail_sampling on the ingest workloads (issue 14): real collectors
+# and sidecars on loopback, about 5 minutes; builds the collector first if it is not cached.
+bench-collector: $(STAMP)
+	$(BIN)/python bench/collector.py
 
 # The pinned OpenTelemetry Collector (deploy/otelcol) and Jaeger (deploy/jaeger), each built once
 # with Go into ~/.cache/betrace/NAME-<go.sum hash>/ (outside the clone) and reused; prints the path.

@@ -62,7 +62,7 @@ import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import grpc
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
@@ -224,6 +224,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def scrape(url: str) -> dict[str, float]:
+    """A Prometheus text page as {'name{labels}': value}."""
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    return {k: float(v) for k, _, v in (line.rpartition(" ") for line in text.splitlines()
+                                        if line and not line.startswith("#"))}
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of the process (all its threads) from /proc/<pid>/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss(pid: int) -> int:
+    """VmRSS of the process in bytes."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split("VmRSS:")[1].split()[0]) * 1024
+
+
+class Target(Protocol):
+    """Anything `send` can load: a raw-bytes Export stub (a sidecar's, a collector's)."""
+
+    export: grpc.UnaryUnaryMultiCallable
+
+
 class Sidecar:
     """`python -m sidecar serve` in a child process, plus a raw-bytes Export stub for it."""
 
@@ -244,32 +269,31 @@ class Sidecar:
             EXPORT, request_serializer=None,
             response_deserializer=ExportTraceServiceResponse.FromString)
         deadline = time.monotonic() + 30
-        while True:
-            try:
-                self.metrics()
-                break
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"sidecar did not start:\n{self.log.read_text()}")
-                time.sleep(0.1)
-        grpc.channel_ready_future(self.channel).result(timeout=10)
+        try:
+            while True:
+                try:
+                    self.metrics()
+                    break
+                except OSError:
+                    if self.proc.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(f"sidecar did not start:\n{self.log.read_text()}")
+                    time.sleep(0.1)
+            grpc.channel_ready_future(self.channel).result(timeout=10)
+        except BaseException:  # not started (or Ctrl-C): leave no process behind
+            self.close(drain=False)
+            raise
 
     def metrics(self) -> dict[str, float]:
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        text = urllib.request.urlopen(url, timeout=10).read().decode()
-        return {k: float(v) for k, _, v in (line.rpartition(" ") for line in text.splitlines()
-                                            if line and not line.startswith("#"))}
+        return scrape(f"http://127.0.0.1:{self.metrics_port}/metrics")
 
     def received(self) -> float:
         return self.metrics().get('betrace_spans_received_total{transport="grpc"}', 0.0)
 
     def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return cpu_seconds(self.proc.pid)
 
     def rss(self) -> int:
-        status = Path(f"/proc/{self.proc.pid}/status").read_text()
-        return int(status.split("VmRSS:")[1].split()[0]) * 1024
+        return rss(self.proc.pid)
 
     def close(self, drain: bool = True) -> None:
         self.channel.close()
@@ -284,7 +308,7 @@ class Sidecar:
             self.proc.wait()
 
 
-def send(sc: Sidecar, pool: list[bytes], first: int, count: int | None = None,
+def send(sc: Target, pool: list[bytes], first: int, count: int | None = None,
          seconds: float = 1e9) -> tuple[int, float]:
     """Requests first, first+1, ... from CONCURRENCY threads until `count` have been sent or
     `seconds` have passed; returns (spans accepted, wall seconds)."""
