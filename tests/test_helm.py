@@ -490,6 +490,7 @@ def test_collector_config_feeds_the_sidecar_and_the_users_exporters(
     betrace_exporter = config["exporters"]["otlp_grpc/betrace"]
     assert betrace_exporter["endpoint"] == "127.0.0.1:4319"
     assert betrace_exporter["tls"] == {"insecure": True}
+    assert betrace_exporter["compression"] == "none"  # loopback: gzip is CPU for nothing
     assert betrace_exporter["retry_on_failure"]["enabled"] is True
     assert betrace_exporter["sending_queue"]["enabled"] is True
     assert betrace_exporter["sending_queue"]["queue_size"] == 5000
