@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime
 import json
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 _SIGNAL_NAMESPACE = uuid.UUID("5b1f2a4e-6c0d-4f57-9a3e-be7ace000001")
@@ -57,4 +57,6 @@ class Signal:
     violation_time: str | None  # start of the latest offending span: when it happened
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields in order, shallow (dataclasses.asdict deep-copies every context value:
+        a third of the signal log's cost)."""
+        return dict(vars(self))
