@@ -138,8 +138,8 @@ def _parser() -> argparse.ArgumentParser:
                         f"per source (default: all cores, {os.cpu_count() or 1})")
     replay.add_argument("--memory", metavar="SIZE",
                         help="budget for buffered spans over all processes (K, M, G suffixes; "
-                        "default: a quarter of this machine's memory); beyond it spans are "
-                        "spilled to disk")
+                        "default: 640M per process, so each stays under about 1 GB, at most a "
+                        "quarter of this machine's memory); beyond it spans are spilled to disk")
     replay.add_argument("--spill-dir", metavar="DIR",
                         help="where to spill (a temp directory is made and always removed; "
                         "default: the system's temp directory)")
@@ -469,7 +469,7 @@ def _replay(args: argparse.Namespace) -> int:
     from sidecar.replay.backend import BackendError, TraceBackend
     from sidecar.replay.jaeger import JaegerClient
     from sidecar.replay.progress import Progress
-    from sidecar.replay.runner import DEFAULT_MEMORY, ReplayOptions, replay, replay_backend
+    from sidecar.replay.runner import ReplayOptions, replay, replay_backend
     from sidecar.replay.sources import expand_sources, parse_moment
     from sidecar.replay.tempo import TempoClient
 
@@ -497,7 +497,7 @@ def _replay(args: argparse.Namespace) -> int:
         sources = expand_sources(args.sources) if args.sources else []
         until = parse_moment(args.until) if args.until else None
         options = ReplayOptions(
-            memory=_size(args.memory, "--memory") if args.memory else DEFAULT_MEMORY,
+            memory=_size(args.memory, "--memory") if args.memory else None,
             jobs=args.jobs,
             spill_dir=args.spill_dir,
             since_ns=parse_moment(args.since) if args.since else None,

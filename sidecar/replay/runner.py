@@ -46,7 +46,7 @@ from sidecar.replay.progress import Progress
 from sidecar.rules import Rule, RuleSet
 
 
-def _default_memory() -> int:
+def _quarter_of_memory() -> int:
     """A quarter of the machine's memory, at least 512 MiB: replay is a batch job."""
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -55,7 +55,9 @@ def _default_memory() -> int:
     return max(512 << 20, total // 4)
 
 
-DEFAULT_MEMORY = _default_memory()
+# Without --memory, each process's share of buffered spans: its estimate came to about 1.3x in
+# RSS (bench/replay.py), so a process stays under 1 GB; never more than a quarter of the machine
+DEFAULT_SHARE = 640 << 20
 DEFAULT_EDGE_NS = 5 * 60 * 10**9  # the live sidecar's default max trace age
 _MAX_PARTITIONS = 512
 _WHOLE_TRACES_PER_ROUND = 1000  # whole traces from a store evaluated at a time
@@ -64,7 +66,7 @@ _POLL_SECONDS = 0.2
 
 @dataclass(frozen=True)
 class ReplayOptions:
-    memory: int = DEFAULT_MEMORY  # bytes of buffered spans, over all processes
+    memory: int | None = None  # bytes of buffered spans, all processes (None: DEFAULT_SHARE each)
     jobs: int = 1
     spill_dir: str | None = None  # where the temp directory goes (default: tempfile's)
     since_ns: int | None = None  # evaluate traces with a span starting at or after this
@@ -144,7 +146,8 @@ def replay(ruleset: RuleSet, sources: Sequence[str], emit: Callable[[Signal], No
     window = _window(options)
     keep = span_filter(ruleset, options)
     jobs = max(1, min(options.jobs, len(sources)))  # files are the unit of parallel reading
-    share = max(1, options.memory // jobs)
+    memory = options.memory or min(DEFAULT_SHARE * jobs, _quarter_of_memory())
+    share = max(1, memory // jobs)
     total = sum(os.path.getsize(s) for s in sources if s != "-")
     partitions = min(_MAX_PARTITIONS, max(2 * jobs, -(-total // share)))
     progress = progress or Progress("never")
@@ -188,8 +191,8 @@ def replay_backend(ruleset: RuleSet, backend: TraceBackend[Any], emit: Callable[
     # The range picks traces (the store's search); each is then evaluated whole, spans outside
     # the range included: cutting a trace at the range's edge could make a rule cry wolf.
     keep = SpanFilter.of(ruleset.projection(), group_by=options.group_by)
-    plan = Plan(ruleset.rules, keep, "", 1, 1, options.memory, time.time_ns(), options.group_by,
-                None, options.value_limit)
+    plan = Plan(ruleset.rules, keep, "", 1, 1, options.memory or DEFAULT_SHARE, time.time_ns(),
+                options.group_by, None, options.value_limit)
     worker = Worker(plan, [0, 0])
     progress = progress or Progress("never")
     errors: list[InputError] = []
