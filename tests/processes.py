@@ -3,21 +3,41 @@ sure, and closing every one a fixture started when its test ends."""
 
 from __future__ import annotations
 
+import random
 import socket
 import subprocess
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Protocol, TypeVar
 
 
-def free_port(below: int = 65536) -> int:
-    """A loopback TCP port free a moment ago (bound to port 0, then closed), for a process that
-    must be told its port up front; `below` leaves room for a Redis cluster bus at port+10000."""
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+_PORTS = range(10000, max(20000, _ephemeral_low()))  # (a Redis cluster bus at +10000 fits)
+_given: set[int] = set()
+
+
+def free_port() -> int:
+    """A loopback TCP port free a moment ago, for a process that must be told its port up
+    front. Below the ephemeral range: a port the kernel hands out (bind to port 0) may be taken
+    as the source port of some outgoing connection before the process binds it, which made a
+    sidecar fail to listen now and then. Never the same port twice in one test run."""
     while True:
+        port = random.choice(_PORTS)
+        if port in _given:
+            continue
         with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = int(sock.getsockname()[1])
-        if port < below:
-            return port
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _given.add(port)
+        return port
 
 
 class Closable(Protocol):

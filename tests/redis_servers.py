@@ -69,7 +69,7 @@ class RedisServer:
 def start_cluster(masters: int = 3, ports: list[int] | None = None) -> list[RedisServer]:
     """`masters` cluster-enabled servers (on `ports` if given), slots split evenly, joined and
     ready."""
-    ports = ports or [free_port(below=55000) for _ in range(masters)]
+    ports = ports or [free_port() for _ in range(masters)]
     nodes = [RedisServer(port, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                          "--cluster-node-timeout", "2000").start()
              for port in ports[:masters]]

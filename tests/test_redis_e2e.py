@@ -780,7 +780,7 @@ def test_serve_starts_without_redis_and_becomes_ready_when_it_comes(
 
 def test_serve_starts_before_its_redis_cluster_and_becomes_ready_when_it_forms(
         serve: Callable[..., Serve], client: Callable[[int], Client]) -> None:
-    ports = [free_port(below=55000) for _ in range(3)]
+    ports = [free_port() for _ in range(3)]
     sidecar = serve("redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in ports)).listening()
     status, body = sidecar.get("/readyz")
     assert status == 503 and "redis unreachable" in body, body
