@@ -246,15 +246,7 @@ class Pipeline:
                 self.proc = subprocess.Popen([otelcol, "--config", str(path)], cwd=ROOT,
                                              stdin=subprocess.DEVNULL, stdout=log,
                                              stderr=subprocess.STDOUT)
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    self.metrics()
-                    break
-                except OSError:
-                    if self.proc.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError(f"otelcol did not start:\n{self.log.read_text()}")
-                    time.sleep(0.1)
+            ingest.wait_answering(self.metrics, self.proc, self.log, "otelcol")
             self.channel = grpc.insecure_channel(f"127.0.0.1:{port}",
                                                  [("grpc.max_send_message_length", 1 << 26)])
             self.export = self.channel.unary_unary(

@@ -136,6 +136,21 @@ def kv(key: str, value: Any) -> KeyValue:
     return KeyValue(key=key, value=AnyValue(**{FIELD[type(value)]: value}))
 
 
+def wait_answering(probe: Callable[[], object], proc: subprocess.Popen[bytes], log: Path,
+                   what: str, timeout: float = 30.0) -> None:
+    """Until `probe` (a scrape of the started process's metrics) stops raising OSError; a
+    process that exits or takes over `timeout` seconds is a RuntimeError showing its log."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            probe()
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{what} did not start:\n{log.read_text()}") from None
+            time.sleep(0.1)
+
+
 def make_span(r: Rng, trace_id: bytes, parent: bytes, name: str, now: int,
               reads: Callable[[Rng, str], dict[str, Any]] | None = None) -> Span:
     if reads is not None:
@@ -268,16 +283,8 @@ class Sidecar:
         self.export = self.channel.unary_unary(
             EXPORT, request_serializer=None,
             response_deserializer=ExportTraceServiceResponse.FromString)
-        deadline = time.monotonic() + 30
         try:
-            while True:
-                try:
-                    self.metrics()
-                    break
-                except OSError:
-                    if self.proc.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError(f"sidecar did not start:\n{self.log.read_text()}")
-                    time.sleep(0.1)
+            wait_answering(self.metrics, self.proc, self.log, "sidecar")
             grpc.channel_ready_future(self.channel).result(timeout=10)
         except BaseException:  # not started (or Ctrl-C): leave no process behind
             self.close(drain=False)

@@ -197,6 +197,27 @@ def assert_signalled_once(signals: list[dict[str, Any]], shop: SteadyShop) -> No
     assert not several, f"several signal_ids for one trace: {several}"
 
 
+def settle(pod: ChartPod, client: redis.Redis, shop: SteadyShop, app_spans: int,
+           unsure_lines: int, scrape: Callable[[int], Any], wait_until: Callable[..., Any]
+           ) -> tuple[dict[str, float], list[dict[str, Any]], int]:
+    """Wait until the collector delivered every span, Redis holds no trace to decide, and the
+    violation spans of all signal lines but the first `unsure_lines` came back through the
+    collector (the sidecar drops them as its own); check each violating trace was signalled
+    once. The collector's counts, the signals, and how many lines repeat a signal_id."""
+    def settled() -> dict[str, float]:
+        counts = collector(scrape, pod)
+        echoed = counts["accepted"] - app_spans
+        return counts if (delivered(counts) and pending_decisions(client) == 0
+                          and echoed >= len(pod.signals()) - unsure_lines) else {}
+
+    counts = wait_until(settled, timeout=60, interval=0.5,
+                        what=f"every span delivered and every trace decided\n{pod.logs}")
+    signals = pod.signals()
+    assert_signalled_once(signals, shop)
+    assert counts["failed"] == 0 and counts["refused"] == 0, counts
+    return counts, signals, len(signals) - len({s["signal_id"] for s in signals})
+
+
 def test_a_sidecar_killed_under_load_and_restarted_loses_no_violation(
         start: Callable[..., Process], tmp_path: Path,
         sdk_client: Callable[..., Any], wait_until: Callable[..., Any],
@@ -240,21 +261,10 @@ def test_a_sidecar_killed_under_load_and_restarted_loses_no_violation(
     app.flush()
     app_spans = sum(shop.spans)
 
-    # Violation spans come back through the collector (and the sidecar drops them as its own):
-    # the new process's all arrive; the killed one's last ones may have died in its export
-    # queue (0.5 s batches), so the count is bounded below by the new process's lines.
-    def settled() -> dict[str, float]:
-        counts = collector(scrape, pod)
-        echoed = counts["accepted"] - app_spans
-        return counts if (delivered(counts) and pending_decisions(client) == 0
-                          and echoed >= len(pod.signals()) - before_restart) else {}
-
-    counts = wait_until(settled, timeout=60, interval=0.5,
-                        what=f"every span delivered and every trace decided\n{pod.logs}")
-    signals = pod.signals()
-    assert_signalled_once(signals, shop)
-    duplicates = len(signals) - len({s["signal_id"] for s in signals})
-    assert counts["failed"] == 0 and counts["refused"] == 0, counts
+    # The killed process's last violation spans may have died in its export queue (0.5 s
+    # batches): only the new process's lines are sure to come back.
+    counts, signals, duplicates = settle(pod, client, shop, app_spans, before_restart, scrape,
+                                         wait_until)
     assert app_spans <= counts["accepted"] <= app_spans + len(signals), (app_spans, counts)
     retries = retries_since(pod, log_at)
     assert retries > 0, pod.collector.output
@@ -312,17 +322,7 @@ def test_the_redis_store_stopped_for_20s_under_load_loses_no_violation(
 
     client = redis.Redis(port=store.port)
 
-    def settled() -> dict[str, float]:
-        counts = collector(scrape, pod)
-        return counts if (delivered(counts) and pending_decisions(client) == 0
-                          and counts["accepted"] - app_spans >= len(pod.signals())) else {}
-
-    counts = wait_until(settled, timeout=60, interval=0.5,
-                        what=f"every span delivered and every trace decided\n{pod.logs}")
-    signals = pod.signals()
-    assert_signalled_once(signals, shop)
-    duplicates = len(signals) - len({s["signal_id"] for s in signals})
-    assert counts["failed"] == 0 and counts["refused"] == 0, counts
+    counts, signals, duplicates = settle(pod, client, shop, app_spans, 0, scrape, wait_until)
     assert counts["accepted"] == app_spans + len(signals), (app_spans, len(signals), counts)
 
     assert sidecar is pod.sidecar.process and sidecar.poll() is None, pod.logs

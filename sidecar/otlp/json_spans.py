@@ -425,7 +425,7 @@ def _id(raw: Any, size: int) -> str | None:
                 return None
     else:
         try:
-            data = _base64(raw)
+            data = decode_base64(raw)
         except ValueError:
             return None
         if len(data) != size:
@@ -434,7 +434,7 @@ def _id(raw: Any, size: int) -> str | None:
     return raw if raw.strip("0") else ""
 
 
-def _base64(text: str) -> bytes:
+def decode_base64(text: str) -> bytes:
     """Standard or URL-safe base64, padded or not: protobuf's JSON mapping accepts all four."""
     return base64.b64decode(text.translate(_URLSAFE_TO_STD) + "=" * (-len(text) % 4), validate=True)
 
@@ -504,7 +504,7 @@ def _value(raw: Any) -> Any:
     elif field == "bytesValue":
         if kind is str:
             try:
-                return _base64(inner)
+                return decode_base64(inner)
             except ValueError:
                 pass
     else:

@@ -30,7 +30,6 @@ thread pool: the work is waiting on the network.
 
 from __future__ import annotations
 
-import base64
 import logging
 import threading
 import time
@@ -51,7 +50,7 @@ import orjson
 from sidecar.model.errors import BetraceError
 from sidecar.model.names import VIOLATION_SPAN
 from sidecar.model.spans import Projection, Span
-from sidecar.otlp.json_spans import InputError, spans_from_request
+from sidecar.otlp.json_spans import InputError, decode_base64, spans_from_request
 from sidecar.rules import RuleSet
 
 __all__ = ["DEFAULT_LIMIT", "BackendError", "SearchPage", "SearchStats", "TraceBackend",
@@ -63,7 +62,6 @@ RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 WholeTrace = tuple[str, list[Span]]  # a trace id and its spans
 Query = TypeVar("Query")  # what one search asks a store for (TraceQL; a service and operation)
 _HEX = frozenset(hexdigits)
-_URLSAFE_TO_STD = str.maketrans("-_", "+/")
 
 
 class BackendError(BetraceError):
@@ -361,8 +359,7 @@ def normalize_trace_id(raw: Any) -> str:
         trace_id = raw.lower().zfill(32)
     else:
         try:
-            data = base64.b64decode(raw.translate(_URLSAFE_TO_STD) + "=" * (-len(raw) % 4),
-                                    validate=True)
+            data = decode_base64(raw)
         except ValueError:
             raise ValueError(f"invalid trace id {raw!r}") from None
         if len(data) not in (8, 16):
