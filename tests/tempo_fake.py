@@ -246,7 +246,7 @@ def otlp_trace(spans: list[Span], *, base64_ids: bool, key: str = "resourceSpans
     def encode(hex_id: str) -> str:
         return base64.b64encode(bytes.fromhex(hex_id)).decode() if base64_ids else hex_id
 
-    by_service: dict[str | None, list[dict[str, Any]]] = {}
+    by_service: dict[tuple[str | None, str | None], list[dict[str, Any]]] = {}
     for s in spans:
         raw: dict[str, Any] = {
             "traceId": encode(s.trace_id), "spanId": encode(s.span_id), "name": s.name,
@@ -257,13 +257,15 @@ def otlp_trace(spans: list[Span], *, base64_ids: bool, key: str = "resourceSpans
         }
         if s.parent_span_id:
             raw["parentSpanId"] = encode(s.parent_span_id)
-        by_service.setdefault(s.service, []).append(raw)
+        by_service.setdefault((s.service, s.version), []).append(raw)
     extra = [{"key": k, "value": any_value(v)} for k, v in (resource or {}).items()]
     return {key: [
-        {"resource": {"attributes": extra + ([] if service is None else
-                      [{"key": "service.name", "value": {"stringValue": service}}])},
+        {"resource": {"attributes": extra + [
+            {"key": name, "value": {"stringValue": value}}
+            for name, value in (("service.name", service), ("service.version", version))
+            if value is not None]},
          "scopeSpans": [{"scope": {"name": "betrace-tests"}, "spans": group}]}
-        for service, group in by_service.items()]}
+        for (service, version), group in by_service.items()]}
 
 
 # --- the server ---------------------------------------------------------------------------------

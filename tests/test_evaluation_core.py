@@ -314,15 +314,17 @@ def test_a_store_bug_is_internal_and_a_store_that_is_down_unavailable(
 
 def test_redis_state_of_another_format_is_refused(redis_url: str) -> None:
     client = redis.Redis.from_url(redis_url)
-    client.flushdb()
-    client.set("bt:format", "2")  # the format before trace states carried their bytes
-    try:
-        with pytest.raises(IncompatibleStore, match="format '2'"):
-            RedisStore.from_url(redis_url)
-    finally:
+    # 2: before trace states carried their bytes; 3: before span records carried service.version
+    for older in ("2", "3"):
         client.flushdb()
+        client.set("bt:format", older)
+        try:
+            with pytest.raises(IncompatibleStore, match=f"format '{older}'"):
+                RedisStore.from_url(redis_url)
+        finally:
+            client.flushdb()
     assert RedisStore.from_url(redis_url).append({}, time.time()).accepted == 0
-    assert client.get("bt:format") == b"3"
+    assert client.get("bt:format") == b"4"
     # State from before formats were written: shard counts without a format key
     client.delete("bt:format")
     client.hset("bt:{q3}:n", "traces", 1)

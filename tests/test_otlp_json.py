@@ -185,6 +185,7 @@ def test_service_comes_from_the_resource() -> None:
     assert one(request(otlp_span(), service="billing")).service == "billing"
     assert one(request(otlp_span(), service=None)).service is None
     assert one({"resourceSpans": [{"scopeSpans": [{"spans": [otlp_span()]}]}]}).service is None
+    assert one(request(otlp_span())).version is None  # (see test_service_version.py)
 
 
 def test_any_value_types() -> None:
@@ -420,7 +421,8 @@ def _spans(draw: st.DrawFn) -> dict[str, Any]:
 
 _SPANS = _spans()
 _RESOURCE = st.fixed_dictionaries({"attributes": st.lists(st.fixed_dictionaries(
-    {"key": st.sampled_from(["service.name", "region"]), "value": _VALUES}), max_size=3)})
+    {"key": st.sampled_from(["service.name", "service.version", "region"]), "value": _VALUES}),
+    max_size=3)})
 _SCOPES = st.lists(st.fixed_dictionaries({"scope": st.just({"name": "lib"}),
                                           "spans": st.lists(_SPANS, min_size=1, max_size=5)}),
                    min_size=1, max_size=3)
@@ -442,6 +444,8 @@ _MALFORMED = [
     {"resourceSpans": [{"resource": {"attributes": [{"key": 3}]}}]},
     {"resourceSpans": [{"resource": {"attributes": [{"key": "service.name",
                                                      "value": {"intValue": "x"}}]}}]},
+    {"resourceSpans": [{"resource": {"attributes": [{"key": "service.version",
+                                                     "value": {"stringValue": 2}}]}}]},
 ]
 _FILTERS = [
     SpanFilter(Projection.everything()),

@@ -446,11 +446,11 @@ def blob(trace_id: str, size: int) -> Span:
 
 
 def test_stored_bytes_counts_the_text_a_span_holds_in_utf8() -> None:
-    span = Span(A, "00000000000000a1", "paiement.débit", service="caisse", attributes={
-        "montant": 12, "devise": "€", "étapes": ("réservé", "payé"), "brut": b"\0" * 10,
-        "lignes": {"n°": "1"}})
-    text = ("paiement.débit" + "caisse" + "montant" + "devise" + "€" + "étapes" + "réservé"
-            + "payé" + "brut" + "lignes" + "n°" + "1")
+    span = Span(A, "00000000000000a1", "paiement.débit", service="caisse", version="2.1-é",
+                attributes={"montant": 12, "devise": "€", "étapes": ("réservé", "payé"),
+                            "brut": b"\0" * 10, "lignes": {"n°": "1"}})
+    text = ("paiement.débit" + "caisse" + "2.1-é" + "montant" + "devise" + "€" + "étapes"
+            + "réservé" + "payé" + "brut" + "lignes" + "n°" + "1")
     assert stored_bytes(span) == SPAN_OVERHEAD_BYTES + len(text.encode()) + 8 + 10
 
 
@@ -793,16 +793,42 @@ def test_an_unreadable_trace_does_not_hold_up_the_others(
         store.close()
 
 
+def test_a_span_comes_back_as_it_was_appended(store_factory: StoreFactory) -> None:
+    """Every field of a span, its resource's service.name and service.version too (a signal
+    names both), with or without them, through every store (Redis: its msgpack records)."""
+    store = store_factory(decision_wait=1.0)
+    sent = [
+        Span(A, "00000000000000a1", "payment.charge", parent_span_id="00000000000000a0",
+             start_ns=1_700_000_000_000_000_000, end_ns=1_700_000_000_250_000_000,
+             status="ERROR", kind="CLIENT", service="payments", version="2.14.0",
+             attributes={"attempt": 2, "ok": False, "ratio": 0.5, "ids": ("a", "b"),
+                         "raw": b"\x00\xff", "labels": {"k": "v"}}),
+        Span(A, "00000000000000a2", "payment.charge", start_ns=5, end_ns=6, service="payments",
+             version=None),
+        Span(A, "00000000000000a3", "audit.log", start_ns=7, end_ns=8, service=None,
+             version="0.1.0-ünï"),
+        Span(A, "00000000000000a4", "audit.log", start_ns=9, end_ns=9, version=""),
+    ]
+    store.append({A: sent}, now=0.0)
+    assert with_trace(store, A, lambda trace: [(s.service, s.version) for s in trace.spans]) \
+        == [(s.service, s.version) for s in sent]
+    [claimed] = claim(store, 1.0)
+    assert claimed.trace is not None
+    assert sorted(claimed.trace.spans, key=lambda s: s.span_id) == sent
+
+
 def test_numbers_beyond_64_bits_are_stored(store_factory: StoreFactory) -> None:
     """OTLP JSON can spell integers no protobuf field carries; the Redis store keeps them as
     their decimal text (and clamps times), where the memory store keeps the int."""
     store = store_factory(decision_wait=1.0)
     big = Span(A, "00000000000000b1", "payment.charge", start_ns=2**70, end_ns=2**70 + 5,
+               service="payments", version="2.14.0",
                attributes={"amount": 2**70, "nested": (1, -2**70)})
     store.append({A: [big, *spans(A)]}, now=0.0)  # one packer: it goes on after the big one
     [claimed] = claim(store, 1.0)
     assert claimed.trace is not None and len(claimed.trace.spans) == 2
     [read] = [s for s in claimed.trace.spans if s.span_id == "00000000000000b1"]
+    assert (read.service, read.version) == ("payments", "2.14.0")  # the record written again
     if isinstance(store, RedisStore):
         assert read.attributes == {"amount": str(2**70), "nested": (1, str(-2**70))}
         assert read.start_ns == 2**64 - 1

@@ -355,8 +355,9 @@ def test_fetch_hex_and_base64_ids(fake: FakeTempo, tempo: str) -> None:
 
 
 def test_a_resource_attribute_comes_along_for_group_by(fake: FakeTempo, tempo: str) -> None:
-    """--group-by service.version needs a resource attribute a Span does not keep, and an
-    attribute no rule reads: the caller widens the projection and names the resource key."""
+    """--group-by service.version needs a resource attribute as the span's group (a Span keeps
+    service.version as its `version` too), and an attribute no rule reads: the caller widens
+    the projection and names the resource key."""
     trace_id = fake.add(trace(1, ("payment.charge", {"attempt": 2, "region": "eu"}),
                               ("payment.charge", {"attempt": 3})),
                         resource={"service.version": "1.4.2"})
@@ -369,6 +370,7 @@ def test_a_resource_attribute_comes_along_for_group_by(fake: FakeTempo, tempo: s
         resource_key="service.version"))
     assert got_id == trace_id and [span.group for span in spans] == ["1.4.2", "1.4.2"]
     assert spans[0].attributes["region"] == "eu" and spans[0].service == "checkout"
+    assert [span.version for span in spans] == ["1.4.2", "1.4.2"]
 
 
 def test_our_own_violation_spans_are_not_evaluated(fake: FakeTempo, tempo: str) -> None:

@@ -1,9 +1,10 @@
 """The span record every stage shares, and the trace view rules evaluate.
 
 A `Span` is the compact projection the design calls for: ids, name, times, status, kind, the
-resource's `service.name`, and the attributes rules read. Ingest (OTLP protobuf or JSON) builds
-them; the rule engine only reads them. Attribute values keep their OTLP types: str, bool, int,
-float, or a tuple for arrays (kvlists become dicts, bytes stay bytes).
+resource's `service.name` and `service.version`, and the attributes rules read. Ingest (OTLP
+protobuf or JSON) builds them; the rule engine only reads them. Attribute values keep their
+OTLP types: str, bool, int, float, or a tuple for arrays (kvlists become dicts, bytes stay
+bytes).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ class Span:
 
     __slots__ = (
         "trace_id", "span_id", "parent_span_id", "name", "start_ns", "end_ns",
-        "status", "kind", "service", "attributes", "group",
+        "status", "kind", "service", "version", "attributes", "group",
     )
 
     def __init__(
@@ -35,6 +36,7 @@ class Span:
         status: str = "UNSET",
         kind: str = "INTERNAL",
         service: str | None = None,
+        version: str | None = None,
         attributes: dict[str, Any] | None = None,
         group: Any = None,
     ) -> None:
@@ -47,6 +49,7 @@ class Span:
         self.status = status  # one of STATUSES
         self.kind = kind  # one of KINDS
         self.service = service  # resource attribute service.name
+        self.version = version  # resource attribute service.version (signals carry both)
         self.attributes = attributes if attributes is not None else {}
         # replay --group-by: its resource's value of that attribute (rules never read it)
         self.group = group
@@ -68,7 +71,7 @@ class Span:
 
 def span_of(trace_id: str, span_id: str, name: str, parent_span_id: str, start_ns: int,
             end_ns: int, status: str, kind: str, service: str | None,
-            attributes: dict[str, Any], group: Any) -> Span:
+            version: str | None, attributes: dict[str, Any], group: Any) -> Span:
     """A Span from every field, positionally: what decoders call per span. A module function
     with one statement per slot costs half what keyword parsing in `Span(...)`, a classmethod
     or a tuple assignment of the slots would (measured on Python 3.11)."""
@@ -82,6 +85,7 @@ def span_of(trace_id: str, span_id: str, name: str, parent_span_id: str, start_n
     span.status = status
     span.kind = kind
     span.service = service
+    span.version = version
     span.attributes = attributes
     span.group = group
     return span
@@ -96,14 +100,14 @@ _SCALARS = frozenset((bool, int, float))
 
 def stored_bytes(span: Span) -> int:
     """What a span counts against its trace's byte budget (max_trace_bytes): the UTF-8 bytes of
-    its name, service, attribute keys and values (inside arrays and kvlists too, and bytes
+    its name, service, version, attribute keys and values (inside arrays and kvlists too, and bytes
     values as they are: any of them can be the 10 MB one), other values a fixed size, plus a
     fixed overhead. Taken from the span, not from a store's encoding, so every store agrees.
     It runs for every stored span: the short strings are measured as one, and the common
     values without a call."""
     attributes = span.attributes
-    size = SPAN_OVERHEAD_BYTES + _text_bytes(span.name + (span.service or "")
-                                             + "".join(attributes))
+    size = SPAN_OVERHEAD_BYTES + _text_bytes(
+        span.name + (span.service or "") + (span.version or "") + "".join(attributes))
     for value in attributes.values():
         kind = type(value)
         if kind is str:

@@ -33,7 +33,7 @@ _KINDS: dict[int | str, str] = {**dict(enumerate(KINDS)), **{f"SPAN_KIND_{k}": k
 _STATUSES: dict[int | str, str] = {
     **dict(enumerate(STATUSES)), **{f"STATUS_CODE_{s}": s for s in STATUSES}
 }
-_SERVICE_NAME = frozenset(("service.name",))
+_SERVICE = frozenset(("service.name", "service.version"))  # what a Span keeps of its resource
 _NOTHING: dict[str, Any] = {}  # read only: an absent resource, status or value
 _EMPTY: Any = object()  # an AnyValue with no value set
 
@@ -217,7 +217,7 @@ def _decode_typed(resource_spans: list[_ResourceSpans], projection: Projection, 
     received = 0
     for entry in resource_spans:
         resource = _parse(entry.resource) if entry.resource else _NOTHING
-        service, extra = _resource(resource, resource_key)
+        service, version, extra = _resource(resource, resource_key)
         scopes = entry.scopeSpans
         if scopes is None:
             scopes = entry.instrumentationLibrarySpans or []
@@ -245,7 +245,8 @@ def _decode_typed(resource_spans: list[_ResourceSpans], projection: Projection, 
                             bare.add(trace_id)
                     continue
                 try:
-                    span = _typed_span(raw, name, keys, service)  # type: ignore[arg-type]
+                    span = _typed_span(raw, name, keys, service,  # type: ignore[arg-type]
+                                       version)
                 except ValueError as exc:
                     bad.append(f"span {name!r}: {exc}" if raw.name else f"span: {exc}")
                     continue
@@ -254,8 +255,8 @@ def _decode_typed(resource_spans: list[_ResourceSpans], projection: Projection, 
     return spans, received
 
 
-def _typed_span(raw: _Span, name: str, keys: frozenset[str] | None, service: str | None
-                ) -> Span:
+def _typed_span(raw: _Span, name: str, keys: frozenset[str] | None, service: str | None,
+                version: str | None) -> Span:
     """`_span` of a typed span: the same checks in the same order."""
     trace_id, span_id, parent, start, end, kind = _checked(
         raw.traceId, raw.spanId, raw.parentSpanId, raw.startTimeUnixNano, raw.endTimeUnixNano,
@@ -266,7 +267,7 @@ def _typed_span(raw: _Span, name: str, keys: frozenset[str] | None, service: str
         status = _status(_parse(written) if written else _NOTHING)
         if len(_STATUS_OF) < 64:  # the few ways a status is written
             _STATUS_OF[written] = status
-    return span_of(trace_id, span_id, name, parent, start, end, status, kind, service,
+    return span_of(trace_id, span_id, name, parent, start, end, status, kind, service, version,
                    _typed_attributes(raw.attributes, keys) if raw.attributes and
                    (keys is None or keys) else {}, None)
 
@@ -317,7 +318,7 @@ def _decode(doc: Any, projection: Projection | None, bad: list[str],
     for entry in resource_spans:
         if type(entry) is not dict:
             raise ValueError(f"{key} entry is not an object")
-        service, extra = _resource(entry.get("resource", _NOTHING), resource_key)
+        service, version, extra = _resource(entry.get("resource", _NOTHING), resource_key)
         scopes = entry.get("scopeSpans")
         if scopes is None:
             scopes = entry.get("instrumentationLibrarySpans", [])  # OTLP before 0.15
@@ -332,7 +333,7 @@ def _decode(doc: Any, projection: Projection | None, bad: list[str],
             received += len(raw_spans)
             for raw in raw_spans:
                 try:
-                    span = _span(raw, wants, keep, service, own)
+                    span = _span(raw, wants, keep, service, version, own)
                 except ValueError as exc:
                     name = raw.get("name") if type(raw) is dict else None
                     bad.append(f"span {name!r}: {exc}" if type(name) is str else f"span: {exc}")
@@ -348,20 +349,22 @@ def _decode(doc: Any, projection: Projection | None, bad: list[str],
     return spans, received
 
 
-def _resource(resource: Any, resource_key: str | None) -> tuple[str | None, Any]:
-    """A resource's service.name, and its `resource_key` attribute (None if absent)."""
+def _resource(resource: Any, resource_key: str | None) -> tuple[str | None, str | None, Any]:
+    """A resource's service.name and service.version (each None unless a string), and its
+    `resource_key` attribute (None if absent)."""
     if type(resource) is not dict:
         raise ValueError("resource is not an object")
-    wanted = _SERVICE_NAME if resource_key is None else _SERVICE_NAME | {resource_key}
+    wanted = _SERVICE if resource_key is None else _SERVICE | {resource_key}
     found = _attributes(resource.get("attributes", []), wanted)
-    service = found.get("service.name")
+    service, version = found.get("service.name"), found.get("service.version")
     return (service if type(service) is str else None,
+            version if type(version) is str else None,
             found.get(resource_key) if resource_key is not None else None)
 
 
 def _span(raw: Any, wants: Callable[[str], bool] | None,
           keep_for: Callable[[str], frozenset[str] | None] | None,
-          service: str | None, own: bool = False) -> Span | None:
+          service: str | None, version: str | None, own: bool = False) -> Span | None:
     """One span, or None when the projection drops it (BeTrace's own violation spans come
     through with `own`); ValueError says what is malformed."""
     if type(raw) is not dict:
@@ -377,7 +380,7 @@ def _span(raw: Any, wants: Callable[[str], bool] | None,
     status = _status(raw.get("status", _NOTHING))
     attributes = raw.get("attributes")
     keep = keep_for(name) if keep_for is not None else None
-    return span_of(trace_id, span_id, name, parent, start, end, status, kind, service,
+    return span_of(trace_id, span_id, name, parent, start, end, status, kind, service, version,
                    _attributes(attributes, keep) if attributes and (keep is None or keep)
                    else {}, None)
 

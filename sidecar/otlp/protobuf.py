@@ -126,18 +126,22 @@ class ProtobufDecoder:
         refused = 0  # spans in `invalid`
         bare: set[bytes] | None = set() if keep.projection.trace_ids else None
         for resource_spans in request.resource_spans:
-            service = group = None
+            service = version = group = None
             resource = resource_spans.resource.attributes
             if resource:
                 try:
                     if (raw := resource.get("service.name")) is not None:
                         service = _any(raw)
+                    if (raw := resource.get("service.version")) is not None:
+                        version = _any(raw)
                     if group_key is not None and (raw := resource.get(group_key)) is not None:
                         group = _any(raw)
                 except (DecodeError, ValueError) as exc:  # the spans still count
                     out.invalid.append(f"invalid resource attribute: {_reason(exc)}")
                 if type(service) is not str:
                     service = None
+                if type(version) is not str:
+                    version = None
             for scope in resource_spans.scope_spans:
                 if tags is not None and not any(tag in scope for tag in tags):
                     continue
@@ -147,7 +151,7 @@ class ProtobufDecoder:
                 except DecodeError:
                     spans = self._one_by_one(scope, out)
                 out.received += len(spans) + len(out.invalid) - invalid
-                self._spans(spans, service, group, out, hex_ids, bare, indexed)
+                self._spans(spans, service, version, group, out, hex_ids, bare, indexed)
                 refused += len(out.invalid) - invalid
         kept = sum(map(len, out.batch.values()))
         out.not_selected = out.received - out.own - refused - kept
@@ -171,8 +175,9 @@ class ProtobufDecoder:
                 out.invalid.append(f"invalid span ({len(raw)} bytes): {_reason(exc)}")
         return spans
 
-    def _spans(self, spans: Any, service: str | None, group: Any, out: Decoded,
-               hex_ids: dict[bytes, str], bare: set[bytes] | None, indexed: bool) -> None:
+    def _spans(self, spans: Any, service: str | None, version: str | None, group: Any,
+               out: Decoded, hex_ids: dict[bytes, str], bare: set[bytes] | None,
+               indexed: bool) -> None:
         """The hot loop: for a span no rule selects, one name test and nothing else."""
         keep, reads, batch, invalid = self.keep, self.reads, out.batch, out.invalid
         since, until = keep.since_ns, keep.until_ns
@@ -235,7 +240,7 @@ class ProtobufDecoder:
             parent = span.parent_span_id
             decoded = span_of(tid, span_id.hex(), name,
                               parent.hex() if parent != _ZERO_SPAN else "", start, span.end,
-                              status, _KIND.get(span.kind, "UNSPECIFIED"), service,
+                              status, _KIND.get(span.kind, "UNSPECIFIED"), service, version,
                               attributes or _NO_ATTRIBUTES, group)
             bucket = batch.get(tid)
             if bucket is None:

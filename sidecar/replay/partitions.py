@@ -255,7 +255,7 @@ def _spilled(spans: list[Span]) -> list[tuple[Any, ...]]:
     """Spans as spilled (marshal takes plain tuples): every field but the trace id.
     (A comprehension reads the slots four times faster than an attrgetter.)"""
     return [(s.span_id, s.name, s.parent_span_id, s.start_ns, s.end_ns, s.status, s.kind,
-             s.service, s.attributes, s.group) for s in spans]
+             s.service, s.version, s.attributes, s.group) for s in spans]
 
 
 def _rebuilt(trace_id: str, spilled: list[tuple[Any, ...]]) -> list[Span]:
@@ -266,7 +266,7 @@ def _rebuilt(trace_id: str, spilled: list[tuple[Any, ...]]) -> list[Span]:
         span = _new(Span)
         span.trace_id = trace_id
         (span.span_id, span.name, span.parent_span_id, span.start_ns, span.end_ns, span.status,
-         span.kind, span.service, span.attributes, span.group) = fields
+         span.kind, span.service, span.version, span.attributes, span.group) = fields
         spans.append(span)
     return spans
 

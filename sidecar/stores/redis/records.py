@@ -36,10 +36,12 @@ class Vocabulary:
 
     def encoder(self, altered: set[str]) -> Callable[[Span], bytes]:
         """A function making one msgpack record per span: the vocabulary's tag, binary ids,
-        start and duration in ns, status and kind in one small int, then name, service and the
-        attributes as a flat key, value, ... array (their OTLP types kept: bytes stay bytes).
-        One per batch: it reuses its packer (a packer per span costs a third more). Traces
-        whose records had to differ from their spans (numbers beyond 64 bits) go in `altered`."""
+        start and duration in ns, status and kind in one small int, then name, service and
+        version (the resource's service.name and service.version: strings as they are, since
+        the rules' vocabulary cannot know them; nil, one byte, when absent) and the attributes
+        as a flat key, value, ... array (their OTLP types kept: bytes stay bytes). One per
+        batch: it reuses its packer (a packer per span costs a third more). Traces whose records
+        had to differ from their spans (numbers beyond 64 bits) go in `altered`."""
         number, tag, pack = self.number, self.tag, msgpack.Packer().pack
 
         def encode(span: Span) -> bytes:
@@ -50,21 +52,21 @@ class Vocabulary:
             record = (tag, bytes.fromhex(span.span_id), bytes.fromhex(span.parent_span_id),
                       span.start_ns, span.end_ns - span.start_ns,
                       _STATUS_CODE[span.status] * 8 + _KIND_CODE[span.kind],
-                      number.get(span.name, span.name), span.service, flat)
+                      number.get(span.name, span.name), span.service, span.version, flat)
             try:
                 return pack(record)
             except OverflowError:  # a number beyond 64 bits: OTLP JSON can spell, not carry it
                 altered.add(span.trace_id)
                 return pack((*record[:3], min(max(record[3], 0), _U64),
-                             max(min(record[4], 2**63 - 1), -2**63), *record[5:8],
+                             max(min(record[4], 2**63 - 1), -2**63), *record[5:9],
                              [_storable(item) for item in flat]))
         return encode
 
 
 def decode_span(trace_id: str, raw: bytes, words: Callable[[int], tuple[str, ...]]) -> Span:
     """A record back as a Span; `words(tag)` gives the vocabulary the record was written with."""
-    tag, span_id, parent, start, duration, codes, name, service, flat = msgpack.unpackb(
-        raw, use_list=False)
+    tag, span_id, parent, start, duration, codes, name, service, version, flat = \
+        msgpack.unpackb(raw, use_list=False)
     vocabulary = words(tag)
     if type(name) is int:
         name = vocabulary[name]
@@ -72,7 +74,7 @@ def decode_span(trace_id: str, raw: bytes, words: Callable[[int], tuple[str, ...
     attributes = {vocabulary[key] if type(key) is int else key: value
                   for key, value in zip(pairs, pairs)}
     return span_of(trace_id, span_id.hex(), name, parent.hex(), start, start + duration,
-                   STATUSES[codes >> 3], KINDS[codes & 7], service, attributes, None)
+                   STATUSES[codes >> 3], KINDS[codes & 7], service, version, attributes, None)
 
 
 def _storable(value: Any) -> Any:

@@ -66,7 +66,8 @@ log = logging.getLogger(__name__)
 SHARDS = 16
 # The layout of the keys, trace states, scripts' arguments and span records above. Change it
 # with any of them: sidecars of different formats must not share a Redis.
-FORMAT = "3"  # 3: the trace state carries its bytes (a format-2 sidecar would misread it)
+# 3: the trace state carries its bytes (a format-2 sidecar would misread it)
+FORMAT = "4"  # 4: a span record carries service.version after service.name (one field more)
 FORMAT_KEY = f"{PREFIX}format"
 _CLAIMS_PER_CALL = 100  # a claim's reply carries every span: keep it well inside the timeout
 

@@ -1,0 +1,200 @@
+"""Every span keeps its resource's service.version (`Span.version`), as it keeps service.name,
+whichever decoder read it. The Redis store's records keep it too: see test_store_contract.py."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import orjson
+import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue, KeyValueList
+from opentelemetry.proto.resource.v1.resource_pb2 import Resource
+from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
+
+from sidecar.model.spans import Projection
+from sidecar.otlp import json_spans
+from sidecar.otlp.decoded import Decoded, SpanFilter
+from sidecar.otlp.json_spans import decode_json, decode_json_request, spans_from_request
+from sidecar.otlp.protobuf import ProtobufDecoder
+
+TRACE = "5b8efff798038103d269b633813fc60c"
+
+# Every way a decoder meets service.version on a resource, and what Span.version is then: the
+# value when it is a string (even empty), else None.
+VERSIONS: list[tuple[str, Any, str | None]] = [
+    ("string", {"stringValue": "2.14.0"}, "2.14.0"),
+    ("empty-string", {"stringValue": ""}, ""),
+    ("absent", None, None),
+    ("int", {"intValue": "3"}, None),
+    ("bool", {"boolValue": True}, None),
+    ("double", {"doubleValue": 1.5}, None),
+    ("array", {"arrayValue": {"values": [{"stringValue": "2.14.0"}]}}, None),
+    ("kvlist", {"kvlistValue": {"values": [{"key": "v", "value": {"stringValue": "2"}}]}},
+     None),
+    ("bytes", {"bytesValue": "AAE="}, None),
+]
+# the spans' filters: every attribute (the protobuf decoder indexes them), or one attribute of
+# one span name (it searches the list)
+FILTERS = {
+    "everything": SpanFilter(Projection.everything()),
+    "narrow": SpanFilter(Projection(lambda name: name == "charge", frozenset({"attempt"}),
+                                    lambda name: frozenset({"attempt"}), most_attributes=1)),
+}
+
+
+def resource_attributes(service: str | None, version: Any) -> list[dict[str, Any]]:
+    """OTLP JSON resource attributes: another one first, then service.name and version."""
+    out: list[dict[str, Any]] = [{"key": "host.name", "value": {"stringValue": "h1"}}]
+    if service is not None:
+        out.append({"key": "service.name", "value": {"stringValue": service}})
+    if version is not None:
+        out.append({"key": "service.version", "value": version})
+    return out
+
+
+def json_request(*resources: tuple[str | None, Any, list[str]]) -> dict[str, Any]:
+    """One ResourceSpans per (service, version, span ids), each span a `charge` of TRACE."""
+    return {"resourceSpans": [{
+        "resource": {"attributes": resource_attributes(service, version)},
+        "scopeSpans": [{"scope": {"name": "lib"}, "spans": [
+            {"traceId": TRACE, "spanId": span_id, "name": "charge", "kind": 2,
+             "startTimeUnixNano": "1700000000000000000",
+             "endTimeUnixNano": "1700000000250000000", "status": {},
+             "attributes": [{"key": "attempt", "value": {"intValue": "2"}},
+                            {"key": "other", "value": {"stringValue": "x"}}]}
+            for span_id in span_ids]}]}
+        for service, version, span_ids in resources]}
+
+
+def any_value(json_value: dict[str, Any]) -> AnyValue:
+    """The protobuf AnyValue of an OTLP JSON one (the few shapes VERSIONS uses)."""
+    ((field, inner),) = json_value.items()
+    if field == "stringValue":
+        return AnyValue(string_value=inner)
+    if field == "intValue":
+        return AnyValue(int_value=int(inner))
+    if field == "boolValue":
+        return AnyValue(bool_value=inner)
+    if field == "doubleValue":
+        return AnyValue(double_value=inner)
+    if field == "bytesValue":
+        return AnyValue(bytes_value=json_spans.decode_base64(inner))
+    if field == "arrayValue":
+        return AnyValue(array_value=ArrayValue(values=[any_value(v) for v in inner["values"]]))
+    assert field == "kvlistValue"
+    return AnyValue(kvlist_value=KeyValueList(values=[
+        KeyValue(key=kv["key"], value=any_value(kv["value"])) for kv in inner["values"]]))
+
+
+def protobuf_request(*resources: tuple[str | None, Any, list[str]]) -> bytes:
+    """`json_request` as protobuf bytes, built from the proto classes."""
+    resource_spans = []
+    for service, version, span_ids in resources:
+        attributes = [KeyValue(key=kv["key"], value=any_value(kv["value"]))
+                      for kv in resource_attributes(service, version)]
+        spans = [Span(trace_id=bytes.fromhex(TRACE), span_id=bytes.fromhex(span_id),
+                      name="charge", kind=Span.SPAN_KIND_SERVER,
+                      start_time_unix_nano=1700000000000000000,
+                      end_time_unix_nano=1700000000250000000,
+                      attributes=[KeyValue(key="attempt", value=AnyValue(int_value=2)),
+                                  KeyValue(key="other", value=AnyValue(string_value="x"))])
+                 for span_id in span_ids]
+        resource_spans.append(ResourceSpans(resource=Resource(attributes=attributes),
+                                            scope_spans=[ScopeSpans(spans=spans)]))
+    return ExportTraceServiceRequest(resource_spans=resource_spans).SerializeToString()
+
+
+def typed(data: bytes, keep: SpanFilter, monkeypatch: pytest.MonkeyPatch) -> Decoded:
+    """decode_json by its typed (msgspec) pass alone: the lenient pass would fail the test."""
+    def lenient(*args: Any) -> Decoded:
+        raise AssertionError("the typed pass handed the request to the lenient pass")
+    with monkeypatch.context() as patched:
+        patched.setattr(json_spans, "decode_json_request", lenient)
+        return decode_json(data, keep)
+
+
+DECODERS = ["protobuf", "json-typed", "json-lenient"]
+
+
+def decode(decoder: str, resources: list[tuple[str | None, Any, list[str]]], keep: SpanFilter,
+           monkeypatch: pytest.MonkeyPatch) -> Decoded:
+    if decoder == "protobuf":
+        return ProtobufDecoder(keep).decode(protobuf_request(*resources))
+    data = json.dumps(json_request(*resources)).encode()
+    if decoder == "json-typed":
+        return typed(data, keep, monkeypatch)
+    return decode_json_request(orjson.loads(data), keep)
+
+
+# --- (a) every decoder keeps the resource's service.version ----------------------------------
+
+@pytest.mark.parametrize("filter_name", list(FILTERS))
+@pytest.mark.parametrize("decoder", DECODERS)
+@pytest.mark.parametrize(("label", "version", "expected"), VERSIONS, ids=[v[0] for v in VERSIONS])
+def test_span_version_is_the_resources_service_version_when_a_string(
+        decoder: str, filter_name: str, label: str, version: Any, expected: str | None,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    out = decode(decoder, [("checkout", version, ["00000000000000a1", "00000000000000a2"])],
+                 FILTERS[filter_name], monkeypatch)
+    assert out.invalid == []
+    spans = out.batch[TRACE]
+    assert [(s.service, s.version) for s in spans] == [("checkout", expected)] * 2
+    # the version is not an attribute of the span: rules read attributes
+    assert all("service.version" not in s.attributes for s in spans)
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_each_resource_gives_its_own_spans_its_version(
+        decoder: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two deploys of one service and a resource without a service.name in one request."""
+    resources: list[tuple[str | None, Any, list[str]]] = [
+        ("checkout", {"stringValue": "2.14.0"}, ["00000000000000a1", "00000000000000a2"]),
+        ("checkout", {"stringValue": "2.15.0"}, ["00000000000000b1"]),
+        (None, {"stringValue": "0.1.0"}, ["00000000000000c1"]),
+        ("cart", None, ["00000000000000d1"]),
+    ]
+    for keep in FILTERS.values():
+        out = decode(decoder, resources, keep, monkeypatch)
+        assert out.invalid == []
+        assert {s.span_id: (s.service, s.version) for s in out.batch[TRACE]} == {
+            "00000000000000a1": ("checkout", "2.14.0"), "00000000000000a2": ("checkout", "2.14.0"),
+            "00000000000000b1": ("checkout", "2.15.0"), "00000000000000c1": (None, "0.1.0"),
+            "00000000000000d1": ("cart", None)}
+
+
+def test_the_decoders_agree_on_the_version_with_a_group_by_key(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """--group-by service.version carries the value as the span's group as well."""
+    keep = SpanFilter.of(Projection.everything(), group_by="service.version")
+    resources: list[tuple[str | None, Any, list[str]]] = [
+        ("checkout", {"stringValue": "2.14.0"}, ["00000000000000a1"]),
+        ("checkout", {"intValue": "7"}, ["00000000000000b1"])]
+    found = {decoder: [(s.version, s.group) for s in
+                       decode(decoder, resources, keep, monkeypatch).batch[TRACE]]
+             for decoder in DECODERS}
+    assert found == {decoder: [("2.14.0", "2.14.0"), (None, 7)] for decoder in DECODERS}
+
+
+def test_spans_from_request_keeps_the_version() -> None:
+    """The entry point the Tempo and Jaeger backends decode their answers with."""
+    spans = spans_from_request(json_request(("checkout", {"stringValue": "2.14.0"},
+                                             ["00000000000000a1"])))
+    assert [(s.service, s.version) for s in spans] == [("checkout", "2.14.0")]
+
+
+def test_an_undecodable_resource_version_is_reported_and_the_spans_still_count() -> None:
+    """A resource attribute upb cannot parse: reported once; the spans keep the service."""
+    good = protobuf_request(("checkout", {"stringValue": "2.14.0"}, ["00000000000000a1"]))
+    request = ExportTraceServiceRequest.FromString(good)
+    [version] = [kv for kv in request.resource_spans[0].resource.attributes
+                 if kv.key == "service.version"]
+    # the lean decoder keeps resource values as bytes: a string value with a broken length
+    raw = bytearray(request.SerializeToString())
+    value = version.value.SerializeToString()
+    at = raw.index(value)
+    raw[at + 1] = 0x7F  # the string claims 127 bytes
+    out = ProtobufDecoder(FILTERS["everything"]).decode(bytes(raw))
+    assert len(out.invalid) == 1 and out.invalid[0].startswith("invalid resource attribute")
+    assert [(s.service, s.version) for s in out.batch[TRACE]] == [("checkout", None)]
