@@ -30,7 +30,8 @@ EXPECTED = RULES_DIR / "samples" / "expected.json"
 
 EXIT_OK, EXIT_FAILED, EXIT_UNUSABLE, EXIT_SKIPPED_INPUT = 0, 1, 2, 3
 SIGNAL_FIELDS = {"signal_id", "rule_id", "rule_name", "severity", "trace_id", "span_ids",
-                 "message", "context", "mode", "detected_at"}
+                 "message", "context", "mode", "detected_at", "violation_time", "service",
+                 "service_version"}
 LOCATION = re.compile(r"^(?P<file>[^\s:]+):(?P<line>\d+):(?P<column>\d+): error\[", re.M)
 WARNING = re.compile(r"^(?P<file>[^\s:]+):(?P<line>\d+):(?P<column>\d+): "
                      r"warning\[(?P<code>[a-z-]+)\]: (?P<message>.+)$")
@@ -560,9 +561,12 @@ def otlp_span(trace_id: str, span_id: str, name: str, start_ms: int,
             "attributes": values, "status": {}}
 
 
-def otlp_line(service: str, *spans: dict[str, Any]) -> str:
+def otlp_line(service: str, *spans: dict[str, Any], version: str | None = None) -> str:
+    resource = [{"key": "service.name", "value": {"stringValue": service}}]
+    if version is not None:
+        resource.append({"key": "service.version", "value": {"stringValue": version}})
     return json.dumps({"resourceSpans": [{
-        "resource": {"attributes": [{"key": "service.name", "value": {"stringValue": service}}]},
+        "resource": {"attributes": resource},
         "scopeSpans": [{"scope": {"name": "test"}, "spans": list(spans)}]}]})
 
 
@@ -570,7 +574,7 @@ LINES = [
     otlp_line("payments",
               otlp_span(T1, "a1a1a1a1a1a1a1a1", "payment.charge", 10, order_id="ord_1",
                         payment_intent_id="pi_1abc", attempt=1),
-              otlp_span(T3, "c3c3c3c3c3c3c3c3", "unrelated.span", 11)),
+              otlp_span(T3, "c3c3c3c3c3c3c3c3", "unrelated.span", 11), version="1.4.0"),
     otlp_line("admin-api",
               otlp_span(T2, "b2b2b2b2b2b2b2b2", "admin.action", 20, **{"admin.operation":
                                                                        "role_change"}),
@@ -580,7 +584,8 @@ LINES = [
     # the same trace as line 1, with base64 ids (protobuf's JSON mapping, as Tempo writes)
     otlp_line("payments",
               otlp_span(b64(T1), b64("a2a2a2a2a2a2a2a2"), "payment.charge", 900,
-                        order_id="ord_1", payment_intent_id="pi_2xyz", attempt=2)),
+                        order_id="ord_1", payment_intent_id="pi_2xyz", attempt=2),
+              version="1.5.0"),  # a later deploy: the signal names the latest offending span's
 ]
 EXPECTED_PAIRS = {("payment-retry-idempotency", T1), ("admin-action-audit-log", T2)}
 
@@ -625,7 +630,8 @@ def test_replay_interleaved_traces_one_signal_per_rule_and_trace(
         assert all(re.fullmatch(r"[0-9a-f]{16}", s) for s in signal["span_ids"])
     found = by_rule(signals)
     payment = found["payment-retry-idempotency"]
-    assert {k: payment[k] for k in SIGNAL_FIELDS - {"signal_id", "detected_at"}} == {
+    assert {k: payment[k] for k in SIGNAL_FIELDS - {"signal_id", "detected_at",
+                                                    "violation_time"}} == {
         "rule_id": "payment-retry-idempotency",
         "rule_name": "Payment retry must reuse payment_intent_id",
         "severity": "critical",
@@ -635,9 +641,12 @@ def test_replay_interleaved_traces_one_signal_per_rule_and_trace(
         "context": {"order_id": "ord_1", "payment_intent_id": ["pi_1abc", "pi_2xyz"],
                     "attempt": [1, 2]},
         "mode": "replay",
+        "service": "payments",
+        "service_version": "1.5.0",  # of a2a2..., the retry, not of the first charge (1.4.0)
     }
     admin = found["admin-action-audit-log"]
-    assert {k: admin[k] for k in SIGNAL_FIELDS - {"signal_id", "detected_at"}} == {
+    assert {k: admin[k] for k in SIGNAL_FIELDS - {"signal_id", "detected_at",
+                                                  "violation_time"}} == {
         "rule_id": "admin-action-audit-log",
         "rule_name": "Admin action must write an audit log",
         "severity": "high",
@@ -646,6 +655,8 @@ def test_replay_interleaved_traces_one_signal_per_rule_and_trace(
         "message": "Admin action without an audit log",
         "context": {"admin.operation": "role_change", "service.name": "admin-api"},
         "mode": "replay",
+        "service": "admin-api",
+        "service_version": None,  # its resource has none
     }
     # The summary goes to stderr, per rule.
     assert "replayed 3 traces" in result.stderr
@@ -686,6 +697,9 @@ def test_replay_csv(replay_files: tuple[Path, Path]) -> None:
     reader = csv.DictReader(io.StringIO(result.stdout))
     assert reader.fieldnames is not None
     assert SIGNAL_FIELDS - {"context"} <= set(reader.fieldnames)
+    assert reader.fieldnames[:12] == [
+        "signal_id", "rule_id", "rule_name", "severity", "trace_id", "span_ids", "message",
+        "mode", "detected_at", "violation_time", "service", "service_version"]
     assert [f for f in reader.fieldnames if f.startswith("context.")] == [
         "context.admin.operation", "context.attempt", "context.order_id",
         "context.payment_intent_id", "context.service.name"]
@@ -698,7 +712,10 @@ def test_replay_csv(replay_files: tuple[Path, Path]) -> None:
     assert payment["context.attempt"] == "1|2"
     assert payment["context.admin.operation"] == ""
     assert payment["mode"] == "replay"
+    assert (payment["service"], payment["service_version"]) == ("payments", "1.5.0")
     assert rows["admin-action-audit-log"]["context.service.name"] == "admin-api"
+    assert rows["admin-action-audit-log"]["service"] == "admin-api"
+    assert rows["admin-action-audit-log"]["service_version"] == ""  # none in its resource
 
 
 def test_replay_table(replay_files: tuple[Path, Path]) -> None:

@@ -200,6 +200,8 @@ def test_every_line_of_the_replayed_signal_log_is_the_json_mapping() -> None:
         message = _assert_line_is_the_mapping(line)
         assert message.mode == "replay"
         assert message.HasField("violation_time")
+        # every resource of the sample names its service and version
+        assert message.HasField("service") and message.HasField("service_version")
     assert any(isinstance(v, list) for line in lines for v in json.loads(line)["context"].values())
 
 
@@ -214,7 +216,8 @@ def _signal(**changes: Any) -> Signal:
         context={"order_id": "ord_81723", "payment_intent_id": ["pi_3Q1abcR", "pi_3Q2xyzS"],
                  "attempt": [1, 2], "amount_cents": 12999},
         mode="replay", detected_at="2026-11-23T11:33:40.236Z",
-        violation_time="2026-10-09T09:31:05.431Z")
+        violation_time="2026-10-09T09:31:05.431Z", service="checkout",
+        service_version="2.14.0")
     return dataclasses.replace(base, **changes)
 
 
@@ -238,12 +241,16 @@ def test_the_readme_signal_is_written_as_before_and_is_the_json_mapping() -> Non
         '"context": {"order_id": "ord_81723", "payment_intent_id": ["pi_3Q1abcR", "pi_3Q2xyzS"], '
         '"attempt": [1, 2], "amount_cents": 12999}, '
         '"mode": "replay", "detected_at": "2026-11-23T11:33:40.236Z", '
-        '"violation_time": "2026-10-09T09:31:05.431Z"}')
+        '"violation_time": "2026-10-09T09:31:05.431Z", '
+        '"service": "checkout", "service_version": "2.14.0"}')
     assert _assert_line_is_the_mapping(line) == signal_message(_signal())
 
 
 @pytest.mark.parametrize("changes", [
-    pytest.param({"span_ids": [], "violation_time": None}, id="no-offending-span"),
+    pytest.param({"span_ids": [], "violation_time": None, "service": None,
+                  "service_version": None}, id="no-offending-span"),
+    pytest.param({"service_version": None}, id="no-service-version"),
+    pytest.param({"service": "", "service_version": "naïve ✓"}, id="empty-and-unicode-service"),
     pytest.param({"context": {}}, id="no-context"),
     pytest.param({"context": {"tenant_id": None, "ok": True, "ratio": 0.25, "n": -3}},
                  id="null-bool-float-int"),
@@ -257,6 +264,8 @@ def test_edge_cases_of_the_log_are_the_json_mapping(changes: dict[str, Any]) -> 
     message = _assert_line_is_the_mapping(_log_line(signal))
     assert message == signal_message(signal)
     assert message.HasField("violation_time") == (signal.violation_time is not None)
+    assert message.HasField("service") == (signal.service is not None)
+    assert message.HasField("service_version") == (signal.service_version is not None)
     assert message.HasField("context")
 
 

@@ -253,6 +253,27 @@ def test_a_tiny_memory_budget_spills_and_changes_nothing(
         assert re.search(r"spilled \d+\.\d MiB to disk", runs[key].stderr), key
         assert signals(runs[key].stdout) == signals(runs["1", "1G"].stdout), key
         assert summary(runs[key].stderr) == summary(runs["1", "1G"].stderr), key
+    for key, result in runs.items():  # spilled spans keep their resource's service.version
+        assert deploys(signals(result.stdout)) == deploys(signals(runs["1", "1G"].stdout)), key
+        assert all(found == expected for found, expected in deploys(signals(result.stdout))), key
+        assert "v2.14.0" in {found[1] for found, _ in deploys(signals(result.stdout))}, key
+
+
+def deploys(found: list[dict[str, Any]]) -> list[tuple[tuple[str, str | None],
+                                                        tuple[str, str | None]]]:
+    """Each signal's (service, service_version), and what `omnicart` gave its latest offending
+    span: a payment charge's resource has the version for every fourth trace (the others have
+    it on the span, which a signal does not read); an admin action's never has one."""
+    out = []
+    for one in found:
+        if one["rule_id"] == "admin-action-audit-log":
+            expected: tuple[str, str | None] = ("admin-api", None)
+        else:
+            number = int(one["context"]["order_id"].removeprefix("ord_"))
+            expected = ("payments", None if number % 4 else
+                        "v2.15.0" if number % 2 else "v2.14.0")
+        out.append(((one["service"], one["service_version"]), expected))
+    return out
 
 
 def test_group_by_reads_the_span_then_its_resource(

@@ -14,7 +14,7 @@ import yaml
 
 from sidecar.dsl import rule_query
 from sidecar.model.errors import RuleError, RuleLoadError
-from sidecar.model.signals import Signal, signal_id
+from sidecar.model.signals import Signal, rfc3339, signal_id
 from sidecar.model.spans import Span, Trace
 from sidecar.rules import RuleSet, load_rules, load_rules_text
 from sidecar.rules.compact import trace_from_compact
@@ -617,6 +617,8 @@ def test_signal_from_violation_in_full() -> None:
         "mode": "replay",
         "detected_at": "2026-09-21T14:15:23.456Z",  # milliseconds, UTC
         "violation_time": "2026-09-21T14:13:20.900Z",  # the latest offending span's start
+        "service": None,  # the compact spans name no service.name or service.version
+        "service_version": None,
     }
     assert json.loads(json.dumps(signal.as_dict())) == signal.as_dict()
 
@@ -654,6 +656,61 @@ def test_signal_span_ids_and_trace_id_of_real_spans() -> None:
     assert signal.context["attempt"] == [1, 2, 3]
     assert signal.context["order_id"] is None
     assert signal.mode == "live"
+
+
+def test_signal_service_and_version_are_the_latest_offending_spans() -> None:
+    """Whatever the rule's context lists: of the span violation_time is the start of, ties in
+    start broken by span id as span_order does; another deploy's earlier span does not count."""
+    trace_id = "5b8efff798038103d269b633813fc60c"
+
+    def span(span_id: str, name: str, start: int, service: str | None, version: str | None,
+             **attributes: Any) -> Span:
+        return Span(trace_id, span_id, name, start_ns=start, end_ns=start + 5, service=service,
+                    version=version, attributes=attributes)
+
+    rule = load_rules_text(PAYMENT_RULE).rules[0]
+    assert "service.name" not in rule.context
+    spans = [span("00000000000000b2", "payment.charge", 300, "pay", "2.0", attempt=2,
+                  payment_intent_id="pi_2"),
+             span("00000000000000a1", "payment.charge", 100, "pay", "1.0", attempt=1,
+                  payment_intent_id="pi_1"),
+             span("00000000000000ff", "unrelated", 900, "other", "9.9"),
+             span("0000000000000001", "payment.charge", 300, "pay-canary", "2.1", attempt=3,
+                  payment_intent_id="pi_3")]
+    violation = rule.evaluate(Trace(trace_id, spans))
+    assert violation is not None
+    signal = violation.signal("live", DETECTED_NS)
+    # b2 and 01 both start at 300: b2 is later by span id, as in span_ids
+    assert signal.span_ids == ["00000000000000a1", "0000000000000001", "00000000000000b2"]
+    assert (signal.service, signal.service_version) == ("pay", "2.0")
+    assert signal.violation_time == rfc3339(300)
+    assert list(signal.as_dict())[-3:] == ["violation_time", "service", "service_version"]
+    # a resource without service.version: the service, and no version
+    spans[0].version = None
+    violation = rule.evaluate(Trace(trace_id, spans))
+    assert violation is not None
+    signal = violation.signal("live", DETECTED_NS)
+    assert (signal.service, signal.service_version) == ("pay", None)
+
+
+def test_signal_without_offending_spans_has_no_service() -> None:
+    rule = load_rules_text("""\
+rules:
+  - id: needs-audit
+    name: Every trace writes an audit log
+    severity: low
+    condition: not trace.has(audit.log)
+    signal:
+      message: no audit log
+""").rules[0]
+    trace_id = "5b8efff798038103d269b633813fc60c"
+    trace = Trace(trace_id, [Span(trace_id, "00000000000000a1", "other", start_ns=5,
+                                  service="svc", version="1.0")])
+    violation = rule.evaluate(trace)
+    assert violation is not None and violation.spans == []
+    signal = violation.signal("replay", DETECTED_NS)
+    assert (signal.span_ids, signal.violation_time) == ([], None)
+    assert (signal.service, signal.service_version) == (None, None)
 
 
 def test_signal_context_single_value_when_offending_spans_agree() -> None:

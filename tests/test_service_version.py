@@ -1,9 +1,18 @@
 """Every span keeps its resource's service.version (`Span.version`), as it keeps service.name,
-whichever decoder read it. The Redis store's records keep it too: see test_store_contract.py."""
+whichever decoder read it; and every signal names the service.name and service.version of its
+latest offending span, whatever the rule's context lists (signals can then be grouped by
+deploy). The Redis store's records and replay's spilled spans keep the version: see
+test_store_contract.py and test_replay_scale.py."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -19,6 +28,8 @@ from sidecar.otlp.decoded import Decoded, SpanFilter
 from sidecar.otlp.json_spans import decode_json, decode_json_request, spans_from_request
 from sidecar.otlp.protobuf import ProtobufDecoder
 
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE = REPO / "rules" / "samples" / "incidents.otlp.jsonl"
 TRACE = "5b8efff798038103d269b633813fc60c"
 
 # Every way a decoder meets service.version on a resource, and what Span.version is then: the
@@ -198,3 +209,66 @@ def test_an_undecodable_resource_version_is_reported_and_the_spans_still_count()
     out = ProtobufDecoder(FILTERS["everything"]).decode(bytes(raw))
     assert len(out.invalid) == 1 and out.invalid[0].startswith("invalid resource attribute")
     assert [(s.service, s.version) for s in out.batch[TRACE]] == [("checkout", None)]
+
+
+# --- (d) signals name the deploy of their latest offending span ------------------------------
+
+def sample_spans() -> dict[str, tuple[int, str | None, str | None]]:
+    """Each span of the bundled sample by id: its start, service.name and service.version."""
+    found = {}
+    for line in SAMPLE.read_text().splitlines():
+        for resource in json.loads(line)["resourceSpans"]:
+            attributes = {kv["key"]: kv["value"].get("stringValue")
+                          for kv in resource.get("resource", {}).get("attributes", [])}
+            for scope in resource["scopeSpans"]:
+                for span in scope["spans"]:
+                    found[span["spanId"]] = (int(span["startTimeUnixNano"]),
+                                             attributes.get("service.name"),
+                                             attributes.get("service.version"))
+    return found
+
+
+def replay(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sidecar", "replay", "--rules", "rules/", *args, str(SAMPLE)],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+        env={k: v for k, v in os.environ.items() if not k.startswith("BETRACE_")})
+
+
+def test_replayed_signals_carry_the_latest_offending_spans_service_and_version() -> None:
+    result = replay("--format", "jsonl")
+    assert result.returncode == 0, result.stderr
+    signals = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(signals) == 10
+    spans = sample_spans()
+    for signal in signals:
+        assert list(signal)[-3:] == ["violation_time", "service", "service_version"]
+        latest = max(signal["span_ids"], key=lambda span_id: (spans[span_id][0], span_id))
+        _, service, version = spans[latest]
+        assert (signal["service"], signal["service_version"]) == (service, version), signal
+        assert service is not None and version is not None
+    by_rule = {signal["rule_id"]: signal for signal in signals}
+    payment = by_rule["payment-retry-idempotency"]
+    assert (payment["service"], payment["service_version"]) == ("checkout", "2.14.0")
+    # the rule's context lists service.name, and its offending spans come from two services:
+    # the signal names the one whose span started last
+    http = by_rule["http-5xx-without-error-log"]
+    assert http["context"]["service.name"] == ["edge", "orders"]
+    assert (http["service"], http["service_version"]) == ("orders", "5.1.2")
+    # a rule whose context names no service still says which deploy it was
+    agent = by_rule["agent-refund-human-approval"]
+    assert "service.name" not in agent["context"]
+    assert (agent["service"], agent["service_version"]) == ("support-agent", "0.7.4")
+
+
+def test_replayed_csv_has_the_service_and_version_columns() -> None:
+    jsonl, table = replay("--format", "jsonl"), replay("--format", "csv")
+    assert table.returncode == 0, table.stderr
+    reader = csv.DictReader(io.StringIO(table.stdout))
+    assert reader.fieldnames is not None
+    assert reader.fieldnames[9:12] == ["violation_time", "service", "service_version"]
+    assert reader.fieldnames[12].startswith("context.")
+    rows = {(row["rule_id"], row["trace_id"]): (row["service"], row["service_version"])
+            for row in reader}
+    assert rows == {(s["rule_id"], s["trace_id"]): (s["service"], s["service_version"])
+                    for s in map(json.loads, jsonl.stdout.splitlines())}

@@ -12,7 +12,7 @@ from sidecar.model.signals import Signal
 
 FORMATS = ("jsonl", "csv", "table")
 _CSV_FIELDS = ("signal_id", "rule_id", "rule_name", "severity", "trace_id", "span_ids",
-               "message", "mode", "detected_at", "violation_time")
+               "message", "mode", "detected_at", "violation_time", "service", "service_version")
 
 
 class SignalWriter(Protocol):

@@ -55,6 +55,8 @@ class Signal:
     mode: str
     detected_at: str
     violation_time: str | None  # start of the latest offending span: when it happened
+    service: str | None  # that span's resource service.name (None without offending spans)
+    service_version: str | None  # and its resource service.version: which deploy did it
 
     def as_dict(self) -> dict[str, Any]:
         """The fields in order, shallow (dataclasses.asdict deep-copies every context value:

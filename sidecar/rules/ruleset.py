@@ -92,19 +92,23 @@ class Violation:
     def signal(self, mode: str, detected_ns: int, value_limit: int = MAX_VALUE_BYTES) -> Signal:
         """This violation as the signal its sinks write (`mode` is live or replay), each context
         value cut at `value_limit` bytes (see `capped`)."""
-        rule, spans = self.rule, self.spans
+        rule, spans = self.rule, sorted(self.spans, key=span_order)
+        # the latest offending span (start, then span id): when it happened, and which deploy
+        latest = spans[-1] if spans else None
         return Signal(
             signal_id=signal_id(rule.id, self.trace.trace_id),
             rule_id=rule.id,
             rule_name=rule.name,
             severity=rule.severity,
             trace_id=self.trace.trace_id,
-            span_ids=[s.span_id for s in sorted(spans, key=span_order)],
+            span_ids=[s.span_id for s in spans],
             message=rule.message,
             context={key: capped(value, value_limit) for key, value in self.context().items()},
             mode=mode,
             detected_at=rfc3339(detected_ns),
-            violation_time=rfc3339(max(s.start_ns for s in spans)) if spans else None,
+            violation_time=None if latest is None else rfc3339(latest.start_ns),
+            service=None if latest is None else latest.service,
+            service_version=None if latest is None else latest.version,
         )
 
     def context(self) -> dict[str, Any]:

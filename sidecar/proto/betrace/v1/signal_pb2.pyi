@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Signal(_message.Message):
-    __slots__ = ("signal_id", "rule_id", "rule_name", "severity", "trace_id", "span_ids", "message", "context", "mode", "detected_at", "violation_time")
+    __slots__ = ("signal_id", "rule_id", "rule_name", "severity", "trace_id", "span_ids", "message", "context", "mode", "detected_at", "violation_time", "service", "service_version")
     SIGNAL_ID_FIELD_NUMBER: _ClassVar[int]
     RULE_ID_FIELD_NUMBER: _ClassVar[int]
     RULE_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -20,6 +20,8 @@ class Signal(_message.Message):
     MODE_FIELD_NUMBER: _ClassVar[int]
     DETECTED_AT_FIELD_NUMBER: _ClassVar[int]
     VIOLATION_TIME_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_VERSION_FIELD_NUMBER: _ClassVar[int]
     signal_id: str
     rule_id: str
     rule_name: str
@@ -31,4 +33,6 @@ class Signal(_message.Message):
     mode: str
     detected_at: str
     violation_time: str
-    def __init__(self, signal_id: _Optional[str] = ..., rule_id: _Optional[str] = ..., rule_name: _Optional[str] = ..., severity: _Optional[str] = ..., trace_id: _Optional[str] = ..., span_ids: _Optional[_Iterable[str]] = ..., message: _Optional[str] = ..., context: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., mode: _Optional[str] = ..., detected_at: _Optional[str] = ..., violation_time: _Optional[str] = ...) -> None: ...
+    service: str
+    service_version: str
+    def __init__(self, signal_id: _Optional[str] = ..., rule_id: _Optional[str] = ..., rule_name: _Optional[str] = ..., severity: _Optional[str] = ..., trace_id: _Optional[str] = ..., span_ids: _Optional[_Iterable[str]] = ..., message: _Optional[str] = ..., context: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., mode: _Optional[str] = ..., detected_at: _Optional[str] = ..., violation_time: _Optional[str] = ..., service: _Optional[str] = ..., service_version: _Optional[str] = ...) -> None: ...
