@@ -162,7 +162,52 @@ def _parser() -> argparse.ArgumentParser:
                         "max_traces; default: 1000); fuller windows are split")
     replay.add_argument("--tempo-org-id", metavar="TENANT",
                         help="X-Scope-OrgID for a multi-tenant Tempo")
+    replay.add_argument("--signals-db", metavar="URL", default=os.environ.get(
+                        "BETRACE_SIGNALS_DB", ""),
+                        help="also store the signals in this signal database (sqlite:///PATH or "
+                        "postgresql://USER@HOST:PORT/DB), once per signal_id however often "
+                        "replayed; query it with `betrace signals` [env BETRACE_SIGNALS_DB]")
+    replay.add_argument("--signals-db-password-file", metavar="FILE", default=os.environ.get(
+                        "BETRACE_SIGNALS_DB_PASSWORD_FILE", ""),
+                        help="file holding the PostgreSQL password (else PGPASSWORD or "
+                        "~/.pgpass) [env BETRACE_SIGNALS_DB_PASSWORD_FILE]")
     replay.set_defaults(run=_replay)
+
+    signals = commands.add_parser(
+        "signals", help="query the signal database: filter, group, export",
+        description="Read signals from the signal database that `serve` and `replay` write "
+        "with --signals-db: filter them, newest first, or count them per value of an "
+        "attribute (--group-by service.version finds the bad deploy). Times filter when the "
+        "violation happened (the latest offending span's start), else when it was detected.",
+        epilog="Exit status: 0 done (whether or not anything matched); 2 bad options or the "
+        "database cannot be read.")
+    _flag(signals, "--signals-db", "URL", "",
+          "sqlite:///PATH or postgresql://USER@HOST:PORT/DB (the password from PGPASSWORD, "
+          "~/.pgpass or --signals-db-password-file)")
+    _flag(signals, "--signals-db-password-file", "FILE", "",
+          "file holding the PostgreSQL password (not in the URL, never logged)")
+    signals.add_argument("--rule", action="append", default=[], metavar="ID",
+                         help="only this rule (repeatable: any of them)")
+    signals.add_argument("--severity", action="append", default=[], metavar="LEVEL",
+                         help="only this severity (repeatable)")
+    signals.add_argument("--service", action="append", default=[], metavar="NAME",
+                         help="only signals whose offending span is in this service (repeatable)")
+    signals.add_argument("--mode", choices=("live", "replay"), action="append", default=[],
+                         help="only signals first detected live or by a replay")
+    signals.add_argument("--since", metavar="TIME",
+                         help="violations at or after TIME: RFC 3339, a date (UTC), or a "
+                         "duration before now (30d, 6h)")
+    signals.add_argument("--until", metavar="TIME", help="violations before TIME")
+    signals.add_argument("--where", action="append", default=[], metavar="ATTR=VALUE",
+                         help="a context attribute (or service.version, trace_id...) equal to "
+                         "VALUE; for a list, any element (repeatable: all must hold)")
+    signals.add_argument("--group-by", metavar="ATTR",
+                         help="count per value of ATTR (a context attribute, or rule, severity, "
+                         "service, service.version, mode) with the first and last time")
+    signals.add_argument("--format", choices=("table", "csv", "jsonl"), default="table")
+    signals.add_argument("--limit", type=int, metavar="N",
+                         help="at most N signals, the newest (default: all)")
+    signals.set_defaults(run=_signals)
 
     serve = commands.add_parser(
         "serve", help="run the sidecar: OTLP in, violations out",
@@ -230,6 +275,30 @@ def _parser() -> argparse.ArgumentParser:
     _flag(serve, "--http-timeout", "DURATION", "30s",
           "OTLP/HTTP and metrics: a request's body must arrive within this (408 after), its "
           "head within a third of it (the connection is closed)")
+    _flag(serve, "--signals-db", "URL", "",
+          "also store every signal in this signal database: sqlite:///PATH or "
+          "postgresql://USER@HOST:PORT/DB (one row per signal_id; writes are queued and "
+          "retried, never in the way of ingest); query it with `betrace signals`")
+    _flag(serve, "--signals-db-password-file", "FILE", "",
+          "file holding the PostgreSQL password (else PGPASSWORD or ~/.pgpass; never logged)")
+    _flag(serve, "--signals-retention", "DURATION", "730d",
+          "delete stored signals that occurred longer ago than this, in the background (0 = "
+          "keep them for ever)")
+    _flag(serve, "--alertmanager", "URL", "",
+          "push each signal to this Alertmanager (http://HOST:9093) as an alert (labels "
+          "alertname=BetraceViolation, rule, severity, service, signal_id), which routes it to "
+          "Slack, PagerDuty, e-mail...; queued, batched and retried")
+    _flag(serve, "--alertmanager-resolve-after", "DURATION", "5m",
+          "an alert resolves this long after its signal")
+    _flag(serve, "--webhook", "URL", "",
+          "POST each batch of signals as JSON ({\"signals\": [...]}) to this URL; queued and "
+          "retried")
+    _flag(serve, "--webhook-secret-file", "FILE", "",
+          "sign each webhook body: X-Betrace-Signature: sha256=HMAC-SHA256(the file's "
+          "content, body)")
+    _flag(serve, "--trace-url", "TEMPLATE", "",
+          "link signals to their trace in alerts and webhooks, e.g. "
+          "'https://grafana.example/explore?...{trace_id}' ({trace_id} is filled in)")
     _flag(serve, "--log-level", "LEVEL", "info", "debug, info, warning or error")
     serve.set_defaults(run=_serve)
 
@@ -309,6 +378,7 @@ def _serve(args: argparse.Namespace) -> int:
     from sidecar.dsl import parse_duration
     from sidecar.live.app import Sidecar
     from sidecar.live.credentials import CredentialError
+    from sidecar.signaldb import SignalDBError
 
     if not _logging_to_stderr("serve", args.log_level):
         return EXIT_UNUSABLE
@@ -330,7 +400,13 @@ def _serve(args: argparse.Namespace) -> int:
             http_timeout=parse_duration(args.http_timeout) / 1e9,
             tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
             otlp_token_file=args.otlp_token_file, metrics_token_file=args.metrics_token_file,
-            export_otlp_ca=args.export_otlp_ca, export_otlp_headers=args.export_otlp_headers)
+            export_otlp_ca=args.export_otlp_ca, export_otlp_headers=args.export_otlp_headers,
+            signals_db=args.signals_db, signals_db_password_file=args.signals_db_password_file,
+            signals_retention=_retention(args.signals_retention),
+            alertmanager=args.alertmanager,
+            alertmanager_resolve_after=parse_duration(args.alertmanager_resolve_after) / 1e9,
+            webhook=args.webhook, webhook_secret_file=args.webhook_secret_file,
+            trace_url=args.trace_url)
     except ValueError as exc:
         print(f"betrace serve: {exc}", file=sys.stderr)
         return EXIT_UNUSABLE
@@ -344,9 +420,60 @@ def _serve(args: argparse.Namespace) -> int:
         return EXIT_UNUSABLE
     try:
         return Sidecar(settings, ruleset).serve_forever()
-    except (OSError, IncompatibleStore, CredentialError) as exc:
+    except (OSError, IncompatibleStore, CredentialError, SignalDBError) as exc:
         print(f"betrace serve: {exc}", file=sys.stderr)
         return EXIT_UNUSABLE
+
+
+def _signals(args: argparse.Namespace) -> int:
+    from sidecar.model.errors import SourceError
+    from sidecar.model.signals import rfc3339
+    from sidecar.replay.sources import parse_moment
+    from sidecar.signaldb import SignalDBError, SignalQuery
+    from sidecar.signaldb.report import write_groups, write_signals
+
+    try:
+        if not args.signals_db:
+            raise ValueError("--signals-db URL (or BETRACE_SIGNALS_DB) is required")
+        where = []
+        for item in args.where:
+            key, equals, value = item.partition("=")
+            if not equals or not key:
+                raise ValueError(f"--where {item!r}: expected ATTR=VALUE")
+            where.append((key, value))
+        if args.limit is not None and args.limit < 1:
+            raise ValueError(f"--limit must be at least 1, not {args.limit}")
+        query = SignalQuery(
+            rules=tuple(args.rule), severities=tuple(args.severity),
+            services=tuple(args.service), modes=tuple(args.mode),
+            since=rfc3339(parse_moment(args.since)) if args.since else None,
+            until=rfc3339(parse_moment(args.until)) if args.until else None,
+            where=tuple(where), limit=args.limit)
+        db = _signal_db(args.signals_db, args.signals_db_password_file)
+    except (ValueError, SourceError, SignalDBError) as exc:
+        print(f"betrace signals: {exc}", file=sys.stderr)
+        return EXIT_UNUSABLE
+    try:
+        if args.group_by:
+            write_groups(db.groups(query, args.group_by), args.group_by, args.format,
+                         sys.stdout)
+        else:
+            write_signals(db.signals(query), args.format, sys.stdout,
+                          db.context_keys(query) if args.format == "csv" else ())
+    except SignalDBError as exc:
+        print(f"betrace signals: {exc}", file=sys.stderr)
+        return EXIT_UNUSABLE
+    finally:
+        db.close()
+    return EXIT_OK
+
+
+def _signal_db(url: str, password_file: str) -> Any:
+    """The signal database `url` names, its password read from `password_file` if given
+    (raises ValueError for a bad URL, SignalDBError for an unreadable password file)."""
+    from sidecar.signaldb import open_signal_db, read_password
+
+    return open_signal_db(url, read_password(password_file) if password_file else None)
 
 
 def _webhook(args: argparse.Namespace) -> int:
@@ -466,12 +593,15 @@ def _replay(args: argparse.Namespace) -> int:
 
     from sidecar.model.errors import SourceError
     from sidecar.model.signal_writers import make_writer
+    from sidecar.model.signals import Signal
     from sidecar.replay.backend import BackendError, TraceBackend
     from sidecar.replay.jaeger import JaegerClient
     from sidecar.replay.progress import Progress
     from sidecar.replay.runner import ReplayOptions, replay, replay_backend
     from sidecar.replay.sources import expand_sources, parse_moment
     from sidecar.replay.tempo import TempoClient
+    from sidecar.signaldb import SignalDBError
+    from sidecar.signaldb.writer import SignalDBSink
 
     signal.signal(signal.SIGTERM, _terminated)
     ruleset = _load(args.rules)
@@ -513,33 +643,45 @@ def _replay(args: argparse.Namespace) -> int:
         if options.since_ns is not None and options.until_ns is not None \
                 and options.since_ns >= options.until_ns:
             raise SourceError("--since must be before --until")
-    except (SourceError, ValueError) as exc:
+        database = SignalDBSink(_signal_db(args.signals_db, args.signals_db_password_file)) \
+            if args.signals_db else None
+    except (SourceError, ValueError, SignalDBError) as exc:
         print(f"betrace: {exc}", file=sys.stderr)
         return EXIT_UNUSABLE
     progress = Progress(args.progress, sum(os.path.getsize(s) for s in sources if s != "-"))
     out: IO[str] = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
     try:
         columns = sorted({c for rule in ruleset.rules for c in rule.context})
-        writer = make_writer(args.format, out, columns)
+        writers = [make_writer(args.format, out, columns), *([database] if database else [])]
+
+        def write(signal: Signal) -> None:
+            for writer in writers:
+                writer.write(signal)
+
         def report(error: object) -> None:
             print(f"betrace: {error}", file=sys.stderr)
         if backend is not None:
-            summary = replay_backend(ruleset, backend, writer.write, on_error=report,
+            summary = replay_backend(ruleset, backend, write, on_error=report,
                                      options=options, limit=args.search_limit,
                                      progress=progress)
         else:
-            summary = replay(ruleset, sources, writer.write, on_error=report, options=options,
+            summary = replay(ruleset, sources, write, on_error=report, options=options,
                              progress=progress)
-        writer.close()
+        for writer in writers:
+            writer.close()
     except BrokenPipeError:
         raise  # the reader went away (`| head`): main() ends quietly
-    except (OSError, BackendError) as exc:
+    except (OSError, BackendError, SignalDBError) as exc:
         progress.clear()
         print(f"betrace: {exc}", file=sys.stderr)
         return EXIT_UNUSABLE
     finally:
         if args.out:
             out.close()
+        if database is not None:
+            database.db.close()
+    if database is not None:
+        print(f"signals stored in {database.db.target}: {database.stored}", file=sys.stderr)
     for line in summary.lines() + (backend.stats.lines() if backend is not None else []):
         print(line, file=sys.stderr)
     if args.fail_on_violation and summary.signals:
@@ -559,6 +701,18 @@ def _edge(text: str) -> int:
     except ValueError:
         raise SourceError(f"invalid --edge {text!r}: expected a duration such as 5m or 30s") \
             from None
+
+
+def _retention(text: str) -> float:
+    """`730d`, `52w`, `12h`, or `0` (keep for ever): seconds."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhdw])", text.strip())
+    if text.strip() == "0":
+        return 0.0
+    if not match:
+        raise ValueError(f"invalid --signals-retention {text!r}: expected a duration such as "
+                         "730d, 52w or 12h, or 0 (keep for ever)")
+    return float(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400,
+                                    "w": 604800}[match.group(2)]
 
 
 def _size(text: str, flag: str) -> int:

@@ -138,8 +138,10 @@ def otlp_receiver() -> Iterator[OtlpReceiver]:
 class SdkClient:
     """A real TracerProvider exporting over OTLP gRPC; `tracer` makes spans."""
 
-    def __init__(self, port: int, service: str, batch: bool, batch_options: dict[str, Any]):
-        self.provider = TracerProvider(resource=Resource.create({"service.name": service}))
+    def __init__(self, port: int, service: str, batch: bool, batch_options: dict[str, Any],
+                 version: str | None = None):
+        self.provider = TracerProvider(resource=Resource.create(
+            {"service.name": service, **({"service.version": version} if version else {})}))
         exporter = OTLPSpanExporter(endpoint=f"127.0.0.1:{port}", insecure=True, timeout=5)
         self.provider.add_span_processor(BatchSpanProcessor(exporter, **batch_options) if batch
                                          else SimpleSpanProcessor(exporter))
@@ -151,15 +153,15 @@ class SdkClient:
 
 @pytest.fixture
 def sdk_client() -> Iterator[Callable[..., SdkClient]]:
-    """`sdk_client(port, service="checkout", batch=False, **batch_options)`: a real SDK client
-    exporting to 127.0.0.1:port with the OTLP gRPC exporter. With the default
-    SimpleSpanProcessor every span is exported, and acknowledged, when it ends. Every provider is
-    shut down at the end of the test."""
+    """`sdk_client(port, service="checkout", batch=False, version=None, **batch_options)`: a
+    real SDK client exporting to 127.0.0.1:port with the OTLP gRPC exporter (`version` sets the
+    resource's service.version). With the default SimpleSpanProcessor every span is exported,
+    and acknowledged, when it ends. Every provider is shut down at the end of the test."""
     clients: list[SdkClient] = []
 
     def make(port: int, service: str = "checkout", batch: bool = False,
-             **batch_options: Any) -> SdkClient:
-        client = SdkClient(port, service, batch, batch_options)
+             version: str | None = None, **batch_options: Any) -> SdkClient:
+        client = SdkClient(port, service, batch, batch_options, version)
         clients.append(client)
         return client
 
@@ -205,3 +207,33 @@ def redis_factory() -> Iterator[Callable[..., Any]]:
 @pytest.fixture
 def redis_url(redis_server: Any) -> str:
     return str(redis_server.url)
+
+
+# --- the signal database ----------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[Any]:
+    """One real PostgreSQL server for the session (postgres_servers.py); each test that needs
+    a database gets a fresh one from `signal_db_url`."""
+    from postgres_servers import PostgresServer
+
+    server = PostgresServer().start()
+    yield server
+    server.cleanup()
+
+
+_databases = iter(range(1, 1_000_000))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def signal_db_url(request: pytest.FixtureRequest, tmp_path: Any,
+                  monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh, empty signal database URL, once SQLite and once a real PostgreSQL (its
+    password in PGPASSWORD, as libpq reads it; the URL holds none)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/signals.db"
+    from postgres_servers import PASSWORD
+
+    server = request.getfixturevalue("postgres_server")
+    monkeypatch.setenv("PGPASSWORD", PASSWORD)
+    return str(server.create_database(f"signals_{next(_databases)}"))

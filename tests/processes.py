@@ -3,12 +3,15 @@ sure, and closing every one a fixture started when its test ends."""
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import NoReturn, Protocol, TypeVar
+
+import pytest
 
 
 def _ephemeral_low() -> int:
@@ -62,6 +65,15 @@ def closed_at_end(make: Callable[..., C]) -> Iterator[Callable[..., C]]:
     finally:
         for made in started:
             made.close()
+
+
+def missing(what: str, package: str) -> NoReturn:
+    """A server the tests start is not installed: a failure in CI (`.ci/run` installs Debian's
+    `package`), a skip elsewhere."""
+    message = f"{what} not found: apt-get install {package} (.ci/run does)"
+    if os.environ.get("CI") == "true":
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
 
 
 def stop(process: subprocess.Popen[bytes] | subprocess.Popen[str], grace: float = 10.0) -> None:

@@ -74,6 +74,17 @@ SCENARIOS: dict[str, dict[str, Any]] = {
                       "pipelineExporters": ["otlp_grpc/tempo"]}},
     "collector-redis-bundled": {"redis": {"bundled": {"enabled": True}},
                                 "collector": {"replicas": 3}},
+    "collector-signals-db": {
+        "signalsDb": {"url": "postgresql://betrace@pg.data:5432/signals",
+                      "existingSecret": "pg-auth"}},
+    "collector-routing": {
+        "routing": {"alertmanager": {"url": "http://alertmanager.monitoring:9093"},
+                    "traceUrl": "https://grafana.example/explore?trace={trace_id}",
+                    "webhook": {"url": "https://hooks.example/betrace",
+                                "existingSecret": "hook-key"}}},
+    "injection-signals-db-url-secret": {
+        "mode": "injection", "webhook": {"certManager": {"enabled": True}},
+        "signalsDb": {"existingSecret": "pg-auth", "urlKey": "url"}},
     "collector-redis-external-secret": {
         "redis": {"url": "redis://redis-master.data:6379/0", "existingSecret": "redis-auth",
                   "passwordKey": "redis-password"},
@@ -675,6 +686,16 @@ def start_sidecar(rendered: Rendered, rules_dir: Path, processes: Callable[..., 
     return process, grpc_port, metrics_port
 
 
+def retry_with_a_new_intent(tracer: Any) -> None:
+    """A checkout whose payment retry used a new payment_intent_id: the default rules' catch."""
+    with tracer.start_as_current_span("POST /checkout"):
+        for attempt, intent in ((1, "pi_1abc"), (2, "pi_2xyz")):
+            with tracer.start_as_current_span("payment.charge") as span:
+                span.set_attribute("attempt", attempt)
+                span.set_attribute("payment_intent_id", intent)
+                span.set_attribute("cart.id", "cart_1001")
+
+
 def test_the_rendered_sidecar_starts_and_catches_a_violation(
         render: Callable[..., Rendered], processes: Callable[..., Process], tmp_path: Path,
         otlp_receiver: Any, sdk_client: Callable[..., Any],
@@ -688,13 +709,7 @@ def test_the_rendered_sidecar_starts_and_catches_a_violation(
     assert "2 rules" in body and "memory" in body
     assert http_get(metrics_port, "/healthz")[0] == 200
 
-    tracer = sdk_client(grpc_port, service="payments").tracer
-    with tracer.start_as_current_span("POST /checkout"):
-        for attempt, intent in ((1, "pi_1abc"), (2, "pi_2xyz")):
-            with tracer.start_as_current_span("payment.charge") as span:
-                span.set_attribute("attempt", attempt)
-                span.set_attribute("payment_intent_id", intent)
-                span.set_attribute("cart.id", "cart_1001")
+    retry_with_a_new_intent(sdk_client(grpc_port, service="payments").tracer)
     violations = wait_until(lambda: otlp_receiver.spans("betrace.violation"), timeout=30,
                             what="a betrace.violation span from the rendered sidecar")
     attributes = {a.key: a.value.string_value for a in violations[0][1].attributes}
@@ -754,6 +769,78 @@ def test_the_rendered_sidecar_reaches_redis_with_the_secret_password(
     finally:
         server.terminate()
         server.wait(10)
+
+
+def test_the_rendered_sidecar_stores_signals_in_postgres_with_the_secret_password(
+        render: Callable[..., Rendered], processes: Callable[..., Process], tmp_path: Path,
+        postgres_server: Any, sdk_client: Callable[..., Any],
+        wait_until: Callable[..., Any]) -> None:
+    from postgres_servers import PASSWORD
+
+    from sidecar.signaldb import SignalQuery, open_signal_db
+
+    url = postgres_server.create_database("helm_rendered")
+    rendered = render({"sidecar": {"decisionWait": "1s", "signalsOut": ""},
+                       "signalsDb": {"url": url, "existingSecret": "pg", "retention": "90d"}})
+    sidecar = rendered.sidecar()
+    assert flag(sidecar["args"], "signals-retention") == "90d"
+    mounted = flag(sidecar["args"], "signals-db-password-file")
+    assert mounted == "/etc/betrace/signals-db/password"
+    mount = next(m for m in sidecar["volumeMounts"] if m["name"] == "betrace-signals-db")
+    assert mounted.startswith(mount["mountPath"] + "/")
+    volume = next(v for v in rendered.collector_pod()["volumes"]
+                  if v["name"] == "betrace-signals-db")
+    assert volume["secret"]["secretName"] == "pg"
+    assert PASSWORD not in json.dumps(rendered.objects)
+    password = tmp_path / "password"  # the Secret's key, as the volume mounts it
+    password.write_text(PASSWORD + "\n")
+    rules = rendered.write_rules(tmp_path / "rules")
+    process, grpc_port, metrics_port = start_sidecar(
+        rendered, rules, processes, {}, files={"signals-db-password-file": str(password)})
+    process.wait_http(metrics_port, "/readyz")
+    retry_with_a_new_intent(sdk_client(grpc_port, service="payments", version="2.4.1").tracer)
+    db = open_signal_db(url, password=PASSWORD)
+    try:
+        wait_until(lambda: db.count() == 1, timeout=30, what="the signal stored in PostgreSQL")
+        (row,) = db.signals(SignalQuery())
+        assert (row.rule_id, row.service, row.service_version, row.mode) == (
+            "payment-retry-idempotency", "payments", "2.4.1", "live")
+    finally:
+        db.close()
+
+
+def test_routing_values_become_the_sidecars_flags(scenarios: dict[str, Rendered]) -> None:
+    rendered = scenarios["collector-routing"]
+    args = rendered.sidecar()["args"]
+    assert flag(args, "alertmanager") == "http://alertmanager.monitoring:9093"
+    assert flag(args, "alertmanager-resolve-after") == "5m"
+    assert flag(args, "trace-url") == "https://grafana.example/explore?trace={trace_id}"
+    assert flag(args, "webhook") == "https://hooks.example/betrace"
+    key = flag(args, "webhook-secret-file")
+    mount = next(m for m in rendered.sidecar()["volumeMounts"] if m["name"] == "betrace-webhook")
+    assert key == f"{mount['mountPath']}/hmac-key"
+    volume = next(v for v in rendered.collector_pod()["volumes"] if v["name"] == "betrace-webhook")
+    assert volume["secret"]["secretName"] == "hook-key"
+    from sidecar.live.config import Settings
+
+    assert Settings(alertmanager=flag(args, "alertmanager") or "",
+                    trace_url=flag(args, "trace-url") or "",
+                    webhook=flag(args, "webhook") or "", webhook_secret_file=key or ""
+                    ).validate() == []
+    defaults = scenarios["defaults"].sidecar()["args"]
+    assert all(flag(defaults, f) is None for f in ("alertmanager", "webhook", "trace-url"))
+
+
+def test_signals_db_url_from_a_secret(render: Callable[..., Rendered]) -> None:
+    rendered = render({"signalsDb": {"existingSecret": "pg", "urlKey": "url",
+                                     "passwordKey": "password"}})
+    sidecar = rendered.sidecar()
+    assert env_of(sidecar)["BETRACE_SIGNALS_DB"]["valueFrom"] == {
+        "secretKeyRef": {"name": "pg", "key": "url"}}
+    assert flag(sidecar["args"], "signals-db-password-file") == "/etc/betrace/signals-db/password"
+    defaults = render({}).sidecar()
+    assert "BETRACE_SIGNALS_DB" not in env_of(defaults)
+    assert flag(defaults["args"], "signals-retention") is None
 
 
 def _wait_for_redis(port: int, password: str, timeout: float = 10) -> None:

@@ -217,7 +217,7 @@ def _signal(**changes: Any) -> Signal:
                  "attempt": [1, 2], "amount_cents": 12999},
         mode="replay", detected_at="2026-11-23T11:33:40.236Z",
         violation_time="2026-10-09T09:31:05.431Z", service="checkout",
-        service_version="2.14.0")
+        service_version="2.14.0", rule_digest="e2560d4e72ff00e9")
     return dataclasses.replace(base, **changes)
 
 
@@ -242,7 +242,7 @@ def test_the_readme_signal_is_written_as_before_and_is_the_json_mapping() -> Non
         '"attempt": [1, 2], "amount_cents": 12999}, '
         '"mode": "replay", "detected_at": "2026-11-23T11:33:40.236Z", '
         '"violation_time": "2026-10-09T09:31:05.431Z", '
-        '"service": "checkout", "service_version": "2.14.0"}')
+        '"service": "checkout", "service_version": "2.14.0", "rule_digest": "e2560d4e72ff00e9"}')
     assert _assert_line_is_the_mapping(line) == signal_message(_signal())
 
 

@@ -619,6 +619,7 @@ def test_signal_from_violation_in_full() -> None:
         "violation_time": "2026-09-21T14:13:20.900Z",  # the latest offending span's start
         "service": None,  # the compact spans name no service.name or service.version
         "service_version": None,
+        "rule_digest": "47e4ba08bba4d2e1",  # what the rule means (test_rule_digest_*)
     }
     assert json.loads(json.dumps(signal.as_dict())) == signal.as_dict()
 
@@ -684,7 +685,8 @@ def test_signal_service_and_version_are_the_latest_offending_spans() -> None:
     assert signal.span_ids == ["00000000000000a1", "0000000000000001", "00000000000000b2"]
     assert (signal.service, signal.service_version) == ("pay", "2.0")
     assert signal.violation_time == rfc3339(300)
-    assert list(signal.as_dict())[-3:] == ["violation_time", "service", "service_version"]
+    assert list(signal.as_dict())[-4:] == ["violation_time", "service", "service_version",
+                                          "rule_digest"]
     # a resource without service.version: the service, and no version
     spans[0].version = None
     violation = rule.evaluate(Trace(trace_id, spans))
@@ -968,3 +970,28 @@ def test_macros_doubling_past_the_size_limit_are_refused_where_declared() -> Non
     error = only_error(f"macros:\n  m0: a\n{doubling}rules:\n  - id: r1\n    condition: m13\n")
     assert (error.code, error.location.line) == ("too-large", 15)
     assert "once its macros are expanded" in error.message
+
+
+def test_rule_digest_follows_meaning_not_layout() -> None:
+    """The digest stored with each signal changes with what a rule means (its condition,
+    severity, context...), not with how its text is laid out."""
+    from sidecar.rules import load_rules_text
+
+    def digest(condition: str, severity: str = "high", context: str = "[a]") -> str:
+        (rule,) = load_rules_text(f"""
+rules:
+  - id: r
+    name: r
+    severity: {severity}
+    condition: {condition}
+    signal:
+      context: {context}
+""").rules
+        return rule.digest
+
+    base = digest("x.where(a > 1) and not y")
+    assert re.fullmatch(r"[0-9a-f]{16}", base)
+    assert digest("x.where(a >   1)   and not   y") == base
+    assert digest("x.where(a > 2) and not y") != base
+    assert digest("x.where(a > 1) and not y", severity="critical") != base
+    assert digest("x.where(a > 1) and not y", context="[a, b]") != base

@@ -242,7 +242,7 @@ def test_replayed_signals_carry_the_latest_offending_spans_service_and_version()
     assert len(signals) == 10
     spans = sample_spans()
     for signal in signals:
-        assert list(signal)[-3:] == ["violation_time", "service", "service_version"]
+        assert list(signal)[-4:] == ["violation_time", "service", "service_version", "rule_digest"]
         latest = max(signal["span_ids"], key=lambda span_id: (spans[span_id][0], span_id))
         _, service, version = spans[latest]
         assert (signal["service"], signal["service_version"]) == (service, version), signal
@@ -266,8 +266,9 @@ def test_replayed_csv_has_the_service_and_version_columns() -> None:
     assert table.returncode == 0, table.stderr
     reader = csv.DictReader(io.StringIO(table.stdout))
     assert reader.fieldnames is not None
-    assert reader.fieldnames[9:12] == ["violation_time", "service", "service_version"]
-    assert reader.fieldnames[12].startswith("context.")
+    assert reader.fieldnames[9:13] == ["violation_time", "service", "service_version",
+                                       "rule_digest"]
+    assert reader.fieldnames[13].startswith("context.")
     rows = {(row["rule_id"], row["trace_id"]): (row["service"], row["service_version"])
             for row in reader}
     assert rows == {(s["rule_id"], s["trace_id"]): (s["service"], s["service_version"])

@@ -11,12 +11,13 @@ import re
 import signal
 import sys
 import threading
+from collections.abc import Callable, Sequence
 
 from google.protobuf.internal import api_implementation
 
 from sidecar.live.assembler import Assembler
 from sidecar.live.config import Settings, binding, parse_headers, split_address
-from sidecar.live.credentials import BearerToken, ServerTls, TlsFiles
+from sidecar.live.credentials import BearerToken, ServerTls, TlsFiles, read_secret
 from sidecar.live.exporters import Emitter, SignalBudget, ViolationSpans
 from sidecar.live.metrics import Metrics, MetricsServer
 from sidecar.live.receivers import Intake, OtlpHttp, grpc_server
@@ -24,11 +25,25 @@ from sidecar.live.reload import RuleWatcher, log_rules
 from sidecar.live.signal_log import SignalLog
 from sidecar.model.errors import StoreUnavailable
 from sidecar.model.signal_writers import JsonLinesWriter, SignalWriter
+from sidecar.model.signals import Signal
+from sidecar.routing.alertmanager import Alertmanager
+from sidecar.routing.dispatcher import BATCH, Dispatcher
+from sidecar.routing.posting import Unreachable
+from sidecar.routing.webhook import Webhook
 from sidecar.rules import RuleSet, load_rules
+from sidecar.signaldb import (
+    IncompatibleSchema,
+    SignalDB,
+    SignalDBError,
+    open_signal_db,
+    read_password,
+)
+from sidecar.signaldb.writer import Retention
 from sidecar.stores import TraceStore
 from sidecar.stores.memory import MemoryStore
 
 log = logging.getLogger(__name__)
+ALERTS_PER_POST = 100  # signals per Alertmanager or webhook request
 
 
 class Sidecar:
@@ -41,6 +56,7 @@ class Sidecar:
         self.ruleset = ruleset if ruleset is not None else load_rules(settings.rules)
         self.store = store if store is not None else open_store(settings)
         self.signal_log: SignalLog | None = None
+        self._retention: Retention | None = None
         # certificates and tokens are read now: a file that cannot be used stops the start
         failed = self.metrics.credential_reload_failures.inc
         self.tls = ServerTls(TlsFiles(settings.tls_cert, settings.tls_key,
@@ -58,7 +74,8 @@ class Sidecar:
         self.emitter = Emitter(self.metrics, self._signal_log(), self.violation_spans,
                                value_limit=settings.max_signal_value_bytes,
                                budget=SignalBudget(settings.signal_budget)
-                               if settings.signal_budget else None)
+                               if settings.signal_budget else None,
+                               queued=self._queued_sinks())
         # a trace stays stored at most this long: past it, no span of it was pruned for rules
         # that were replaced before
         horizon = settings.max_trace_age + settings.decided_retention + settings.claim_lease
@@ -89,6 +106,61 @@ class Sidecar:
         self.metrics.export_backlog.labels(sink="log").set_function(self.signal_log.backlog)
         return self.signal_log
 
+    def _queued_sinks(self) -> list[Dispatcher]:
+        """The sinks fed through a queue, each on its own thread: the signal database,
+        Alertmanager, a webhook."""
+        s, sinks = self.settings, []
+        if s.signals_db:
+            sinks.append(self._dispatcher("signal_db", self._signal_db().upsert,
+                                          (SignalDBError,)))
+        if s.alertmanager:
+            alertmanager = Alertmanager(s.alertmanager, s.trace_url, s.alertmanager_resolve_after)
+            sinks.append(self._dispatcher("alertmanager", alertmanager.deliver, (Unreachable,),
+                                          batch=ALERTS_PER_POST))
+            log.info("signals routed to Alertmanager %s", redact(s.alertmanager))
+        if s.webhook:
+            secret = read_secret(s.webhook_secret_file) if s.webhook_secret_file else None
+            webhook = Webhook(s.webhook, secret, s.trace_url)
+            sinks.append(self._dispatcher("webhook", webhook.deliver, (Unreachable,),
+                                          batch=ALERTS_PER_POST))
+            log.info("signals posted to %s%s", redact(s.webhook),
+                     " (signed)" if secret else "")
+        return sinks
+
+    def _dispatcher(self, sink: str, deliver: Callable[[Sequence[Signal]], None],
+                    retryable: tuple[type[BaseException], ...], batch: int = BATCH
+                    ) -> Dispatcher:
+        m = self.metrics
+        dispatcher = Dispatcher(
+            sink, deliver, retryable, batch=batch,
+            delivered=m.signals_delivered.labels(sink=sink).inc,
+            failed=m.signal_delivery_errors.labels(sink=sink).inc,
+            dropped=lambda reason, count: m.signals_dropped.labels(sink=sink,
+                                                                   reason=reason).inc(count))
+        m.export_backlog.labels(sink=sink).set_function(dispatcher.backlog)
+        return dispatcher
+
+    def _signal_db(self) -> SignalDB:
+        """The signal database, connected if it can be now (else the dispatcher retries: signals
+        queue meanwhile); one with a newer schema stops the start. Its retention runs on a
+        connection of its own."""
+        s = self.settings
+        password = read_password(s.signals_db_password_file) \
+            if s.signals_db_password_file else None
+        db = open_signal_db(s.signals_db, password)
+        try:
+            db.connect()
+        except IncompatibleSchema:
+            raise
+        except SignalDBError as exc:
+            log.warning("%s; starting anyway: signals queue and are retried", exc)
+        if s.signals_retention:
+            self._retention = Retention(open_signal_db(s.signals_db, password),
+                                        s.signals_retention)
+        log.info("signals stored in %s (retention %s)", db.target,
+                 f"{s.signals_retention / 86400:g} days" if s.signals_retention else "none")
+        return db
+
     def _swap_rules(self, ruleset: RuleSet) -> None:
         self.ruleset = ruleset
         self.assembler.set_rules(ruleset)
@@ -100,7 +172,9 @@ class Sidecar:
         ok, store = self.store.healthy()
         state = f"{len(self.ruleset.rules)} rules, {store}"
         # a sink that fails turns the sidecar degraded: signals are found but wait in memory
-        # (the log) or are lost (the export), so traffic had better go elsewhere
+        # (the log) or are lost (the export), so traffic had better go elsewhere. Not the
+        # signal database: one central database down must not take every collector pod out
+        # of service; its queue and counters show it (betrace_signal_export_backlog).
         failing = [why for sink in (self.signal_log, self.violation_spans) if sink is not None
                    for healthy, why in (sink.healthy(),) if not healthy]
         if failing:
@@ -131,7 +205,10 @@ class Sidecar:
                     token=self.metrics_token)
             self.metrics_port = self._metrics_http.port
             self._threads.append(self._metrics_http.start())
-        for target, name in ((self.assembler.run, "decide"), (self.watcher.run, "reload")):
+        loops = [(self.assembler.run, "decide"), (self.watcher.run, "reload")]
+        if self._retention is not None:
+            loops.append((self._retention.run, "retention"))
+        for target, name in loops:
             thread = threading.Thread(target=target, args=(self._stop,), name=name, daemon=True)
             thread.start()
             self._threads.append(thread)

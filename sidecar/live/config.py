@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from urllib.parse import unquote
 
 from sidecar.model.signals import MAX_VALUE_BYTES
+from sidecar.signaldb import open_signal_db
 from sidecar.stores.trace_store import StoreLimits
 
 STORE_SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
@@ -48,6 +49,16 @@ class Settings:
     metrics_token_file: str = ""
     export_otlp_ca: str = ""  # CA verifying the --export-otlp endpoint; implies TLS
     export_otlp_headers: str = ""  # key=value,... sent with every export (URL-encoded values)
+    # the signal database (sqlite:///path, postgresql://...); "" = none
+    signals_db: str = ""
+    signals_db_password_file: str = ""  # its PostgreSQL password, apart from the URL
+    signals_retention: float = 730 * 86400.0  # signals older than this are pruned; 0: never
+    # routing: Alertmanager's base URL, and a plain JSON webhook; "" = none
+    alertmanager: str = ""
+    alertmanager_resolve_after: float = 300.0  # an alert ends this long after its signal
+    webhook: str = ""
+    webhook_secret_file: str = ""  # HMAC-SHA256 key signing each webhook body
+    trace_url: str = ""  # a link to the trace: a template holding {trace_id}
 
     def validate(self) -> list[str]:
         problems = []
@@ -74,6 +85,25 @@ class Settings:
             parse_headers(self.export_otlp_headers)
         except ValueError as exc:
             problems.append(f"export-otlp-headers: {exc}")
+        if self.signals_db:
+            try:
+                open_signal_db(self.signals_db)
+            except ValueError as exc:
+                problems.append(f"signals-db: {exc}")
+        elif self.signals_db_password_file:
+            problems.append("signals-db-password-file needs signals-db")
+        for name in ("alertmanager", "webhook"):
+            url = getattr(self, name)
+            if url and not url.startswith(("http://", "https://")):
+                problems.append(f"{name} {url!r}: expected an http:// or https:// URL")
+        if self.webhook_secret_file and not self.webhook:
+            problems.append("webhook-secret-file needs webhook")
+        if self.trace_url and "{trace_id}" not in self.trace_url:
+            problems.append(f"trace-url {self.trace_url!r} has no {{trace_id}} to fill in")
+        if self.alertmanager_resolve_after <= 0:
+            problems.append("alertmanager-resolve-after must be positive")
+        if self.signals_retention < 0:
+            problems.append("signals-retention must be 0 (keep for ever) or positive")
         if self.store != "memory" and not self.store.startswith(STORE_SCHEMES):
             problems.append(f"store {self.store!r}: expected memory or a URL starting with "
                             f"{', '.join(STORE_SCHEMES)}")

@@ -157,6 +157,20 @@ class ServerTls:
             configuration(seen), fetch, require_client_authentication=bool(self.files.client_ca))
 
 
+def read_secret(path: str, what: str = "secret") -> bytes:
+    """A token or key file's content, surrounding whitespace ignored (raises CredentialError
+    naming the file, never showing its content)."""
+    try:
+        with open(path, "rb") as file:
+            secret = file.read().strip()
+    except OSError as exc:
+        raise CredentialError(f"cannot read the {what} file {path}: "
+                              f"{exc.strerror or exc}") from None
+    if not secret:
+        raise CredentialError(f"the {what} file {path} is empty")
+    return secret
+
+
 class BearerToken:
     """The token a client must send as `Authorization: Bearer <token>`, read from a file
     (surrounding whitespace ignored) and compared in constant time."""
@@ -166,15 +180,7 @@ class BearerToken:
         self._token = Watched((path,), self._read, f"bearer token {path}", on_failure)
 
     def _read(self) -> bytes:
-        try:
-            with open(self.path, "rb") as file:
-                token = file.read().strip()
-        except OSError as exc:
-            raise CredentialError(f"cannot read the token file {self.path}: "
-                                  f"{exc.strerror or exc}") from None
-        if not token:
-            raise CredentialError(f"the token file {self.path} is empty")
-        return token
+        return read_secret(self.path, "token")
 
     def allows(self, authorization: str | None) -> bool:
         scheme, _, given = (authorization or "").strip().partition(" ")

@@ -11,7 +11,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from sidecar.model.names import SCOPE, VIOLATION_SPAN
 from sidecar.model.signal_writers import SignalWriter
 from sidecar.model.signals import MAX_VALUE_BYTES, Signal
 from sidecar.model.spans import Span
+from sidecar.routing.dispatcher import Dispatcher
 from sidecar.rules import Violation, span_order
 
 log = logging.getLogger(__name__)
@@ -235,8 +236,10 @@ class Emitter:
 
     def __init__(self, metrics: Metrics, log_writer: SignalWriter | None = None,
                  violation_spans: ViolationSpans | None = None, mode: str = "live",
-                 value_limit: int = MAX_VALUE_BYTES, budget: SignalBudget | None = None) -> None:
+                 value_limit: int = MAX_VALUE_BYTES, budget: SignalBudget | None = None,
+                 queued: Sequence[Dispatcher] = ()) -> None:
         self.metrics = metrics
+        self.queued = queued  # the signal database, Alertmanager, webhooks
         self.value_limit = value_limit
         self.budget = budget
         self.log_writer = log_writer
@@ -261,6 +264,8 @@ class Emitter:
                 except OSError as exc:
                     self.metrics.export_failures.labels(sink="log").inc()
                     log.error("cannot write signal log: %s", exc)
+            for sink in self.queued:
+                sink.submit(signal)  # (never waits; drops are counted)
             if self.violation_spans is not None:
                 try:
                     self.violation_spans.write(violation, signal)
@@ -272,6 +277,8 @@ class Emitter:
     def close(self) -> None:
         if self.violation_spans is not None:
             self.violation_spans.close()
+        for sink in self.queued:
+            sink.close()
         if self.log_writer is not None:
             try:
                 self.log_writer.close()

@@ -104,6 +104,17 @@ class Metrics:
         self.credential_reload_failures = Counter(
             "betrace_credential_reload_failures", "Rotated TLS certificates or bearer tokens "
             "that could not be loaded (the last good one is kept).", registry=r)
+        self.signals_delivered = Counter(
+            "betrace_signals_delivered", "Signals delivered to a queued sink: signal_db (one "
+            "row per signal_id: a signal found again updates its row), alertmanager, webhook.",
+            ["sink"], registry=r)
+        self.signals_dropped = Counter(
+            "betrace_signals_dropped", "Signals a queued sink never got: queue_full (while it "
+            "was down), shutdown (still queued at exit), rejected (refused for good), error (a "
+            "bug, logged).", ["sink", "reason"], registry=r)
+        self.signal_delivery_errors = Counter(
+            "betrace_signal_delivery_errors", "Failed attempts to deliver a batch of signals to "
+            "a queued sink (each is retried with backoff).", ["sink"], registry=r)
         self.export_backlog = Gauge("betrace_signal_export_backlog",
                                     "Signals queued for a sink, not yet delivered.", ["sink"],
                                     registry=r)

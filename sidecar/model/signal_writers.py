@@ -12,7 +12,8 @@ from sidecar.model.signals import Signal
 
 FORMATS = ("jsonl", "csv", "table")
 _CSV_FIELDS = ("signal_id", "rule_id", "rule_name", "severity", "trace_id", "span_ids",
-               "message", "mode", "detected_at", "violation_time", "service", "service_version")
+               "message", "mode", "detected_at", "violation_time", "service", "service_version",
+               "rule_digest")
 
 
 class SignalWriter(Protocol):
@@ -47,8 +48,8 @@ class CsvWriter:
     def write(self, signal: Signal) -> None:
         row = signal.as_dict()
         row["span_ids"] = " ".join(signal.span_ids)
-        self.writer.writerow([*(_cell(row[f]) for f in _CSV_FIELDS),
-                              *(_cell(signal.context.get(c)) for c in self.context_columns)])
+        self.writer.writerow([*(cell(row[f]) for f in _CSV_FIELDS),
+                              *(cell(signal.context.get(c)) for c in self.context_columns)])
 
     def close(self) -> None:
         self.out.flush()
@@ -62,18 +63,22 @@ class TableWriter:
         self.rows: list[list[str]] = []
 
     def write(self, signal: Signal) -> None:
-        context = " ".join(f"{k}={_cell(v)}" for k, v in signal.context.items() if v is not None)
+        context = " ".join(f"{k}={cell(v)}" for k, v in signal.context.items() if v is not None)
         self.rows.append([signal.severity, signal.rule_id, signal.trace_id,
                           signal.violation_time or "", context])
 
     def close(self) -> None:
-        header = ["SEVERITY", "RULE", "TRACE", "WHEN", "CONTEXT"]
-        rows = [header, *self.rows]
-        widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
-        for row in rows:
-            cells = [c.ljust(w) for c, w in zip(row, widths)] + [row[-1]]
-            self.out.write("  ".join(cells).rstrip() + "\n")
+        write_aligned(["SEVERITY", "RULE", "TRACE", "WHEN", "CONTEXT"], self.rows, self.out)
         self.out.flush()
+
+
+def write_aligned(header: list[str], rows: list[list[str]], out: IO[str]) -> None:
+    """Columns aligned to the widest value; the last one is left ragged."""
+    everything = [header, *rows]
+    widths = [max(len(r[i]) for r in everything) for i in range(len(header) - 1)]
+    for row in everything:
+        cells = [c.ljust(w) for c, w in zip(row, widths)] + [row[-1]]
+        out.write("  ".join(cells).rstrip() + "\n")
 
 
 def make_writer(fmt: str, out: IO[str], context_columns: Sequence[str] = ()) -> SignalWriter:
@@ -86,11 +91,12 @@ def make_writer(fmt: str, out: IO[str], context_columns: Sequence[str] = ()) -> 
     raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
 
 
-def _cell(value: Any) -> str:
+def cell(value: Any) -> str:
+    """A value as one CSV or table cell: lists joined with '|', booleans lower case."""
     if value is None:
         return ""
     if isinstance(value, list):
-        return "|".join(_cell(v) for v in value)
+        return "|".join(cell(v) for v in value)
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)

@@ -57,6 +57,7 @@ class Signal:
     violation_time: str | None  # start of the latest offending span: when it happened
     service: str | None  # that span's resource service.name (None without offending spans)
     service_version: str | None  # and its resource service.version: which deploy did it
+    rule_digest: str | None = None  # Rule.digest: which version of the rule found it
 
     def as_dict(self) -> dict[str, Any]:
         """The fields in order, shallow (dataclasses.asdict deep-copies every context value:

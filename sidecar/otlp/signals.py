@@ -17,7 +17,7 @@ def signal_message(signal: Signal) -> signal_pb2.Signal:
         severity=signal.severity, trace_id=signal.trace_id, span_ids=signal.span_ids,
         message=signal.message, mode=signal.mode, detected_at=signal.detected_at,
         violation_time=signal.violation_time, service=signal.service,
-        service_version=signal.service_version)
+        service_version=signal.service_version, rule_digest=signal.rule_digest)
     message.context.SetInParent()  # present even when empty, as the log's `{}` parses
     message.context.update(json.loads(json.dumps(signal.context, default=str)))
     return message

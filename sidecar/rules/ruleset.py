@@ -4,6 +4,9 @@ rules read (the projection that prunes spans at ingest)."""
 from __future__ import annotations
 
 import difflib
+import functools
+import hashlib
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -109,6 +112,7 @@ class Violation:
             violation_time=None if latest is None else rfc3339(latest.start_ns),
             service=None if latest is None else latest.service,
             service_version=None if latest is None else latest.version,
+            rule_digest=rule.digest,
         )
 
     def context(self) -> dict[str, Any]:
@@ -122,6 +126,9 @@ class Violation:
                 values = _distinct(get(s) for s in sorted(self.trace.spans, key=span_order))
             out[attr] = None if not values else values[0] if len(values) == 1 else values
         return out
+
+
+_POSITIONS = re.compile(r"\b(start|end)=\d+, ")  # in a syntax tree's repr
 
 
 @dataclass(frozen=True)
@@ -141,6 +148,16 @@ class Rule:
     @property
     def refs(self) -> References:
         return self.logic.refs | References(attributes=frozenset(self.context))
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """What the rule means, hashed (16 hex digits): its id, severity, message, context and
+        syntax tree with lists and macros expanded, not where its text sits. Stored with each
+        signal, so an investigation can tell which version of a rule found it."""
+        tree = _POSITIONS.sub("", repr(self.logic.tree))
+        meaning = "\0".join((self.id, self.severity, self.message, ",".join(self.context),
+                             self.form, tree))
+        return hashlib.sha256(meaning.encode()).hexdigest()[:16]
 
     @property
     def fires_without_its_spans(self) -> bool:

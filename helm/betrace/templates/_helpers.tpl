@@ -146,6 +146,27 @@ args:
   {{- with $s.signalsOut }}
   - --signals-out={{ . }}
   {{- end }}
+  {{- $db := .Values.signalsDb }}
+  {{- if or $db.url $db.urlKey }}
+  - --signals-retention={{ $db.retention }}
+  {{- if and $db.existingSecret $db.passwordKey }}
+  - --signals-db-password-file=/etc/betrace/signals-db/{{ $db.passwordKey }}
+  {{- end }}
+  {{- end }}
+  {{- $r := .Values.routing }}
+  {{- with $r.alertmanager.url }}
+  - --alertmanager={{ . }}
+  - --alertmanager-resolve-after={{ $r.alertmanager.resolveAfter }}
+  {{- end }}
+  {{- with $r.traceUrl }}
+  - --trace-url={{ . }}
+  {{- end }}
+  {{- with $r.webhook.url }}
+  - --webhook={{ . }}
+  {{- if $r.webhook.existingSecret }}
+  - --webhook-secret-file=/etc/betrace/webhook/{{ $r.webhook.secretKey }}
+  {{- end }}
+  {{- end }}
   {{- with $s.extraArgs }}
   {{- toYaml . | nindent 2 }}
   {{- end }}
@@ -166,6 +187,16 @@ env:
   # The store URL goes in the environment, not argv: it may carry the Redis password.
   - name: BETRACE_STORE
     value: {{ include "betrace.storeURL" . | quote }}
+  {{- if .Values.signalsDb.urlKey }}
+  - name: BETRACE_SIGNALS_DB
+    valueFrom:
+      secretKeyRef:
+        name: {{ required "signalsDb.urlKey needs signalsDb.existingSecret" .Values.signalsDb.existingSecret }}
+        key: {{ .Values.signalsDb.urlKey }}
+  {{- else if .Values.signalsDb.url }}
+  - name: BETRACE_SIGNALS_DB
+    value: {{ .Values.signalsDb.url | quote }}
+  {{- end }}
   {{- with $s.extraEnv }}
   {{- toYaml . | nindent 2 }}
   {{- end }}
@@ -196,6 +227,16 @@ volumeMounts:
     mountPath: /etc/betrace/metrics-token
     readOnly: true
   {{- end }}
+  {{- if and (or .Values.signalsDb.url .Values.signalsDb.urlKey) .Values.signalsDb.existingSecret .Values.signalsDb.passwordKey }}
+  - name: betrace-signals-db
+    mountPath: /etc/betrace/signals-db
+    readOnly: true
+  {{- end }}
+  {{- if and .Values.routing.webhook.url .Values.routing.webhook.existingSecret }}
+  - name: betrace-webhook
+    mountPath: /etc/betrace/webhook
+    readOnly: true
+  {{- end }}
 {{- end -}}
 
 {{/* The pod volumes the sidecar container needs. */}}
@@ -207,6 +248,22 @@ volumeMounts:
 - name: betrace-metrics-token
   secret:
     secretName: {{ . }}
+{{- end }}
+{{- $db := .Values.signalsDb }}
+{{- if and (or $db.url $db.urlKey) $db.existingSecret $db.passwordKey }}
+- name: betrace-signals-db
+  secret:
+    secretName: {{ $db.existingSecret }}
+    items:
+      - {key: {{ $db.passwordKey }}, path: {{ $db.passwordKey }}}
+{{- end }}
+{{- $hook := .Values.routing.webhook }}
+{{- if and $hook.url $hook.existingSecret }}
+- name: betrace-webhook
+  secret:
+    secretName: {{ $hook.existingSecret }}
+    items:
+      - {key: {{ $hook.secretKey }}, path: {{ $hook.secretKey }}}
 {{- end }}
 {{- end -}}
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x62\x65trace/v1/signal.proto\x12\nbetrace.v1\x1a\x1cgoogle/protobuf/struct.proto\"\xd7\x02\n\x06Signal\x12\x11\n\tsignal_id\x18\x01 \x01(\t\x12\x0f\n\x07rule_id\x18\x02 \x01(\t\x12\x11\n\trule_name\x18\x03 \x01(\t\x12\x10\n\x08severity\x18\x04 \x01(\t\x12\x10\n\x08trace_id\x18\x05 \x01(\t\x12\x10\n\x08span_ids\x18\x06 \x03(\t\x12\x0f\n\x07message\x18\x07 \x01(\t\x12(\n\x07\x63ontext\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0c\n\x04mode\x18\t \x01(\t\x12\x13\n\x0b\x64\x65tected_at\x18\n \x01(\t\x12\x1b\n\x0eviolation_time\x18\x0b \x01(\tH\x00\x88\x01\x01\x12\x14\n\x07service\x18\x0c \x01(\tH\x01\x88\x01\x01\x12\x1c\n\x0fservice_version\x18\r \x01(\tH\x02\x88\x01\x01\x42\x11\n\x0f_violation_timeB\n\n\x08_serviceB\x12\n\x10_service_versionb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x62\x65trace/v1/signal.proto\x12\nbetrace.v1\x1a\x1cgoogle/protobuf/struct.proto\"\x81\x03\n\x06Signal\x12\x11\n\tsignal_id\x18\x01 \x01(\t\x12\x0f\n\x07rule_id\x18\x02 \x01(\t\x12\x11\n\trule_name\x18\x03 \x01(\t\x12\x10\n\x08severity\x18\x04 \x01(\t\x12\x10\n\x08trace_id\x18\x05 \x01(\t\x12\x10\n\x08span_ids\x18\x06 \x03(\t\x12\x0f\n\x07message\x18\x07 \x01(\t\x12(\n\x07\x63ontext\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0c\n\x04mode\x18\t \x01(\t\x12\x13\n\x0b\x64\x65tected_at\x18\n \x01(\t\x12\x1b\n\x0eviolation_time\x18\x0b \x01(\tH\x00\x88\x01\x01\x12\x14\n\x07service\x18\x0c \x01(\tH\x01\x88\x01\x01\x12\x1c\n\x0fservice_version\x18\r \x01(\tH\x02\x88\x01\x01\x12\x18\n\x0brule_digest\x18\x0e \x01(\tH\x03\x88\x01\x01\x42\x11\n\x0f_violation_timeB\n\n\x08_serviceB\x12\n\x10_service_versionB\x0e\n\x0c_rule_digestb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,5 +33,5 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'betrace.v1.signal_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SIGNAL']._serialized_start=70
-  _globals['_SIGNAL']._serialized_end=413
+  _globals['_SIGNAL']._serialized_end=455
 # @@protoc_insertion_point(module_scope)
