@@ -104,6 +104,7 @@ def test_filters(db: Any) -> None:
     assert ids(where=(("attempt", "2"),)) == {f"{i:032x}" for i in range(30) if i % 3 == 2}
     assert ids(where=(("service.version", "2.4.0"),)) == {f"{i:032x}" for i in range(0, 30, 3)}
     assert ids(where=(("order_id", "nope"),)) == set()
+    assert ids(where=(("order_id", "NaN"),)) == set() == ids(where=(("attempt", "Infinity"),))
     assert ids(where=(("no.such.key", "x"),)) == set()
 
 

@@ -4,6 +4,8 @@ libpq reads them) or a file given apart from the URL; it is never logged."""
 
 from __future__ import annotations
 
+import json
+import math
 from typing import Any
 
 import psycopg
@@ -73,9 +75,19 @@ class PostgresSignalDB(SignalDB):
         return "(context ->> %s)", [key]
 
     def _context_match(self, key: str, value: str) -> tuple[str, list[Any]]:
-        return ("EXISTS (SELECT 1 FROM jsonb_array_elements_text(CASE jsonb_typeof(context -> "
-                "%s) WHEN 'array' THEN context -> %s ELSE jsonb_build_array(context -> %s) END) "
-                "AS e(v) WHERE e.v = %s)", [key, key, key, value])
+        # Containment of each JSON value whose text is `value` (the string; the number or
+        # boolean it spells), alone or in a list: the GIN index on context answers it.
+        candidates: list[Any] = [value]
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, (bool, int, float)) and math.isfinite(parsed):
+            candidates.append(parsed)  # 42, 1.5, true, false
+        shapes = []
+        for candidate in candidates:
+            shapes += [json.dumps({key: candidate}), json.dumps({key: [candidate]})]
+        return "(" + " OR ".join(["context @> %s::jsonb"] * len(shapes)) + ")", shapes
 
     def _time(self, column: str) -> str:
         return (f"to_char({column} AT TIME ZONE 'UTC', "
