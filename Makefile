@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run demo replay test check bench bench-replay bench-collector clean otelcol jaeger
+.PHONY: run demo replay ui test check bench bench-replay bench-collector clean otelcol jaeger
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,12 @@ replay: $(STAMP)
 	$(BIN)/betrace check rules/
 	$(BIN)/betrace test rules/
 	$(BIN)/betrace replay --rules rules/ --format table rules/samples/incidents.otlp.jsonl
+
+# The explorer over the bundled sample's signals: http://127.0.0.1:9470/
+ui: $(STAMP)
+	$(BIN)/betrace replay --rules rules/ --signals-db sqlite:///build/signals.db --progress never \
+	  rules/samples/incidents.otlp.jsonl > /dev/null
+	$(BIN)/betrace ui --signals-db sqlite:///build/signals.db --rules rules/
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

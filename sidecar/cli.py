@@ -209,6 +209,33 @@ def _parser() -> argparse.ArgumentParser:
                          help="at most N signals, the newest (default: all)")
     signals.set_defaults(run=_signals)
 
+    ui = commands.add_parser(
+        "ui", help="the signal explorer and rule playground: a web page",
+        description="Serve a web page over the signal database (opened read-only) and the "
+        "rules: the signals with filters, groups, a chart per rule and day, each signal's "
+        "detail and trace link, CSV of exactly the filtered rows (links hold the filters); "
+        "the rules with their examples and recent signals; a playground that runs a rule over "
+        "a sample in a child process, away from every sidecar. No JavaScript.",
+        epilog="Exit status: 0 after SIGTERM or Ctrl-C; 2 bad options, rules, or a database "
+        "that cannot be read.")
+    _flag(ui, "--signals-db", "URL", "", "the signal database to explore (sqlite:///PATH or "
+          "postgresql://USER@HOST:PORT/DB)")
+    _flag(ui, "--signals-db-password-file", "FILE", "",
+          "file holding the PostgreSQL password (else PGPASSWORD or ~/.pgpass)")
+    ui.add_argument("--rules", action="append", default=[], metavar="PATH",
+                    help="rule file or directory for the rules page (repeatable)")
+    _flag(ui, "--listen", "HOST:PORT", "127.0.0.1:9470", "where to serve the page")
+    _flag(ui, "--token-file", "FILE", "",
+          "every request must present the file's content (Authorization: Bearer, or open the "
+          "page once with ?token=...)")
+    _flag(ui, "--trace-url", "TEMPLATE", "",
+          "link each signal to its trace ({trace_id} is filled in)")
+    ui.add_argument("--sample", action="append", default=[], metavar="FILE",
+                    help="an OTLP file (JSON or proto, as `replay` reads) the playground offers, "
+                    "besides the shipped incident samples (repeatable)")
+    _flag(ui, "--log-level", "LEVEL", "info", "debug, info, warning or error")
+    ui.set_defaults(run=_ui)
+
     serve = commands.add_parser(
         "serve", help="run the sidecar: OTLP in, violations out",
         description="Receive spans from the OpenTelemetry Collector over OTLP, assemble traces, "
@@ -427,8 +454,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _signals(args: argparse.Namespace) -> int:
     from sidecar.model.errors import SourceError
+    from sidecar.model.moments import parse_moment
     from sidecar.model.signals import rfc3339
-    from sidecar.replay.sources import parse_moment
     from sidecar.signaldb import SignalDBError, SignalQuery
     from sidecar.signaldb.report import write_groups, write_signals
 
@@ -465,6 +492,49 @@ def _signals(args: argparse.Namespace) -> int:
         return EXIT_UNUSABLE
     finally:
         db.close()
+    return EXIT_OK
+
+
+def _ui(args: argparse.Namespace) -> int:
+    import logging
+
+    from aiohttp import web
+
+    from sidecar.live.config import split_address
+    from sidecar.live.credentials import CredentialError, read_secret
+    from sidecar.signaldb import SignalDBError, read_password
+    from sidecar.ui.app import DATABASE, UiSettings, make_app
+
+    if not _logging_to_stderr("ui", args.log_level):
+        return EXIT_UNUSABLE
+    try:
+        if not args.signals_db:
+            raise ValueError("--signals-db URL (or BETRACE_SIGNALS_DB) is required")
+        if args.trace_url and "{trace_id}" not in args.trace_url:
+            raise ValueError(f"--trace-url {args.trace_url!r} has no {{trace_id}} to fill in")
+        host, port = split_address(args.listen)
+        settings = UiSettings(
+            signals_db=args.signals_db,
+            password=read_password(args.signals_db_password_file)
+            if args.signals_db_password_file else None,
+            rules=tuple(args.rules), trace_url=args.trace_url, samples=tuple(args.sample),
+            token=read_secret(args.token_file, "token") if args.token_file else None)
+        app = make_app(settings)
+    except RuleLoadError as exc:
+        for error in exc.errors:
+            print(error, file=sys.stderr)
+        return EXIT_UNUSABLE
+    except (ValueError, SignalDBError, CredentialError) as exc:
+        print(f"betrace ui: {exc}", file=sys.stderr)
+        return EXIT_UNUSABLE
+    if host not in ("127.0.0.1", "::1", "localhost") and settings.token is None:
+        logging.getLogger("sidecar.ui").warning(
+            "listening on %s without --token-file: anyone who reaches it reads every signal",
+            host)
+    web.run_app(app, host=host, port=port, access_log=None, handle_signals=True,
+                print=lambda _: logging.getLogger("sidecar.ui").info(
+                    "betrace ui listening on http://%s:%d/ (signals from %s)", host, port,
+                    app[DATABASE]))
     return EXIT_OK
 
 
@@ -592,13 +662,14 @@ def _replay(args: argparse.Namespace) -> int:
     import signal
 
     from sidecar.model.errors import SourceError
+    from sidecar.model.moments import parse_moment
     from sidecar.model.signal_writers import make_writer
     from sidecar.model.signals import Signal
     from sidecar.replay.backend import BackendError, TraceBackend
     from sidecar.replay.jaeger import JaegerClient
     from sidecar.replay.progress import Progress
     from sidecar.replay.runner import ReplayOptions, replay, replay_backend
-    from sidecar.replay.sources import expand_sources, parse_moment
+    from sidecar.replay.sources import expand_sources
     from sidecar.replay.tempo import TempoClient
     from sidecar.signaldb import SignalDBError
     from sidecar.signaldb.writer import SignalDBSink
@@ -705,14 +776,15 @@ def _edge(text: str) -> int:
 
 def _retention(text: str) -> float:
     """`730d`, `52w`, `12h`, or `0` (keep for ever): seconds."""
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhdw])", text.strip())
+    from sidecar.model.moments import duration_ns
+
     if text.strip() == "0":
         return 0.0
-    if not match:
+    nanoseconds = duration_ns(text)
+    if nanoseconds is None:
         raise ValueError(f"invalid --signals-retention {text!r}: expected a duration such as "
                          "730d, 52w or 12h, or 0 (keep for ever)")
-    return float(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400,
-                                    "w": 604800}[match.group(2)]
+    return nanoseconds / 1e9
 
 
 def _size(text: str, flag: str) -> int:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "sidecar"
-STAGES = ("model", "dsl", "rules", "otlp", "stores", "signaldb", "routing", "live", "replay", "k8s")
+STAGES = ("model", "dsl", "rules", "otlp", "stores", "signaldb", "routing", "ui", "live", "replay", "k8s")
 
 
 def test_the_import_rules_hold() -> None:

@@ -26,9 +26,10 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyVa
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
 
 from sidecar.model.errors import SourceError
+from sidecar.model.moments import parse_moment
 from sidecar.otlp.decoded import SpanFilter
 from sidecar.otlp.json_spans import decode_json_request
-from sidecar.replay.sources import expand_sources, parse_moment, read_source
+from sidecar.replay.sources import expand_sources, read_source
 from sidecar.rules import load_rules_text
 
 REPO = Path(__file__).resolve().parent.parent

@@ -129,6 +129,9 @@ def test_newest_first_and_limit(db: Any) -> None:
     _traffic(db)
     rows = list(db.signals(SignalQuery(limit=5)))
     assert len(rows) == 5
+    page_two = list(db.signals(SignalQuery(limit=5, offset=5)))
+    assert [r.signal_id for r in page_two] == [
+        r.signal_id for r in list(db.signals(SignalQuery()))[5:10]]
     times = [r.occurred_at for r in rows]
     assert times == sorted(times, reverse=True)
     assert rows[0].trace_id == "f" * 32
@@ -247,3 +250,30 @@ def test_retention_prunes_what_occurred_before_its_window(signal_db_url: str) ->
     retention.run(stop)  # one pass, then it sees the stop and closes its connection
     assert retention.db._connection is None
     database.close()
+
+
+def test_counts_by_day(db: Any) -> None:
+    _traffic(db)
+    days = db.counts_by_day(SignalQuery())
+    assert sum(n for _, _, n in days) == 31
+    assert ("2026-11-01", "admin-audited", 1) in days
+    assert ("2026-10-10", "payment-idempotency", 2) in days  # i = 0 and 20
+    assert [d for d, _, _ in days] == sorted(d for d, _, _ in days)
+
+
+def test_a_reader_never_writes(signal_db_url: str) -> None:
+    reader = open_signal_db(signal_db_url, read_only=True)
+    with pytest.raises(SignalDBError, match="holds no signals yet|no such file"):
+        reader.connect()
+    writer = open_signal_db(signal_db_url)
+    writer.connect()
+    writer.upsert([make()])
+    writer.close()
+    reader = open_signal_db(signal_db_url, read_only=True)
+    assert reader.count() == 1
+    with pytest.raises(SignalDBError, match="read-only|readonly"):
+        reader.upsert([make(trace="b" * 32)])
+    reader.close()
+    reader = open_signal_db(signal_db_url, read_only=True)
+    assert [s.trace_id for s in reader.signals(SignalQuery())] == ["a" * 32]
+    reader.close()

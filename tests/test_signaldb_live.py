@@ -185,6 +185,23 @@ def test_signals_command_errors_are_clear(tmp_path: Path) -> None:
     assert empty.returncode == 0 and empty.stdout.startswith("WHEN")
 
 
+def test_ui_refuses_bad_options(tmp_path: Path) -> None:
+    missing = betrace("ui")
+    assert missing.returncode == 2 and "--signals-db URL" in missing.stderr
+    empty = betrace("ui", "--signals-db", f"sqlite:///{tmp_path}/none.db")
+    assert empty.returncode == 2 and "no such file" in empty.stderr
+    assert not (tmp_path / "none.db").exists()  # a reader never creates the database
+    link = betrace("ui", "--signals-db", f"sqlite:///{tmp_path}/none.db", "--trace-url", "x")
+    assert link.returncode == 2 and "no {trace_id}" in link.stderr
+    rules = tmp_path / "bad.yaml"
+    rules.write_text("rules: [x")
+    db = f"sqlite:///{tmp_path}/s.db"
+    assert betrace("replay", "--rules", "rules/", "--signals-db", db, "--progress", "never",
+                   str(REPO / "rules" / "samples" / "incidents.otlp.jsonl")).returncode == 0
+    bad = betrace("ui", "--signals-db", db, "--rules", str(rules))
+    assert bad.returncode == 2 and "bad.yaml:1:" in bad.stderr
+
+
 def test_serve_refuses_a_bad_signals_db(tmp_path: Path, rules_file: Path) -> None:
     bad = betrace("serve", "--rules", str(rules_file), "--signals-db", "mysql://x")
     assert bad.returncode == 2 and "signals-db: signal database URL scheme" in bad.stderr

@@ -36,6 +36,12 @@ def signal_id(rule_id: str, trace_id: str) -> str:
     return str(uuid.uuid5(_SIGNAL_NAMESPACE, f"{rule_id}/{trace_id}"))
 
 
+def trace_link(template: str, trace_id: str) -> str:
+    """A --trace-url template with `{trace_id}` filled in (no other braces are touched: URLs
+    hold them)."""
+    return template.replace("{trace_id}", trace_id)
+
+
 def rfc3339(unix_ns: int) -> str:
     """UTC timestamp with millisecond precision, as logs and CSV readers expect."""
     moment = datetime.datetime.fromtimestamp(unix_ns / 1e9, tz=datetime.timezone.utc)

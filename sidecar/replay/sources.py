@@ -12,15 +12,12 @@ fires without its spans) has an empty list.
 
 from __future__ import annotations
 
-import datetime
 import glob
 import gzip
 import io
 import os
-import re
 import struct
 import sys
-import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
@@ -45,9 +42,6 @@ _GZIP_MAGIC, _ZSTD_MAGIC, _BOM = b"\x1f\x8b", b"\x28\xb5\x2f\xfd", b"\xef\xbb\xb
 _FRAME = struct.Struct(">I")
 _MAX_FRAME = 1 << 30  # a longer "length" is corrupt data: no request is a gigabyte
 _UNREADABLE = (EOFError, zlib.error, gzip.BadGzipFile, zstandard.ZstdError)
-_RELATIVE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
-_UNITS_NS = {"ms": 10**6, "s": 10**9, "m": 60 * 10**9, "h": 3600 * 10**9, "d": 86400 * 10**9,
-             "w": 7 * 86400 * 10**9}
 
 
 def expand_sources(paths: Sequence[str]) -> list[str]:
@@ -90,30 +84,6 @@ def _walk(directory: str) -> list[str]:
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         found += [os.path.join(root, f) for f in sorted(files) if not f.startswith(".")]
     return found
-
-
-def parse_moment(text: str, now_ns: int | None = None) -> int:
-    """A --since/--until value as Unix nanoseconds: an RFC 3339 timestamp
-    (2025-02-01T09:30:00Z, or with +02:00), a date (midnight UTC), or a duration before now
-    (29d, 6h, 90m, 30s, 2w). SourceError says what is accepted."""
-    now_ns = time.time_ns() if now_ns is None else now_ns
-    relative = _RELATIVE.fullmatch(text.strip())
-    if relative:
-        return now_ns - int(float(relative.group(1)) * _UNITS_NS[relative.group(2)])
-    try:
-        moment = datetime.datetime.fromisoformat(text.strip())
-    except ValueError:
-        moment = None
-    if moment is not None and moment.tzinfo is None and len(text.strip()) == 10:
-        moment = moment.replace(tzinfo=datetime.timezone.utc)  # a bare date
-    if moment is None or moment.tzinfo is None:
-        raise SourceError(
-            f"invalid time {text!r}: expected an RFC 3339 timestamp with a time zone "
-            "(2025-02-01T09:30:00Z), a date (2025-02-01, UTC), or a duration before now "
-            "(29d, 6h, 90m, 30s)")
-    epoch = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
-    delta = moment - epoch
-    return (delta.days * 86400 + delta.seconds) * 10**9 + delta.microseconds * 1000
 
 
 def read_source(source: str, keep: SpanFilter, errors: list[InputError],

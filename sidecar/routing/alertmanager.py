@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sidecar.model.signals import Signal, rfc3339
+from sidecar.model.signals import Signal, rfc3339, trace_link
 from sidecar.routing.posting import TIMEOUT, post_json
 
 ALERTNAME = "BetraceViolation"
@@ -48,8 +48,3 @@ class Alertmanager:
             alert["generatorURL"] = annotations["trace_url"] = trace_link(self.trace_url,
                                                                           signal.trace_id)
         return alert
-
-
-def trace_link(template: str, trace_id: str) -> str:
-    """`template` with `{trace_id}` replaced (no other braces are touched: URLs hold them)."""
-    return template.replace("{trace_id}", trace_id)

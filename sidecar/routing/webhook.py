@@ -10,8 +10,7 @@ import hmac
 import json
 from collections.abc import Sequence
 
-from sidecar.model.signals import Signal
-from sidecar.routing.alertmanager import trace_link
+from sidecar.model.signals import Signal, trace_link
 from sidecar.routing.posting import TIMEOUT, post_json
 
 SIGNATURE_HEADER = "X-Betrace-Signature"

@@ -14,19 +14,20 @@ __all__ = ["COLUMNS", "Group", "IncompatibleSchema", "SignalDB", "SignalDBError"
 SCHEMES = "sqlite:///PATH (sqlite:////ABSOLUTE/PATH) or postgresql://USER@HOST:PORT/DB"
 
 
-def open_signal_db(url: str, password: str | None = None) -> SignalDB:
-    """The database `url` names, not yet connected (`connect()` connects and migrates). Raises
-    ValueError naming what is wrong with the URL."""
+def open_signal_db(url: str, password: str | None = None, read_only: bool = False) -> SignalDB:
+    """The database `url` names, not yet connected (`connect()` connects and migrates, or with
+    `read_only` only checks the schema and never writes). Raises ValueError naming what is
+    wrong with the URL."""
     if url.startswith("sqlite:///"):
         from sidecar.signaldb.sqlite import SqliteSignalDB
         path = url[len("sqlite:///"):]
         if not path:
             raise ValueError(f"signal database URL {url!r} names no file: expected {SCHEMES}")
-        return SqliteSignalDB(path)
+        return SqliteSignalDB(path, read_only)
     if url.startswith(("postgresql://", "postgres://")):
         from sidecar.signaldb.postgres import PostgresSignalDB
         try:
-            return PostgresSignalDB(url, password)
+            return PostgresSignalDB(url, password, read_only)
         except Exception as exc:  # psycopg's ProgrammingError, without the URL's password
             raise ValueError(f"signal database URL is not a valid PostgreSQL URL: "
                              f"{str(exc).splitlines()[0]}") from None

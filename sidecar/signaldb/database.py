@@ -50,8 +50,9 @@ class SignalDB:
     placeholder = "?"
     errors: tuple[type[BaseException], ...] = ()  # the driver's exceptions, as SignalDBError
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, read_only: bool = False) -> None:
         self.target = target  # what error messages name: a path, or the URL without password
+        self.read_only = read_only  # never write: the schema is checked, not migrated
         self._connection: Any = None
 
     # -- dialect hooks ---------------------------------------------------------------------
@@ -92,6 +93,10 @@ class SignalDB:
     def _time_param(self) -> str:
         return self.placeholder
 
+    def _day(self, column: str) -> str:
+        """SQL for a time column's UTC day as YYYY-MM-DD text."""
+        return f"substr({column}, 1, 10)"
+
     # -- the protocol ----------------------------------------------------------------------
 
     def connect(self) -> None:
@@ -122,6 +127,8 @@ class SignalDB:
         sql = f"SELECT {columns} FROM signals{where} ORDER BY occurred_at DESC, signal_id"
         if query.limit is not None:
             sql += f" LIMIT {int(query.limit)}"
+        if query.offset:
+            sql += f" OFFSET {int(query.offset)}"
         with self._transaction(streaming=True) as cursor:
             cursor.execute(sql, params)
             while rows := cursor.fetchmany(STREAM_BATCH):
@@ -152,6 +159,15 @@ class SignalDB:
             rows = cursor.fetchall()
         return [Group(_group_value(value), count, first, last)
                 for value, count, first, last in rows]
+
+    def counts_by_day(self, query: SignalQuery) -> list[tuple[str, str, int]]:
+        """(day as YYYY-MM-DD in UTC, rule id, signals) for the matching signals, by day."""
+        where, params = self._where(query)
+        day = self._day("occurred_at")
+        with self._transaction() as cursor:
+            cursor.execute(f"SELECT {day}, rule_id, count(*) FROM signals{where} "
+                           "GROUP BY 1, 2 ORDER BY 1, 2", params)
+            return [(str(d), rule, int(n)) for d, rule, n in cursor.fetchall()]
 
     def count(self, query: SignalQuery = SignalQuery()) -> int:
         where, params = self._where(query)
@@ -194,7 +210,10 @@ class SignalDB:
             except self.errors as exc:
                 raise SignalDBError(f"signal database {self.target}: {_reason(exc)}") from None
             try:
-                self._migrate(connection)
+                if self.read_only:
+                    self._check_schema(connection)
+                else:
+                    self._migrate(connection)
             except BaseException as exc:
                 connection.close()
                 if isinstance(exc, self.errors):
@@ -203,6 +222,24 @@ class SignalDB:
                 raise
             self._connection = connection
         return self._connection
+
+    def _check_schema(self, connection: Any) -> None:
+        """For a reader: the schema must be this version's (a reader never migrates)."""
+        cursor = connection.cursor()
+        try:
+            cursor.execute("SELECT max(version) FROM betrace_schema")
+            current = cursor.fetchone()[0]
+        except self.errors:
+            raise SignalDBError(f"signal database {self.target} holds no signals yet (no "
+                                "betrace_schema table): point `serve` or `replay` at it with "
+                                "--signals-db first") from None
+        finally:
+            cursor.close()
+            connection.rollback()
+        if self._pending(current):
+            raise SignalDBError(f"signal database {self.target} has schema version {current}, "
+                                f"older than this BeTrace's: run `serve` or `replay` with "
+                                "--signals-db once to migrate it")
 
     def _pending(self, current: int | None) -> list[tuple[int, str]]:
         """The migrations a database at schema version `current` (None: new) still needs;

@@ -26,11 +26,11 @@ class PostgresSignalDB(SignalDB):
     placeholder = "%s"
     errors = (psycopg.Error,)
 
-    def __init__(self, url: str, password: str | None = None) -> None:
+    def __init__(self, url: str, password: str | None = None, read_only: bool = False) -> None:
         params = conninfo_to_dict(url)  # raises ProgrammingError on a malformed URL
         shown = {k: v for k, v in params.items() if k != "password"}
         super().__init__(f"postgresql://{shown.get('user', '')}@{shown.get('host', '')}:"
-                         f"{shown.get('port', 5432)}/{shown.get('dbname', '')}")
+                         f"{shown.get('port', 5432)}/{shown.get('dbname', '')}", read_only)
         if password is not None:
             params["password"] = password
         params.setdefault("connect_timeout", _CONNECT_TIMEOUT)
@@ -38,7 +38,9 @@ class PostgresSignalDB(SignalDB):
         self._conninfo = make_conninfo(**params)
 
     def _connect(self) -> psycopg.Connection[Any]:
-        return psycopg.connect(self._conninfo)
+        connection = psycopg.connect(self._conninfo)
+        connection.read_only = self.read_only  # every transaction READ ONLY: the server refuses
+        return connection
 
     def _migrate(self, connection: Any) -> None:
         with connection.transaction(), connection.cursor() as cursor:
@@ -92,6 +94,9 @@ class PostgresSignalDB(SignalDB):
     def _time(self, column: str) -> str:
         return (f"to_char({column} AT TIME ZONE 'UTC', "
                 "'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')")
+
+    def _day(self, column: str) -> str:
+        return f"to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
 
     def _time_param(self) -> str:
         return "%s::timestamptz"

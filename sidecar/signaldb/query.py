@@ -11,6 +11,7 @@ COLUMNS = {
     "rule": "rule_id", "rule_id": "rule_id", "rule_name": "rule_name", "severity": "severity",
     "service": "service", "service.name": "service", "service.version": "service_version",
     "mode": "mode", "trace_id": "trace_id", "rule_digest": "rule_digest",
+    "signal_id": "signal_id",
 }
 
 
@@ -29,6 +30,7 @@ class SignalQuery:
     until: str | None = None
     where: tuple[tuple[str, str], ...] = ()
     limit: int | None = None
+    offset: int = 0  # rows skipped (newest first): a page
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ import json
 import sqlite3
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from sidecar.signaldb.database import (
     FIELDS,
@@ -22,19 +23,25 @@ class SqliteSignalDB(SignalDB):
     placeholder = "?"
     errors = (sqlite3.Error,)
 
-    def __init__(self, path: str) -> None:
-        super().__init__(path)
+    def __init__(self, path: str, read_only: bool = False) -> None:
+        super().__init__(path, read_only)
         self.path = path
 
-    def _connect(self) -> sqlite3.Connection:
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+    def _connect(self) -> _Begun:
+        if self.read_only:
+            if not Path(self.path).is_file():
+                raise sqlite3.OperationalError(f"no such file: {self.path}")
+            connection = sqlite3.connect(f"file:{quote(self.path)}?mode=ro", uri=True,
+                                         timeout=_BUSY_MS / 1000, isolation_level=None,
+                                         check_same_thread=False)
+            return _Begun(connection, optimize=False)
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         # autocommit at the driver: transactions are begun here, explicitly
         connection = sqlite3.connect(self.path, timeout=_BUSY_MS / 1000, isolation_level=None,
                                      check_same_thread=False)
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute("PRAGMA synchronous=NORMAL")  # WAL: durable at each checkpoint
-        return _Begun(connection)
+        return _Begun(connection, optimize=True)
 
     def _migrate(self, connection: Any) -> None:
         raw = connection.raw
@@ -104,8 +111,8 @@ class _Begun:
     """A connection that begins a transaction at the first cursor and ends it at commit or
     rollback (the driver itself stays in autocommit, so migrations control theirs)."""
 
-    def __init__(self, raw: sqlite3.Connection) -> None:
-        self.raw = raw
+    def __init__(self, raw: sqlite3.Connection, optimize: bool) -> None:
+        self.raw, self.optimize = raw, optimize
 
     def cursor(self) -> sqlite3.Cursor:
         self.raw.execute("BEGIN")
@@ -121,6 +128,7 @@ class _Begun:
 
     def close(self) -> None:
         try:
-            self.raw.execute("PRAGMA optimize")  # (SQLite's advice: keeps the planner's stats)
+            if self.optimize:
+                self.raw.execute("PRAGMA optimize")  # (SQLite's advice: keeps planner stats)
         finally:
             self.raw.close()
