@@ -562,3 +562,13 @@ def test_a_bad_filter_says_what_is_wrong(sqlite_explorer: Ui, browser: Browser) 
     status, _, body = http(f"{base}/signals/no-such-signal")
     assert status == 404 and 'id="problem"' in body
 
+
+
+def test_the_chart_stacks_one_bar_per_rule_and_day_and_escapes_names() -> None:
+    from sidecar.ui.chart import daily_chart
+
+    svg = daily_chart([("2026-10-01", "a", 2), ("2026-10-01", "<b>", 1), ("2026-10-03", "a", 4)])
+    assert svg.count("<title>") == 3  # one bar per (day, rule), none drawn over another
+    assert "<b>" not in svg and "&lt;b&gt; (1)" in svg
+    assert ">4<" in svg  # the tallest day's total labels the axis
+    assert daily_chart([]) == ""

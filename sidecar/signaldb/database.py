@@ -6,7 +6,6 @@ suite runs on both)."""
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Iterator, Sequence
 from importlib import resources
 from typing import Any
@@ -14,14 +13,12 @@ from typing import Any
 from sidecar.model.signals import Signal
 from sidecar.signaldb.query import COLUMNS, Group, SignalQuery, StoredSignal
 
-log = logging.getLogger(__name__)
-
 FIELDS = ("signal_id", "rule_id", "rule_name", "rule_digest", "severity", "trace_id",
           "span_ids", "message", "context", "service", "service_version", "mode", "modes",
           "detected_at", "last_seen", "violation_time", "occurred_at")
 TIMES = frozenset(("detected_at", "last_seen", "violation_time", "occurred_at"))
-PRUNE_BATCH = 5000
-STREAM_BATCH = 1000  # rows fetched at a time while listing signals  # rows deleted per statement: retention never holds a long lock
+PRUNE_BATCH = 5000  # rows deleted per statement: retention never holds a long lock
+STREAM_BATCH = 1000  # rows fetched at a time while listing signals
 
 
 class SignalDBError(Exception):
@@ -100,8 +97,8 @@ class SignalDB:
     # -- the protocol ----------------------------------------------------------------------
 
     def connect(self) -> None:
-        """Connect and bring the schema up to date (raises SignalDBError, or
-        IncompatibleSchema for a schema newer than this version's)."""
+        """Connect and bring the schema up to date, or for a reader check it (raises
+        SignalDBError, or IncompatibleSchema for a schema newer than this version's)."""
         self._conn()
 
     def close(self) -> None:
