@@ -5,8 +5,10 @@ may import, and no module named like a standard-library one."""
 from __future__ import annotations
 
 import ast
+import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -34,3 +36,30 @@ def test_no_module_is_named_like_a_standard_library_one() -> None:
     clashes = sorted(str(path.relative_to(PACKAGE)) for path in PACKAGE.rglob("*.py")
                      if path.stem in sys.stdlib_module_names)
     assert clashes == []
+
+
+def test_the_wheel_ships_every_data_file(tmp_path: Path) -> None:
+    """What the container image installs (a wheel, not this checkout) holds every file the
+    package reads at run time: the grammar, the Lua scripts, the signal database's migrations,
+    the explorer's templates and stylesheet. Built from the tracked files alone, as a clean
+    clone would (a checkout's egg-info would list them whatever pyproject.toml says)."""
+    root = PACKAGE.parent
+    tracked = subprocess.run(["git", "ls-files", "sidecar", "pyproject.toml", "README.md"],
+                             cwd=root, capture_output=True, text=True, timeout=30,
+                             check=True).stdout.split()
+    source = tmp_path / "source"
+    for name in tracked:
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(root / name, source / name)
+    data = {name for name in tracked
+            if name.startswith("sidecar/") and not name.endswith((".py", ".pyi"))}
+    assert {"sidecar/dsl/grammar.lark", "sidecar/ui/templates/base.html"} <= data
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+         "--wheel-dir", str(tmp_path), str(source)], capture_output=True, text=True,
+        timeout=300)
+    assert built.returncode == 0, built.stderr
+    (wheel,) = tmp_path.glob("betrace-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        shipped = set(archive.namelist())
+    assert data - shipped == set()
