@@ -502,6 +502,7 @@ def _ui(args: argparse.Namespace) -> int:
 
     from sidecar.live.config import split_address
     from sidecar.live.credentials import CredentialError, read_secret
+    from sidecar.model.signals import trace_url_problem
     from sidecar.signaldb import SignalDBError, read_password
     from sidecar.ui.app import DATABASE, UiSettings, make_app
 
@@ -510,8 +511,8 @@ def _ui(args: argparse.Namespace) -> int:
     try:
         if not args.signals_db:
             raise ValueError("--signals-db URL (or BETRACE_SIGNALS_DB) is required")
-        if args.trace_url and "{trace_id}" not in args.trace_url:
-            raise ValueError(f"--trace-url {args.trace_url!r} has no {{trace_id}} to fill in")
+        if args.trace_url and (problem := trace_url_problem(args.trace_url)):
+            raise ValueError(f"--trace-url {problem}")
         host, port = split_address(args.listen)
         settings = UiSettings(
             signals_db=args.signals_db,

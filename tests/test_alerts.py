@@ -8,27 +8,22 @@ Debian's `prometheus` package, which provides /usr/bin/promtool.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
+from processes import missing
 
 REPO = Path(__file__).resolve().parent.parent
 ALERTS = "helm/betrace/files/alerts.yaml"
 ALERT_TESTS = "tests/promtool/alerts_test.yaml"
-MISSING = ("promtool is not on PATH: .ci/run installs Debian's prometheus package "
-           "(apt-get install prometheus), which provides /usr/bin/promtool")
 
 
 def _promtool() -> str:
     """promtool's path; a missing one fails the test in CI (not an error, not a skip)."""
     path = shutil.which("promtool")
     if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(MISSING)
-        pytest.skip(MISSING)
+        missing("promtool", "prometheus")
     return path
 
 

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from urllib.parse import unquote
 
-from sidecar.model.signals import MAX_VALUE_BYTES
+from sidecar.model.signals import MAX_VALUE_BYTES, trace_url_problem
 from sidecar.signaldb import open_signal_db
 from sidecar.stores.trace_store import StoreLimits
 
@@ -98,8 +98,8 @@ class Settings:
                 problems.append(f"{name} {url!r}: expected an http:// or https:// URL")
         if self.webhook_secret_file and not self.webhook:
             problems.append("webhook-secret-file needs webhook")
-        if self.trace_url and "{trace_id}" not in self.trace_url:
-            problems.append(f"trace-url {self.trace_url!r} has no {{trace_id}} to fill in")
+        if self.trace_url and (problem := trace_url_problem(self.trace_url)):
+            problems.append(f"trace-url {problem}")
         if self.alertmanager_resolve_after <= 0:
             problems.append("alertmanager-resolve-after must be positive")
         if self.signals_retention < 0:

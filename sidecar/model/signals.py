@@ -42,6 +42,11 @@ def trace_link(template: str, trace_id: str) -> str:
     return template.replace("{trace_id}", trace_id)
 
 
+def trace_url_problem(template: str) -> str | None:
+    """What is wrong with a --trace-url template, or None."""
+    return None if "{trace_id}" in template else f"{template!r} has no {{trace_id}} to fill in"
+
+
 def rfc3339(unix_ns: int) -> str:
     """UTC timestamp with millisecond precision, as logs and CSV readers expect."""
     moment = datetime.datetime.fromtimestamp(unix_ns / 1e9, tz=datetime.timezone.utc)

@@ -28,20 +28,19 @@ class SqliteSignalDB(SignalDB):
         self.path = path
 
     def _connect(self) -> _Begun:
-        if self.read_only:
-            if not Path(self.path).is_file():
-                raise sqlite3.OperationalError(f"no such file: {self.path}")
-            connection = sqlite3.connect(f"file:{quote(self.path)}?mode=ro", uri=True,
-                                         timeout=_BUSY_MS / 1000, isolation_level=None,
-                                         check_same_thread=False)
-            return _Begun(connection, optimize=False)
-        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        if self.read_only and not Path(self.path).is_file():
+            raise sqlite3.OperationalError(f"no such file: {self.path}")  # (never created)
+        if not self.read_only:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         # autocommit at the driver: transactions are begun here, explicitly
-        connection = sqlite3.connect(self.path, timeout=_BUSY_MS / 1000, isolation_level=None,
+        mode = "ro" if self.read_only else "rwc"
+        connection = sqlite3.connect(f"file:{quote(self.path)}?mode={mode}", uri=True,
+                                     timeout=_BUSY_MS / 1000, isolation_level=None,
                                      check_same_thread=False)
-        connection.execute("PRAGMA journal_mode=WAL")
-        connection.execute("PRAGMA synchronous=NORMAL")  # WAL: durable at each checkpoint
-        return _Begun(connection, optimize=True)
+        if not self.read_only:
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute("PRAGMA synchronous=NORMAL")  # WAL: durable at each checkpoint
+        return _Begun(connection, optimize=not self.read_only)
 
     def _migrate(self, connection: Any) -> None:
         raw = connection.raw
