@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run demo replay ui test check bench bench-replay bench-collector clean otelcol jaeger
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml sidecar/otlp/_wire.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'

@@ -331,11 +331,14 @@ def test_a_full_disk_delays_signal_lines_turns_readyz_degraded_and_loses_none(
 
 def test_a_span_that_is_not_utf8_is_refused_alone(
         start_sidecar: Callable[..., Running], wait_until: Callable[..., Any]) -> None:
-    """One span whose name is not UTF-8 made upb refuse its whole scope: every other span in
-    it was lost with it. Now that span alone is refused, in partial_success."""
+    """One span with a key that is not UTF-8 made upb refuse its whole scope: every other span in
+    it was lost with it. Now that span alone is refused, in partial_success. A span no rule
+    selects is skipped unparsed, so its bad name is not looked at: received, not refused."""
     running = start_sidecar()
     trace_id = os.urandom(16)
-    request = pb_request(trace_id, ["payment.charge", "payment.charge", "BROKEN"])
+    request = pb_request(trace_id, ["payment.charge"] * 3 + ["unselected.BROKEN"])
+    spans = request.resource_spans[0].scope_spans[0].spans
+    spans[2].attributes.add(key="BROKEN").value.string_value = "x"
     body = request.SerializeToString().replace(b"BROKEN", b"BRO\xffEN")
     status, _, answer = post(running.sidecar.http_port, body, "application/x-protobuf")
     assert status == 200
@@ -343,6 +346,9 @@ def test_a_span_that_is_not_utf8_is_refused_alone(
     assert response.partial_success.rejected_spans == 1
     assert "bad UTF-8" in response.partial_success.error_message
     wait_until(lambda: running.signals("double-charge", trace_id.hex()), what="the signal")
+    assert running.sample("betrace_spans_received_total") == 4
+    assert running.sample("betrace_spans_rejected_total", reason="invalid") == 1
+    assert running.sample("betrace_spans_dropped_total", reason="not_selected") == 1
 
 
 # --- unbounded values ---------------------------------------------------------------------------

@@ -25,25 +25,20 @@ class Decoded:
 @dataclass(frozen=True)
 class SpanFilter:
     """What to keep: spans the projection selects that start in [since_ns, until_ns), with the
-    resource attribute `resource_key` carried on each span as `group` (for --group-by). `names`,
-    when
-    the selected span names are known exactly (no globs), lets the proto reader skip whole
-    scopes that contain none of them without parsing."""
+    resource attribute `resource_key` carried on each span as `group` (for --group-by)."""
 
     projection: Projection
     since_ns: int = 0
     until_ns: int = 2**64
     resource_key: str | None = None
-    names: frozenset[str] | None = None
 
     @classmethod
     def of(cls, projection: Projection, since_ns: int | None = None,
-           until_ns: int | None = None, group_by: str | None = None,
-           names: frozenset[str] | None = None) -> SpanFilter:
+           until_ns: int | None = None, group_by: str | None = None) -> SpanFilter:
         """`projection` widened so every kept span keeps the `group_by` attribute too."""
         since, until = since_ns or 0, 2**64 if until_ns is None else until_ns
         if group_by is None:
-            return cls(projection, since, until, None, names)
+            return cls(projection, since, until, None)
         inner, known = projection.attributes_for, {}
 
         def attributes_for(name: str) -> frozenset[str] | None:
@@ -54,6 +49,7 @@ class SpanFilter:
         attributes = None if projection.attributes is None else projection.attributes | {group_by}
         most = projection.most_attributes
         widened = Projection(projection.wants_name, attributes, attributes_for,
-                             projection.trace_ids, None if most is None else most + 1)
+                             projection.trace_ids, None if most is None else most + 1,
+                             projection.names)
         resource_key = None if group_by == "service.name" else group_by  # Span.service has it
-        return cls(widened, since, until, resource_key, names)
+        return cls(widened, since, until, resource_key)

@@ -1,13 +1,13 @@
 """OTLP protobuf (ExportTraceServiceRequest bytes) to spans, grouped by trace: the one protobuf
 decoder, for live ingest and replay alike.
 
-The request is parsed in two steps, each by upb in C: the request with each ScopeSpans left as
-bytes (with `SpanFilter.names`, a scope holding none of the selected names is skipped unparsed),
-then a scope's spans, with their attributes as a map of raw AnyValue bytes. A span no rule
-selects costs one name test; a kept span decodes only the attributes its rules read (the
-`Projection`). BeTrace's own violation spans, coming back through the collector, are counted and
-skipped.
-"""
+The request is parsed in steps: upb parses the request with each ScopeSpans left as bytes; when
+the selected span names are known exactly (`Projection.names`), a C walk over each scope's wire
+format (`_wire.select_spans`) counts its spans and keeps the bytes of those a rule selects; upb
+parses what is kept, with attributes as raw AnyValue bytes. So a span no rule selects costs a walk
+over its field headers in C, and is neither parsed nor validated; a kept span decodes only the
+attributes its rules read (the `Projection`). BeTrace's own violation spans, coming back through
+the collector, are counted and skipped."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Status
 
 from sidecar.model.names import VIOLATION_SPAN
 from sidecar.model.spans import KINDS, STATUSES, span_of
+from sidecar.otlp._wire import select_spans
 from sidecar.otlp.decoded import Decoded, SpanFilter
 
 _DOUBLE = struct.Struct("<d")
@@ -38,8 +39,7 @@ _STATUS_BYTES = {b"": "UNSET", b"\x18\x00": "UNSET", b"\x18\x01": "OK", b"\x18\x
 @functools.cache
 def _lean_classes() -> tuple[Any, ...]:
     """ExportTraceServiceRequest reduced to what rules read, in two steps: the request with
-    each ScopeSpans left as bytes (a scope holding no selected span name can be skipped
-    unparsed), then a scope's spans. An attribute's value stays AnyValue bytes until a rule
+    each ScopeSpans left as bytes (for `select_spans`), then a scope's spans. An attribute's value stays AnyValue bytes until a rule
     needs it, then the common types are decoded by hand (`_any`). Fields left out (events,
     links, scopes...) are skipped.
 
@@ -101,12 +101,11 @@ class ProtobufDecoder:
         self.indexed = most is None or most > _SEARCHED_UP_TO
         self._scope_spans = (indexed if self.indexed else listed).FromString
         self._span = (indexed_span if self.indexed else span).FromString
-        names = keep.names
-        # A selected name is on the wire as field 5 (tag 0x2a), its length (a minimal varint, as
-        # every encoder writes it), its UTF-8 bytes; a scope holding those bytes anywhere is
-        # parsed and its span names compared exactly.
-        self.tags = None if names is None else tuple(
-            b"\x2a" + _varint(len(n.encode())) + n.encode() for n in sorted(names))
+        # The names select_spans keeps (the violation spans' too, to count them), or None: every
+        # span is parsed and its name tested in Python (see Projection.names).
+        names = keep.projection.names
+        self.selected_names = None if names is None else \
+            tuple(sorted(name.encode() for name in names | {VIOLATION_SPAN}))
         # per span name: the one str for it, and the attributes to keep (None: every one); a
         # name no rule selects maps to None, the violation spans' to _OWN
         self.reads: dict[str, tuple[str, frozenset[str] | None] | None] = {}
@@ -119,7 +118,8 @@ class ProtobufDecoder:
         except DecodeError as exc:
             raise ValueError(f"not an OTLP ExportTraceServiceRequest ({len(payload)} bytes): "
                              f"{_reason(exc)}") from None
-        keep, tags, indexed, scope_spans = self.keep, self.tags, self.indexed, self._scope_spans
+        keep, indexed, scope_spans = self.keep, self.indexed, self._scope_spans
+        selected_names = self.selected_names
         group_key = keep.resource_key
         out = Decoded()
         hex_ids: dict[bytes, str] = {}  # one str per trace id, not one per span
@@ -143,14 +143,19 @@ class ProtobufDecoder:
                 if type(version) is not str:
                     version = None
             for scope in resource_spans.scope_spans:
-                if tags is not None and not any(tag in scope for tag in tags):
-                    continue
+                walked = None if selected_names is None else select_spans(scope, selected_names)
+                if walked is not None:  # (None: not well-formed, upb says where below)
+                    out.received += walked[0]
+                    scope = walked[1]
+                    if scope is None:
+                        continue
                 invalid = len(out.invalid)
                 try:
                     spans = scope_spans(scope).spans
                 except DecodeError:
                     spans = self._one_by_one(scope, out)
-                out.received += len(spans) + len(out.invalid) - invalid
+                if walked is None:
+                    out.received += len(spans) + len(out.invalid) - invalid
                 self._spans(spans, service, version, group, out, hex_ids, bare, indexed)
                 refused += len(out.invalid) - invalid
         kept = sum(map(len, out.batch.values()))
@@ -286,15 +291,6 @@ def _any(raw: bytes) -> Any:
         elif tag == 0x21 and size == 9:  # double_value
             return _DOUBLE.unpack_from(raw, 1)[0]
     return any_value(AnyValue.FromString(raw))
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 def any_value(value: Any) -> Any:

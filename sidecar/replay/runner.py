@@ -125,12 +125,11 @@ def _window(options: ReplayOptions) -> tuple[int, int] | None:
 def span_filter(ruleset: RuleSet, options: ReplayOptions) -> SpanFilter:
     """What replay keeps of what it reads: the spans the rules select (with the --group-by
     attribute), starting within the window widened by `edge_ns` on each side."""
-    refs, window = ruleset.refs, _window(options)
+    window = _window(options)
     return SpanFilter.of(ruleset.projection(),
                          None if window is None else max(0, window[0] - options.edge_ns),
                          None if window is None else window[1] + options.edge_ns,
-                         options.group_by,
-                         None if refs.globs or ruleset.every_trace_matters else refs.names)
+                         options.group_by)
 
 
 def replay(ruleset: RuleSet, sources: Sequence[str], emit: Callable[[Signal], None],

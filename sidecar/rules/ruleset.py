@@ -270,7 +270,8 @@ class RuleSet:
         on_globs = context.union(*(reads for _, reads in by_glob))
         most = max((len(on_globs | reads) for reads in exact.values()), default=0)
         return Projection(wants, refs.attributes, attributes_for, self.every_trace_matters,
-                          max(most, len(on_globs)))
+                          max(most, len(on_globs)),
+                          None if refs.structure or globs else names)
 
     @property
     def unused_declarations(self) -> list[Declaration]:
