@@ -39,9 +39,9 @@ _STATUS_BYTES = {b"": "UNSET", b"\x18\x00": "UNSET", b"\x18\x01": "OK", b"\x18\x
 @functools.cache
 def _lean_classes() -> tuple[Any, ...]:
     """ExportTraceServiceRequest reduced to what rules read, in two steps: the request with
-    each ScopeSpans left as bytes (for `select_spans`), then a scope's spans. An attribute's value stays AnyValue bytes until a rule
-    needs it, then the common types are decoded by hand (`_any`). Fields left out (events,
-    links, scopes...) are skipped.
+    each ScopeSpans left as bytes (for `select_spans`), then a scope's spans. An attribute's
+    value stays AnyValue bytes until a rule needs it, then the common types are decoded by hand
+    (`_any`). Fields left out (events, links, scopes...) are skipped.
 
     A scope's spans come in two shapes of one wire layout: attributes as a list of KeyValues,
     searched until the wanted keys are found, or indexed by key in C (`map<string, bytes>`),
