@@ -56,4 +56,4 @@ otelcol jaeger:
 	@deploy/build.sh $@
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis sidecar/otlp/_wire.*.so
