@@ -6,9 +6,11 @@ Then the protobuf decoder with and without it gives the same spans and counts, a
 
 from __future__ import annotations
 
+import os
 import struct
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
+from processes import missing
 
 from sidecar.model.names import VIOLATION_SPAN
 from sidecar.model.spans import Projection
@@ -233,3 +236,55 @@ def test_replay_follows_under_through_a_scope_no_rule_names(tmp_path: Path) -> N
     assert result.returncode == 0, result.stderr
     assert result.stdout == ""
     assert "refund-approved: 0 violation(s) in 1 applicable trace(s)" in result.stderr
+
+
+# --- memory safety --------------------------------------------------------------------------------
+
+FUZZ = """
+import os, random, sys
+sys.path.insert(0, sys.argv[1])
+import _wire
+from opentelemetry.proto.trace.v1.trace_pb2 import ScopeSpans, Span
+names = (b"payment.charge", b"auth.check")
+rng = random.Random(7)
+base = ScopeSpans(spans=[Span(trace_id=os.urandom(16), span_id=os.urandom(8),
+                              name=rng.choice(["payment.charge", "x", "auth.check"]))
+                         for _ in range(80)]).SerializeToString()  # past the 64 kept inline
+for _ in range(30000):
+    data = bytearray(base)
+    for _ in range(rng.randint(1, 4)):
+        at = rng.randrange(len(data) + 1)
+        how = rng.random()
+        if how < 0.4 and at < len(data):
+            data[at] = rng.randrange(256)
+        elif how < 0.7:
+            del data[at:]
+        else:
+            data[at:at] = os.urandom(rng.randint(1, 3))
+    _wire.select_spans(bytes(data), names)
+    _wire.select_spans(os.urandom(rng.randint(0, 40)), names)
+print("clean")
+"""
+
+
+def test_no_memory_error_under_address_sanitizer(tmp_path: Path) -> None:
+    """The C walk reads bytes from the network: built with AddressSanitizer and UBSan, it runs
+    over 60,000 damaged and random inputs without a report (ASan aborts on the first one)."""
+    library = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True,
+                             text=True, timeout=30)
+    if library.returncode != 0 or not Path(library.stdout.strip()).is_absolute():
+        missing("gcc's AddressSanitizer runtime", "gcc")
+    source = Path(__file__).resolve().parent.parent / "sidecar" / "otlp" / "_wire.c"
+    built = tmp_path / ("_wire" + sysconfig.get_config_var("EXT_SUFFIX"))
+    subprocess.run(["gcc", "-shared", "-fPIC", "-g", "-O1", "-fno-omit-frame-pointer",
+                    "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
+                    f"-I{sysconfig.get_paths()['include']}", str(source), "-o", str(built)],
+                   check=True, timeout=120)
+    fuzz = tmp_path / "fuzz.py"
+    fuzz.write_text(FUZZ)
+    env = {**os.environ, "LD_PRELOAD": library.stdout.strip(),
+           "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0"}
+    result = subprocess.run([sys.executable, str(fuzz), str(tmp_path)], capture_output=True,
+                            text=True, timeout=110, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "clean"
