@@ -11,6 +11,7 @@ import struct
 import subprocess
 import sys
 import sysconfig
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -93,17 +94,8 @@ def test_the_last_name_wins_as_in_upb() -> None:
 def test_damaged_bytes_are_never_misframed(scope: ScopeSpans, data: st.DataObject) -> None:
     """Truncated, flipped or spliced bytes: None (upb then says why), or the same framing upb
     reads: as many spans, and only whole spans kept."""
-    raw = bytearray(scope.SerializeToString())
-    for _ in range(data.draw(st.integers(1, 3))):
-        how = data.draw(st.sampled_from(["flip", "cut", "insert"]))
-        at = data.draw(st.integers(0, len(raw)))
-        if how == "flip" and at < len(raw):
-            raw[at] = data.draw(st.integers(0, 255))
-        elif how == "cut":
-            del raw[at:]
-        else:
-            raw[at:at] = data.draw(st.binary(min_size=1, max_size=3))
-    damaged = bytes(raw)
+    damaged = damage(scope.SerializeToString(),
+                     lambda low, high: data.draw(st.integers(low, high)))
     walked = select_spans(damaged, SELECTED)
     if walked is None:
         return
@@ -113,6 +105,21 @@ def test_damaged_bytes_are_never_misframed(scope: ScopeSpans, data: st.DataObjec
     if kept is not None and kept is not damaged:
         assert RawScopeSpans.FromString(kept).spans == [
             body for body in framed if _name(body) in SELECTED]
+
+
+def damage(raw: bytes, integer: Callable[[int, int], int]) -> bytes:
+    """`raw` with 1 to 3 bytes flipped, cuts or 1 to 3 bytes inserted, where and what drawn by
+    `integer(low, high)` (Hypothesis here, a seeded random in the sanitizer's run)."""
+    data = bytearray(raw)
+    for _ in range(integer(1, 3)):
+        how, at = integer(0, 2), integer(0, len(data))
+        if how == 0 and at < len(data):
+            data[at] = integer(0, 255)
+        elif how == 1:
+            del data[at:]
+        else:
+            data[at:at] = bytes(integer(0, 255) for _ in range(integer(1, 3)))
+    return bytes(data)
 
 
 def _name(body: bytes) -> bytes | None:
@@ -242,27 +249,17 @@ def test_replay_follows_under_through_a_scope_no_rule_names(tmp_path: Path) -> N
 
 FUZZ = """
 import os, random, sys
-sys.path.insert(0, sys.argv[1])
-import _wire
+sys.path[:0] = sys.argv[1:3]
+import _wire  # the sanitized build
+from test_wire import SELECTED, damage
 from opentelemetry.proto.trace.v1.trace_pb2 import ScopeSpans, Span
-names = (b"payment.charge", b"auth.check")
 rng = random.Random(7)
 base = ScopeSpans(spans=[Span(trace_id=os.urandom(16), span_id=os.urandom(8),
                               name=rng.choice(["payment.charge", "x", "auth.check"]))
                          for _ in range(80)]).SerializeToString()  # past the 64 kept inline
 for _ in range(30000):
-    data = bytearray(base)
-    for _ in range(rng.randint(1, 4)):
-        at = rng.randrange(len(data) + 1)
-        how = rng.random()
-        if how < 0.4 and at < len(data):
-            data[at] = rng.randrange(256)
-        elif how < 0.7:
-            del data[at:]
-        else:
-            data[at:at] = os.urandom(rng.randint(1, 3))
-    _wire.select_spans(bytes(data), names)
-    _wire.select_spans(os.urandom(rng.randint(0, 40)), names)
+    _wire.select_spans(damage(base, rng.randint), SELECTED)
+    _wire.select_spans(os.urandom(rng.randint(0, 40)), SELECTED)
 print("clean")
 """
 
@@ -284,7 +281,8 @@ def test_no_memory_error_under_address_sanitizer(tmp_path: Path) -> None:
     fuzz.write_text(FUZZ)
     env = {**os.environ, "LD_PRELOAD": library.stdout.strip(),
            "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0"}
-    result = subprocess.run([sys.executable, str(fuzz), str(tmp_path)], capture_output=True,
+    result = subprocess.run([sys.executable, str(fuzz), str(tmp_path),
+                             str(Path(__file__).resolve().parent)], capture_output=True,
                             text=True, timeout=110, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "clean"
