@@ -103,7 +103,12 @@ def test_damaged_bytes_are_never_misframed(scope: ScopeSpans, data: st.DataObjec
     framed = RawScopeSpans.FromString(damaged).spans  # what select_spans accepts, upb frames
     assert count == len(framed)
     if kept is not None and kept is not damaged:
-        assert RawScopeSpans.FromString(kept).spans == [
+        # whole spans of the scope, in order: every one upb names as selected, and besides them
+        # only spans upb refuses (a name it cannot read), which the decoder then refuses alone
+        spans = RawScopeSpans.FromString(kept).spans
+        remaining = iter(framed)
+        assert all(body in remaining for body in spans)
+        assert [body for body in spans if _name(body) is not None] == [
             body for body in framed if _name(body) in SELECTED]
 
 
@@ -155,6 +160,21 @@ def test_any_bytes_at_all(data: bytes) -> None:
         except DecodeError:
             return  # upb checks more than the framing (e.g. a group's end): it refuses it then
         assert walked[0] == len(framed)
+
+
+def test_a_key_upb_refuses_is_refused() -> None:
+    """A field number of 0, or a key past 32 bits (a number over 2^29 - 1): upb calls the wire
+    format corrupt, so the walk gives None. (Found by the damaged-bytes test: a flipped first
+    byte made the walk skip along until a key of field 1409286147.)"""
+    span = b"\x12\x02\x2a\x00"  # one span, with an empty name
+    for bad_key in (b"\x00", b"\x80\x80\x80\x80\x10", b"\x9d\x80\x80\x80\x50"):
+        data = span + bad_key + b"\x00"
+        with pytest.raises(DecodeError):
+            RawScopeSpans.FromString(data)
+        assert select_spans(data, SELECTED) is None
+    largest = b"\xf8\xff\xff\xff\x0f\x00"  # field 2^29 - 1, a varint: upb skips it
+    assert len(RawScopeSpans.FromString(span + largest).spans) == 1
+    assert select_spans(span + largest, SELECTED) == (1, None)
 
 
 def test_arguments_are_checked() -> None:

@@ -23,6 +23,17 @@ static int varint(cursor *p, cursor end, uint64_t *value) {
     return 0;
 }
 
+/* A field's key at *p: its number and wire type; 0 when it is no valid key (as upb: a number of 0,
+ * or a key past 32 bits, whose number would exceed protobuf's 2^29 - 1). */
+static int key(cursor *p, cursor end, uint64_t *field, unsigned *type) {
+    uint64_t value;
+    if (!varint(p, end, &value) || value > UINT32_MAX || value >> 3 == 0)
+        return 0;
+    *field = value >> 3;
+    *type = value & 7;
+    return 1;
+}
+
 /* A length-delimited field's payload at *p: its start and size, *p moved past it. */
 static int delimited(cursor *p, cursor end, cursor *start, uint64_t *size) {
     if (!varint(p, end, size) || *size > (uint64_t)(end - *p))
@@ -51,13 +62,14 @@ static int span_name(cursor p, cursor end, cursor *name, uint64_t *size) {
     *name = p;
     *size = 0;
     while (p < end) {
-        uint64_t key;
-        if (!varint(&p, end, &key) || key >> 3 == 0)
+        uint64_t field;
+        unsigned type;
+        if (!key(&p, end, &field, &type))
             return 0;
-        if (key >> 3 == 5) {
-            if ((key & 7) != 2 || !delimited(&p, end, name, size))
+        if (field == 5) {
+            if (type != 2 || !delimited(&p, end, name, size))
                 return 0;
-        } else if (!skip(&p, end, key & 7)) {
+        } else if (!skip(&p, end, type)) {
             return 0;
         }
     }
@@ -102,18 +114,19 @@ static PyObject *select_spans(PyObject *module, PyObject *args) {
     Py_ssize_t spans = 0, count = 0, capacity = 64, total = 0;
     PyObject *result = NULL;
     while (p < end) {
-        cursor field = p, span;
-        uint64_t key, size;
-        if (!varint(&p, end, &key) || key >> 3 == 0)
+        cursor start = p, span;
+        uint64_t field, size;
+        unsigned type;
+        if (!key(&p, end, &field, &type))
             goto malformed;
-        if (key >> 3 != 2) {  /* the scope, its schema_url: not needed */
-            if (!skip(&p, end, key & 7))
+        if (field != 2) {  /* the scope, its schema_url: not needed */
+            if (!skip(&p, end, type))
                 goto malformed;
             continue;
         }
         cursor name;
         uint64_t name_size;
-        if ((key & 7) != 2 || !delimited(&p, end, &span, &size) ||
+        if (type != 2 || !delimited(&p, end, &span, &size) ||
             !span_name(span, span + size, &name, &name_size))
             goto malformed;
         spans++;
@@ -131,9 +144,9 @@ static PyObject *select_spans(PyObject *module, PyObject *args) {
             kept = grown;
             capacity *= 2;
         }
-        kept[count].start = field;
-        kept[count].size = p - field;
-        total += p - field;
+        kept[count].start = start;
+        kept[count].size = p - start;
+        total += p - start;
         count++;
     }
     if (count == spans) {
