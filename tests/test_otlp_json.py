@@ -450,7 +450,7 @@ _MALFORMED = [
 _FILTERS = [
     SpanFilter(Projection.everything()),
     SpanFilter(Projection(lambda name: name == "a", frozenset({"k1"}),
-                          lambda name: frozenset({"k1"}), most_attributes=1)),
+                          lambda name: frozenset({"k1"}))),
     SpanFilter(Projection(lambda name: name in ("a", "b"), frozenset(),
                           lambda name: frozenset(), trace_ids=True),
                since_ns=1700000000000000001, until_ns=2**63, resource_key="region"),

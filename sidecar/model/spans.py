@@ -217,23 +217,19 @@ class Projection:
     reads or copies into a signal, are dropped right after decoding (the main speed lever).
     `attributes_for(name)` is the set to keep on spans of that name (None keeps everything).
     `trace_ids`: some rule fires on a trace without its spans, so the ids of traces none of whose
-    spans are selected are kept too (an id costs far less than a trace). `most_attributes`: the
-    most attributes a selected span keeps (None: no bound), which decoders plan by. `names`: the
+    spans are selected are kept too (an id costs far less than a trace). `names`: the
     span names selected, when that is exactly a set (no glob, no `under`, which follows parent links
     through every span, and no `trace_ids`): a decoder may skip every other span unparsed."""
 
-    __slots__ = ("wants_name", "attributes", "attributes_for", "trace_ids", "most_attributes",
-                 "names")
+    __slots__ = ("wants_name", "attributes", "attributes_for", "trace_ids", "names")
 
     def __init__(self, wants_name: Any, attributes: frozenset[str] | None,
                  attributes_for: Any = None, trace_ids: bool = False,
-                 most_attributes: int | None = None,
                  names: frozenset[str] | None = None) -> None:
         self.wants_name = wants_name  # Callable[[str], bool]
         self.attributes = attributes  # None keeps every attribute; the union over names
         self.attributes_for = attributes_for or (lambda name: attributes)
         self.trace_ids = trace_ids
-        self.most_attributes = most_attributes if attributes is not None else None
         self.names = None if trace_ids else names
 
     @classmethod

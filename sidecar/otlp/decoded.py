@@ -47,9 +47,7 @@ class SpanFilter:
                 known[name] = None if reads is None else reads | {group_by}
             return known[name]
         attributes = None if projection.attributes is None else projection.attributes | {group_by}
-        most = projection.most_attributes
         widened = Projection(projection.wants_name, attributes, attributes_for,
-                             projection.trace_ids, None if most is None else most + 1,
-                             projection.names)
+                             projection.trace_ids, projection.names)
         resource_key = None if group_by == "service.name" else group_by  # Span.service has it
         return cls(widened, since, until, resource_key)

@@ -267,10 +267,7 @@ class RuleSet:
                 if len(known) < 10_000:  # span names are few; never grow without bound
                     known[name] = found
             return found
-        on_globs = context.union(*(reads for _, reads in by_glob))
-        most = max((len(on_globs | reads) for reads in exact.values()), default=0)
         return Projection(wants, refs.attributes, attributes_for, self.every_trace_matters,
-                          max(most, len(on_globs)),
                           None if refs.structure or globs else names)
 
     @property
