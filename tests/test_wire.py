@@ -288,6 +288,31 @@ def test_the_last_field_wins_and_odd_wire_types_are_skipped_as_in_upb() -> None:
         f"invalid span ({len(odd)} bytes): String field had bad UTF-8"]
 
 
+@pytest.mark.parametrize("status, read", [
+    (b"", "UNSET"), (b"\x18\x02", "ERROR"), (b"\x12\x03bad\x18\x01", "OK"),
+    (b"\x18\x02\x12\x00\x18\x01", "OK"),  # the last code wins
+    (b"\x18\x82\x80\x80\x80\x10", "ERROR"),  # 2^32 + 2: an enum is an int32
+    (b"\x18" + b"\xff" * 9 + b"\x01", "UNSET"),  # -1
+    (b"\x18\x07", "UNSET"), (b"\x22\x01x\x18\x02", "ERROR"),  # an unknown field skipped
+    (b"\x12\x02\xff\xfe\x18\x02", None), (b"\x18", None)])  # not UTF-8; cut short
+def test_a_status_reads_as_upb_reads_it(status: bytes, read: str | None) -> None:
+    body = Span(trace_id=b"\x01" * 16, span_id=b"\x02" * 8,
+                name="payment.charge").SerializeToString() + field(15, status)
+    keep = filters()[0]
+    decoder, fallbacks = ProtobufDecoder(keep), []
+    status_of = decoder.plan[8]
+    decoder.plan = (*decoder.plan[:8], lambda raw: fallbacks.append(raw) or status_of(raw),
+                    *decoder.plan[9:])  # what the C leaves to Python: only what is malformed
+    out = decoder.decode(field(1, field(2, field(2, body))))
+    same(out, reference([(field(2, body), None)], keep), reasons=False)
+    assert fallbacks == ([] if read else [status])
+    if read is None:
+        assert out.invalid[0].startswith("span 'payment.charge': invalid attribute or status: ")
+    else:
+        [[span]] = out.batch.values()
+        assert span.status == read
+
+
 def test_a_key_upb_refuses_is_refused() -> None:
     """A field number of 0, or a key past 32 bits (a number over 2^29 - 1): upb calls the wire
     format corrupt, and so does the C. (The damaged-bytes test found the second: a flipped first

@@ -324,11 +324,34 @@ error:
     return -1;
 }
 
+/* A span's Status: its code (3) as a str; the message (2) only checked to be UTF-8. What is
+ * malformed goes to the plan's status_of, which says why. */
 static PyObject *status(const plan *plan, const fields *f) {
-    if (!f->has_status || f->status_size == 0)
-        return Py_NewRef(PyTuple_GET_ITEM(plan->statuses, 0));
-    if (f->status_size == 2 && f->status[0] == 0x18 && f->status[1] < 3)
-        return Py_NewRef(PyTuple_GET_ITEM(plan->statuses, f->status[1]));
+    cursor p = f->status, end = f->status + f->status_size;
+    uint64_t code = 0;
+    int well_formed = 1;
+    while (well_formed && p < end) {
+        uint32_t field;
+        unsigned type;
+        cursor message;
+        Py_ssize_t size;
+        if (!key(&p, end, &field, &type)) {
+            well_formed = 0;
+        } else if (field == 3 && type == 0) {
+            well_formed = varint(&p, end, &code);
+        } else if (field == 2 && type == 2) {
+            int valid = delimited(&p, end, &message, &size) ? utf8(message, size) : 0;
+            if (valid < 0)
+                return NULL;
+            well_formed = valid;
+        } else {
+            well_formed = skip(&p, end, type, field, 0);
+        }
+    }
+    if (well_formed) {
+        int32_t number = (int32_t)(uint32_t)code;  /* an enum is an int32, as upb reads it */
+        return Py_NewRef(PyTuple_GET_ITEM(plan->statuses, number >= 0 && number < 3 ? number : 0));
+    }
     PyObject *raw = PyBytes_FromStringAndSize((const char *)f->status, f->status_size);
     if (raw == NULL)
         return NULL;

@@ -149,7 +149,7 @@ def _reason(error: DecodeError) -> str:
 
 
 def _status(raw: bytes) -> str:
-    """A Status with a message, or anything unusual (decode_scope reads the usual ones)."""
+    """A Status decode_scope found malformed: the reason it is, as upb words it."""
     try:
         code = Status.FromString(raw).code
     except DecodeError as exc:
