@@ -25,7 +25,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Sp
 from sidecar.model.spans import Projection
 from sidecar.otlp import json_spans
 from sidecar.otlp.decoded import Decoded, SpanFilter
-from sidecar.otlp.json_spans import decode_json, decode_json_request, spans_from_request
+from sidecar.otlp.json_spans import decode_json, decode_json_request
 from sidecar.otlp.protobuf import ProtobufDecoder
 
 REPO = Path(__file__).resolve().parent.parent
@@ -187,11 +187,12 @@ def test_the_decoders_agree_on_the_version_with_a_group_by_key(
     assert found == {decoder: [("2.14.0", "2.14.0"), (None, 7)] for decoder in DECODERS}
 
 
-def test_spans_from_request_keeps_the_version() -> None:
+def test_the_trace_stores_entry_keeps_the_version() -> None:
     """The entry point the Tempo and Jaeger backends decode their answers with."""
-    spans = spans_from_request(json_request(("checkout", {"stringValue": "2.14.0"},
-                                             ["00000000000000a1"])))
-    assert [(s.service, s.version) for s in spans] == [("checkout", "2.14.0")]
+    out = decode_json_request(json_request(("checkout", {"stringValue": "2.14.0"},
+                                            ["00000000000000a1"])), SpanFilter(Projection.everything()))
+    assert [(s.service, s.version) for spans in out.batch.values() for s in spans] == [
+        ("checkout", "2.14.0")]
 
 
 def test_an_undecodable_resource_version_is_reported_and_the_spans_still_count() -> None:

@@ -1,6 +1,6 @@
-"""OTLP JSON to spans: an ExportTraceServiceRequest as an OTLP/HTTP body, a Tempo answer, or a
-line of the Collector file exporter's output (`read_requests` streams those: one request per
-line, or one pretty-printed over many lines).
+"""OTLP JSON to spans: an ExportTraceServiceRequest as an OTLP/HTTP body, a line of the Collector
+file exporter's output (`read_requests` streams those: one request per line, or one
+pretty-printed over many lines), or the request in a Tempo or Jaeger answer.
 
 Bytes are decoded in one pass by msgspec into typed structs that keep each span's attributes
 and status as raw JSON: a span no rule selects costs its name, the attributes of a selected one
@@ -52,24 +52,6 @@ class InputError:
         if self.offset is not None:
             return f"{self.source}@{self.offset}: {self.reason}"
         return f"{self.source}:{self.line}: {self.reason}"
-
-
-def spans_from_request(
-    doc: Any, projection: Projection | None = None, rejected: list[str] | None = None,
-    resource_key: str | None = None,
-) -> list[Span]:
-    """The spans of one decoded ExportTraceServiceRequest (a file line, or an OTLP/HTTP JSON body).
-
-    A malformed request raises ValueError. A malformed span is skipped and its reason appended to
-    `rejected` (what OTLP's partial-success response reports); without a list it raises ValueError.
-    With `resource_key`, each span's `group` is its resource's value of that attribute (None if
-    absent).
-    """
-    bad: list[str] = [] if rejected is None else rejected
-    spans, _ = _decode(doc, projection, bad, resource_key)
-    if rejected is None and bad:
-        raise ValueError(bad[0])
-    return spans
 
 
 def read_requests(stream: IO[bytes], keep: SpanFilter, report: Callable[[int, str], None]
@@ -142,7 +124,7 @@ def decode_json_request(doc: Any, keep: SpanFilter) -> Decoded:
     bare: set[str] | None = set() if keep.projection.trace_ids else None
     # our own violation spans come through, to be counted as such rather than as not selected
     spans, out.received = _decode(doc, keep.projection, out.invalid, keep.resource_key, bare,
-                                  (keep.since_ns, keep.until_ns), own=True)
+                                  (keep.since_ns, keep.until_ns))
     return _decoded(out, spans, keep, bare)
 
 
@@ -295,10 +277,8 @@ def _typed_attributes(raw: msgspec.Raw, keys: frozenset[str] | None) -> dict[str
 
 # --- the lenient pass (orjson) ---------------------------------------------------------------
 
-def _decode(doc: Any, projection: Projection | None, bad: list[str],
-            resource_key: str | None = None, bare: set[str] | None = None,
-            bare_window: tuple[int, int] = (0, 2**64), own: bool = False
-            ) -> tuple[list[Span], int]:
+def _decode(doc: Any, projection: Projection, bad: list[str], resource_key: str | None,
+            bare: set[str] | None, bare_window: tuple[int, int]) -> tuple[list[Span], int]:
     """The kept spans and how many the request held. Raise ValueError for a malformed request;
     skip a malformed span, appending why to `bad`."""
     if type(doc) is not dict:
@@ -311,8 +291,7 @@ def _decode(doc: Any, projection: Projection | None, bad: list[str],
         return [], 0  # an empty request: protobuf's JSON mapping omits empty lists
     if type(resource_spans) is not list:
         raise ValueError(f"{key} is not a list")
-    wants = projection.wants_name if projection is not None else None
-    keep = projection.attributes_for if projection is not None else None
+    wants, keep = projection.wants_name, projection.attributes_for
     spans: list[Span] = []
     received = 0
     for entry in resource_spans:
@@ -333,7 +312,7 @@ def _decode(doc: Any, projection: Projection | None, bad: list[str],
             received += len(raw_spans)
             for raw in raw_spans:
                 try:
-                    span = _span(raw, wants, keep, service, version, own)
+                    span = _span(raw, wants, keep, service, version)
                 except ValueError as exc:
                     name = raw.get("name") if type(raw) is dict else None
                     bad.append(f"span {name!r}: {exc}" if type(name) is str else f"span: {exc}")
@@ -362,24 +341,24 @@ def _resource(resource: Any, resource_key: str | None) -> tuple[str | None, str 
             found.get(resource_key) if resource_key is not None else None)
 
 
-def _span(raw: Any, wants: Callable[[str], bool] | None,
-          keep_for: Callable[[str], frozenset[str] | None] | None,
-          service: str | None, version: str | None, own: bool = False) -> Span | None:
+def _span(raw: Any, wants: Callable[[str], bool],
+          keep_for: Callable[[str], frozenset[str] | None],
+          service: str | None, version: str | None) -> Span | None:
     """One span, or None when the projection drops it (BeTrace's own violation spans come
-    through with `own`); ValueError says what is malformed."""
+    through, to be counted); ValueError says what is malformed."""
     if type(raw) is not dict:
         raise ValueError("not an object")
     name = raw.get("name", "")
     if type(name) is not str:
         raise ValueError("name is not a string")
-    if wants is not None and not wants(name) and not (own and name == VIOLATION_SPAN):
+    if not wants(name) and name != VIOLATION_SPAN:
         return None
     trace_id, span_id, parent, start, end, kind = _checked(
         raw.get("traceId"), raw.get("spanId"), raw.get("parentSpanId"),
         raw.get("startTimeUnixNano"), raw.get("endTimeUnixNano"), raw.get("kind", 0))
     status = _status(raw.get("status", _NOTHING))
     attributes = raw.get("attributes")
-    keep = keep_for(name) if keep_for is not None else None
+    keep = keep_for(name)
     return span_of(trace_id, span_id, name, parent, start, end, status, kind, service, version,
                    _attributes(attributes, keep) if attributes and (keep is None or keep)
                    else {}, None)

@@ -48,9 +48,9 @@ from typing import Any, Generic, TypeVar
 import orjson
 
 from sidecar.model.errors import BetraceError
-from sidecar.model.names import VIOLATION_SPAN
 from sidecar.model.spans import Projection, Span
-from sidecar.otlp.json_spans import InputError, decode_base64, spans_from_request
+from sidecar.otlp.decoded import SpanFilter
+from sidecar.otlp.json_spans import InputError, decode_base64, decode_json_request
 from sidecar.rules import RuleSet
 
 __all__ = ["DEFAULT_LIMIT", "BackendError", "SearchPage", "SearchStats", "TraceBackend",
@@ -236,7 +236,8 @@ class TraceBackend(ABC, Generic[Query]):
         list, ValueError is raised instead); a failed search raises the client's error."""
         if until_ns <= since_ns:
             raise ValueError("--until must be later than --since")
-        projection = projection if projection is not None else ruleset.projection()
+        keep = SpanFilter(projection if projection is not None else ruleset.projection(),
+                          resource_key=resource_key)
         ids = self.candidates(ruleset, since_ns, until_ns, limit)
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="betrace-fetch")
         pending: deque[tuple[str, Future[Any]]] = deque()
@@ -244,15 +245,14 @@ class TraceBackend(ABC, Generic[Query]):
             for trace_id in ids:
                 pending.append((trace_id, pool.submit(self.fetch, trace_id)))
                 while len(pending) >= 2 * workers:  # bounded read-ahead, in search order
-                    yield from self._whole(*pending.popleft(), projection, resource_key, errors)
+                    yield from self._whole(*pending.popleft(), keep, errors)
             while pending:
-                yield from self._whole(*pending.popleft(), projection, resource_key, errors)
+                yield from self._whole(*pending.popleft(), keep, errors)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
-    def _whole(self, trace_id: str, future: Future[Any], projection: Projection,
-               resource_key: str | None, errors: list[InputError] | None
-               ) -> Iterator[WholeTrace]:
+    def _whole(self, trace_id: str, future: Future[Any], keep: SpanFilter,
+               errors: list[InputError] | None) -> Iterator[WholeTrace]:
         stats = self.stats
         source = self.trace_url(trace_id)
 
@@ -278,23 +278,20 @@ class TraceBackend(ABC, Generic[Query]):
             stats.partial += 1
             self.log.warning("%s returned trace %s partially (over its max trace size)",
                              self.name, trace_id)
-        rejected: list[str] = []
-        try:
-            spans = spans_from_request(doc, projection, rejected, resource_key)
+        try:  # (our own violation spans, in the traces they flag, are counted and skipped)
+            decoded = decode_json_request(doc, keep)
         except ValueError as exc:
             stats.failed += 1
             report(f"not an OTLP trace: {exc}")
             return
-        for reason in rejected:
+        for reason in decoded.invalid:
             report(reason)
-        others = sum(1 for s in spans if s.trace_id != trace_id)
+        spans = decoded.batch.pop(trace_id, [])
+        others = sum(map(len, decoded.batch.values()))
         if others:
             report(f"{others} span(s) of another trace in the answer; ignored")
-        if others or any(s.name == VIOLATION_SPAN for s in spans):
-            # our own violation spans live in the traces they flag: never evaluate them
-            spans = [s for s in spans if s.trace_id == trace_id and s.name != VIOLATION_SPAN]
         stats.fetched += 1
-        if not spans and not projection.trace_ids:
+        if not spans and not keep.projection.trace_ids:
             return  # none survive the projection when the search matched on something else
         yield trace_id, spans
 
