@@ -368,6 +368,16 @@ static int refuse(PyObject *invalid, PyObject *reason) {
     return failed;
 }
 
+/* Refuse the span for an id of the wrong size, or all zeros. */
+static int refuse_id(PyObject *invalid, PyObject *name, const char *which, cursor id,
+                     Py_ssize_t size) {
+    PyObject *text = hex(id, size);
+    int failed = text == NULL ? -1 : refuse(invalid, PyUnicode_FromFormat(
+        "span %R: invalid %s %R", name, which, text));
+    Py_XDECREF(text);
+    return failed;
+}
+
 /* Refuse the span for the ValueError being raised, if it is one: 0 done, -1 another error. */
 static int refuse_value(PyObject *invalid, PyObject *name) {
     if (!PyErr_ExceptionMatches(PyExc_ValueError))
@@ -491,17 +501,11 @@ static int decode_span(const plan *plan, sink *s, cursor p, cursor end) {
     }
     PyObject *span_name = PyTuple_GET_ITEM(selection, 0), *keys = PyTuple_GET_ITEM(selection, 1);
     if (f.trace_id_size != 16 || zero(f.trace_id, 16)) {
-        PyObject *id = hex(f.trace_id, f.trace_id_size);
-        result = id == NULL ? -1 : refuse(s->invalid, PyUnicode_FromFormat(
-            "span %R: invalid trace_id %R", span_name, id));
-        Py_XDECREF(id);
+        result = refuse_id(s->invalid, span_name, "trace_id", f.trace_id, f.trace_id_size);
         goto done;
     }
     if (f.span_id_size != 8 || zero(f.span_id, 8)) {
-        PyObject *id = hex(f.span_id, f.span_id_size);
-        result = id == NULL ? -1 : refuse(s->invalid, PyUnicode_FromFormat(
-            "span %R: invalid span_id %R", span_name, id));
-        Py_XDECREF(id);
+        result = refuse_id(s->invalid, span_name, "span_id", f.span_id, f.span_id_size);
         goto done;
     }
     PyObject *found = NULL, *state = NULL;
