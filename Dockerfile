@@ -13,7 +13,8 @@ FROM python:3.11-slim AS build
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-# A C compiler for the package's one extension (sidecar/otlp/_wire.c); only this stage has it.
+# A C compiler for the package's two small extensions (sidecar/otlp/_wire.c,
+# sidecar/replay/_spill.c); only this stage has it.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*

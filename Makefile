@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run demo replay ui test check bench bench-replay bench-collector clean otelcol jaeger
 
-$(STAMP): pyproject.toml sidecar/otlp/_wire.c
+$(STAMP): pyproject.toml sidecar/otlp/_wire.c sidecar/replay/_spill.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
@@ -56,4 +56,4 @@ otelcol jaeger:
 	@deploy/build.sh $@
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis sidecar/otlp/_wire.*.so
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis sidecar/otlp/_wire.*.so sidecar/replay/_spill.*.so

@@ -7,6 +7,8 @@ import os
 import random
 import socket
 import subprocess
+import sys
+import sysconfig
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NoReturn, Protocol, TypeVar
@@ -86,3 +88,28 @@ def stop(process: subprocess.Popen[bytes] | subprocess.Popen[str], grace: float 
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait(10)
+
+
+def fuzz_sanitized(source: Path, script: str, tmp_path: Path) -> None:
+    """Build the C extension `source` with AddressSanitizer and UBSan into `tmp_path` and run
+    `script` there (it imports the build by its module name from sys.argv[1] and prints "clean"
+    at its end). Python's own allocator is switched off (PYTHONMALLOC=malloc): a bytes object
+    inside one of its arenas has no bounds ASan sees."""
+    library = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True,
+                             text=True, timeout=30)
+    if library.returncode != 0 or not Path(library.stdout.strip()).is_absolute():
+        missing("gcc's AddressSanitizer runtime", "gcc")
+    built = tmp_path / (source.stem + sysconfig.get_config_var("EXT_SUFFIX"))
+    subprocess.run(["gcc", "-shared", "-fPIC", "-g", "-O1", "-fno-omit-frame-pointer",
+                    "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
+                    f"-I{sysconfig.get_paths()['include']}", str(source), "-o", str(built)],
+                   check=True, timeout=120)
+    fuzz = tmp_path / "fuzz.py"
+    fuzz.write_text(script)
+    env = {**os.environ, "LD_PRELOAD": library.stdout.strip(), "PYTHONMALLOC": "malloc",
+           "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0"}
+    result = subprocess.run([sys.executable, str(fuzz), str(tmp_path),
+                             str(Path(__file__).resolve().parent)], capture_output=True,
+                            text=True, timeout=110, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "clean"

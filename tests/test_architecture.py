@@ -41,8 +41,9 @@ def test_no_module_is_named_like_a_standard_library_one() -> None:
 def test_the_wheel_ships_every_data_file(tmp_path: Path) -> None:
     """What the container image installs (a wheel, not this checkout) holds every file the
     package reads at run time: the grammar, the Lua scripts, the signal database's migrations,
-    the explorer's templates and stylesheet, and the compiled wire scanner. Built from the tracked files alone, as a clean
-    clone would (a checkout's egg-info would list them whatever pyproject.toml says)."""
+    the explorer's templates and stylesheet, and the two compiled extensions. Built from the
+    tracked files alone, as a clean clone would (a checkout's egg-info would list them whatever
+    pyproject.toml says)."""
     root = PACKAGE.parent
     tracked = subprocess.run(["git", "ls-files", "sidecar", "pyproject.toml", "README.md"],
                              cwd=root, capture_output=True, text=True, timeout=30,
@@ -62,5 +63,6 @@ def test_the_wheel_ships_every_data_file(tmp_path: Path) -> None:
     (wheel,) = tmp_path.glob("betrace-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         shipped = set(archive.namelist())
-    assert data - shipped - {"sidecar/otlp/_wire.c"} == set()
-    assert any(name.startswith("sidecar/otlp/_wire.") and name.endswith(".so") for name in shipped)
+    assert data - shipped - {"sidecar/otlp/_wire.c", "sidecar/replay/_spill.c"} == set()
+    for extension in ("sidecar/otlp/_wire.", "sidecar/replay/_spill."):
+        assert any(name.startswith(extension) and name.endswith(".so") for name in shipped)

@@ -617,11 +617,11 @@ static PyObject *decode_scope(PyObject *module, PyObject *const *args, Py_ssize_
         }
         received += field == 2 && type == 2;
     }
-    for (p = start; p < end;) {
-        uint32_t field;
-        unsigned type;
-        cursor span;
-        Py_ssize_t size;
+    for (p = start; p < end;) {  /* (the walk above found every step of this one valid) */
+        uint32_t field = 0;
+        unsigned type = 0;
+        cursor span = p;
+        Py_ssize_t size = 0;
         key(&p, end, &field, &type);
         if (field != 2 || type != 2) {
             skip(&p, end, type, field, 0);
