@@ -13,9 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from processes import fuzz_sanitized
 
+from sidecar.model.spans import NO_ATTRIBUTES as _NO_ATTRIBUTES
+from sidecar.model.spans import SLOT_DESCRIPTORS as _SLOTS
 from sidecar.model.spans import Span, span_of
 from sidecar.replay._spill import pack, unpack
-from sidecar.replay.partitions import _NO_ATTRIBUTES, _SLOTS
 
 BOUNDED = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SCALARS = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(),
@@ -105,7 +106,8 @@ import os, random, sys
 sys.path[:0] = sys.argv[1:2]
 import _spill  # the sanitized build
 from sidecar.model.spans import Span, span_of
-from sidecar.replay.partitions import _NO_ATTRIBUTES, _SLOTS
+from sidecar.model.spans import NO_ATTRIBUTES as _NO_ATTRIBUTES
+from sidecar.model.spans import SLOT_DESCRIPTORS as _SLOTS
 rng = random.Random(5)
 base = _spill.pack([(f"{i:032x}", [span_of("", f"{i:016x}", "payment.charge", "", i, 2**63 + i,
                                            "OK", "SERVER", "s", "v", {"k": i, "a": 1.5, "z": ("a", 1)},

@@ -93,6 +93,13 @@ def span_of(trace_id: str, span_id: str, name: str, parent_span_id: str, start_n
 
 _new = object.__new__
 
+# Span's slots as their descriptors, in span_of's order: how the C extensions (the protobuf
+# decoder, replay's spill) set a new span's fields
+SLOT_DESCRIPTORS = tuple(Span.__dict__[name] for name in (
+    "trace_id", "span_id", "name", "parent_span_id", "start_ns", "end_ns", "status", "kind",
+    "service", "version", "attributes", "group"))
+NO_ATTRIBUTES: dict[str, Any] = {}  # shared by every span that keeps none: never mutated
+
 SPAN_OVERHEAD_BYTES = 64  # ids, times, status and kind: what a stored span costs besides its text
 _SCALAR_BYTES = 8  # a bool, int or float value
 _SCALARS = frozenset((bool, int, float))

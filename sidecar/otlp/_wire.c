@@ -15,7 +15,7 @@ typedef const unsigned char *cursor;
 
 static const char CORRUPT[] = "Wire format was corrupt";  /* upb's words, for the same faults */
 static const char BAD_UTF8[] = "String field had bad UTF-8";
-#define SLOTS 12  /* Span's slots, in the order protobuf.py's plan lists their descriptors */
+#define SLOTS 12  /* Span's slots, in the order of sidecar.model.spans.SLOT_DESCRIPTORS */
 #define MAX_GROUP_DEPTH 100  /* upb's default recursion limit */
 
 /* A varint of at most `bytes` bytes at *p, which moves past it; 0 when truncated or longer. */

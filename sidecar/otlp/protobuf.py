@@ -18,15 +18,11 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Status
 
 from sidecar.model.names import VIOLATION_SPAN
-from sidecar.model.spans import KINDS, STATUSES, Span
+from sidecar.model.spans import KINDS, NO_ATTRIBUTES, SLOT_DESCRIPTORS, STATUSES, Span
 from sidecar.otlp._wire import decode_scope
 from sidecar.otlp.decoded import Decoded, SpanFilter
 
-_NO_ATTRIBUTES: dict[str, Any] = {}  # shared by every span that keeps none: never mutated
 _OWN: Any = ("", None)  # what `ProtobufDecoder.reads` holds for BeTrace's own violation spans
-# Span's slots in the order decode_scope sets them
-_SLOTS = ("trace_id", "span_id", "name", "parent_span_id", "start_ns", "end_ns", "status", "kind",
-          "service", "version", "attributes", "group")
 
 
 @functools.cache
@@ -77,8 +73,8 @@ class ProtobufDecoder:
         classify = self._classify if names is None else None
         # the window [since, until) as C reads it: since <= start <= last
         since, last = max(keep.since_ns, 0), min(keep.until_ns, 2**64) - 1
-        self.plan = (self.reads, classify, _OWN, Span, tuple(Span.__dict__[s] for s in _SLOTS),
-                     KINDS, STATUSES, _value, _status, _NO_ATTRIBUTES,
+        self.plan = (self.reads, classify, _OWN, Span, SLOT_DESCRIPTORS, KINDS, STATUSES,
+                     _value, _status, NO_ATTRIBUTES,
                      *((since, last) if since <= last else (1, 0)))
 
     def _selection(self, name: str) -> tuple[str, tuple[str, ...] | None] | None:

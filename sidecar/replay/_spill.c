@@ -11,7 +11,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#define SLOTS 12  /* Span's slots, in the order partitions.py lists their descriptors */
+#define SLOTS 12  /* Span's slots, in the order of sidecar.model.spans.SLOT_DESCRIPTORS */
 #define TRACE_ID 0
 #define ATTRIBUTES 10
 /* Which slots hold a string many spans share (name, status, kind, service, version, group). */

@@ -19,7 +19,7 @@ from typing import Any
 
 from sidecar.dsl import MISSING, attribute_getter
 from sidecar.model.signals import MAX_VALUE_BYTES, Signal
-from sidecar.model.spans import Span, Trace
+from sidecar.model.spans import NO_ATTRIBUTES, SLOT_DESCRIPTORS, Span, Trace
 from sidecar.otlp.decoded import SpanFilter
 from sidecar.otlp.json_spans import InputError
 from sidecar.replay._spill import pack, unpack
@@ -33,11 +33,6 @@ _MAX_SPLIT, _MAX_SPLIT_DEPTH = 64, 2  # beyond, one trace is too big to split
 _ERRORS_PER_SOURCE = 1000  # reported one by one; beyond, only counted
 _CHUNK = struct.Struct("<Q")  # the length of each spilled chunk
 _ATTRIBUTES = attrgetter("attributes")
-# Span's slots in the order _spill packs them (the trace id first)
-_SLOTS = tuple(Span.__dict__[name] for name in (
-    "trace_id", "span_id", "name", "parent_span_id", "start_ns", "end_ns", "status", "kind",
-    "service", "version", "attributes", "group"))
-_NO_ATTRIBUTES: dict[str, Any] = {}  # shared by unpacked spans without any: never mutated
 
 
 @dataclass
@@ -172,7 +167,7 @@ class Worker:
         for number, part in enumerate(parts):
             if part:
                 name = f"{prefix}{number:05d}"
-                data = pack(part, _SLOTS)
+                data = pack(part, SLOT_DESCRIPTORS)
                 with open(os.path.join(self.plan.spill, f"{name}~{os.getpid()}"), "ab") as out:
                     out.write(_CHUNK.pack(len(data)) + data)
                 self.spilled_bytes += _CHUNK.size + len(data)
@@ -257,7 +252,7 @@ def _chunks(path: str) -> Iterator[list[tuple[str, list[Span]]]]:
     with open(path, "rb") as spilled:
         while head := spilled.read(_CHUNK.size):
             (size,) = _CHUNK.unpack(head)
-            yield unpack(spilled.read(size), Span, _SLOTS, _NO_ATTRIBUTES)
+            yield unpack(spilled.read(size), Span, SLOT_DESCRIPTORS, NO_ATTRIBUTES)
 
 
 def merge(outcomes: Iterable[Outcome]) -> Outcome:
