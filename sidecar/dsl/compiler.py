@@ -84,6 +84,10 @@ class CompiledExpr:
     # trace is never pruned away unseen (DESIGN: absence is part of the semantics)
     fires_on_empty: bool = False
     uses: frozenset[str] = frozenset()  # the lists and macros it uses (through macros too)
+    # `applies` span by span: true exactly on traces holding a span of one of these names that
+    # passes that name's test (None: any span of the name). None when applying takes more than
+    # one span to tell (`when`, a glob, a rule that fires without its spans).
+    scope: tuple[tuple[str, SpanTest | None], ...] | None = None
 
 
 def compile_expression(text: str, definitions: Definitions = NO_DEFINITIONS) -> CompiledExpr:
@@ -131,6 +135,8 @@ def combine_for_each(each: CompiledExpr, always: CompiledExpr | None,
         raise ValueError("a for_each rule needs always or never")
     assert isinstance(each.tree, syntax.Exists)
     spans = _query(each.tree.query)
+    selector = each.tree.query.selector
+    where = None if each.tree.query.where is None else _pred(each.tree.query.where)
     a, n = always.test if always else None, never.test if never else None
 
     def failing(trace: Trace, first_only: bool = False) -> list[Span]:
@@ -157,7 +163,6 @@ def combine_for_each(each: CompiledExpr, always: CompiledExpr | None,
     # what the clauses read through `this` is read from the spans `each` selects
     this_reads = frozenset().union(*(_this_attributes(c.tree) for c in clauses))
     if this_reads:
-        selector = each.tree.query.selector
         refs = refs | References(attributes=this_reads, selectors=frozenset(
             {(selector.name, selector.glob, this_reads)}))
     tree = syntax.ForEach(each.tree.query, always.tree if always else None,
@@ -165,7 +170,8 @@ def combine_for_each(each: CompiledExpr, always: CompiledExpr | None,
     return CompiledExpr(each.text, tree, lambda trace: bool(failing(trace, first_only=True)),
                         failing, refs, always is None and never is not None and never.monotone,
                         applies=lambda trace: bool(spans(trace)), fires_on_empty=False,
-                        uses=each.uses.union(*(c.uses for c in clauses)))
+                        uses=each.uses.union(*(c.uses for c in clauses)),
+                        scope=None if selector.glob else ((selector.name, where),))
 
 
 def _refuse_this(text: str, tree: syntax.Expr | syntax.Clauses,
@@ -213,7 +219,9 @@ def _compile_tree(text: str, tree: syntax.Expr, uses: frozenset[str]) -> Compile
     on_empty = _true_on_empty(test)
     return CompiledExpr(text, tree, test, _witness(tree), refs, _monotone(tree, positive=True),
                         applies=lambda trace: on_empty or any(source(trace) for source in sources),
-                        fires_on_empty=on_empty, uses=uses)
+                        fires_on_empty=on_empty, uses=uses,
+                        scope=None if on_empty or refs.globs else
+                        tuple((name, None) for name in sorted(refs.names)))
 
 
 def _true_on_empty(test: TraceTest) -> bool:
@@ -253,12 +261,13 @@ def _is_number(value: Any) -> bool:
 
 
 def literal_equals(value: Any, literal: Any) -> bool:
-    """Equality without coercion: numbers by value, booleans only with booleans."""
-    if isinstance(literal, bool) or isinstance(value, bool):
+    """Equality without coercion: numbers by value, booleans only with booleans. (Strings
+    first: they are most of what rules compare.)"""
+    if type(value) is str:
+        return type(literal) is str and value == literal
+    if type(value) is bool or type(literal) is bool:
         return value is literal
-    if _is_number(literal):
-        return _is_number(value) and value == literal
-    return type(value) is str and value == literal
+    return _is_number(literal) and _is_number(value) and value == literal
 
 
 def _compare(node: syntax.Compare) -> SpanTest:

@@ -154,24 +154,28 @@ class Trace:
 
     def __init__(self, trace_id: str, spans: Iterable[Span]) -> None:
         self.trace_id = trace_id
-        self.spans: list[Span] = []
+        self.spans: list[Span] = list(spans)
         self.by_name: dict[str, list[Span]] = {}
-        self._glob_cache: dict[str, list[Span]] = {}
+        # made on first use: most traces are judged by exact names, without a glob or `under`
+        self._glob_cache: dict[str, list[Span]] | None = None
         self._children: dict[str, list[Span]] | None = None
-        self.add(spans)
+        self._index(self.spans)
 
     def add(self, spans: Iterable[Span]) -> None:
         """Append spans as they arrive, keeping the name index current."""
+        spans = list(spans)
+        self.spans += spans
+        self._index(spans)
+        self._glob_cache = self._children = None
+
+    def _index(self, spans: list[Span]) -> None:
         by_name = self.by_name
         for span in spans:
-            self.spans.append(span)
             bucket = by_name.get(span.name)
             if bucket is None:
                 by_name[span.name] = [span]
             else:
                 bucket.append(span)
-        self._glob_cache.clear()
-        self._children = None
 
     def without_repeats(self) -> Trace:
         """The trace with each span id once (its first copy). A collector retries an Export
@@ -186,10 +190,13 @@ class Trace:
 
     def matching(self, glob_key: str, matches: Any) -> list[Span]:
         """Spans whose name satisfies `matches` (a compiled glob); cached per trace under glob_key."""
-        found = self._glob_cache.get(glob_key)
+        cache = self._glob_cache
+        if cache is None:
+            cache = self._glob_cache = {}
+        found = cache.get(glob_key)
         if found is None:
-            found = [s for name, bucket in self.by_name.items() if matches(name) for s in bucket]
-            self._glob_cache[glob_key] = found
+            found = cache[glob_key] = [s for name, bucket in self.by_name.items()
+                                       if matches(name) for s in bucket]
         return found
 
     def descends_from(self, ancestor: Span) -> set[str]:

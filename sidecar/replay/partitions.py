@@ -209,11 +209,18 @@ class Worker:
         signals = []
         window = plan.window
         evaluated = 0
+        may_apply = _applying(plan.rules)
         for trace_id, spans in traces:
             if window is not None and spans and not any(
                     window[0] <= s.start_ns < window[1] for s in spans):
                 continue  # (a trace known by id alone was read within the window)
             evaluated += 1
+            if may_apply is not None:
+                try:
+                    if not may_apply(spans):
+                        continue  # no rule applies: nothing to count, nothing can fire
+                except Exception:  # noqa: BLE001 - `evaluate` reports the rule that raises
+                    pass
             verdict = evaluate(Trace(trace_id, spans), plan.rules, scope=True)
             for rule in verdict.applied:
                 stats[rule.id].applied += 1
@@ -227,6 +234,33 @@ class Worker:
                     found.violation_time, None if group is None else _group(violation, group))
                 signals.append(found)
         return Outcome(evaluated, signals, stats)
+
+
+def _applying(rules: Iterable[Rule]) -> Callable[[list[Span]], bool] | None:
+    """A test of a trace's spans, false only when no rule applies to the trace (most traces of
+    a replay, which then need no evaluating); None when some rule's scope takes the whole trace
+    to tell (see CompiledExpr.scope)."""
+    tests: dict[str, list[Callable[[Span], bool] | None]] = {}
+    for rule in rules:
+        if rule.logic.scope is None:
+            return None
+        for name, test in rule.logic.scope:
+            tests.setdefault(name, []).append(test)
+    named = {name for name, found in tests.items() if None in found}
+    checked = {name: tuple(found) for name, found in tests.items() if name not in named}
+
+    def may_apply(spans: list[Span]) -> bool:
+        for span in spans:
+            name = span.name
+            if name in named:
+                return True
+            found = checked.get(name)
+            if found is not None:
+                for test in found:
+                    if test(span):
+                        return True
+        return False
+    return may_apply
 
 
 def _partition(trace_id: str, count: int, depth: int) -> int:
