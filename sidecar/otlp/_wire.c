@@ -4,7 +4,8 @@
  * of a repeated singular field wins, a field of an unexpected wire type is skipped as unknown,
  * groups are skipped), so a span it decodes is refused where upb would refuse it (a span no rule
  * selects is only framed, never checked further). See sidecar/otlp/protobuf.py, the one caller,
- * which builds the plan. */
+ * which builds the plan. The same plan serves the OTLP JSON decoder at the end of this file
+ * (decode_json, called by sidecar/otlp/json_spans.py). */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -398,7 +399,7 @@ typedef struct {
     PyObject *service, *version, *group, *batch, *hex_ids, *invalid, *bare;
     Py_ssize_t own;
     /* the last trace a span was added to: spans of one trace come together */
-    cursor last_id;
+    unsigned char last_id[16];
     PyObject *last_bucket;  /* borrowed from batch */
     PyObject *last_hex;     /* borrowed from hex_ids */
 } sink;
@@ -439,10 +440,38 @@ static PyObject *bucket(sink *s, cursor id, PyObject **hex_id) {
         if (failed)
             return NULL;
     }
-    s->last_id = id;
+    memcpy(s->last_id, id, 16);
     s->last_bucket = spans;
     s->last_hex = *hex_id = shared;
     return spans;
+}
+
+/* What the plan selects of spans named [name, name + size) (a new reference): None, the plan's
+ * own, or (the name as str, the attribute keys to read: a tuple, or None for every one). NULL
+ * with a Python error (UnicodeDecodeError: the plan's classify found the name no UTF-8). */
+static PyObject *selection_of(const plan *plan, cursor name, Py_ssize_t size) {
+    PyObject *text = PyBytes_FromStringAndSize((const char *)name, size);
+    if (text == NULL)
+        return NULL;
+    PyObject *selection = PyDict_GetItemWithError(plan->reads, text);  /* borrowed */
+    if (selection != NULL)
+        Py_INCREF(selection);
+    else if (!PyErr_Occurred())
+        selection = plan->classify == Py_None ? Py_NewRef(Py_None)
+                                              : PyObject_CallOneArg(plan->classify, text);
+    Py_DECREF(text);
+    return selection;
+}
+
+/* 0 when a selection has one of the shapes selection_of names, else -1 with a TypeError. */
+static int check_selection(PyObject *selection) {
+    if (selection == Py_None || (PyTuple_CheckExact(selection) &&
+            PyTuple_GET_SIZE(selection) == 2 && (PyTuple_GET_ITEM(selection, 1) == Py_None ||
+                                                 PyTuple_CheckExact(PyTuple_GET_ITEM(selection, 1)))))
+        return 0;
+    PyErr_SetString(PyExc_TypeError, "a selection is None, the plan's own or "
+                                     "(name, keys: tuple | None)");
+    return -1;
 }
 
 /* One span: refused (in s->invalid), not selected, BeTrace's own, or added to the batch.
@@ -452,29 +481,18 @@ static int decode_span(const plan *plan, sink *s, cursor p, cursor end) {
     if (!span_fields(p, end, &f))
         return refuse(s->invalid, PyUnicode_FromFormat("invalid span (%zd bytes): %s",
                                                         (Py_ssize_t)(end - p), CORRUPT));
-    PyObject *name = PyBytes_FromStringAndSize((const char *)f.name, f.name_size);
-    if (name == NULL)
-        return -1;
-    PyObject *selection = PyDict_GetItemWithError(plan->reads, name);  /* borrowed */
-    if (selection != NULL) {
-        Py_INCREF(selection);
-    } else if (PyErr_Occurred()) {
-        Py_DECREF(name);
-        return -1;
-    } else if (plan->classify == Py_None) {
-        selection = Py_NewRef(Py_None);
-    } else {
-        selection = PyObject_CallOneArg(plan->classify, name);
-        if (selection == NULL) {
-            Py_DECREF(name);
-            if (!PyErr_ExceptionMatches(PyExc_UnicodeDecodeError))
-                return -1;
-            PyErr_Clear();
-            return refuse(s->invalid, PyUnicode_FromFormat("invalid span (%zd bytes): %s",
-                                                            (Py_ssize_t)(end - p), BAD_UTF8));
-        }
+    PyObject *selection = selection_of(plan, f.name, f.name_size);
+    if (selection == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_UnicodeDecodeError))
+            return -1;
+        PyErr_Clear();
+        return refuse(s->invalid, PyUnicode_FromFormat("invalid span (%zd bytes): %s",
+                                                        (Py_ssize_t)(end - p), BAD_UTF8));
     }
-    Py_DECREF(name);
+    if (check_selection(selection) < 0) {
+        Py_DECREF(selection);
+        return -1;
+    }
     int result = 0;
     int in_window = plan->since <= f.start && f.start <= plan->last;
     if (selection == Py_None) {
@@ -491,14 +509,6 @@ static int decode_span(const plan *plan, sink *s, cursor p, cursor end) {
     }
     if (!in_window)
         goto done;
-    if (!PyTuple_CheckExact(selection) || PyTuple_GET_SIZE(selection) != 2 ||
-            (PyTuple_GET_ITEM(selection, 1) != Py_None &&
-             !PyTuple_CheckExact(PyTuple_GET_ITEM(selection, 1)))) {
-        PyErr_SetString(PyExc_TypeError, "decode_scope: a selection is None, the plan's own or "
-                                         "(name, keys: tuple | None)");
-        result = -1;
-        goto done;
-    }
     PyObject *span_name = PyTuple_GET_ITEM(selection, 0), *keys = PyTuple_GET_ITEM(selection, 1);
     if (f.trace_id_size != 16 || zero(f.trace_id, 16)) {
         result = refuse_id(s->invalid, span_name, "trace_id", f.trace_id, f.trace_id_size);
@@ -554,6 +564,28 @@ done:
     return result;
 }
 
+static int parse_plan(PyObject *args, plan *plan) {
+    if (!PyArg_ParseTuple(args, "O!OOO!O!O!O!OOO!KK:plan",
+                          &PyDict_Type, &plan->reads, &plan->classify, &plan->own,
+                          &PyType_Type, &plan->span_type, &PyTuple_Type, &plan->slots,
+                          &PyTuple_Type, &plan->kinds, &PyTuple_Type, &plan->statuses,
+                          &plan->any_value, &plan->status_of, &PyDict_Type, &plan->no_attributes,
+                          &plan->since, &plan->last))
+        return -1;
+    if (PyTuple_GET_SIZE(plan->slots) != SLOTS || PyTuple_GET_SIZE(plan->kinds) != 6 ||
+            PyTuple_GET_SIZE(plan->statuses) != 3) {
+        PyErr_SetString(PyExc_ValueError, "a plan of the wrong shape");
+        return -1;
+    }
+    for (int i = 0; i < SLOTS; i++) {
+        if (Py_TYPE(PyTuple_GET_ITEM(plan->slots, i))->tp_descr_set == NULL) {
+            PyErr_SetString(PyExc_TypeError, "the plan's slots must be descriptors");
+            return -1;
+        }
+    }
+    return 0;
+}
+
 PyDoc_STRVAR(decode_scope_doc,
 "decode_scope(scope_spans: bytes, plan: tuple, resource: tuple, batch: dict, hex_ids: dict,\n"
 "             invalid: list, bare: set | None) -> tuple[int, int, int]\n\n"
@@ -578,24 +610,8 @@ static PyObject *decode_scope(PyObject *module, PyObject *const *args, Py_ssize_
     scope = args[0];
     plan_args = args[1];
     resource = args[2];
-    if (!PyArg_ParseTuple(plan_args, "O!OOO!O!O!O!OOO!KK:decode_scope plan",
-                          &PyDict_Type, &plan.reads, &plan.classify, &plan.own,
-                          &PyType_Type, &plan.span_type, &PyTuple_Type, &plan.slots,
-                          &PyTuple_Type, &plan.kinds, &PyTuple_Type, &plan.statuses,
-                          &plan.any_value, &plan.status_of, &PyDict_Type, &plan.no_attributes,
-                          &plan.since, &plan.last))
+    if (parse_plan(plan_args, &plan) < 0)
         return NULL;
-    if (PyTuple_GET_SIZE(plan.slots) != SLOTS || PyTuple_GET_SIZE(plan.kinds) != 6 ||
-            PyTuple_GET_SIZE(plan.statuses) != 3) {
-        PyErr_SetString(PyExc_ValueError, "decode_scope: a plan of the wrong shape");
-        return NULL;
-    }
-    for (int i = 0; i < SLOTS; i++) {
-        if (Py_TYPE(PyTuple_GET_ITEM(plan.slots, i))->tp_descr_set == NULL) {
-            PyErr_SetString(PyExc_TypeError, "decode_scope: the plan's slots must be descriptors");
-            return NULL;
-        }
-    }
     s.service = PyTuple_GET_ITEM(resource, 0);
     s.version = PyTuple_GET_ITEM(resource, 1);
     s.group = PyTuple_GET_ITEM(resource, 2);
@@ -634,14 +650,934 @@ static PyObject *decode_scope(PyObject *module, PyObject *const *args, Py_ssize_
     return Py_BuildValue("(nnn)", received, s.own, PyList_GET_SIZE(s.invalid) - invalid);
 }
 
+/* --- OTLP JSON -----------------------------------------------------------------------------------
+ * An ExportTraceServiceRequest as protobuf's JSON mapping writes it (OTLP/HTTP JSON, the
+ * collector's file exporter) decoded in one pass, in its common shape, into the spans, counts and
+ * trace ids the Python passes of sidecar/otlp/json_spans.py give. Whatever is outside that shape
+ * makes it give up (decode_json returns None) and the Python passes decode the request, and word
+ * what is wrong: malformed JSON, a span or request they would refuse, ids in base64, an escaped
+ * object key or span name, an array, kvlist or bytes among the values read, a known member twice,
+ * a resource after its spans, numbers past 18 digits. As in Python, a span no rule selects is
+ * read for its name only, and only the attributes its rules read are decoded. */
+
+#define JSON_DEPTH 64
+enum { GIVE_UP = 0, DONE = 1 };  /* or -1: a Python error */
+enum { BAD, END, NEXT };          /* walking an object's members or an array's elements */
+
+static void blank(cursor *p, cursor end) {
+    while (*p < end && (**p == ' ' || **p == '\n' || **p == '\r' || **p == '\t'))
+        (*p)++;
+}
+
+static int word(cursor *p, cursor end, const char *text, Py_ssize_t size) {
+    if (end - *p < size || memcmp(*p, text, (size_t)size) != 0)
+        return 0;
+    *p += size;
+    return 1;
+}
+#define WORD(p, end, text) word(p, end, text, (Py_ssize_t)sizeof(text) - 1)
+#define IS(k, size, text) ((size) == (Py_ssize_t)sizeof(text) - 1 && memcmp(k, text, (size)) == 0)
+
+static int hex_digit(unsigned char c) {
+    return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10
+         : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+}
+
+/* Past one UTF-8 sequence whose first byte (>= 0x80) is at *p, as Python's strict codec takes it:
+ * no overlong form, no surrogate, nothing past U+10FFFF. */
+static int utf8_sequence(cursor *p, cursor end) {
+    cursor q = *p;
+    int more;
+    uint32_t least, code;
+    if (*q >= 0xC2 && *q <= 0xDF) {
+        more = 1, least = 0x80, code = *q & 0x1F;
+    } else if (*q >= 0xE0 && *q <= 0xEF) {
+        more = 2, least = 0x800, code = *q & 0x0F;
+    } else if (*q >= 0xF0 && *q <= 0xF4) {
+        more = 3, least = 0x10000, code = *q & 0x07;
+    } else {
+        return 0;
+    }
+    if (end - q <= more)
+        return 0;
+    for (int i = 1; i <= more; i++) {
+        if ((q[i] & 0xC0) != 0x80)
+            return 0;
+        code = code << 6 | (q[i] & 0x3F);
+    }
+    if (code < least || code > 0x10FFFF || (code >= 0xD800 && code <= 0xDFFF))
+        return 0;
+    *p = q + more + 1;
+    return 1;
+}
+
+/* 1 for the bytes a JSON string holds as they are: ASCII but controls, '"' and '\\'. */
+static const unsigned char PLAIN[256] = {
+#define SIXTEEN 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1
+    [0x20] = 1, 1, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,  /* '"' */
+    [0x30] = SIXTEEN, SIXTEEN, SIXTEEN,
+    [0x5C] = 0, 1, 1, 1,  /* '\\' */
+    [0x60] = SIXTEEN, SIXTEEN,
+#undef SIXTEEN
+};
+
+/* 1 when the 8 bytes at q are all PLAIN: no byte is '"', '\\', below 0x20 or above 0x7F
+ * (each test true of the word when true of one of its bytes). */
+static int plain8(cursor q) {
+    const uint64_t ones = 0x0101010101010101u, highs = 0x8080808080808080u;
+    uint64_t x, quote, backslash;
+    memcpy(&x, q, 8);
+    quote = x ^ (ones * '"');
+    backslash = x ^ (ones * '\\');
+    return !((((quote - ones) & ~quote) | ((backslash - ones) & ~backslash) |
+              ((x - ones * 0x20) & ~x) | x) & highs);
+}
+
+/* The JSON string at *p (its opening quote): its text [*text, *text + *size) as written, and
+ * whether it holds an escape; *p moved past it. 0 when malformed: no end, a control character,
+ * an unknown escape, bad UTF-8. */
+static int string(cursor *p, cursor end, cursor *text, Py_ssize_t *size, int *escaped) {
+    if (*p >= end || **p != '"')
+        return 0;
+    cursor q = *p + 1;
+    *text = q;
+    *escaped = 0;
+    while (q < end) {
+        while (end - q >= 8 && plain8(q))
+            q += 8;
+        while (q < end && PLAIN[*q])
+            q++;
+        if (q >= end)
+            break;
+        if (*q == '"') {
+            *size = q - *text;
+            *p = q + 1;
+            return 1;
+        }
+        if (*q < 0x20)
+            return 0;
+        if (*q == '\\') {
+            *escaped = 1;
+            if (end - q < 2)
+                return 0;
+            switch (q[1]) {
+            case '"': case '\\': case '/': case 'b': case 'f': case 'n': case 'r': case 't':
+                q += 2;
+                break;
+            case 'u':
+                if (end - q < 6)
+                    return 0;
+                for (int i = 2; i < 6; i++)
+                    if (hex_digit(q[i]) < 0)
+                        return 0;
+                q += 6;
+                break;
+            default:
+                return 0;
+            }
+        } else if (*q >= 0x80) {
+            if (!utf8_sequence(&q, end))
+                return 0;
+        } else {
+            q++;
+        }
+    }
+    return 0;
+}
+
+/* The JSON number at *p, *p moved past it; *integer when it has no fraction or exponent. */
+static int number(cursor *p, cursor end, int *integer) {
+    cursor q = *p;
+    if (q < end && *q == '-')
+        q++;
+    if (q >= end || *q < '0' || *q > '9')
+        return 0;
+    if (*q++ != '0')
+        while (q < end && *q >= '0' && *q <= '9')
+            q++;
+    *integer = 1;
+    if (q < end && *q == '.') {
+        *integer = 0;
+        if (++q >= end || *q < '0' || *q > '9')
+            return 0;
+        while (q < end && *q >= '0' && *q <= '9')
+            q++;
+    }
+    if (q < end && (*q == 'e' || *q == 'E')) {
+        *integer = 0;
+        if (++q < end && (*q == '+' || *q == '-'))
+            q++;
+        if (q >= end || *q < '0' || *q > '9')
+            return 0;
+        while (q < end && *q >= '0' && *q <= '9')
+            q++;
+    }
+    *p = q;
+    return 1;
+}
+
+/* Opens the object or array at *p (after blanks) when its first character is `bracket`. */
+static int opens(cursor *p, cursor end, char bracket) {
+    blank(p, end);
+    if (*p >= end || **p != bracket)
+        return 0;
+    (*p)++;
+    return 1;
+}
+
+/* The next member of an object being walked (*count: members so far): NEXT with its key (an
+ * escaped key is BAD: given up on) and *p at its value, END past the '}', or BAD. */
+static int member(cursor *p, cursor end, Py_ssize_t *count, cursor *k, Py_ssize_t *k_size) {
+    int escaped;
+    blank(p, end);
+    if (*p < end && **p == '}') {
+        (*p)++;
+        return END;
+    }
+    if (*count > 0) {
+        if (*p >= end || **p != ',')
+            return BAD;
+        (*p)++;
+        blank(p, end);
+    }
+    if (!string(p, end, k, k_size, &escaped) || escaped)
+        return BAD;
+    blank(p, end);
+    if (*p >= end || **p != ':')
+        return BAD;
+    (*p)++;
+    blank(p, end);
+    (*count)++;
+    return NEXT;
+}
+
+/* The next element of an array being walked: NEXT with *p at it, END past the ']', or BAD. */
+static int element(cursor *p, cursor end, Py_ssize_t *count) {
+    blank(p, end);
+    if (*p < end && **p == ']') {
+        (*p)++;
+        return END;
+    }
+    if (*count > 0) {
+        if (*p >= end || **p != ',')
+            return BAD;
+        (*p)++;
+        blank(p, end);
+    }
+    (*count)++;
+    return NEXT;
+}
+
+/* Past the JSON value at *p, checked to be well-formed. */
+static int skip_value(cursor *p, cursor end, int depth) {
+    Py_ssize_t count = 0, size;
+    cursor text;
+    int walked, flag;
+    blank(p, end);
+    if (*p >= end || depth > JSON_DEPTH)
+        return 0;
+    switch (**p) {
+    case '{':
+        (*p)++;
+        while ((walked = member(p, end, &count, &text, &size)) == NEXT)
+            if (!skip_value(p, end, depth + 1))
+                return 0;
+        return walked == END;
+    case '[':
+        (*p)++;
+        while ((walked = element(p, end, &count)) == NEXT)
+            if (!skip_value(p, end, depth + 1))
+                return 0;
+        return walked == END;
+    case '"': return string(p, end, &text, &size, &flag);
+    case 't': return WORD(p, end, "true");
+    case 'f': return WORD(p, end, "false");
+    case 'n': return WORD(p, end, "null");
+    default: return number(p, end, &flag);
+    }
+}
+
+/* A decimal of 1 to 18 digits (with a leading '-' when `sign`): up to 18, so it fits. */
+static int decimal(cursor text, Py_ssize_t size, int sign, long long *value) {
+    int negative = sign && size > 0 && *text == '-';
+    text += negative, size -= negative;
+    if (size < 1 || size > 18)
+        return 0;
+    long long result = 0;
+    for (Py_ssize_t i = 0; i < size; i++) {
+        if (text[i] < '0' || text[i] > '9')
+            return 0;
+        result = result * 10 + (text[i] - '0');
+    }
+    *value = negative ? -result : result;
+    return 1;
+}
+
+/* A JSON string's text with its escapes resolved, as a str; NULL with *gave_up set for a lone
+ * surrogate (the Python passes decide about those), or with a Python error. */
+static PyObject *unescaped(cursor text, Py_ssize_t size, int *gave_up) {
+    unsigned char *out = PyMem_Malloc((size_t)size + 1), *o = out;
+    if (out == NULL)
+        return PyErr_NoMemory();
+    cursor q = text, end = text + size;
+    while (q < end) {
+        if (*q != '\\') {
+            *o++ = *q++;
+            continue;
+        }
+        unsigned char c = q[1];
+        q += 2;
+        if (c != 'u') {
+            *o++ = c == 'b' ? '\b' : c == 'f' ? '\f' : c == 'n' ? '\n' : c == 'r' ? '\r'
+                 : c == 't' ? '\t' : c;
+            continue;
+        }
+        uint32_t code = 0;
+        for (int i = 0; i < 4; i++)
+            code = code << 4 | (uint32_t)hex_digit(q[i]);
+        q += 4;
+        if (code >= 0xD800 && code <= 0xDBFF && end - q >= 6 && q[0] == '\\' && q[1] == 'u') {
+            uint32_t low = 0;
+            for (int i = 2; i < 6; i++)
+                low = low << 4 | (uint32_t)hex_digit(q[i]);
+            if (low >= 0xDC00 && low <= 0xDFFF) {
+                code = 0x10000 + ((code - 0xD800) << 10) + (low - 0xDC00);
+                q += 6;
+            }
+        }
+        if (code >= 0xD800 && code <= 0xDFFF) {
+            PyMem_Free(out);
+            *gave_up = 1;
+            return NULL;
+        }
+        if (code < 0x80) {
+            *o++ = (unsigned char)code;
+        } else if (code < 0x800) {
+            *o++ = (unsigned char)(0xC0 | code >> 6);
+            *o++ = (unsigned char)(0x80 | (code & 0x3F));
+        } else if (code < 0x10000) {
+            *o++ = (unsigned char)(0xE0 | code >> 12);
+            *o++ = (unsigned char)(0x80 | (code >> 6 & 0x3F));
+            *o++ = (unsigned char)(0x80 | (code & 0x3F));
+        } else {
+            *o++ = (unsigned char)(0xF0 | code >> 18);
+            *o++ = (unsigned char)(0x80 | (code >> 12 & 0x3F));
+            *o++ = (unsigned char)(0x80 | (code >> 6 & 0x3F));
+            *o++ = (unsigned char)(0x80 | (code & 0x3F));
+        }
+    }
+    PyObject *result = PyUnicode_DecodeUTF8((const char *)out, o - out, NULL);
+    PyMem_Free(out);
+    return result;
+}
+
+/* The JSON string at *p as a str; NULL with *gave_up set when it is none or holds a lone
+ * surrogate, or with a Python error. */
+static PyObject *json_str(cursor *p, cursor end, int *gave_up) {
+    cursor text;
+    Py_ssize_t size;
+    int escaped;
+    if (!string(p, end, &text, &size, &escaped)) {
+        *gave_up = 1;
+        return NULL;
+    }
+    return escaped ? unescaped(text, size, gave_up)
+                   : PyUnicode_DecodeUTF8((const char *)text, size, NULL);
+}
+
+/* The AnyValue at *p as rules see it, in *value (NULL when it holds none: null or {}) for a
+ * string, int, bool or double; GIVE_UP for anything else; -1 with a Python error. */
+static int json_any_value(cursor *p, cursor end, PyObject **value) {
+    Py_ssize_t count = 0, k_size, size;
+    cursor k, text;
+    int walked, escaped, integer, gave_up = 0;
+    long long whole;
+    *value = NULL;
+    blank(p, end);
+    if (WORD(p, end, "null"))
+        return DONE;
+    if (!opens(p, end, '{'))
+        return GIVE_UP;
+    if ((walked = member(p, end, &count, &k, &k_size)) != NEXT)
+        return walked == END ? DONE : GIVE_UP;
+    cursor start = *p;
+    if (*p >= end)
+        return GIVE_UP;
+    if (IS(k, k_size, "stringValue")) {
+        if ((*value = json_str(p, end, &gave_up)) == NULL)
+            return gave_up ? GIVE_UP : -1;
+    } else if (IS(k, k_size, "boolValue")) {
+        if (WORD(p, end, "true"))
+            *value = Py_NewRef(Py_True);
+        else if (WORD(p, end, "false"))
+            *value = Py_NewRef(Py_False);
+        else
+            return GIVE_UP;
+    } else if (IS(k, k_size, "intValue")) {
+        if (**p == '"' ? !string(p, end, &text, &size, &escaped) || escaped ||
+                         !decimal(text, size, 1, &whole)
+                       : !number(p, end, &integer) || !integer ||
+                         !decimal(start, *p - start, 1, &whole))
+            return GIVE_UP;
+        if ((*value = PyLong_FromLongLong(whole)) == NULL)
+            return -1;
+    } else if (IS(k, k_size, "doubleValue")) {
+        char buffer[40];
+        double number_read;
+        if (**p == '"') {
+            if (!string(p, end, &text, &size, &escaped) || escaped)
+                return GIVE_UP;
+            if (IS(text, size, "NaN"))
+                number_read = Py_NAN;
+            else if (IS(text, size, "Infinity"))
+                number_read = Py_HUGE_VAL;
+            else if (IS(text, size, "-Infinity"))
+                number_read = -Py_HUGE_VAL;
+            else
+                return GIVE_UP;
+        } else if (!number(p, end, &integer)) {
+            return GIVE_UP;
+        } else if (integer) {  /* an int made a float, as the Python passes do: -0 is 0.0 */
+            if (!decimal(start, *p - start, 1, &whole))
+                return GIVE_UP;
+            number_read = (double)whole;
+        } else {
+            if (*p - start >= (Py_ssize_t)sizeof buffer)
+                return GIVE_UP;
+            memcpy(buffer, start, (size_t)(*p - start));
+            buffer[*p - start] = '\0';
+            number_read = PyOS_string_to_double(buffer, NULL, NULL);
+            if (number_read == -1.0 && PyErr_Occurred())
+                return -1;
+            if (Py_IS_INFINITY(number_read))
+                return GIVE_UP;  /* (an overflow: how the Python passes read it is theirs) */
+        }
+        if ((*value = PyFloat_FromDouble(number_read)) == NULL)
+            return -1;
+    } else {
+        return GIVE_UP;
+    }
+    if (member(p, end, &count, &k, &k_size) == END)
+        return DONE;
+    Py_CLEAR(*value);  /* a second member: refused by the Python passes */
+    return GIVE_UP;
+}
+
+/* The attributes array at *p: the values of `keys` (a tuple; None: every key) into *out (the
+ * plan's shared empty dict when none). A null list is none. */
+static int json_attributes(const plan *plan, cursor *p, cursor end, PyObject *keys,
+                           PyObject **out) {
+    PyObject *found = NULL;
+    Py_ssize_t count = 0;
+    int walked;
+    blank(p, end);
+    if (WORD(p, end, "null") || (keys != Py_None && PyTuple_GET_SIZE(keys) == 0 &&
+                                 skip_value(p, end, 0))) {
+        *out = Py_NewRef(plan->no_attributes);
+        return DONE;
+    }
+    if (!opens(p, end, '['))
+        return GIVE_UP;
+    while ((walked = element(p, end, &count)) == NEXT) {
+        Py_ssize_t members = 0, k_size, name_size = 0;
+        cursor k, name = NULL, value = NULL;
+        int escaped;
+        if (!opens(p, end, '{'))
+            goto give_up;
+        while ((walked = member(p, end, &members, &k, &k_size)) == NEXT) {
+            if (IS(k, k_size, "key")) {
+                if (name != NULL || !string(p, end, &name, &name_size, &escaped) || escaped)
+                    goto give_up;
+            } else {
+                if (IS(k, k_size, "value")) {
+                    if (value != NULL)
+                        goto give_up;
+                    value = *p;
+                }
+                if (!skip_value(p, end, 1))
+                    goto give_up;
+            }
+        }
+        if (walked != END || name == NULL)
+            goto give_up;
+        PyObject *key;
+        if (keys == Py_None) {
+            if ((key = PyUnicode_DecodeUTF8((const char *)name, name_size, NULL)) == NULL)
+                goto error;
+        } else if ((key = wanted_key(keys, name, name_size)) != NULL) {
+            Py_INCREF(key);
+        } else {
+            continue;
+        }
+        PyObject *decoded = NULL;
+        int read = value == NULL ? DONE : json_any_value(&value, end, &decoded);
+        if (read == DONE && decoded != NULL &&
+                ((found == NULL && (found = PyDict_New()) == NULL) ||
+                 PyDict_SetItem(found, key, decoded) < 0))
+            read = -1;
+        Py_DECREF(key);
+        Py_XDECREF(decoded);
+        if (read != DONE) {
+            Py_XDECREF(found);
+            return read;
+        }
+    }
+    if (walked != END)
+        goto give_up;
+    *out = found != NULL ? found : Py_NewRef(plan->no_attributes);
+    return DONE;
+give_up:
+    Py_XDECREF(found);
+    return GIVE_UP;
+error:
+    Py_XDECREF(found);
+    return -1;
+}
+
+/* A hex id of `size` bytes, either case, into `id`; 0 for anything else. */
+static int json_id(cursor *p, cursor end, unsigned char *id, Py_ssize_t size) {
+    cursor text;
+    Py_ssize_t length;
+    int escaped;
+    if (!string(p, end, &text, &length, &escaped) || escaped || length != 2 * size)
+        return 0;
+    for (Py_ssize_t i = 0; i < size; i++) {
+        int high = hex_digit(text[2 * i]), low = hex_digit(text[2 * i + 1]);
+        if (high < 0 || low < 0)
+            return 0;
+        id[i] = (unsigned char)(high << 4 | low);
+    }
+    return 1;
+}
+
+/* A time (a fixed64): a decimal string or a JSON integer that fits, or null for 0. */
+static int json_time(cursor *p, cursor end, uint64_t *value) {
+    cursor text = *p;
+    Py_ssize_t size;
+    int escaped, integer;
+    if (WORD(p, end, "null")) {
+        *value = 0;
+        return 1;
+    }
+    if (*p < end && **p == '"') {
+        if (!string(p, end, &text, &size, &escaped) || escaped)
+            return 0;
+    } else {
+        if (!number(p, end, &integer) || !integer)
+            return 0;
+        size = *p - text;
+    }
+    if (size < 1 || size > 20)
+        return 0;
+    uint64_t result = 0;
+    for (Py_ssize_t i = 0; i < size; i++) {
+        unsigned digit = (unsigned)(text[i] - '0');
+        if (digit > 9 || result > (UINT64_MAX - digit) / 10)
+            return 0;
+        result = result * 10 + digit;
+    }
+    *value = result;
+    return 1;
+}
+
+/* An enum's number (0 to count - 1) or its name (prefix + names[i]); -1 for anything else. */
+static int json_enum(cursor *p, cursor end, PyObject *names, const char *prefix) {
+    Py_ssize_t count = PyTuple_GET_SIZE(names), size, prefix_size = (Py_ssize_t)strlen(prefix);
+    cursor text = *p;
+    int escaped, integer;
+    if (*p >= end)
+        return -1;
+    if (**p != '"') {
+        long long value;
+        if (!number(p, end, &integer) || !integer || !decimal(text, *p - text, 0, &value) ||
+                value >= count)
+            return -1;
+        return (int)value;
+    }
+    if (!string(p, end, &text, &size, &escaped) || escaped || size <= prefix_size ||
+            memcmp(text, prefix, (size_t)prefix_size) != 0)
+        return -1;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        Py_ssize_t name_size;
+        const char *name = PyUnicode_AsUTF8AndSize(PyTuple_GET_ITEM(names, i), &name_size);
+        if (name == NULL) {
+            PyErr_Clear();
+            return -1;
+        }
+        if (name_size == size - prefix_size && memcmp(name, text + prefix_size, name_size) == 0)
+            return (int)i;
+    }
+    return -1;
+}
+
+/* A span's status object: its code as a number; -1 for anything else. */
+static int json_status(cursor *p, cursor end, PyObject *statuses) {
+    Py_ssize_t count = 0, k_size;
+    cursor k;
+    int walked, code = 0, seen = 0;
+    if (!opens(p, end, '{'))
+        return -1;
+    while ((walked = member(p, end, &count, &k, &k_size)) == NEXT) {
+        if (IS(k, k_size, "code")) {
+            if (seen++ || (code = json_enum(p, end, statuses, "STATUS_CODE_")) < 0)
+                return -1;
+        } else if (!skip_value(p, end, 1)) {
+            return -1;
+        }
+    }
+    return walked == END ? code : -1;
+}
+
+/* Per request: where spans go, and the JSON-only parts of the plan. */
+typedef struct {
+    sink s;
+    PyObject *group_key;  /* the --group-by resource key (str), or None */
+    PyObject *own_keys;   /* the attributes read on BeTrace's own spans (checked, not kept) */
+    Py_ssize_t received;
+} json_sink;
+
+/* Known members of a span, as bits: each may appear once. */
+enum { TRACE_ID = 1, SPAN_ID = 2, PARENT = 4, NAME = 8, KIND = 16, START = 32, END_TIME = 64,
+       STATUS = 128, ATTRIBUTES = 256 };
+
+/* The selection of a span's name (a new reference, once) and the attribute keys it reads
+ * (borrowed: None for every one; NULL when not selected). -1 with a Python error. */
+static int resolve(const plan *plan, const json_sink *j, cursor name, Py_ssize_t size,
+                   PyObject **selection, PyObject **keys) {
+    if (*selection != NULL)
+        return 0;
+    if ((*selection = selection_of(plan, name, size)) == NULL || check_selection(*selection) < 0)
+        return -1;
+    *keys = *selection == Py_None ? NULL : *selection == plan->own ? j->own_keys
+                                         : PyTuple_GET_ITEM(*selection, 1);
+    return 0;
+}
+
+static int reads_attributes(PyObject *keys) {
+    return keys == Py_None || PyTuple_GET_SIZE(keys) > 0;
+}
+
+/* One span: not selected (its name read, nothing else), or checked as the Python passes check it
+ * and BeTrace's own (counted) or added to the batch. */
+static int json_span(const plan *plan, json_sink *j, cursor *p, cursor end) {
+    unsigned char trace_id[16], span_id[8], parent[8];
+    cursor k, name = (cursor)"", attributes = NULL;
+    Py_ssize_t count = 0, k_size, name_size = 0;
+    uint64_t start = 0, stop = 0;
+    int walked, escaped, seen = 0, valid = 0, kind = 0, code = 0, has_parent = 0, result = GIVE_UP;
+    PyObject *selection = NULL, *keys = NULL, *found = NULL;
+    if (!opens(p, end, '{'))
+        return GIVE_UP;
+    while ((walked = member(p, end, &count, &k, &k_size)) == NEXT) {
+        int bit = IS(k, k_size, "traceId") ? TRACE_ID : IS(k, k_size, "spanId") ? SPAN_ID
+                : IS(k, k_size, "parentSpanId") ? PARENT : IS(k, k_size, "name") ? NAME
+                : IS(k, k_size, "kind") ? KIND : IS(k, k_size, "startTimeUnixNano") ? START
+                : IS(k, k_size, "endTimeUnixNano") ? END_TIME : IS(k, k_size, "status") ? STATUS
+                : IS(k, k_size, "attributes") ? ATTRIBUTES : 0;
+        if (bit & seen)
+            goto done;
+        seen |= bit;
+        cursor value = *p;
+        int ok = 1;
+        switch (bit) {
+        case TRACE_ID: ok = json_id(p, end, trace_id, 16); break;
+        case SPAN_ID: ok = json_id(p, end, span_id, 8); break;
+        case PARENT:
+            if (WORD(p, end, "null") || WORD(p, end, "\"\""))
+                break;
+            ok = json_id(p, end, parent, 8);
+            has_parent = ok && !zero(parent, 8);
+            break;
+        case NAME:
+            if (!string(p, end, &name, &name_size, &escaped) || escaped)
+                goto done;  /* (a name that is no string makes the span refused) */
+            break;
+        case KIND: ok = (kind = json_enum(p, end, plan->kinds, "SPAN_KIND_")) >= 0; break;
+        case START: ok = json_time(p, end, &start); break;
+        case END_TIME: ok = json_time(p, end, &stop); break;
+        case STATUS: ok = (code = json_status(p, end, plan->statuses)) >= 0; break;
+        case ATTRIBUTES:  /* read here when the name came first (as exporters write it) */
+            ok = 0;
+            if (!(seen & NAME)) {
+                attributes = value;
+            } else if (resolve(plan, j, name, name_size, &selection, &keys) < 0) {
+                result = -1;
+                goto done;
+            } else if (selection != Py_None && reads_attributes(keys)) {
+                if ((result = json_attributes(plan, p, end, keys, &found)) != DONE)
+                    goto done;
+                result = GIVE_UP;
+                ok = 1;
+            }
+            break;
+        default: ok = 0;
+        }
+        if (ok) {
+            valid |= bit;
+        } else {
+            *p = value;
+            if (!skip_value(p, end, 1))
+                goto done;
+        }
+    }
+    if (walked != END)
+        goto done;
+    j->received++;
+    if (resolve(plan, j, name, name_size, &selection, &keys) < 0) {
+        result = -1;
+        goto done;
+    }
+    if (selection == Py_None) {
+        result = DONE;
+        goto done;
+    }
+    /* what the Python passes refuse: gave up on (ids absent or zero, bad times, kind, status) */
+    int needed = TRACE_ID | SPAN_ID | (seen & (PARENT | KIND | START | END_TIME | STATUS));
+    if ((valid & needed) != needed || zero(trace_id, 16) || zero(span_id, 8))
+        goto done;
+    if (found == NULL) {
+        if (attributes == NULL || !reads_attributes(keys))
+            found = Py_NewRef(plan->no_attributes);
+        else if ((result = json_attributes(plan, &attributes, end, keys, &found)) != DONE)
+            goto done;
+    }
+    result = DONE;
+    if (selection == plan->own) {
+        j->s.own++;
+        goto done;
+    }
+    if (start < plan->since || start > plan->last)
+        goto done;
+    PyObject *hex_id = NULL, *spans = bucket(&j->s, trace_id, &hex_id);
+    PyObject *span_hex = hex(span_id, 8);
+    PyObject *parent_hex = has_parent ? hex(parent, 8) : PyUnicode_New(0, 0);
+    PyObject *start_ns = PyLong_FromUnsignedLongLong(start);
+    PyObject *end_ns = PyLong_FromUnsignedLongLong(stop);
+    if (spans == NULL || span_hex == NULL || parent_hex == NULL || start_ns == NULL ||
+            end_ns == NULL) {
+        result = -1;
+    } else {
+        PyObject *values[SLOTS] = {hex_id, span_hex, PyTuple_GET_ITEM(selection, 0), parent_hex,
+                                   start_ns, end_ns, PyTuple_GET_ITEM(plan->statuses, code),
+                                   PyTuple_GET_ITEM(plan->kinds, kind), j->s.service,
+                                   j->s.version, found, j->s.group};
+        PyObject *span = make_span(plan, values);
+        result = span == NULL ? -1 : PyList_Append(spans, span) < 0 ? -1 : DONE;
+        Py_XDECREF(span);
+    }
+    Py_XDECREF(span_hex);
+    Py_XDECREF(parent_hex);
+    Py_XDECREF(start_ns);
+    Py_XDECREF(end_ns);
+done:
+    Py_XDECREF(selection);
+    Py_XDECREF(found);
+    return result;
+}
+
+/* An array of spans, or of scopes (each an object whose "spans" is such an array). */
+static int json_spans(const plan *plan, json_sink *j, cursor *p, cursor end, int scopes) {
+    Py_ssize_t count = 0;
+    int walked, result;
+    if (!opens(p, end, '['))
+        return GIVE_UP;
+    while ((walked = element(p, end, &count)) == NEXT) {
+        if (!scopes) {
+            if ((result = json_span(plan, j, p, end)) != DONE)
+                return result;
+            continue;
+        }
+        Py_ssize_t members = 0, k_size;
+        cursor k;
+        int seen = 0;
+        if (!opens(p, end, '{'))
+            return GIVE_UP;
+        while ((walked = member(p, end, &members, &k, &k_size)) == NEXT) {
+            if (!IS(k, k_size, "spans")) {
+                if (!skip_value(p, end, 1))
+                    return GIVE_UP;
+            } else if (seen++ || (result = json_spans(plan, j, p, end, 0)) != DONE) {
+                return seen > 1 ? GIVE_UP : result;
+            }
+        }
+        if (walked != END)
+            return GIVE_UP;
+    }
+    return walked == END ? DONE : GIVE_UP;
+}
+
+/* A resource: its service.name and service.version (each None unless a string) and the group
+ * key's value into the sink (new references). */
+static int json_resource(json_sink *j, cursor *p, cursor end) {
+    Py_ssize_t count = 0, k_size;
+    cursor k;
+    int walked, seen = 0;
+    Py_ssize_t group_size = 0;
+    const char *group = NULL;
+    if (j->group_key != Py_None &&
+            (group = PyUnicode_AsUTF8AndSize(j->group_key, &group_size)) == NULL)
+        return -1;
+    if (!opens(p, end, '{'))
+        return GIVE_UP;
+    while ((walked = member(p, end, &count, &k, &k_size)) == NEXT) {
+        if (!IS(k, k_size, "attributes")) {
+            if (!skip_value(p, end, 1))
+                return GIVE_UP;
+            continue;
+        }
+        Py_ssize_t items = 0;
+        if (seen++ || !opens(p, end, '['))
+            return GIVE_UP;
+        while ((walked = element(p, end, &items)) == NEXT) {
+            Py_ssize_t members = 0, name_size = 0, key_size;
+            cursor name = NULL, value = NULL, key;
+            int escaped;
+            if (!opens(p, end, '{'))
+                return GIVE_UP;
+            while ((walked = member(p, end, &members, &key, &key_size)) == NEXT) {
+                if (IS(key, key_size, "key")) {
+                    if (name != NULL || !string(p, end, &name, &name_size, &escaped) || escaped)
+                        return GIVE_UP;
+                    continue;
+                }
+                if (IS(key, key_size, "value")) {
+                    if (value != NULL)
+                        return GIVE_UP;
+                    value = *p;
+                }
+                if (!skip_value(p, end, 1))
+                    return GIVE_UP;
+            }
+            if (walked != END || name == NULL)
+                return GIVE_UP;
+            int is_service = IS(name, name_size, "service.name");
+            int is_version = IS(name, name_size, "service.version");
+            int is_group = group != NULL && name_size == group_size &&
+                           memcmp(name, group, (size_t)name_size) == 0;
+            if (!is_service && !is_version && !is_group)
+                continue;
+            PyObject *decoded = NULL;
+            int read = value == NULL ? DONE : json_any_value(&value, end, &decoded);
+            if (read != DONE)
+                return read;
+            if (decoded == NULL)
+                continue;  /* no value: the attribute is not there */
+            int text = PyUnicode_CheckExact(decoded);
+            if (is_service)
+                Py_XSETREF(j->s.service, Py_NewRef(text ? decoded : Py_None));
+            if (is_version)
+                Py_XSETREF(j->s.version, Py_NewRef(text ? decoded : Py_None));
+            if (is_group)
+                Py_XSETREF(j->s.group, Py_NewRef(decoded));
+            Py_DECREF(decoded);
+        }
+        if (walked != END)
+            return GIVE_UP;
+    }
+    return walked == END ? DONE : GIVE_UP;
+}
+
+/* One ResourceSpans: its resource, then its scopes (a resource after them is given up on). */
+static int json_resource_spans(const plan *plan, json_sink *j, cursor *p, cursor end) {
+    Py_ssize_t count = 0, k_size;
+    cursor k;
+    int walked, result, seen = 0;
+    Py_XSETREF(j->s.service, Py_NewRef(Py_None));
+    Py_XSETREF(j->s.version, Py_NewRef(Py_None));
+    Py_XSETREF(j->s.group, Py_NewRef(Py_None));
+    j->s.last_bucket = NULL;
+    if (!opens(p, end, '{'))
+        return GIVE_UP;
+    while ((walked = member(p, end, &count, &k, &k_size)) == NEXT) {
+        int bit = IS(k, k_size, "resource") ? 1 : IS(k, k_size, "scopeSpans") ? 2
+                : IS(k, k_size, "instrumentationLibrarySpans") ? 4 : 0;
+        if ((bit & seen) || (bit == 1 && seen) || (bit & 6 && seen & 6))
+            return GIVE_UP;
+        seen |= bit;
+        if (bit == 1)
+            result = json_resource(j, p, end);
+        else if (bit)
+            result = WORD(p, end, "null") ? DONE : json_spans(plan, j, p, end, 1);
+        else
+            result = skip_value(p, end, 1);
+        if (result != DONE)
+            return result;
+    }
+    return walked == END ? DONE : GIVE_UP;
+}
+
+PyDoc_STRVAR(decode_json_doc,
+"decode_json(data: bytes, plan: tuple, group_key: str | None, own_keys: tuple | None,\n"
+"            batch: dict, hex_ids: dict) -> tuple[int, int] | None\n\n"
+"Decode an OTLP JSON ExportTraceServiceRequest as `plan` says (decode_scope's plan): each\n"
+"selected span appended to batch[its hex trace id], carrying its resource's service, version\n"
+"and `group_key` attribute; BeTrace's own spans checked with `own_keys` and counted. Returns\n"
+"(spans received, own spans), or None when the request is not in the common shape this\n"
+"decodes (then `batch` holds nothing to use): the Python passes decode it.");
+
+static PyObject *decode_json(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    plan plan;
+    json_sink j = {0};
+    if (nargs != 6 || !PyBytes_Check(args[0]) || !PyTuple_Check(args[1]) ||
+            (args[2] != Py_None && !PyUnicode_Check(args[2])) ||
+            (args[3] != Py_None && !PyTuple_Check(args[3])) || !PyDict_CheckExact(args[4]) ||
+            !PyDict_CheckExact(args[5])) {
+        PyErr_SetString(PyExc_TypeError, "decode_json(bytes, tuple, str | None, tuple | None, "
+                                         "dict, dict)");
+        return NULL;
+    }
+    if (parse_plan(args[1], &plan) < 0)
+        return NULL;
+    j.group_key = args[2];
+    j.own_keys = args[3];
+    j.s.batch = args[4];
+    j.s.hex_ids = args[5];
+    cursor p = (cursor)PyBytes_AS_STRING(args[0]), end = p + PyBytes_GET_SIZE(args[0]), k;
+    Py_ssize_t count = 0, k_size;
+    int walked = BAD, result = GIVE_UP, seen = 0;
+    if (opens(&p, end, '{')) {
+        while ((walked = member(&p, end, &count, &k, &k_size)) == NEXT) {
+            int bit = IS(k, k_size, "resourceSpans") ? 1 : IS(k, k_size, "batches") ? 2 : 0;
+            if (seen & (bit ? 3 : 0))
+                break;
+            seen |= bit;
+            Py_ssize_t items = 0;
+            if (!bit) {
+                if ((result = skip_value(&p, end, 1)) != DONE)
+                    break;
+                continue;
+            }
+            result = opens(&p, end, '[') ? DONE : GIVE_UP;
+            while (result == DONE && (walked = element(&p, end, &items)) == NEXT)
+                result = json_resource_spans(&plan, &j, &p, end);
+            if (result == DONE && walked != END)
+                result = GIVE_UP;
+            if (result != DONE)
+                break;
+        }
+        blank(&p, end);
+        if (result == DONE && (walked != END || !seen || p != end))
+            result = GIVE_UP;
+    }
+    Py_XDECREF(j.s.service);
+    Py_XDECREF(j.s.version);
+    Py_XDECREF(j.s.group);
+    if (result < 0)
+        return NULL;
+    if (result == GIVE_UP)
+        Py_RETURN_NONE;
+    return Py_BuildValue("(nn)", j.received, j.s.own);
+}
+
 static PyMethodDef methods[] = {
     {"decode_scope", (PyCFunction)(void (*)(void))decode_scope, METH_FASTCALL, decode_scope_doc},
+    {"decode_json", (PyCFunction)(void (*)(void))decode_json, METH_FASTCALL, decode_json_doc},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_wire",
-    "OTLP protobuf spans decoded from the wire format in C, for sidecar.otlp.protobuf.", -1,
+    "OTLP spans decoded in C, from the protobuf wire format and from JSON, for sidecar.otlp.", -1,
     methods,
 };
 

@@ -2,17 +2,21 @@
 file exporter's output (`read_requests` streams those: one request per line, or one
 pretty-printed over many lines), or the request in a Tempo or Jaeger answer.
 
-Bytes are decoded in one pass by msgspec into typed structs that keep each span's attributes
-and status as raw JSON: a span no rule selects costs its name, the attributes of a selected one
-are decoded only for the keys its rules read (the `Projection`). Input the typed pass does not
-accept (a field of an unexpected type, say) is decoded again leniently from `orjson`'s parse,
-which says exactly what was wrong. A malformed line or span is skipped and reported (an
-`InputError` for a file), never fatal, so the caller can say exactly which data went unchecked.
+A request in the common shape is decoded in one pass in C (`_wire.decode_json`, the protobuf
+decoder's sibling): a span no rule selects costs a scan for its name, the attributes of a
+selected one are decoded only for the keys its rules read (the `Projection`). The C gives up on
+anything outside that shape (anything malformed, a span to refuse, base64 ids, arrays among the
+values read...); then the Python passes decode it: a typed one by msgspec, which keeps each
+span's attributes and status as raw JSON, and for what that does not accept (a field of an
+unexpected type, say) a lenient one from `orjson`'s parse, which says exactly what was wrong.
+A malformed line or span is skipped and reported (an `InputError` for a file), never fatal, so
+the caller can say exactly which data went unchecked.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import chain
@@ -23,7 +27,9 @@ import orjson
 
 from sidecar.model.names import VIOLATION_SPAN
 from sidecar.model.spans import KINDS, STATUSES, Projection, Span, span_of
+from sidecar.otlp._wire import decode_json as decode_json_c
 from sidecar.otlp.decoded import Decoded, SpanFilter
+from sidecar.otlp.protobuf import ProtobufDecoder
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _BOM = b"\xef\xbb\xbf"
@@ -100,7 +106,37 @@ def decode_json(data: bytes, keep: SpanFilter) -> Decoded:
     answer) as `otlp.protobuf.ProtobufDecoder` decodes protobuf: the same spans kept, with the
     same attributes, the same counts, the same ids held. Invalid JSON raises
     `orjson.JSONDecodeError` (a ValueError, with the line and column), a malformed request
-    ValueError."""
+    ValueError.
+
+    The common shape is decoded in C (`_wire.decode_json`), which gives up on anything else:
+    then the typed pass, then the lenient one, decode it and say what is wrong."""
+    plan = _c_plan(keep)
+    if plan is not None:
+        out = Decoded()
+        counts = decode_json_c(data, *plan, out.batch, {})
+        if counts is not None:
+            out.received, out.own = counts
+            out.not_selected = out.received - out.own - sum(map(len, out.batch.values()))
+            return out
+    return decode_json_python(data, keep)
+
+
+@functools.lru_cache(maxsize=16)
+def _c_plan(keep: SpanFilter) -> tuple[Any, ...] | None:
+    """What `_wire.decode_json` needs for `keep`: the protobuf decoder's plan (what each span
+    name selects), the --group-by resource key and the attributes read on BeTrace's own spans
+    (checked as the typed pass checks them). None when the ids of unselected traces are kept
+    (a rule fires without its spans): only the Python passes do that."""
+    projection = keep.projection
+    if projection.trace_ids:
+        return None
+    own = projection.attributes_for(VIOLATION_SPAN)
+    return (ProtobufDecoder(keep).plan, keep.resource_key,
+            None if own is None else tuple(sorted(own)))
+
+
+def decode_json_python(data: bytes, keep: SpanFilter) -> Decoded:
+    """`decode_json` in Python: the typed pass, and the lenient one for what it refuses."""
     try:
         request = _REQUEST.decode(data)
     except msgspec.DecodeError:  # not JSON, or a field the typed pass does not accept
