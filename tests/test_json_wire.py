@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from processes import fuzz_sanitized
 
@@ -31,8 +31,9 @@ from sidecar.rules.loading import load_rules_text
 
 T = TypeVar("T")
 BOUNDED = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-# Passing takes seconds; a failure leaves Hypothesis room to shrink the request (up to 300 s)
-SHRINKABLE = pytest.mark.timeout(420)
+# Generated requests are not shrunk: shrinking one drawn piece by piece took the five minutes
+# Hypothesis allows and got nowhere. A failure prints the whole request, and the filter.
+UNSHRUNK = settings(BOUNDED, phases=[Phase.explicit, Phase.reuse, Phase.generate])
 
 # --- what is decoded: filters, and the outcomes compared ------------------------------------------
 
@@ -43,13 +44,20 @@ RULES = """rules:
     signal:
       context: [k]
 """
+RETRY_RULE = """rules:
+  - id: payment-retry-idempotency
+    severity: critical
+    for_each: payment.charge.where(attempt > 1)
+    never: payment.charge.where(cart.id == this.cart.id and payment_intent_id != this.payment_intent_id)
+"""
 SINCE, UNTIL = 1_700_000_000_000_000_000, 1_700_000_000_000_001_000  # the window filtered on
 
 
 def _filters() -> list[SpanFilter]:
     """Exact names (unselected spans only walked); a glob keeping every attribute (own spans'
     too); --group-by service.version, another resource key, and service.name (which is the
-    span's service); a window, with own spans reading an attribute and the empty name selected."""
+    span's service); a window, with own spans reading an attribute and the empty name selected;
+    payments.yaml's retry rule, which reads nothing of own spans."""
     exact = load_rules_text(RULES).projection()
     assert exact.names == {"payment.charge", "auth.check"} and not exact.trace_ids
     glob = Projection(lambda name: name.startswith("pay"), None, names=None)
@@ -59,7 +67,8 @@ def _filters() -> list[SpanFilter]:
                      names=frozenset({"payment.charge", ""}))
     return [SpanFilter(exact), SpanFilter(glob), SpanFilter.of(exact, group_by="service.version"),
             SpanFilter.of(glob, group_by="region"), SpanFilter.of(exact, group_by="service.name"),
-            SpanFilter.of(own, since_ns=SINCE, until_ns=UNTIL)]
+            SpanFilter.of(own, since_ns=SINCE, until_ns=UNTIL),
+            SpanFilter(load_rules_text(RETRY_RULE).projection())]
 
 
 FILTERS = _filters()
@@ -105,7 +114,8 @@ def c_takes(data: bytes, keep: SpanFilter) -> bool:
 def agree(data: bytes, keep: SpanFilter) -> bool:
     """Assert `decode_json` gives what the reference gives; whether the C decoded it."""
     expected = outcome(decode_json_python, data, keep)
-    assert outcome(decode_json, data, keep) == expected, data
+    assert outcome(decode_json, data, keep) == expected, \
+        f"{data!r} with filter {FILTERS.index(keep) if keep in FILTERS else keep}"
     return c_takes(data, keep)
 
 
@@ -126,6 +136,8 @@ class Obj:
 
 @dataclass(frozen=True)
 class Layout:
+    """How JSON text is laid out: separators, indentation, line ends, escapes."""
+
     item: str = ","
     colon: str = ":"
     indent: str | None = None  # pretty-printed: one member or element a line
@@ -175,6 +187,8 @@ def spelled(text: str, how: int) -> Lit:
 # --- requests drawn from a source: Hypothesis, or a seeded random (the sanitizer's run) -----------
 
 class Source(Protocol):
+    """Where a request's choices come from."""
+
     def integer(self, low: int, high: int) -> int: ...
     def text(self) -> str: ...
     def double(self) -> float: ...
@@ -188,20 +202,20 @@ TEXT = st.text(st.one_of(st.characters(codec="utf-8"), st.sampled_from(SPECIAL))
 class Drawn:
     """Hypothesis's draws."""
 
-    def __init__(self, data: st.DataObject) -> None:
-        self.data = data
+    def __init__(self, draw: st.DrawFn) -> None:
+        self.draw = draw
 
     def integer(self, low: int, high: int) -> int:
-        return self.data.draw(st.integers(low, high))
+        return self.draw(st.integers(low, high))
 
     def text(self) -> str:
-        return self.data.draw(TEXT)
+        return self.draw(TEXT)
 
     def double(self) -> float:
-        return self.data.draw(st.floats(allow_nan=False, allow_infinity=False))
+        return self.draw(st.floats(allow_nan=False, allow_infinity=False))
 
     def binary(self, size: int) -> bytes:
-        return self.data.draw(st.binary(min_size=size, max_size=size))
+        return self.draw(st.binary(min_size=size, max_size=size))
 
 
 class Seeded:
@@ -234,8 +248,9 @@ INT18 = 10**18 - 1
 
 
 class Forms:
-    """Draws one request: in the common shape, or, at `odd` per site (0 when `accepted`), with
-    a form the C gives up on, or a span or request the reference refuses or raises on."""
+    """Draws one request: in the common shape the C decodes itself when `accepted`; else now and
+    then (one site in `odd_in`, per request) a form it gives up on, a span the reference refuses
+    or a request it raises on."""
 
     def __init__(self, src: Source, accepted: bool) -> None:
         self.src = src
@@ -282,6 +297,8 @@ class Forms:
     # values ---------------------------------------------------------------------------------------
 
     def string(self) -> Any:
+        if self.odd():  # a lone surrogate: no JSON parser here accepts one
+            return Lit(self.pick(['"\\ud800"', '"a\\udc00"', '"\\udc00\\ud800"', '"\\uD83Dx"']))
         text = self.src.text()
         if self.chance(12):  # longer than any buffer the C might keep for one
             text = (text or '\\"é') * self.src.integer(20, 200)
@@ -312,17 +329,18 @@ class Forms:
             return self.pick([{}, None])
         if how in (6, 7):
             return {"stringValue": self.pick(["v", "v2", "", "ü"])}
-        return self.pick([{"arrayValue": {"values": [{"intValue": "1"}, {"stringValue": "x"}]}},
-                          {"arrayValue": {}}, {"bytesValue": "AAE="},
-                          {"kvlistValue": {"values": [{"key": "a", "value": {"boolValue": True}}]}}])
+        return self.pick([
+            {"arrayValue": {"values": [{"intValue": "1"}, {"stringValue": "x"}]}},
+            {"arrayValue": {}}, {"bytesValue": "AAE="},
+            {"kvlistValue": {"values": [{"key": "a", "value": {"boolValue": True}}]}}])
 
     def odd_value(self) -> Any:
         return self.pick([
             {"arrayValue": {"values": [{"intValue": 3}, {}]}}, {"bytesValue": "AAEC"},
             {"kvlistValue": {"values": []}}, {"intValue": "123456789012345678901234"},
             {"intValue": 2**64}, {"intValue": 2**63 - 1}, {"intValue": str(-2**63)},
-            {"intValue": str(10**18)}, {"intValue": Lit("-0")}, {"intValue": "-0"}, {"intValue": "007"},
-            {"intValue": "+1"}, {"intValue": 1.5}, {"intValue": "x"},
+            {"intValue": str(10**18)}, {"intValue": Lit("-0")}, {"intValue": "-0"},
+            {"intValue": "007"}, {"intValue": "+1"}, {"intValue": 1.5}, {"intValue": "x"},
             {"doubleValue": Lit("1e400")}, {"doubleValue": Lit("-1E400")},
             {"doubleValue": Lit("1e-400")}, {"doubleValue": Lit("123456789012345678901234")},
             {"doubleValue": Lit("0.1000000000000000055511151231257827021181583404541015625")},
@@ -357,6 +375,8 @@ class Forms:
         if how == 0:
             return self.string()
         if how == 1:
+            if self.odd():  # past the largest double
+                return self.pick([Lit("1e400"), Lit("-2E308")])
             return self.pick([None, True, False, 0, -7, 1.5e-7, Lit("1E+2"), Lit("-0.0")])
         if how == 2:
             return self.src.double()
@@ -447,9 +467,8 @@ class Forms:
                 "name": self.pick(["", "payment.charge", "io.opentelemetry.jdbc"]),
                 "version": "2.1.0", "attributes": self.attributes(["k", "a"], read=False)}))
         if not self.chance(6):
-            members.append(("spans", [self.span() for _ in self.some(
-                5 if self.src.integer(0, 19) else 60)]
-                            if not self.odd() else self.pick([None, {}, "x"])))
+            spans = [self.span() for _ in self.some(5 if self.src.integer(0, 19) else 60)]
+            members.append(("spans", spans if not self.odd() else self.pick([None, {}, "x"])))
         if self.chance(4):
             members.append(("schemaUrl", "https://opentelemetry.io/schemas/1.21.0"))
         return self.obj(members)
@@ -507,28 +526,30 @@ def request_bytes(src: Source, accepted: bool) -> bytes:
     return write(forms.request(), forms.pick(LAYOUTS)).encode()
 
 
+@st.composite
+def requests(draw: st.DrawFn, accepted: bool) -> bytes:
+    """`request_bytes` drawn by Hypothesis."""
+    return request_bytes(Drawn(draw), accepted)
+
+
 # --- 1. generated requests --------------------------------------------------------------------
 
-@SHRINKABLE
-@BOUNDED
-@given(st.data())
-def test_requests_in_the_common_shape_are_decoded_in_c_as_the_reference_does(
-        data: st.DataObject) -> None:
+@UNSHRUNK
+@given(requests(accepted=True))
+def test_requests_in_the_common_shape_are_decoded_in_c_as_the_reference_does(body: bytes
+                                                                             ) -> None:
     """Compact or pretty, hex ids in either case, times as strings, numbers or absent, kinds and
     codes as numbers or names, every scalar value with escapes and raw UTF-8, unknown members
     anywhere: the C decodes each one itself, and gives what the reference gives."""
-    body = request_bytes(Drawn(data), accepted=True)
     for keep in FILTERS:
-        assert agree(body, keep), f"the C gave up on {body!r}"
+        assert agree(body, keep), f"the C gave up on {body!r} with filter {FILTERS.index(keep)}"
 
 
-@SHRINKABLE
-@BOUNDED
-@given(st.data())
-def test_any_request_decodes_as_the_reference_does(data: st.DataObject) -> None:
+@UNSHRUNK
+@given(requests(accepted=False))
+def test_any_request_decodes_as_the_reference_does(body: bytes) -> None:
     """With forms the C gives up on, spans the reference refuses and requests it raises on: the
     same spans, counts and reasons, or the same error."""
-    body = request_bytes(Drawn(data), accepted=False)
     for keep in FILTERS:
         agree(body, keep)
 
@@ -558,12 +579,17 @@ def damage(raw: bytes, integer: Callable[[int, int], int]) -> bytes:
     return bytes(data)
 
 
-@SHRINKABLE
-@BOUNDED
-@given(st.data())
-def test_damaged_requests_decode_or_raise_as_the_reference_does(data: st.DataObject) -> None:
-    body = request_bytes(Drawn(data), accepted=data.draw(st.booleans()))
-    damaged = damage(body, lambda low, high: data.draw(st.integers(low, high)))
+@st.composite
+def damaged_requests(draw: st.DrawFn) -> bytes:
+    """A generated request (in the common shape or not), damaged."""
+    return damage(draw(requests(accepted=draw(st.booleans()))),
+                  lambda low, high: draw(st.integers(low, high)))
+
+
+@UNSHRUNK
+@given(damaged_requests())
+def test_damaged_requests_decode_or_raise_as_the_reference_does(damaged: bytes) -> None:
+    """The same spans and counts, or the same error (orjson's, with its line and column)."""
     for keep in FILTERS:
         agree(damaged, keep)
 
@@ -576,6 +602,7 @@ def test_damaged_requests_decode_or_raise_as_the_reference_does(data: st.DataObj
                                                            b'{"resourceSpans":[{"scopeSpans":[']),
                            st.binary(max_size=40))))
 def test_any_bytes_at_all(data: bytes) -> None:
+    """Bytes, alone or after the opening of a request: no crash, the reference's answer."""
     for keep in FILTERS:
         agree(data, keep)
 
@@ -600,13 +627,15 @@ SKELETON = {"traceId": "5b8efff798038103d269b633813fc60c", "spanId": "eee19b7ec3
 
 
 @BOUNDED
-@given(JSON, st.dictionaries(st.sampled_from([*SKELETON, "resource", "scope", "span"]), JSON,
-                             max_size=3))
+@given(JSON, st.dictionaries(st.sampled_from([*SKELETON, "value", "resource", "scope", "span"]),
+                             JSON, max_size=3))
 def test_arbitrary_json_decodes_as_the_reference_does(doc: Any, replaced: dict[str, Any]
                                                       ) -> None:
-    """A JSON value as the request, and a request whose parts (a span's fields, the span, its
-    resource or scope) are arbitrary JSON values."""
+    """A JSON value as the request, and a request whose parts (a span's fields, its attribute's
+    value, the span, its resource or scope) are arbitrary JSON values."""
     span = {**SKELETON, **{key: value for key, value in replaced.items() if key in SKELETON}}
+    if "value" in replaced:
+        span["attributes"] = [{"key": "k", "value": replaced["value"]}]
     request = {"resourceSpans": [{
         "resource": replaced.get("resource", {"attributes": [
             {"key": "service.name", "value": {"stringValue": "orders"}}]}),
@@ -687,6 +716,8 @@ GIVE_UP = {
 
 @pytest.mark.parametrize("data", GIVE_UP.values(), ids=GIVE_UP.keys())
 def test_the_c_gives_up_and_the_reference_answers(data: bytes) -> None:
+    """Outside the common shape, or to be refused or raised on: the C gives up under both
+    filters, and `decode_json` answers as the reference does."""
     for keep in GIVE_UP_FILTERS:
         assert not agree(data, keep)
 
@@ -746,6 +777,12 @@ TAKEN = {
                       span_text(A, "eee19b7ec3c1b178")) + "]}").encode(),
     "a resource, then none": ('{"resourceSpans":[' + entry(RESOURCE_ALL, span_text(A, "e" * 16))
                               + "," + entry(None, span_text(A, "f" * 16)) + "]}").encode(),
+    "a resource attribute repeated, last no string or empty": line(resource=(
+        '{"attributes":[{"key":"service.name","value":{"stringValue":"a"}},'
+        '{"key":"service.version","value":{"stringValue":"1"}},'
+        '{"key":"region","value":{"stringValue":"eu"}},'
+        '{"key":"service.name","value":{"intValue":"5"}},'
+        '{"key":"service.version","value":{"boolValue":true}},{"key":"region","value":{}}]}')),
     "the last of an attribute repeated": line(
         value='{"stringValue":"a"}},{"key":"k","value":{}},{"key":"z","value":{"intValue":"1"}},'
               '{"key":"k","value":{"boolValue":true}},{"key":"k","value":null'),
@@ -837,7 +874,8 @@ SPELLED = {  # the C may take or leave these; it must not read them otherwise th
     "a null kind": line('"name":"payment.charge","kind":null'),
     "a time of -0": line('"name":"payment.charge","endTimeUnixNano":-0'),
     "a time past 2^64": line('"name":"payment.charge","endTimeUnixNano":18446744073709551616'),
-    "a time with leading zeros": line('"name":"payment.charge","endTimeUnixNano":"000000000000000000012"'),
+    "a time with leading zeros": line('"name":"payment.charge","endTimeUnixNano":"'
+                                      + "0" * 20 + '12"'),
     "a null resource": line(resource="null"),
     "null resource attributes": line(resource='{"attributes":null}'),
     "an empty resource": line(resource="{}"),
@@ -889,6 +927,47 @@ def test_numbers_in_every_place(number: str) -> None:
             agree(make(number), keep)
 
 
+SKIPPED = {  # strings and numbers the C walks past without making them
+    "an unknown member of a span": lambda text: line(f'"name":"payment.charge","x":{text}'),
+    "the status message": lambda text: line(
+        f'"name":"payment.charge","status":{{"code":1,"message":{text}}}'),
+    "a span's traceState": lambda text: line(f'"name":"payment.charge","traceState":{text}'),
+    "an event": lambda text: line(f'"name":"payment.charge","events":[{{"name":{text}}}]'),
+    "an unread attribute": lambda text: line(
+        value=f'{{"stringValue":"v"}}}},{{"key":"u","value":{{"stringValue":{text}}}'),
+    "a span no rule selects": lambda text: line(f'"name":"noise","x":{text}'),
+    "the kind of a span no rule selects": lambda text: line(f'"name":"noise","kind":{text}'),
+    "the scope": lambda text: line().replace(b'{"spans"', f'{{"scope":{{"name":{text}}},"spans"'
+                                                         .encode()),
+    "an unread resource attribute": lambda text: line(resource=(
+        '{"attributes":[{"key":"deployment.environment","value":{"stringValue":%s}}]}' % text)),
+    "an unknown member of the resource": lambda text: line(resource=f'{{"x":{text}}}'),
+    "an unknown member of the request": lambda text: line()[:-1] + f',"x":{text}}}'.encode(),
+}
+LONE = {"high": '"\\ud800"', "low": '"a\\udc00b"', "low then high": '"\\udc00\\ud800"',
+        "high then no low": '"\\ud83d\\u0041"', "high at the end": '"\\uDBFF"'}
+
+
+@pytest.mark.parametrize("place", SKIPPED)
+@pytest.mark.parametrize("lone", LONE.values(), ids=LONE.keys())
+def test_a_lone_surrogate_where_the_c_only_walks(place: str, lone: str) -> None:
+    """The reference's parsers refuse a lone surrogate anywhere (orjson: "no low surrogate in
+    string"), in a string no one reads too."""
+    for keep in GIVE_UP_FILTERS:
+        agree(SKIPPED[place](lone), keep)
+
+
+@pytest.mark.parametrize("place", SKIPPED)
+@pytest.mark.parametrize("number", ["1e400", "-1E309", "1" + "0" * 400, "1e-400"])
+def test_a_number_past_the_largest_double_where_the_c_only_walks(place: str, number: str
+                                                                 ) -> None:
+    """The reference refuses a number past the largest double in some of those places: a
+    resource (msgspec's ValidationError), a span's known member (orjson's error, even in a
+    span no rule selects), a status (the span refused); an int of any size it keeps."""
+    for keep in GIVE_UP_FILTERS:
+        agree(SKIPPED[place](number), keep)
+
+
 @pytest.mark.parametrize("depth", range(56, 72))
 def test_nesting_around_the_limit(depth: int) -> None:
     for nested in ("[" * depth + "]" * depth, '{"a":' * depth + "1" + "}" * depth):
@@ -901,15 +980,9 @@ def test_nesting_around_the_limit(depth: int) -> None:
 
 # --- 5. a line of the collector's file exporter -----------------------------------------------
 
-RETRY_RULE = """rules:
-  - id: payment-retry-idempotency
-    severity: critical
-    for_each: payment.charge.where(attempt > 1)
-    never: payment.charge.where(cart.id == this.cart.id and payment_intent_id != this.payment_intent_id)
-"""
 
 
-TRACES = ["01" + "0" * 30, "01" + "0" * 28 + "01", "0" * 30 + "02", "FF" + "0" * 28 + "02",
+TRACES = ["01" + "0" * 28 + "01", "01" + "0" * 30, "0" * 30 + "02", "FF" + "0" * 28 + "02",
           "ed042a4151df85c13da0a7a4a162a496", "ED042A4151DF85C13DA0A7A4A162A495"]  # halves shared
 
 
@@ -984,7 +1057,7 @@ def test_a_large_request_is_decoded_in_c() -> None:
     """3,000 spans of 15 attributes in 6 traces whose ids share halves, each trace's spans
     interleaved with others' (and the first one's id in upper case too)."""
     data = collector_line(more=3000)
-    for keep in (*FILTERS, SpanFilter.of(load_rules_text(RETRY_RULE).projection())):
+    for keep in FILTERS:
         assert agree(data, keep)
     assert len(decode_json(data, FILTERS[1]).batch) == 6
 
@@ -996,13 +1069,15 @@ import sys
 from pathlib import Path
 sys.path[:0] = [*sys.argv[1:3], str(Path(sys.argv[2]).parent)]
 import _wire  # the sanitized build
-from test_json_wire import FILTERS, GIVE_UP, Seeded, collector_line, damage, request_bytes
+assert Path(_wire.__file__).parent == Path(sys.argv[1]), _wire.__file__
+from test_json_wire import (FILTERS, GIVE_UP, SPELLED, TAKEN, Seeded, collector_line, damage,
+                            request_bytes)
 from sidecar.otlp.json_spans import _c_plan
 plans = [_c_plan(keep) for keep in FILTERS]
 source = Seeded(7)
 rng = source.rng
-inputs = [collector_line(), *GIVE_UP.values()]
-for i in range(1200):
+inputs = [collector_line(more=300), *GIVE_UP.values(), *TAKEN.values(), *SPELLED.values()]
+for i in range(2500):
     body = request_bytes(source, accepted=i % 2 == 0)
     inputs += [body, damage(body, rng.randint), body[:rng.randint(0, len(body))],
                rng.randbytes(rng.randint(0, 40))]
@@ -1010,14 +1085,15 @@ taken = 0
 for data in inputs:
     for plan in plans:
         taken += _wire.decode_json(data, *plan, {}, {}) is not None
-assert taken > 1000, taken  # the decoding was exercised, not only the giving up
+assert taken > 5000, taken  # the decoding was exercised, not only the giving up
 print("clean")
 """
 
 
 def test_no_memory_error_under_address_sanitizer(tmp_path: Path) -> None:
     """The C reads JSON from the network: built with AddressSanitizer and UBSan, it decodes
-    about 5,000 generated, damaged, cut and random requests with each filter without a report
-    (ASan aborts on the first)."""
+    10,000 generated, damaged, cut and random requests with each filter without a report (ASan
+    aborts on the first). A bytes object ends in a NUL past its size: a read one byte too far
+    goes unnoticed, two are reported."""
     fuzz_sanitized(Path(__file__).resolve().parent.parent / "sidecar" / "otlp" / "_wire.c", FUZZ,
                    tmp_path)

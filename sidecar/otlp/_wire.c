@@ -721,6 +721,20 @@ static const unsigned char PLAIN[256] = {
 #undef SIXTEEN
 };
 
+/* The code unit of the \\uXXXX escape at q; past 0xFFFF when there is none. */
+static uint32_t escaped_unit(cursor q, cursor end) {
+    uint32_t code = 0;
+    if (end - q < 6 || q[0] != '\\' || q[1] != 'u')
+        return 0x10000;
+    for (int i = 2; i < 6; i++) {
+        int digit = hex_digit(q[i]);
+        if (digit < 0)
+            return 0x10000;
+        code = code << 4 | (uint32_t)digit;
+    }
+    return code;
+}
+
 /* 1 when the 8 bytes at q are all PLAIN: no byte is '"', '\\', below 0x20 or above 0x7F
  * (each test true of the word when true of one of its bytes). */
 static int plain8(cursor q) {
@@ -764,14 +778,19 @@ static int string(cursor *p, cursor end, cursor *text, Py_ssize_t *size, int *es
             case '"': case '\\': case '/': case 'b': case 'f': case 'n': case 'r': case 't':
                 q += 2;
                 break;
-            case 'u':
-                if (end - q < 6)
+            case 'u': {  /* a surrogate only in a pair: the Python passes refuse a lone one */
+                uint32_t code = escaped_unit(q, end);
+                if (code > 0xFFFF || (code >= 0xDC00 && code <= 0xDFFF))
                     return 0;
-                for (int i = 2; i < 6; i++)
-                    if (hex_digit(q[i]) < 0)
+                if (code >= 0xD800 && code <= 0xDBFF) {
+                    uint32_t low = escaped_unit(q + 6, end);
+                    if (low < 0xDC00 || low > 0xDFFF)
                         return 0;
+                    q += 6;
+                }
                 q += 6;
                 break;
+            }
             default:
                 return 0;
             }
@@ -785,8 +804,8 @@ static int string(cursor *p, cursor end, cursor *text, Py_ssize_t *size, int *es
     return 0;
 }
 
-/* The JSON number at *p, *p moved past it; *integer when it has no fraction or exponent. */
-static int number(cursor *p, cursor end, int *integer) {
+/* Past a JSON number at *p, *integer when it has no fraction or exponent. */
+static int number_text(cursor *p, cursor end, int *integer) {
     cursor q = *p;
     if (q < end && *q == '-')
         q++;
@@ -814,6 +833,27 @@ static int number(cursor *p, cursor end, int *integer) {
     }
     *p = q;
     return 1;
+}
+
+/* The JSON number at *p, *p moved past it; *integer when it has no fraction or exponent. One
+ * that overflows a double is refused, as the Python passes refuse it. */
+static int number(cursor *p, cursor end, int *integer) {
+    cursor start = *p;
+    if (!number_text(p, end, integer))
+        return 0;
+    if (*integer)
+        return 1;
+    char buffer[64];
+    if (*p - start >= (Py_ssize_t)sizeof buffer)
+        return 0;
+    memcpy(buffer, start, (size_t)(*p - start));
+    buffer[*p - start] = '\0';
+    double value = PyOS_string_to_double(buffer, NULL, NULL);
+    if (value == -1.0 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return 0;
+    }
+    return !Py_IS_INFINITY(value);
 }
 
 /* Opens the object or array at *p (after blanks) when its first character is `bracket`. */
@@ -913,9 +953,8 @@ static int decimal(cursor text, Py_ssize_t size, int sign, long long *value) {
     return 1;
 }
 
-/* A JSON string's text with its escapes resolved, as a str; NULL with *gave_up set for a lone
- * surrogate (the Python passes decide about those), or with a Python error. */
-static PyObject *unescaped(cursor text, Py_ssize_t size, int *gave_up) {
+/* A JSON string's text (checked by string()) with its escapes resolved, as a str. */
+static PyObject *unescaped(cursor text, Py_ssize_t size) {
     unsigned char *out = PyMem_Malloc((size_t)size + 1), *o = out;
     if (out == NULL)
         return PyErr_NoMemory();
@@ -936,19 +975,9 @@ static PyObject *unescaped(cursor text, Py_ssize_t size, int *gave_up) {
         for (int i = 0; i < 4; i++)
             code = code << 4 | (uint32_t)hex_digit(q[i]);
         q += 4;
-        if (code >= 0xD800 && code <= 0xDBFF && end - q >= 6 && q[0] == '\\' && q[1] == 'u') {
-            uint32_t low = 0;
-            for (int i = 2; i < 6; i++)
-                low = low << 4 | (uint32_t)hex_digit(q[i]);
-            if (low >= 0xDC00 && low <= 0xDFFF) {
-                code = 0x10000 + ((code - 0xD800) << 10) + (low - 0xDC00);
-                q += 6;
-            }
-        }
-        if (code >= 0xD800 && code <= 0xDFFF) {
-            PyMem_Free(out);
-            *gave_up = 1;
-            return NULL;
+        if (code >= 0xD800 && code <= 0xDBFF) {  /* (string() found its low half next) */
+            code = 0x10000 + ((code - 0xD800) << 10) + (escaped_unit(q, end) - 0xDC00);
+            q += 6;
         }
         if (code < 0x80) {
             *o++ = (unsigned char)code;
@@ -971,8 +1000,8 @@ static PyObject *unescaped(cursor text, Py_ssize_t size, int *gave_up) {
     return result;
 }
 
-/* The JSON string at *p as a str; NULL with *gave_up set when it is none or holds a lone
- * surrogate, or with a Python error. */
+/* The JSON string at *p as a str; NULL with *gave_up set when it is none, or with a Python
+ * error. */
 static PyObject *json_str(cursor *p, cursor end, int *gave_up) {
     cursor text;
     Py_ssize_t size;
@@ -981,7 +1010,7 @@ static PyObject *json_str(cursor *p, cursor end, int *gave_up) {
         *gave_up = 1;
         return NULL;
     }
-    return escaped ? unescaped(text, size, gave_up)
+    return escaped ? unescaped(text, size)
                    : PyUnicode_DecodeUTF8((const char *)text, size, NULL);
 }
 
@@ -1049,8 +1078,6 @@ static int json_any_value(cursor *p, cursor end, PyObject **value) {
             number_read = PyOS_string_to_double(buffer, NULL, NULL);
             if (number_read == -1.0 && PyErr_Occurred())
                 return -1;
-            if (Py_IS_INFINITY(number_read))
-                return GIVE_UP;  /* (an overflow: how the Python passes read it is theirs) */
         }
         if ((*value = PyFloat_FromDouble(number_read)) == NULL)
             return -1;
