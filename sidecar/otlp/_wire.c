@@ -865,21 +865,29 @@ static int opens(cursor *p, cursor end, char bracket) {
     return 1;
 }
 
-/* The next member of an object being walked (*count: members so far): NEXT with its key (an
- * escaped key is BAD: given up on) and *p at its value, END past the '}', or BAD. */
-static int member(cursor *p, cursor end, Py_ssize_t *count, cursor *k, Py_ssize_t *k_size) {
-    int escaped;
+/* The next item of an object or array being walked (*count: items so far, counted here): NEXT
+ * with *p at it, END past the `close` bracket, or BAD. */
+static int next_item(cursor *p, cursor end, Py_ssize_t *count, char close) {
     blank(p, end);
-    if (*p < end && **p == '}') {
+    if (*p < end && **p == close) {
         (*p)++;
         return END;
     }
-    if (*count > 0) {
+    if ((*count)++ > 0) {
         if (*p >= end || **p != ',')
             return BAD;
         (*p)++;
         blank(p, end);
     }
+    return NEXT;
+}
+
+/* The next member of an object being walked: NEXT with its key (an escaped key is BAD: given
+ * up on) and *p at its value, END past the '}', or BAD. */
+static int member(cursor *p, cursor end, Py_ssize_t *count, cursor *k, Py_ssize_t *k_size) {
+    int escaped, walked = next_item(p, end, count, '}');
+    if (walked != NEXT)
+        return walked;
     if (!string(p, end, k, k_size, &escaped) || escaped)
         return BAD;
     blank(p, end);
@@ -887,24 +895,6 @@ static int member(cursor *p, cursor end, Py_ssize_t *count, cursor *k, Py_ssize_
         return BAD;
     (*p)++;
     blank(p, end);
-    (*count)++;
-    return NEXT;
-}
-
-/* The next element of an array being walked: NEXT with *p at it, END past the ']', or BAD. */
-static int element(cursor *p, cursor end, Py_ssize_t *count) {
-    blank(p, end);
-    if (*p < end && **p == ']') {
-        (*p)++;
-        return END;
-    }
-    if (*count > 0) {
-        if (*p >= end || **p != ',')
-            return BAD;
-        (*p)++;
-        blank(p, end);
-    }
-    (*count)++;
     return NEXT;
 }
 
@@ -925,7 +915,7 @@ static int skip_value(cursor *p, cursor end, int depth) {
         return walked == END;
     case '[':
         (*p)++;
-        while ((walked = element(p, end, &count)) == NEXT)
+        while ((walked = next_item(p, end, &count, ']')) == NEXT)
             if (!skip_value(p, end, depth + 1))
                 return 0;
         return walked == END;
@@ -1090,6 +1080,32 @@ static int json_any_value(cursor *p, cursor end, PyObject **value) {
     return GIVE_UP;
 }
 
+/* A KeyValue object at *p, *p moved past it: its key (a string without escapes) and where its
+ * value starts (NULL when it has none); 0 when it is not such an object. */
+static int key_value(cursor *p, cursor end, cursor *name, Py_ssize_t *name_size, cursor *value) {
+    Py_ssize_t count = 0, k_size;
+    cursor k;
+    int walked, escaped;
+    *name = *value = NULL;
+    if (!opens(p, end, '{'))
+        return 0;
+    while ((walked = member(p, end, &count, &k, &k_size)) == NEXT) {
+        if (IS(k, k_size, "key")) {
+            if (*name != NULL || !string(p, end, name, name_size, &escaped) || escaped)
+                return 0;
+            continue;
+        }
+        if (IS(k, k_size, "value")) {
+            if (*value != NULL)
+                return 0;
+            *value = *p;
+        }
+        if (!skip_value(p, end, 1))
+            return 0;
+    }
+    return walked == END && *name != NULL;
+}
+
 /* The attributes array at *p: the values of `keys` (a tuple; None: every key) into *out (the
  * plan's shared empty dict when none). A null list is none. */
 static int json_attributes(const plan *plan, cursor *p, cursor end, PyObject *keys,
@@ -1105,27 +1121,10 @@ static int json_attributes(const plan *plan, cursor *p, cursor end, PyObject *ke
     }
     if (!opens(p, end, '['))
         return GIVE_UP;
-    while ((walked = element(p, end, &count)) == NEXT) {
-        Py_ssize_t members = 0, k_size, name_size = 0;
-        cursor k, name = NULL, value = NULL;
-        int escaped;
-        if (!opens(p, end, '{'))
-            goto give_up;
-        while ((walked = member(p, end, &members, &k, &k_size)) == NEXT) {
-            if (IS(k, k_size, "key")) {
-                if (name != NULL || !string(p, end, &name, &name_size, &escaped) || escaped)
-                    goto give_up;
-            } else {
-                if (IS(k, k_size, "value")) {
-                    if (value != NULL)
-                        goto give_up;
-                    value = *p;
-                }
-                if (!skip_value(p, end, 1))
-                    goto give_up;
-            }
-        }
-        if (walked != END || name == NULL)
+    while ((walked = next_item(p, end, &count, ']')) == NEXT) {
+        Py_ssize_t name_size;
+        cursor name, value;
+        if (!key_value(p, end, &name, &name_size, &value))
             goto give_up;
         PyObject *key;
         if (keys == Py_None) {
@@ -1408,7 +1407,7 @@ static int json_spans(const plan *plan, json_sink *j, cursor *p, cursor end, int
     int walked, result;
     if (!opens(p, end, '['))
         return GIVE_UP;
-    while ((walked = element(p, end, &count)) == NEXT) {
+    while ((walked = next_item(p, end, &count, ']')) == NEXT) {
         if (!scopes) {
             if ((result = json_span(plan, j, p, end)) != DONE)
                 return result;
@@ -1455,27 +1454,10 @@ static int json_resource(json_sink *j, cursor *p, cursor end) {
         Py_ssize_t items = 0;
         if (seen++ || !opens(p, end, '['))
             return GIVE_UP;
-        while ((walked = element(p, end, &items)) == NEXT) {
-            Py_ssize_t members = 0, name_size = 0, key_size;
-            cursor name = NULL, value = NULL, key;
-            int escaped;
-            if (!opens(p, end, '{'))
-                return GIVE_UP;
-            while ((walked = member(p, end, &members, &key, &key_size)) == NEXT) {
-                if (IS(key, key_size, "key")) {
-                    if (name != NULL || !string(p, end, &name, &name_size, &escaped) || escaped)
-                        return GIVE_UP;
-                    continue;
-                }
-                if (IS(key, key_size, "value")) {
-                    if (value != NULL)
-                        return GIVE_UP;
-                    value = *p;
-                }
-                if (!skip_value(p, end, 1))
-                    return GIVE_UP;
-            }
-            if (walked != END || name == NULL)
+        while ((walked = next_item(p, end, &items, ']')) == NEXT) {
+            Py_ssize_t name_size;
+            cursor name, value;
+            if (!key_value(p, end, &name, &name_size, &value))
                 return GIVE_UP;
             int is_service = IS(name, name_size, "service.name");
             int is_version = IS(name, name_size, "service.version");
@@ -1575,7 +1557,7 @@ static PyObject *decode_json(PyObject *module, PyObject *const *args, Py_ssize_t
                 continue;
             }
             result = opens(&p, end, '[') ? DONE : GIVE_UP;
-            while (result == DONE && (walked = element(&p, end, &items)) == NEXT)
+            while (result == DONE && (walked = next_item(&p, end, &items, ']')) == NEXT)
                 result = json_resource_spans(&plan, &j, &p, end);
             if (result == DONE && walked != END)
                 result = GIVE_UP;
