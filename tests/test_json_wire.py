@@ -21,6 +21,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from processes import fuzz_sanitized
+from test_wire import RULES
 
 from sidecar.model.names import VIOLATION_SPAN
 from sidecar.model.spans import KINDS, STATUSES, Projection, Span
@@ -37,13 +38,6 @@ UNSHRUNK = settings(BOUNDED, phases=[Phase.explicit, Phase.reuse, Phase.generate
 
 # --- what is decoded: filters, and the outcomes compared ------------------------------------------
 
-RULES = """rules:
-  - id: retried
-    severity: high
-    condition: trace.count(payment.charge) > 1 and not auth.check.where(amount > 0)
-    signal:
-      context: [k]
-"""
 RETRY_RULE = """rules:
   - id: payment-retry-idempotency
     severity: critical

@@ -835,9 +835,10 @@ static int number_text(cursor *p, cursor end, int *integer) {
     return 1;
 }
 
-/* The JSON number at *p, *p moved past it; *integer when it has no fraction or exponent. One
- * that overflows a double is refused, as the Python passes refuse it. */
-static int number(cursor *p, cursor end, int *integer) {
+/* The JSON number at *p, *p moved past it; *integer when it has no fraction or exponent, else
+ * its value in *read (when not NULL). One that overflows a double is refused, as the Python
+ * passes refuse it. */
+static int number(cursor *p, cursor end, int *integer, double *read) {
     cursor start = *p;
     if (!number_text(p, end, integer))
         return 0;
@@ -853,6 +854,8 @@ static int number(cursor *p, cursor end, int *integer) {
         PyErr_Clear();
         return 0;
     }
+    if (read != NULL)
+        *read = value;
     return !Py_IS_INFINITY(value);
 }
 
@@ -923,7 +926,7 @@ static int skip_value(cursor *p, cursor end, int depth) {
     case 't': return WORD(p, end, "true");
     case 'f': return WORD(p, end, "false");
     case 'n': return WORD(p, end, "null");
-    default: return number(p, end, &flag);
+    default: return number(p, end, &flag, NULL);
     }
 }
 
@@ -1035,13 +1038,12 @@ static int json_any_value(cursor *p, cursor end, PyObject **value) {
     } else if (IS(k, k_size, "intValue")) {
         if (**p == '"' ? !string(p, end, &text, &size, &escaped) || escaped ||
                          !decimal(text, size, 1, &whole)
-                       : !number(p, end, &integer) || !integer ||
+                       : !number(p, end, &integer, NULL) || !integer ||
                          !decimal(start, *p - start, 1, &whole))
             return GIVE_UP;
         if ((*value = PyLong_FromLongLong(whole)) == NULL)
             return -1;
     } else if (IS(k, k_size, "doubleValue")) {
-        char buffer[40];
         double number_read;
         if (**p == '"') {
             if (!string(p, end, &text, &size, &escaped) || escaped)
@@ -1054,20 +1056,12 @@ static int json_any_value(cursor *p, cursor end, PyObject **value) {
                 number_read = -Py_HUGE_VAL;
             else
                 return GIVE_UP;
-        } else if (!number(p, end, &integer)) {
+        } else if (!number(p, end, &integer, &number_read)) {
             return GIVE_UP;
         } else if (integer) {  /* an int made a float, as the Python passes do: -0 is 0.0 */
             if (!decimal(start, *p - start, 1, &whole))
                 return GIVE_UP;
             number_read = (double)whole;
-        } else {
-            if (*p - start >= (Py_ssize_t)sizeof buffer)
-                return GIVE_UP;
-            memcpy(buffer, start, (size_t)(*p - start));
-            buffer[*p - start] = '\0';
-            number_read = PyOS_string_to_double(buffer, NULL, NULL);
-            if (number_read == -1.0 && PyErr_Occurred())
-                return -1;
         }
         if ((*value = PyFloat_FromDouble(number_read)) == NULL)
             return -1;
@@ -1189,7 +1183,7 @@ static int json_time(cursor *p, cursor end, uint64_t *value) {
         if (!string(p, end, &text, &size, &escaped) || escaped)
             return 0;
     } else {
-        if (!number(p, end, &integer) || !integer)
+        if (!number(p, end, &integer, NULL) || !integer)
             return 0;
         size = *p - text;
     }
@@ -1215,7 +1209,7 @@ static int json_enum(cursor *p, cursor end, PyObject *names, const char *prefix)
         return -1;
     if (**p != '"') {
         long long value;
-        if (!number(p, end, &integer) || !integer || !decimal(text, *p - text, 0, &value) ||
+        if (!number(p, end, &integer, NULL) || !integer || !decimal(text, *p - text, 0, &value) ||
                 value >= count)
             return -1;
         return (int)value;
