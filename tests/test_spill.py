@@ -1,6 +1,7 @@
-"""Replay's spill codec (`sidecar.replay._spill`): what `pack` writes, `unpack` gives back as equal
-spans, whatever values they hold (the shared strings written once); bytes it did not write raise
-ValueError, never crash, and under AddressSanitizer it reads nothing it should not."""
+"""Replay's spill codec (`sidecar.replay._spill`): what a `Packer` holds, `unpack` gives back as
+equal spans, each trace's in the part its id names and in the order added, whatever values they
+hold (the shared strings written once per part); bytes it did not write raise ValueError, never
+crash, and under AddressSanitizer it reads nothing it should not."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from processes import fuzz_sanitized
 from sidecar.model.spans import NO_ATTRIBUTES as _NO_ATTRIBUTES
 from sidecar.model.spans import SLOT_DESCRIPTORS as _SLOTS
 from sidecar.model.spans import Span, span_of
-from sidecar.replay._spill import pack, unpack
+from sidecar.replay._spill import Packer, unpack
 
 BOUNDED = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SCALARS = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(),
@@ -31,38 +32,95 @@ SPANS = st.builds(
     st.sampled_from(["SERVER", "CLIENT"]), st.one_of(st.none(), st.sampled_from(["a", "b"])),
     st.one_of(st.none(), TEXT), st.dictionaries(st.sampled_from(["amount", "k", "ü", "attempt"]),
                                                 VALUES, max_size=4), VALUES)
-TRACES = st.lists(st.tuples(st.text(min_size=1, max_size=4), st.lists(SPANS, max_size=4)),
-                  max_size=5)
+# ids as the decoders make them (32 hex digits, either case), and any other text (hashed)
+TRACE_IDS = st.one_of(st.text(min_size=1, max_size=4),
+                      st.text("0123456789abcdefABCDEF", min_size=32, max_size=32),
+                      st.sampled_from(["0" * 32, "f" * 32, "0" * 31 + "g"]))
+TRACES = st.lists(st.tuples(TRACE_IDS, st.lists(SPANS, max_size=4)), max_size=6)
 
 
-def fields(traces: list[tuple[str, list[Span]]]) -> list[Any]:
+def fields(traces: dict[str, list[Span]]) -> dict[str, Any]:
     """Every slot of every span as its repr (a NaN equals a NaN, 1, 1.0 and True differ); the
-    trace id is the item's."""
-    return [(trace_id, [[repr(getattr(span, name)) for name in Span.__slots__
-                         if name != "trace_id"] for span in spans])
-            for trace_id, spans in traces]
+    trace id is the key's."""
+    return {trace_id: [[repr(getattr(span, name)) for name in Span.__slots__
+                        if name != "trace_id"] for span in spans]
+            for trace_id, spans in traces.items()}
+
+
+def grouped(traces: list[tuple[str, list[Span]]]) -> dict[str, list[Span]]:
+    out: dict[str, list[Span]] = {}
+    for trace_id, spans in traces:
+        out.setdefault(trace_id, []).extend(spans)
+    return out
+
+
+def hex_part(trace_id: str, count: int, depth: int) -> int | None:
+    """The part a decoder's id goes to (eight of its hex digits, others at each depth)."""
+    digits = trace_id[24 - 8 * depth:32 - 8 * depth]
+    if len(trace_id) != 32 or not all(c in "0123456789abcdefABCDEF" for c in digits):
+        return None
+    return int(digits, 16) % count
 
 
 @BOUNDED
-@given(TRACES)
-def test_what_is_packed_unpacks_equal(traces: list[tuple[str, list[Span]]]) -> None:
-    back = unpack(pack(traces, _SLOTS), Span, _SLOTS, _NO_ATTRIBUTES)
-    assert fields(back) == fields(traces)
-    for trace_id, spans in back:
-        assert all(span.trace_id is trace_id for span in spans)
+@given(TRACES, st.integers(1, 5), st.integers(0, 2), st.booleans())
+def test_what_is_packed_unpacks_equal_in_its_part(traces: list[tuple[str, list[Span]]],
+                                                   count: int, depth: int, split: bool) -> None:
+    packer = Packer(count, depth, _SLOTS)
+    if split:  # added in two calls, the first as a dict
+        half = len(traces) // 2
+        assert packer.add(grouped(traces[:half])) + packer.add(traces[half:]) == \
+            sum(len(spans) for _, spans in traces)
+    else:
+        assert packer.add(traces) == sum(len(spans) for _, spans in traces)
+    chunks = packer.take()
+    assert len(chunks) == count
+    assert packer.size == 0 and packer.take() == [None] * count
+    back: dict[str, list[Span]] = {}
+    for number, chunk in enumerate(chunks):
+        part: dict[str, list[Span]] = {}
+        if chunk is not None:
+            assert unpack(chunk, part, Span, _SLOTS, _NO_ATTRIBUTES) == \
+                sum(map(len, part.values()))
+        for trace_id in part:
+            assert hex_part(trace_id, count, depth) in (None, number)
+            assert trace_id not in back, "a trace is in one part"
+        back.update(part)
+    assert fields(back) == fields(grouped(traces))
+    for trace_id, spans in back.items():
+        assert all(span.trace_id == trace_id for span in spans)
         assert all(span.attributes is _NO_ATTRIBUTES for span in spans if not span.attributes)
 
 
-def test_shared_strings_are_written_once() -> None:
-    def span(number: int) -> Span:
-        return span_of("", f"{number:016x}", "payment.charge", "", number, number, "ERROR",
-                       "CLIENT", "payments", "v2.15.0", {"payment_intent_id": f"pi_{number}"},
-                       "v2.15.0")
-    one, many = pack([("t", [span(0)])], _SLOTS), pack([("t", [span(i) for i in range(100)])],
-                                                         _SLOTS)
-    assert many.count(b"payment.charge") == many.count(b"payment_intent_id") == 1
-    assert (len(many) - len(one)) / 99 < 0.6 * len(one)  # each further span: its own values
-    [(_, spans)] = unpack(many, Span, _SLOTS, _NO_ATTRIBUTES)
+def span(number: int) -> Span:
+    return span_of("", f"{number:016x}", "payment.charge", "", number, number, "ERROR",
+                   "CLIENT", "payments", "v2.15.0", {"payment_intent_id": f"pi_{number}"},
+                   "v2.15.0")
+
+
+def test_unpack_merges_into_the_traces_it_is_given() -> None:
+    packer = Packer(1, 0, _SLOTS)
+    packer.add([("t", [span(1)]), ("u", [span(2)]), ("t", [span(3)])])
+    [chunk] = packer.take()
+    traces = {"t": [span(0)]}
+    assert unpack(chunk, traces, Span, _SLOTS, _NO_ATTRIBUTES) == 3
+    assert [s.span_id for s in traces["t"]] == [f"{n:016x}" for n in (0, 1, 3)]
+    assert [s.span_id for s in traces["u"]] == [f"{2:016x}"]
+    with pytest.raises(TypeError, match="lists"):
+        unpack(chunk, {"t": ()}, Span, _SLOTS, _NO_ATTRIBUTES)
+
+
+def test_shared_strings_are_written_once_per_part() -> None:
+    one, many = Packer(1, 0, _SLOTS), Packer(1, 0, _SLOTS)
+    one.add([("t", [span(0)])])
+    many.add([("t", [span(i)]) for i in range(100)])
+    assert many.size > one.size
+    [small], [big] = one.take(), many.take()
+    assert big.count(b"payment.charge") == big.count(b"payment_intent_id") == 1
+    assert (len(big) - len(small)) / 99 < 0.6 * len(small)  # each further span: its own values
+    traces: dict[str, list[Span]] = {}
+    unpack(big, traces, Span, _SLOTS, _NO_ATTRIBUTES)
+    spans = traces["t"]
     assert spans[5].name is spans[6].name and spans[5].span_id == f"{5:016x}"
 
 
@@ -70,35 +128,48 @@ def test_shared_strings_are_written_once() -> None:
 @settings(max_examples=500, deadline=None)
 def test_bytes_it_did_not_write_raise_value_error(data: bytes) -> None:
     try:
-        unpack(data, Span, _SLOTS, _NO_ATTRIBUTES)
+        unpack(data, {}, Span, _SLOTS, _NO_ATTRIBUTES)
     except (ValueError, EOFError, TypeError):
         pass  # (marshal says EOFError or TypeError of its own bad data)
 
 
 def test_damaged_packs_raise_value_error_or_unpack() -> None:
     rng = random.Random(3)
-    base = pack([(f"{i:032x}", [span_of("", f"{i:016x}", "n", "", i, i, "OK", "SERVER", "s",
-                                        None, {"k": i, "z": ("a", 1)}, None)]) for i in range(20)],
-                _SLOTS)
+    packer = Packer(1, 0, _SLOTS)
+    packer.add([(f"{i:032x}", [span_of("", f"{i:016x}", "n", "", i, i, "OK", "SERVER", "s",
+                                       None, {"k": i, "z": ("a", 1)}, None)]) for i in range(20)])
+    [base] = packer.take()
     for _ in range(2000):
         data = bytearray(base)
         data[rng.randrange(len(data))] = rng.randrange(256)
         try:
-            unpack(bytes(data[:rng.randrange(len(data) + 1)]), Span, _SLOTS, _NO_ATTRIBUTES)
+            unpack(bytes(data[:rng.randrange(len(data) + 1)]), {}, Span, _SLOTS, _NO_ATTRIBUTES)
         except (ValueError, EOFError, TypeError):
             pass
 
 
-def test_arguments_are_checked() -> None:
-    with pytest.raises(TypeError):
-        pack([("t", ())], _SLOTS)
-    with pytest.raises(TypeError):
-        pack([("t", [object()])], _SLOTS)
-    with pytest.raises(ValueError, match="shape"):
-        pack([], _SLOTS[:3])
+def test_arguments_are_checked_and_a_failed_add_stops_the_packer() -> None:
+    with pytest.raises(ValueError, match="slots"):
+        Packer(2, 0, _SLOTS[:3])
+    with pytest.raises(ValueError, match="count"):
+        Packer(0, 0, _SLOTS)
+    with pytest.raises(ValueError, match="depth"):
+        Packer(2, 3, _SLOTS)
+    packer = Packer(2, 0, _SLOTS)
+    for bad in ([("t", ())], [("t",)], [(1, [])], ("t", [])):
+        with pytest.raises(TypeError):
+            packer.add(bad)  # refused before anything is written
+    assert packer.take() == [None, None]
+    with pytest.raises(TypeError, match="doesn't apply"):
+        packer.add([("t", [span(1), object()])])  # refused halfway through a trace
+    with pytest.raises(RuntimeError, match="halfway"):
+        packer.add([("u", [span(2)])])
+    with pytest.raises(RuntimeError, match="halfway"):
+        packer.take()
     with pytest.raises(TypeError, match="descriptors"):
-        unpack(pack([], _SLOTS), Span, ("x",) * 12, _NO_ATTRIBUTES)
-    assert unpack(pack([], _SLOTS), Span, _SLOTS, _NO_ATTRIBUTES) == []
+        unpack(b"\x00", {}, Span, ("x",) * 12, _NO_ATTRIBUTES)
+    traces: dict[str, list[Span]] = {}
+    assert unpack(b"\x00", traces, Span, _SLOTS, _NO_ATTRIBUTES) == 0 and traces == {}
 
 
 FUZZ = """
@@ -109,16 +180,19 @@ from sidecar.model.spans import Span, span_of
 from sidecar.model.spans import NO_ATTRIBUTES as _NO_ATTRIBUTES
 from sidecar.model.spans import SLOT_DESCRIPTORS as _SLOTS
 rng = random.Random(5)
-base = _spill.pack([(f"{i:032x}", [span_of("", f"{i:016x}", "payment.charge", "", i, 2**63 + i,
-                                           "OK", "SERVER", "s", "v", {"k": i, "a": 1.5, "z": ("a", 1)},
-                                           "g")]) for i in range(30)], _SLOTS)
+packer = _spill.Packer(1, 1, _SLOTS)
+packer.add([(f"{i:032x}", [span_of("", f"{i:016x}", "payment.charge", "", i, 2**63 + i,
+                                    "OK", "SERVER", "s", "v", {"k": i, "a": 1.5, "z": ("a", 1)},
+                                    "g")]) for i in range(30)])
+packer.add([("odd id", [])])
+[base] = packer.take()
 for _ in range(5000):
     data = bytearray(base)
     for _ in range(rng.randint(1, 3)):
         data[rng.randrange(len(data))] = rng.randrange(256)
     for sample in (bytes(data[:rng.randrange(len(data) + 1)]), os.urandom(rng.randint(0, 40))):
         try:
-            _spill.unpack(sample, Span, _SLOTS, _NO_ATTRIBUTES)
+            _spill.unpack(sample, {}, Span, _SLOTS, _NO_ATTRIBUTES)
         except (ValueError, EOFError, TypeError):
             pass
 print("clean")
@@ -126,7 +200,7 @@ print("clean")
 
 
 def test_no_memory_error_under_address_sanitizer(tmp_path: Path) -> None:
-    """Built with AddressSanitizer and UBSan, unpack runs over 10,000 damaged and random inputs
-    without a report."""
+    """Built with AddressSanitizer and UBSan, a Packer packs and unpack runs over 10,000 damaged
+    and random inputs without a report."""
     fuzz_sanitized(Path(__file__).resolve().parent.parent / "sidecar" / "replay" / "_spill.c",
                    FUZZ, tmp_path)

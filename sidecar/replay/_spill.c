@@ -1,9 +1,12 @@
-/* Replay's spilled traces packed into bytes and unpacked straight into `Span`s, in C: what marshal
- * did with a tuple per span, at about half the cost (tuples made, marshalled, loaded and made into
- * spans again: 3.1 us per span, against 1.7-1.9). The strings a trace's spans share (names, statuses, kinds, services, versions,
- * attribute keys, --group-by values) are written once per pack; the values a rule reads are
- * written as they are (None, bool, int, float, str) and anything else through marshal. See
- * sidecar/replay/partitions.py, the one caller. */
+/* Replay's held and spilled traces packed into bytes and unpacked straight into `Span`s, in C:
+ * what marshal did with a tuple per span, at about half the cost (tuples made, marshalled, loaded
+ * and made into spans again: 3.1 us per span, against 1.7-1.9). A `Packer` takes the decoders'
+ * batches as they come and keeps them packed, already in their partitions (a held span costs its
+ * packed bytes, not a Python object); `unpack` merges a partition's chunks by trace id. The
+ * strings spans share (names, statuses, kinds, services, versions, attribute keys, --group-by
+ * values) are written once per chunk; the values a rule reads are written as they are (None,
+ * bool, int, float, str) and anything else through marshal. See sidecar/replay/partitions.py,
+ * the one caller. */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -54,14 +57,19 @@ static int put_tag(writer *w, char tag) {
     return put(w, &tag, 1);
 }
 
-static int put_size(writer *w, uint64_t value) {
-    unsigned char bytes[10];
+/* `value` as a varint in `bytes`; its length. */
+static int varint(unsigned char bytes[10], uint64_t value) {
     int n = 0;
     do {
         bytes[n++] = (unsigned char)((value & 0x7F) | (value > 0x7F ? 0x80 : 0));
         value >>= 7;
     } while (value);
-    return put(w, bytes, n);
+    return n;
+}
+
+static int put_size(writer *w, uint64_t value) {
+    unsigned char bytes[10];
+    return put(w, bytes, varint(bytes, value));
 }
 
 /* One value; a str that `shared` says recurs is written once and referred to after. */
@@ -129,65 +137,244 @@ static int put_attributes(writer *w, PyObject *attributes) {
     return 0;
 }
 
-PyDoc_STRVAR(pack_doc,
-"pack(traces: list[tuple[str, list[Span]]], slots: tuple) -> bytes\n\n"
-"The traces' spans as bytes for `unpack`: every slot but the trace id, read through `slots`\n"
-"(Span's member descriptors, in partitions.py's order).");
-
-static PyObject *pack(PyObject *module, PyObject *args) {
-    PyObject *traces, *slots;
-    if (!PyArg_ParseTuple(args, "O!O!:pack", &PyList_Type, &traces, &PyTuple_Type, &slots))
-        return NULL;
-    if (PyTuple_GET_SIZE(slots) != SLOTS) {
-        PyErr_SetString(PyExc_ValueError, "pack: slots of the wrong shape");
-        return NULL;
-    }
-    writer w = {PyMem_Malloc(4096), 0, 4096, PyDict_New()};
-    PyObject *result = NULL;
-    if (w.data == NULL || w.seen == NULL) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    if (put_size(&w, (uint64_t)PyList_GET_SIZE(traces)) < 0)
-        goto done;
-    for (Py_ssize_t t = 0; t < PyList_GET_SIZE(traces); t++) {
-        PyObject *item = PyList_GET_ITEM(traces, t);
-        if (!PyTuple_CheckExact(item) || PyTuple_GET_SIZE(item) != 2 ||
-                !PyList_CheckExact(PyTuple_GET_ITEM(item, 1))) {
-            PyErr_SetString(PyExc_TypeError, "pack: each trace is (trace_id, [Span, ...])");
-            goto done;
+/* Every slot of a span but the trace id (the trace's). */
+static int put_span(writer *w, PyObject *span, PyObject *slots) {
+    for (int i = 0; i < SLOTS; i++) {
+        if (i == TRACE_ID)
+            continue;
+        PyObject *slot = PyTuple_GET_ITEM(slots, i);
+        descrgetfunc get = Py_TYPE(slot)->tp_descr_get;
+        PyObject *value = get == NULL ? NULL : get(slot, span, (PyObject *)Py_TYPE(span));
+        if (value == NULL) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_TypeError, "Packer: slots must be descriptors");
+            return -1;
         }
-        PyObject *spans = PyTuple_GET_ITEM(item, 1);
-        if (put_value(&w, PyTuple_GET_ITEM(item, 0), 0) < 0 ||
-                put_size(&w, (uint64_t)PyList_GET_SIZE(spans)) < 0)
-            goto done;
-        for (Py_ssize_t s = 0; s < PyList_GET_SIZE(spans); s++) {
-            PyObject *span = PyList_GET_ITEM(spans, s);
-            for (int i = 0; i < SLOTS; i++) {
-                if (i == TRACE_ID)
-                    continue;
-                PyObject *slot = PyTuple_GET_ITEM(slots, i);
-                descrgetfunc get = Py_TYPE(slot)->tp_descr_get;
-                PyObject *value = get == NULL ? NULL : get(slot, span, (PyObject *)Py_TYPE(span));
-                if (value == NULL) {
-                    if (!PyErr_Occurred())
-                        PyErr_SetString(PyExc_TypeError, "pack: slots must be descriptors");
-                    goto done;
-                }
-                int failed = i == ATTRIBUTES ? put_attributes(&w, value)
-                                             : put_value(&w, value, SHARED[i]);
-                Py_DECREF(value);
-                if (failed < 0)
-                    goto done;
-            }
-        }
+        int failed = i == ATTRIBUTES ? put_attributes(w, value) : put_value(w, value, SHARED[i]);
+        Py_DECREF(value);
+        if (failed < 0)
+            return -1;
     }
-    result = PyBytes_FromStringAndSize(w.data, w.size);
-done:
-    PyMem_Free(w.data);
-    Py_XDECREF(w.seen);
-    return result;
+    return 0;
 }
+
+static int hex_value(int c) {
+    return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10
+         : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+}
+
+/* A trace's part among `count` at split depth `depth`: eight hex digits of its id, other ones at
+ * each depth (ids from the decoders are 32 hex digits); any other id by a hash of its text. */
+static Py_ssize_t part_of(PyObject *trace_id, Py_ssize_t count, int depth) {
+    Py_ssize_t size;
+    const char *text = PyUnicode_AsUTF8AndSize(trace_id, &size);
+    if (text == NULL) {
+        PyErr_Clear();  /* (a lone surrogate) */
+        return 0;
+    }
+    uint64_t value = 0;
+    if (size == 32) {
+        for (int i = 24 - 8 * depth; i < 32 - 8 * depth; i++) {
+            int digit = hex_value((unsigned char)text[i]);
+            if (digit < 0)
+                goto hashed;
+            value = value << 4 | (uint64_t)digit;
+        }
+        return (Py_ssize_t)(value % (uint64_t)count);
+    }
+hashed:
+    value = 14695981039346656037ULL ^ (uint64_t)depth;  /* FNV-1a */
+    for (Py_ssize_t i = 0; i < size; i++)
+        value = (value ^ (unsigned char)text[i]) * 1099511628211ULL;
+    return (Py_ssize_t)(value % (uint64_t)count);
+}
+
+typedef struct {
+    PyObject_HEAD
+    Py_ssize_t count;  /* parts */
+    int depth;
+    PyObject *slots;
+    writer *parts;
+    uint64_t *traces;  /* trace entries written to each part */
+    Py_ssize_t size;   /* bytes held, all parts */
+    int broken;        /* an add failed halfway: what is held is not whole */
+} Packer;
+
+static void clear_part(Packer *self, Py_ssize_t i) {
+    self->size -= self->parts[i].size;
+    PyMem_Free(self->parts[i].data);
+    Py_CLEAR(self->parts[i].seen);
+    self->parts[i] = (writer){NULL, 0, 0, NULL};
+    self->traces[i] = 0;
+}
+
+static void clear_parts(Packer *self) {
+    for (Py_ssize_t i = 0; self->parts != NULL && i < self->count; i++)
+        clear_part(self, i);
+}
+
+static void Packer_dealloc(Packer *self) {
+    clear_parts(self);
+    PyMem_Free(self->parts);
+    PyMem_Free(self->traces);
+    Py_XDECREF(self->slots);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int Packer_init(Packer *self, PyObject *args, PyObject *kwargs) {
+    Py_ssize_t count;
+    int depth;
+    PyObject *slots;
+    static char *names[] = {"count", "depth", "slots", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "niO!:Packer", names, &count, &depth,
+                                     &PyTuple_Type, &slots))
+        return -1;
+    if (count < 1 || depth < 0 || depth > 2 || PyTuple_GET_SIZE(slots) != SLOTS) {
+        PyErr_SetString(PyExc_ValueError, "Packer: count >= 1, depth 0-2 and Span's 12 slots");
+        return -1;
+    }
+    if (self->parts != NULL) {
+        PyErr_SetString(PyExc_TypeError, "Packer: already made");
+        return -1;
+    }
+    self->parts = PyMem_Calloc((size_t)count, sizeof(writer));
+    self->traces = PyMem_Calloc((size_t)count, sizeof(uint64_t));
+    if (self->parts == NULL || self->traces == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    self->count = count;
+    self->depth = depth;
+    self->slots = Py_NewRef(slots);
+    return 0;
+}
+
+/* One trace's spans appended to its part. */
+static int add_trace(Packer *self, PyObject *trace_id, PyObject *spans) {
+    if (!PyUnicode_CheckExact(trace_id) || !PyList_CheckExact(spans)) {
+        PyErr_SetString(PyExc_TypeError, "Packer.add: each trace is (trace_id: str, [Span, ...])");
+        return -1;
+    }
+    Py_ssize_t number = part_of(trace_id, self->count, self->depth);
+    writer *w = &self->parts[number];
+    if (w->seen == NULL && (w->seen = PyDict_New()) == NULL)
+        return -1;
+    Py_ssize_t before = w->size;
+    self->broken = 1;  /* until this trace is written whole */
+    if (put_value(w, trace_id, 0) < 0 || put_size(w, (uint64_t)PyList_GET_SIZE(spans)) < 0)
+        return -1;
+    for (Py_ssize_t s = 0; s < PyList_GET_SIZE(spans); s++)
+        if (put_span(w, PyList_GET_ITEM(spans, s), self->slots) < 0)
+            return -1;
+    self->broken = 0;
+    self->traces[number]++;
+    self->size += w->size - before;
+    return 0;
+}
+
+PyDoc_STRVAR(add_doc,
+"add(traces: dict[str, list[Span]] | list[tuple[str, list[Span]]]) -> int\n\n"
+"Append each trace's spans to its part; the spans added.");
+
+static PyObject *Packer_add(Packer *self, PyObject *traces) {
+    if (self->broken) {
+        PyErr_SetString(PyExc_RuntimeError, "Packer: an earlier add failed halfway");
+        return NULL;
+    }
+    Py_ssize_t spans = 0;
+    if (PyDict_CheckExact(traces)) {
+        Py_ssize_t at = 0;
+        PyObject *trace_id, *found;
+        while (PyDict_Next(traces, &at, &trace_id, &found)) {
+            if (add_trace(self, trace_id, found) < 0)
+                return NULL;
+            spans += PyList_GET_SIZE(found);
+        }
+    } else if (PyList_CheckExact(traces)) {
+        for (Py_ssize_t t = 0; t < PyList_GET_SIZE(traces); t++) {
+            PyObject *item = PyList_GET_ITEM(traces, t);
+            if (!PyTuple_CheckExact(item) || PyTuple_GET_SIZE(item) != 2) {
+                PyErr_SetString(PyExc_TypeError,
+                                "Packer.add: each trace is (trace_id: str, [Span, ...])");
+                return NULL;
+            }
+            if (add_trace(self, PyTuple_GET_ITEM(item, 0), PyTuple_GET_ITEM(item, 1)) < 0)
+                return NULL;
+            spans += PyList_GET_SIZE(PyTuple_GET_ITEM(item, 1));
+        }
+    } else {
+        PyErr_SetString(PyExc_TypeError, "Packer.add: a dict or a list of traces");
+        return NULL;
+    }
+    return PyLong_FromSsize_t(spans);
+}
+
+PyDoc_STRVAR(take_doc,
+"take() -> list[bytes | None]\n\n"
+"Each part's chunk for `unpack` (None where nothing was added), by part number; each part is let\n"
+"go as its chunk is made (what is held is not copied whole), and the packer is empty after.");
+
+static PyObject *Packer_take(Packer *self, PyObject *unused) {
+    if (self->broken) {
+        PyErr_SetString(PyExc_RuntimeError, "Packer: an earlier add failed halfway");
+        return NULL;
+    }
+    PyObject *chunks = PyList_New(self->count);
+    if (chunks == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < self->count; i++) {
+        writer *w = &self->parts[i];
+        if (w->size == 0) {
+            PyList_SET_ITEM(chunks, i, Py_NewRef(Py_None));
+            continue;
+        }
+        unsigned char head[10];
+        int n = varint(head, self->traces[i]);  /* the chunk starts with its trace count */
+        PyObject *chunk = PyBytes_FromStringAndSize(NULL, n + w->size);
+        if (chunk == NULL) {
+            self->broken = 1;  /* (parts before this one are gone) */
+            Py_DECREF(chunks);
+            return NULL;
+        }
+        memcpy(PyBytes_AS_STRING(chunk), head, (size_t)n);
+        memcpy(PyBytes_AS_STRING(chunk) + n, w->data, (size_t)w->size);
+        PyList_SET_ITEM(chunks, i, chunk);
+        clear_part(self, i);
+    }
+    return chunks;
+}
+
+static PyObject *Packer_size(Packer *self, void *unused) {
+    return PyLong_FromSsize_t(self->size);
+}
+
+static PyMethodDef packer_methods[] = {
+    {"add", (PyCFunction)Packer_add, METH_O, add_doc},
+    {"take", (PyCFunction)Packer_take, METH_NOARGS, take_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef packer_getset[] = {
+    {"size", (getter)Packer_size, NULL, "bytes held, all parts", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject PackerType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "sidecar.replay._spill.Packer",
+    .tp_doc = PyDoc_STR(
+        "Packer(count, depth, slots): traces' spans packed into bytes, in `count` parts by trace\n"
+        "id (part_of: eight hex digits of the id, other ones at each split depth); every slot\n"
+        "but the trace id, read through `slots` (Span's member descriptors, in partitions.py's\n"
+        "order); the strings spans share written once per part."),
+    .tp_basicsize = sizeof(Packer),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Packer_init,
+    .tp_dealloc = (destructor)Packer_dealloc,
+    .tp_methods = packer_methods,
+    .tp_getset = packer_getset,
+};
 
 typedef struct {
     const unsigned char *p, *end;
@@ -295,16 +482,35 @@ static PyObject *get_attributes(reader *r, PyObject *empty) {
     return attributes;
 }
 
+/* traces[trace_id], a list made on first use (borrowed). */
+static PyObject *bucket_of(PyObject *traces, PyObject *trace_id) {
+    if (!PyUnicode_CheckExact(trace_id)) {
+        corrupt();
+        return NULL;
+    }
+    PyObject *bucket = PyDict_GetItemWithError(traces, trace_id);
+    if (bucket != NULL && !PyList_CheckExact(bucket)) {
+        PyErr_SetString(PyExc_TypeError, "unpack: traces must map trace ids to lists");
+        return NULL;
+    }
+    if (bucket != NULL || PyErr_Occurred() || (bucket = PyList_New(0)) == NULL)
+        return bucket;
+    int failed = PyDict_SetItem(traces, trace_id, bucket);
+    Py_DECREF(bucket);  /* (held by traces) */
+    return failed ? NULL : bucket;
+}
+
 PyDoc_STRVAR(unpack_doc,
-"unpack(data: bytes, span_type: type, slots: tuple, empty: dict) -> list[tuple[str, list[Span]]]\n\n"
-"What `pack` wrote, each span a new `span_type` (no __init__) with its slots set through\n"
-"`slots`; a span without attributes shares `empty`, which must never be changed.");
+"unpack(data: bytes, traces: dict, span_type: type, slots: tuple, empty: dict) -> int\n\n"
+"What a Packer's part held, each span a new `span_type` (no __init__) with its slots set through\n"
+"`slots`, appended to traces[its trace id] (a list, made on first use); the spans read. A span\n"
+"without attributes shares `empty`, which must never be changed.");
 
 static PyObject *unpack(PyObject *module, PyObject *args) {
-    PyObject *data, *slots, *empty;
+    PyObject *data, *traces, *slots, *empty;
     PyTypeObject *span_type;
-    if (!PyArg_ParseTuple(args, "O!O!O!O!:unpack", &PyBytes_Type, &data, &PyType_Type, &span_type,
-                          &PyTuple_Type, &slots, &PyDict_Type, &empty))
+    if (!PyArg_ParseTuple(args, "O!O!O!O!O!:unpack", &PyBytes_Type, &data, &PyDict_Type, &traces,
+                          &PyType_Type, &span_type, &PyTuple_Type, &slots, &PyDict_Type, &empty))
         return NULL;
     if (PyTuple_GET_SIZE(slots) != SLOTS) {
         PyErr_SetString(PyExc_ValueError, "unpack: slots of the wrong shape");
@@ -318,22 +524,16 @@ static PyObject *unpack(PyObject *module, PyObject *args) {
     }
     reader r = {(const unsigned char *)PyBytes_AS_STRING(data), NULL, PyList_New(0)};
     r.end = r.p + PyBytes_GET_SIZE(data);
-    PyObject *traces = NULL;
-    uint64_t count, spans;
-    if (r.seen == NULL || get_size(&r, &count) < 0 || (traces = PyList_New(0)) == NULL)
+    uint64_t count, spans, read = 0;
+    if (r.seen == NULL || get_size(&r, &count) < 0)
         goto fail;
     for (uint64_t t = 0; t < count; t++) {
-        PyObject *trace_id = get_value(&r), *bucket = NULL, *item = NULL;
-        if (trace_id == NULL || get_size(&r, &spans) < 0 || (bucket = PyList_New(0)) == NULL ||
-                (item = PyTuple_Pack(2, trace_id, bucket)) == NULL ||
-                PyList_Append(traces, item) < 0) {
+        PyObject *trace_id = get_value(&r);
+        PyObject *bucket = trace_id == NULL ? NULL : bucket_of(traces, trace_id);
+        if (bucket == NULL || get_size(&r, &spans) < 0) {
             Py_XDECREF(trace_id);
-            Py_XDECREF(bucket);
-            Py_XDECREF(item);
             goto fail;
         }
-        Py_DECREF(item);
-        Py_DECREF(bucket);  /* (held by the item in traces) */
         for (uint64_t s = 0; s < spans; s++) {
             PyObject *span = span_type->tp_alloc(span_type, 0);
             int failed = span == NULL || PyList_Append(bucket, span) < 0;
@@ -350,6 +550,7 @@ static PyObject *unpack(PyObject *module, PyObject *args) {
                 goto fail;
             }
         }
+        read += spans;
         Py_DECREF(trace_id);
     }
     if (r.p != r.end) {
@@ -357,15 +558,13 @@ static PyObject *unpack(PyObject *module, PyObject *args) {
         goto fail;
     }
     Py_DECREF(r.seen);
-    return traces;
+    return PyLong_FromUnsignedLongLong(read);
 fail:
     Py_XDECREF(r.seen);
-    Py_XDECREF(traces);
     return NULL;
 }
 
 static PyMethodDef methods[] = {
-    {"pack", pack, METH_VARARGS, pack_doc},
     {"unpack", unpack, METH_VARARGS, unpack_doc},
     {NULL, NULL, 0, NULL},
 };
@@ -377,5 +576,10 @@ static struct PyModuleDef module = {
 };
 
 PyMODINIT_FUNC PyInit__spill(void) {
-    return PyModule_Create(&module);
+    if (PyType_Ready(&PackerType) < 0)
+        return NULL;
+    PyObject *made = PyModule_Create(&module);
+    if (made != NULL && PyModule_AddObjectRef(made, "Packer", (PyObject *)&PackerType) < 0)
+        Py_CLEAR(made);
+    return made;
 }

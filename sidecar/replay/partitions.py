@@ -1,10 +1,10 @@
 """Replay's grouping and evaluation: one process's share of the work.
 
-A `Worker` groups the records it reads by trace id and, beyond its share of the memory budget
-(or after every file when there are several workers), appends them to partition files by a hash
-of the trace id, one packed chunk at a time (`_spill.pack`: the spans in bytes, unpacked back
-into spans). A partition is later loaded whole, split again first if it would not fit, and its
-traces evaluated, each exactly once.
+A `Worker` packs the spans it reads into partitions by trace id as they come (`_spill.Packer`:
+the spans in bytes, unpacked back into spans) and, beyond its share of the memory budget (or
+after every file when there are several workers), appends each partition's chunk to its file.
+A partition is later loaded whole, its traces merged by id (split again first if it would not
+fit), and its traces evaluated, each exactly once.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import os
 import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from operator import attrgetter
 from typing import Any
 
 from sidecar.dsl import MISSING, attribute_getter
@@ -22,17 +21,14 @@ from sidecar.model.signals import MAX_VALUE_BYTES, Signal
 from sidecar.model.spans import NO_ATTRIBUTES, SLOT_DESCRIPTORS, Span, Trace
 from sidecar.otlp.decoded import SpanFilter
 from sidecar.otlp.json_spans import InputError
-from sidecar.replay._spill import pack, unpack
+from sidecar.replay._spill import Packer, unpack
 from sidecar.replay.sources import read_source
 from sidecar.rules import Rule, Violation, evaluate, span_order
 
-_SPAN_BYTES, _ATTRIBUTE_BYTES = 400, 150  # Python memory of a held record, and per attribute
-_ID_BYTES = 200  # a trace held by its id alone
 _LOADED_PER_SPILLED_BYTE = 5  # a packed byte, loaded back as Python objects
 _MAX_SPLIT, _MAX_SPLIT_DEPTH = 64, 2  # beyond, one trace is too big to split
 _ERRORS_PER_SOURCE = 1000  # reported one by one; beyond, only counted
 _CHUNK = struct.Struct("<Q")  # the length of each spilled chunk
-_ATTRIBUTES = attrgetter("attributes")
 
 
 @dataclass
@@ -108,17 +104,16 @@ class Outcome:
 
 
 class Worker:
-    """One process's share of the work: the records read, by trace id, until spilled to the
+    """One process's share of the work: the spans read, packed by partition until spilled to the
     partition files (beyond the budget; after every file when there are several processes)."""
 
     def __init__(self, plan: Plan, slots: Any, tick: Callable[[], None] = lambda: None) -> None:
         self.plan, self.slots, self.tick = plan, slots, tick
-        self.buffer: dict[str, list[Span]] = {}
-        self.weight = 0  # estimated bytes held
+        self.held = Packer(plan.partitions, 0, SLOT_DESCRIPTORS)
         self.spilled_bytes = 0
 
     def read(self, index: int, source: str) -> ReadResult:
-        plan, slots, errors = self.plan, self.slots, []
+        plan, slots, errors, held = self.plan, self.slots, [], self.held
         spans, spilled = 0, self.spilled_bytes
 
         def progress(position: int) -> None:
@@ -127,52 +122,36 @@ class Worker:
             self.tick()
 
         for batch in read_source(source, plan.keep, errors, progress):
-            spans += self._hold(batch)
-            if self.weight > plan.share:
+            spans += held.add(batch)
+            if held.size > plan.share:
                 self.spill()
         slots[2 * index + 1] = spans
         if plan.jobs > 1:  # the trace may go on in a file another process reads
             self.spill()
         return ReadResult(index, spans, len(errors), errors[:_ERRORS_PER_SOURCE],
-                     self.spilled_bytes - spilled)
-
-    def _hold(self, batch: dict[str, list[Span]]) -> int:
-        """Add a batch to the buffer; its spans."""
-        buffer, count, attributes, bare = self.buffer, 0, 0, 0
-        for trace_id, spans in batch.items():
-            bare += not spans
-            bucket = buffer.get(trace_id)
-            if bucket is None:
-                buffer[trace_id] = spans
-            else:
-                bucket.extend(spans)
-            count += len(spans)
-            attributes += sum(map(len, map(_ATTRIBUTES, spans)))
-        self.weight += count * _SPAN_BYTES + attributes * _ATTRIBUTE_BYTES + bare * _ID_BYTES
-        return count
+                          self.spilled_bytes - spilled)
 
     def spill(self) -> None:
         """Append everything held to the partition files."""
-        spilled, self.buffer, self.weight = self.buffer.items(), {}, 0
-        self._write(spilled, "", self.plan.partitions, 0)
+        self._write(self.held.take(), "")
 
-    def _write(self, items: Iterable[tuple[str, list[Span]]], prefix: str, count: int,
-               depth: int) -> set[str]:
-        """Append `items` (traces' spans) to `count` partition files named `prefix`NNNNN~pid;
-        the names used."""
-        parts: list[list[tuple[str, list[Span]]]] = [[] for _ in range(count)]
-        for item in items:
-            parts[_partition(item[0], count, depth)].append(item)
+    def _write(self, chunks: list[bytes | None], prefix: str) -> set[str]:
+        """Append each part's chunk to partition file `prefix`NNNNN~pid (NNNNN: the part's
+        number); the names used."""
         names = set()
-        for number, part in enumerate(parts):
-            if part:
+        for number, data in enumerate(chunks):
+            if data is not None:
                 name = f"{prefix}{number:05d}"
-                data = pack(part, SLOT_DESCRIPTORS)
                 with open(os.path.join(self.plan.spill, f"{name}~{os.getpid()}"), "ab") as out:
                     out.write(_CHUNK.pack(len(data)) + data)
                 self.spilled_bytes += _CHUNK.size + len(data)
                 names.add(name)
         return names
+
+    def evaluate_held(self) -> Outcome:
+        """Evaluate what is held (when nothing was spilled), a partition at a time."""
+        return merge(self._evaluate(_unpacked([chunk]).items())
+                     for chunk in self.held.take() if chunk is not None)
 
     def evaluate_partition(self, name: str, depth: int = 0) -> Outcome:
         """Evaluate the traces spilled to partition `name`; split in parts first if they would
@@ -181,23 +160,18 @@ class Worker:
         size = sum(os.path.getsize(p) for p in paths)
         if size * _LOADED_PER_SPILLED_BYTE > self.plan.share and depth < _MAX_SPLIT_DEPTH:
             count = min(_MAX_SPLIT, -(-size * _LOADED_PER_SPILLED_BYTE // self.plan.share))
+            split = Packer(count, depth + 1, SLOT_DESCRIPTORS)
             parts: set[str] = set()
             for path in paths:
                 for chunk in _chunks(path):
-                    parts |= self._write(chunk, name + ".", count, depth + 1)
+                    split.add(_unpacked([chunk]))
+                    parts |= self._write(split.take(), name + ".")
                 os.remove(path)
             return merge(self.evaluate_partition(part, depth + 1) for part in sorted(parts))
-        spilled: dict[str, list[Span]] = {}
+        traces = _unpacked(chunk for path in paths for chunk in _chunks(path))
         for path in paths:
-            for chunk in _chunks(path):
-                for trace_id, spans in chunk:
-                    bucket = spilled.get(trace_id)
-                    if bucket is None:
-                        spilled[trace_id] = spans
-                    else:
-                        bucket.extend(spans)
             os.remove(path)
-        return self._evaluate(spilled.items())
+        return self._evaluate(traces.items())
 
     def evaluate(self, traces: Mapping[str, list[Span]]) -> Outcome:
         return self._evaluate(traces.items())
@@ -263,10 +237,6 @@ def _applying(rules: Iterable[Rule]) -> Callable[[list[Span]], bool] | None:
     return may_apply
 
 
-def _partition(trace_id: str, count: int, depth: int) -> int:
-    """A trace's partition among `count`: each split depth hashes other digits of the id."""
-    return int(trace_id[24 - 8 * depth:32 - 8 * depth], 16) % count
-
 
 def _group(violation: Violation, get: Callable[[Span], Any]) -> str:
     """The --group-by value of a violation: from its offending spans, latest first, else any
@@ -281,12 +251,20 @@ def _group(violation: Violation, get: Callable[[Span], Any]) -> str:
     return "(none)"
 
 
-def _chunks(path: str) -> Iterator[list[tuple[str, list[Span]]]]:
-    """The traces of a partition file, one packed chunk (written with its length) at a time."""
+def _chunks(path: str) -> Iterator[bytes]:
+    """A partition file's packed chunks (each written with its length)."""
     with open(path, "rb") as spilled:
         while head := spilled.read(_CHUNK.size):
             (size,) = _CHUNK.unpack(head)
-            yield unpack(spilled.read(size), Span, SLOT_DESCRIPTORS, NO_ATTRIBUTES)
+            yield spilled.read(size)
+
+
+def _unpacked(chunks: Iterable[bytes]) -> dict[str, list[Span]]:
+    """The traces of packed chunks, each trace's spans together."""
+    traces: dict[str, list[Span]] = {}
+    for chunk in chunks:
+        unpack(chunk, traces, Span, SLOT_DESCRIPTORS, NO_ATTRIBUTES)
+    return traces
 
 
 def merge(outcomes: Iterable[Outcome]) -> Outcome:

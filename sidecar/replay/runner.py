@@ -5,20 +5,18 @@ before every source is read; each trace is then evaluated exactly once and yield
 signal per rule. Two phases, on `jobs` processes (forked, so they share the compiled rules):
 
   read      each worker reads whole files (the unit of parallel reading), the next one free,
-            into compact records grouped by trace id. Beyond its share of the memory budget, and
-            after each file when there are several workers (the trace may go on in a file another
-            one reads), it spills them to P partition files by a hash of the trace id, in a temp
+            and packs the kept spans as they come into P partitions by a hash of the trace id
+            (bytes, not Python objects). Beyond its share of the memory budget, and after each
+            file when there are several workers (the trace may go on in a file another one
+            reads), it appends each partition's chunk to that partition's file in a temp
             directory.
   evaluate  each partition, on the next worker free, is loaded (re-split first if it would not
             fit in its share), its traces rebuilt and evaluated. With one process and everything
-            within the budget nothing touches the disk: the groups are evaluated where they are.
-
-(Keeping each worker's "own" partitions in memory instead of spilling them was tried: merging
-into its large dicts cost what the saved marshalling did, at five times the memory.)
+            within the budget nothing touches the disk: the partitions are evaluated from memory.
 
 Results do not depend on jobs, budget or file order: signals are sorted by rule, violation time
-and trace; statistics are sums. The budget counts estimated Python memory of buffered spans; the
-signals themselves are held for sorting.
+and trace; statistics are sums. The budget counts the packed bytes of held spans; the signals
+themselves are held for sorting.
 """
 
 from __future__ import annotations
@@ -250,7 +248,7 @@ def _run_here(plan: Plan, sources: Sequence[str], progress: Progress,
     worker = Worker(plan, slots, tick)
     reads = [worker.read(index, source) for index, source in enumerate(sources)]
     if not worker.spilled_bytes:
-        return reads, [worker.evaluate(worker.buffer)], 0
+        return reads, [worker.evaluate_held()], 0
     worker.spill()
     outcomes = []
     for number in range(plan.partitions):
