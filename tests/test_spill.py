@@ -186,21 +186,26 @@ packer.add([(f"{i:032x}", [span_of("", f"{i:016x}", "payment.charge", "", i, 2**
                                     "g")]) for i in range(30)])
 packer.add([("odd id", [])])
 [base] = packer.take()
+tests = {"payment.charge": ((1, "k", 4, 3), (4, (2, "a"), (3, (1, "z", 0, "x"))), None)}
+only = {f"{i:032x}" for i in range(0, 30, 2)}
 for _ in range(5000):
     data = bytearray(base)
     for _ in range(rng.randint(1, 3)):
         data[rng.randrange(len(data))] = rng.randrange(256)
     for sample in (bytes(data[:rng.randrange(len(data) + 1)]), os.urandom(rng.randint(0, 40))):
-        try:
-            _spill.unpack(sample, {}, Span, _SLOTS, _NO_ATTRIBUTES)
-        except (ValueError, EOFError, TypeError):
-            pass
+        for read in (lambda: _spill.unpack(sample, {}, Span, _SLOTS, _NO_ATTRIBUTES),
+                     lambda: _spill.unpack(sample, {}, Span, _SLOTS, _NO_ATTRIBUTES, only),
+                     lambda: _spill.scan(sample, tests, (5, 2**64), set(), set())):
+            try:
+                read()
+            except (ValueError, EOFError, TypeError):
+                pass
 print("clean")
 """
 
 
 def test_no_memory_error_under_address_sanitizer(tmp_path: Path) -> None:
-    """Built with AddressSanitizer and UBSan, a Packer packs and unpack runs over 10,000 damaged
-    and random inputs without a report."""
+    """Built with AddressSanitizer and UBSan, a Packer packs, and unpack (all traces and some)
+    and scan run over 10,000 damaged and random inputs, without a report."""
     fuzz_sanitized(Path(__file__).resolve().parent.parent / "sidecar" / "replay" / "_spill.c",
                    FUZZ, tmp_path)

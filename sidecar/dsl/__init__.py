@@ -9,7 +9,9 @@ macros) of the rule files loaded together; `check_macro` checks a macro once, wh
 from sidecar.dsl.compiler import (
     MISSING,
     CompiledExpr,
+    PlainTest,
     References,
+    ScopeTest,
     attribute_getter,
     combine_clauses,
     combine_for_each,
@@ -32,7 +34,8 @@ from sidecar.dsl.traceql import ANY_TRACE, pushdowns, rule_query, span_names_for
 
 __all__ = [
     "ANY_TRACE", "MAX_EXPRESSION_BYTES", "MISSING", "NO_DEFINITIONS", "CompiledExpr",
-    "Definitions", "Macro", "References", "attribute_getter", "check_macro",
+    "Definitions", "Macro", "PlainTest", "References", "ScopeTest", "attribute_getter",
+    "check_macro",
     "combine_clauses", "combine_for_each", "compile_clause", "compile_expression",
     "compile_selector", "distinct_key", "glob_matcher",
     "memoized", "name_error", "parse", "parse_duration", "parse_literal", "pushdowns",

@@ -14,7 +14,7 @@ import threading
 from bisect import bisect_left
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import re2
 
@@ -25,6 +25,22 @@ from sidecar.model.errors import ExpressionError
 from sidecar.model.spans import Span, Trace
 
 SpanTest = Callable[[Span], bool]
+# A span test as data, for code that reads spans without making them (replay's C scan): (UNKNOWN,),
+# (COMPARE, key, op, literal) with op an index of PLAIN_OPS, (BARE, key), (NOT, test),
+# (AND, test, ...), (OR, test, ...). Keys are span attributes (never an intrinsic, a built-in or
+# service.name, which come from elsewhere). UNKNOWN stands for what it cannot say.
+PlainTest = tuple[Any, ...]
+UNKNOWN, COMPARE, BARE, NOT, AND, OR = range(6)
+PLAIN_OPS = ("==", "!=", "<", "<=", ">", ">=")
+
+
+class ScopeTest(NamedTuple):
+    """Where a rule applies: a span named `name` passing `test` (None: any span of the name);
+    `plain` is `test` as data (None with no test)."""
+
+    name: str
+    test: SpanTest | None
+    plain: PlainTest | None
 TraceTest = Callable[[Trace], bool]
 SpanSource = Callable[[Trace], list[Span]]
 
@@ -87,7 +103,7 @@ class CompiledExpr:
     # `applies` span by span: true exactly on traces holding a span of one of these names that
     # passes that name's test (None: any span of the name). None when applying takes more than
     # one span to tell (`when`, a glob, a rule that fires without its spans).
-    scope: tuple[tuple[str, SpanTest | None], ...] | None = None
+    scope: tuple[ScopeTest, ...] | None = None
 
 
 def compile_expression(text: str, definitions: Definitions = NO_DEFINITIONS) -> CompiledExpr:
@@ -136,7 +152,8 @@ def combine_for_each(each: CompiledExpr, always: CompiledExpr | None,
     assert isinstance(each.tree, syntax.Exists)
     spans = _query(each.tree.query)
     selector = each.tree.query.selector
-    where = None if each.tree.query.where is None else _pred(each.tree.query.where)
+    where_tree = each.tree.query.where
+    where = None if where_tree is None else _pred(where_tree)
     a, n = always.test if always else None, never.test if never else None
 
     def failing(trace: Trace, first_only: bool = False) -> list[Span]:
@@ -171,7 +188,9 @@ def combine_for_each(each: CompiledExpr, always: CompiledExpr | None,
                         failing, refs, always is None and never is not None and never.monotone,
                         applies=lambda trace: bool(spans(trace)), fires_on_empty=False,
                         uses=each.uses.union(*(c.uses for c in clauses)),
-                        scope=None if selector.glob else ((selector.name, where),))
+                        scope=None if selector.glob else (ScopeTest(
+                            selector.name, where,
+                            None if where_tree is None else plain_test(where_tree)),))
 
 
 def _refuse_this(text: str, tree: syntax.Expr | syntax.Clauses,
@@ -221,7 +240,7 @@ def _compile_tree(text: str, tree: syntax.Expr, uses: frozenset[str]) -> Compile
                         applies=lambda trace: on_empty or any(source(trace) for source in sources),
                         fires_on_empty=on_empty, uses=uses,
                         scope=None if on_empty or refs.globs else
-                        tuple((name, None) for name in sorted(refs.names)))
+                        tuple(ScopeTest(name, None, None) for name in sorted(refs.names)))
 
 
 def _true_on_empty(test: TraceTest) -> bool:
@@ -364,6 +383,25 @@ def _pred_or(node: syntax.PredOr) -> SpanTest:
         first, second = parts
         return lambda s: first(s) or second(s)
     return lambda s: any(p(s) for p in parts)
+
+
+def plain_test(node: syntax.Pred) -> PlainTest:
+    """`node` as data (PlainTest), saying what _pred's test says: comparisons of a span
+    attribute with a literal (== != < <= > >=), bare attributes, not, and, or; UNKNOWN for the
+    rest (in, matches, contains, `this`, intrinsics, built-ins, service.name)."""
+    if isinstance(node, syntax.PredNot):
+        return (NOT, plain_test(node.operand))
+    if isinstance(node, (syntax.PredAnd, syntax.PredOr)):
+        return (AND if isinstance(node, syntax.PredAnd) else OR,
+                *(plain_test(operand) for operand in node.operands))
+    if not isinstance(node, (syntax.Compare, syntax.Bare)) or node.attr in INTRINSICS \
+            or node.attr in _BUILTINS or node.attr == "service.name":
+        return (UNKNOWN,)
+    if isinstance(node, syntax.Bare):
+        return (BARE, node.attr)
+    if node.op not in PLAIN_OPS or type(node.value) not in (str, int, float, bool):
+        return (UNKNOWN,)
+    return (COMPARE, node.attr, PLAIN_OPS.index(node.op), node.value)
 
 
 _PRED_BUILDERS: dict[type, Callable[[Any], SpanTest]] = {

@@ -482,6 +482,359 @@ static PyObject *get_attributes(reader *r, PyObject *empty) {
     return attributes;
 }
 
+/* --- scanning packed spans without making them ---------------------------------------------- */
+
+/* One packed value, seen where it lies: its tag and what it holds. A shared str written here the
+ * first time is made (later ones refer to it), and `text` is then its own. */
+typedef struct {
+    char tag;  /* NONE, TRUE, FALSE, INT, FLOAT, TEXT (FIRST and SEEN read as TEXT), MARSHAL */
+    long long integer;
+    double number;
+    const char *text;
+    Py_ssize_t size;
+    PyObject *shared;  /* FIRST and SEEN: the str (borrowed from r->seen) */
+} view;
+
+static int read_view(reader *r, view *v) {
+    uint64_t size;
+    const unsigned char *at;
+    if (r->p >= r->end)
+        return corrupt();
+    v->tag = (char)*r->p++;
+    v->shared = NULL;
+    switch (v->tag) {
+    case NONE: case TRUE: case FALSE:
+        return 0;
+    case INT: case FLOAT:
+        if (get_bytes(r, 8, &at) < 0)
+            return -1;
+        if (v->tag == INT)
+            memcpy(&v->integer, at, 8);
+        else
+            memcpy(&v->number, at, 8);
+        return 0;
+    case TEXT: case FIRST: case MARSHAL:
+        if (get_size(r, &size) < 0 || size > (uint64_t)PY_SSIZE_T_MAX ||
+                get_bytes(r, (Py_ssize_t)size, &at) < 0)
+            return -1;
+        v->text = (const char *)at;
+        v->size = (Py_ssize_t)size;
+        if (v->tag != FIRST)
+            return 0;
+        PyObject *text = PyUnicode_DecodeUTF8(v->text, v->size, NULL);
+        int failed = text == NULL || PyList_Append(r->seen, text) < 0;
+        Py_XDECREF(text);
+        v->tag = TEXT;
+        v->shared = failed ? NULL : text;
+        return failed ? -1 : 0;
+    case SEEN:
+        if (get_size(r, &size) < 0)
+            return -1;
+        if (size >= (uint64_t)PyList_GET_SIZE(r->seen))
+            return corrupt();
+        v->shared = PyList_GET_ITEM(r->seen, (Py_ssize_t)size);
+        v->tag = TEXT;
+        v->text = PyUnicode_AsUTF8AndSize(v->shared, &v->size);
+        return v->text == NULL ? -1 : 0;
+    default:
+        return corrupt();
+    }
+}
+
+/* A span's attributes as views: count < 0 when they are not a dict of str keys. */
+typedef struct {
+    Py_ssize_t count;
+    PyObject **keys;  /* borrowed from r->seen */
+    view *values;
+} attribute_views;
+
+static int read_attributes(reader *r, attribute_views *a) {
+    a->count = 0;
+    if (r->p < r->end && *r->p == EMPTY) {
+        r->p++;
+        return 0;
+    }
+    if (r->p >= r->end || *r->p != DICT) {
+        view ignored;
+        a->count = -1;
+        return read_view(r, &ignored);
+    }
+    r->p++;
+    uint64_t count;
+    if (get_size(r, &count) < 0)
+        return -1;
+    if (count > (uint64_t)(r->end - r->p) / 2)  /* (a key and a value take two bytes or more) */
+        return corrupt();
+    a->keys = PyMem_Malloc((size_t)(count ? count : 1) * sizeof(PyObject *));
+    a->values = PyMem_Malloc((size_t)(count ? count : 1) * sizeof(view));
+    if (a->keys == NULL || a->values == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    int strings = 1;
+    for (uint64_t i = 0; i < count; i++) {
+        view key;
+        if (read_view(r, &key) < 0 || read_view(r, &a->values[i]) < 0)
+            return -1;
+        strings &= key.shared != NULL;
+        a->keys[i] = key.shared;
+    }
+    a->count = strings ? (Py_ssize_t)count : -1;
+    return 0;
+}
+
+static void free_attributes(attribute_views *a) {
+    PyMem_Free(a->keys);
+    PyMem_Free(a->values);
+    a->keys = NULL;
+    a->values = NULL;
+}
+
+enum { NO = 0, YES = 1, MAYBE = 2 };
+/* PlainTest's kinds and PLAIN_OPS, in sidecar/dsl/compiler.py */
+enum { T_UNKNOWN, T_COMPARE, T_BARE, T_NOT, T_AND, T_OR };
+enum { EQ, NE, LT, LE, GT, GE };
+
+static const view *attribute(const attribute_views *a, PyObject *key) {
+    for (Py_ssize_t i = 0; i < a->count; i++) {
+        PyObject *k = a->keys[i];
+        if (k == key || (PyUnicode_GET_LENGTH(k) == PyUnicode_GET_LENGTH(key) &&
+                         PyUnicode_Compare(k, key) == 0))
+            return &a->values[i];
+    }
+    return NULL;
+}
+
+static int ordered(int op, int sign) {  /* sign: <0, 0, >0 as value is below, at, above */
+    switch (op) {
+    case EQ: return sign == 0;
+    case NE: return sign != 0;
+    case LT: return sign < 0;
+    case LE: return sign <= 0;
+    case GT: return sign > 0;
+    default: return sign >= 0;
+    }
+}
+
+/* `value op literal` as sidecar.dsl's _compare has it, for a value that is there. */
+static int compare(const view *v, int op, PyObject *literal) {
+    if (v->tag == MARSHAL)
+        return MAYBE;  /* (a big int, a tuple, ...) */
+    if (PyBool_Check(literal)) {  /* equal only to itself; no order */
+        if (op > NE)
+            return NO;
+        int equal = v->tag == (literal == Py_True ? TRUE : FALSE);
+        return op == EQ ? equal : !equal;
+    }
+    if (PyUnicode_Check(literal)) {  /* equal and ordered only with a str */
+        if (v->tag != TEXT)
+            return op == NE ? YES : NO;
+        Py_ssize_t size;
+        const char *text = PyUnicode_AsUTF8AndSize(literal, &size);
+        if (text == NULL) {
+            PyErr_Clear();
+            return MAYBE;
+        }
+        int sign = memcmp(v->text, text, (size_t)(v->size < size ? v->size : size));
+        sign = sign != 0 ? sign : (v->size > size) - (v->size < size);
+        return ordered(op, sign);  /* (UTF-8 orders as code points do) */
+    }
+    if (v->tag != INT && v->tag != FLOAT)  /* a number against anything but a number */
+        return op == NE ? YES : NO;
+    double value, other;
+    if (PyLong_Check(literal)) {
+        int overflow;
+        long long number = PyLong_AsLongLongAndOverflow(literal, &overflow);
+        if (overflow || (number == -1 && PyErr_Occurred())) {
+            PyErr_Clear();
+            return MAYBE;
+        }
+        if (v->tag == INT)
+            return ordered(op, (v->integer > number) - (v->integer < number));
+        if (number > (1LL << 53) || number < -(1LL << 53))
+            return MAYBE;
+        value = v->number;
+        other = (double)number;
+    } else if (PyFloat_Check(literal)) {
+        if (v->tag == INT && (v->integer > (1LL << 53) || v->integer < -(1LL << 53)))
+            return MAYBE;
+        value = v->tag == INT ? (double)v->integer : v->number;
+        other = PyFloat_AS_DOUBLE(literal);
+    } else {
+        return MAYBE;
+    }
+    switch (op) {  /* (NaN: false but for !=) */
+    case EQ: return value == other;
+    case NE: return value != other;
+    case LT: return value < other;
+    case LE: return value <= other;
+    case GT: return value > other;
+    default: return value >= other;
+    }
+}
+
+/* A small int, or -1. */
+static long number_in(PyObject *value) {
+    long number = PyLong_Check(value) ? PyLong_AsLong(value) : -1;
+    if (number == -1)
+        PyErr_Clear();
+    return number;
+}
+
+/* A PlainTest on a span's attributes: NO, YES or MAYBE (what it cannot tell). */
+static int judge(PyObject *test, const attribute_views *a) {
+    if (!PyTuple_Check(test) || PyTuple_GET_SIZE(test) < 1)
+        return MAYBE;
+    long kind = number_in(PyTuple_GET_ITEM(test, 0));
+    Py_ssize_t size = PyTuple_GET_SIZE(test);
+    if (kind == T_NOT && size == 2) {
+        int inner = judge(PyTuple_GET_ITEM(test, 1), a);
+        return inner == MAYBE ? MAYBE : !inner;
+    }
+    if (kind == T_AND || kind == T_OR) {
+        int result = kind == T_AND ? YES : NO;
+        for (Py_ssize_t i = 1; i < size; i++) {
+            int part = judge(PyTuple_GET_ITEM(test, i), a);
+            if (part == (kind == T_AND ? NO : YES))
+                return part;
+            if (part == MAYBE)
+                result = MAYBE;
+        }
+        return result;
+    }
+    if (a->count < 0 || (kind != T_COMPARE && kind != T_BARE) ||
+            !PyUnicode_Check(PyTuple_GET_ITEM(test, 1)))
+        return MAYBE;
+    const view *value = attribute(a, PyTuple_GET_ITEM(test, 1));
+    if (kind == T_BARE && size == 2)
+        return value != NULL && value->tag == TRUE;  /* (only True itself) */
+    if (kind != T_COMPARE || size != 4)
+        return MAYBE;
+    long op = number_in(PyTuple_GET_ITEM(test, 2));
+    if (op < EQ || op > GE)
+        return MAYBE;
+    return value == NULL ? NO : compare(value, (int)op, PyTuple_GET_ITEM(test, 3));
+}
+
+/* Whether a span named `name` may be where a rule applies, by `tests` (name -> tuple of
+ * PlainTest | None). */
+static int may_apply(PyObject *tests, PyObject *name, const attribute_views *a) {
+    PyObject *found = PyDict_GetItemWithError(tests, name);
+    if (found == NULL)
+        return PyErr_Occurred() ? -1 : NO;
+    if (!PyTuple_Check(found))
+        return MAYBE;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(found); i++) {
+        PyObject *test = PyTuple_GET_ITEM(found, i);
+        if (test == Py_None || judge(test, a) != NO)
+            return MAYBE;
+    }
+    return NO;
+}
+
+PyDoc_STRVAR(scan_doc,
+"scan(data: bytes, tests: dict, window: tuple[int, int] | None, inside: set, wanted: set)\n\n"
+"Read a chunk without making its spans: each trace id with a span starting in `window` (any\n"
+"span, without one) goes to `inside`; each trace some rule may apply to, by `tests` (span name\n"
+"-> a tuple of PlainTest, or None for any span of the name), to `wanted`, and so does any trace\n"
+"this cannot tell of (a trace known by id alone, a start or a value it cannot read). A trace\n"
+"not in `wanted` after every chunk of its partition was scanned needs no evaluating.");
+
+static PyObject *scan(PyObject *module, PyObject *args) {
+    PyObject *data, *tests, *window, *inside, *wanted;
+    if (!PyArg_ParseTuple(args, "O!O!OO!O!:scan", &PyBytes_Type, &data, &PyDict_Type, &tests,
+                          &window, &PySet_Type, &inside, &PySet_Type, &wanted))
+        return NULL;
+    unsigned long long since = 0, until = 0;
+    int bounded = window != Py_None, endless = 0;
+    if (bounded) {
+        if (!PyTuple_Check(window) || PyTuple_GET_SIZE(window) != 2) {
+            PyErr_SetString(PyExc_TypeError, "scan: window is (since, until) or None");
+            return NULL;
+        }
+        since = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(window, 0));
+        if (since == (unsigned long long)-1 && PyErr_Occurred())
+            return NULL;
+        until = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(window, 1));
+        if (until == (unsigned long long)-1 && PyErr_Occurred()) {
+            if (!PyErr_ExceptionMatches(PyExc_OverflowError))
+                return NULL;
+            PyErr_Clear();  /* 2**64 and beyond: no end */
+            endless = 1;
+        }
+    }
+    reader r = {(const unsigned char *)PyBytes_AS_STRING(data), NULL, PyList_New(0)};
+    r.end = r.p + PyBytes_GET_SIZE(data);
+    uint64_t count, spans;
+    attribute_views a = {0, NULL, NULL};
+    PyObject *trace_id = NULL;
+    if (r.seen == NULL || get_size(&r, &count) < 0)
+        goto fail;
+    for (uint64_t t = 0; t < count; t++) {
+        if ((trace_id = get_value(&r)) == NULL || get_size(&r, &spans) < 0)
+            goto fail;
+        if (!PyUnicode_CheckExact(trace_id)) {
+            corrupt();
+            goto fail;
+        }
+        int in = !bounded || spans == 0, maybe = spans == 0;
+        for (uint64_t s = 0; s < spans; s++) {
+            view v, name = {0}, start = {0};
+            for (int i = 1; i < SLOTS; i++) {
+                if (i == ATTRIBUTES) {
+                    if (read_attributes(&r, &a) < 0)
+                        goto fail;
+                } else if (read_view(&r, i == 2 ? &name : i == 4 ? &start : &v) < 0) {
+                    goto fail;
+                }
+            }
+            if (start.tag != INT) {
+                maybe = 1;  /* (a start past 2**63: _evaluate judges) */
+            } else if (!in && start.integer >= 0 &&
+                       (unsigned long long)start.integer >= since &&
+                       (endless || (unsigned long long)start.integer < until)) {
+                in = 1;
+            }
+            if (!maybe) {
+                int verdict = name.shared == NULL ? MAYBE : may_apply(tests, name.shared, &a);
+                if (verdict < 0)
+                    goto fail;
+                maybe = verdict != NO;
+            }
+            free_attributes(&a);
+        }
+        if ((in && PySet_Add(inside, trace_id) < 0) || (maybe && PySet_Add(wanted, trace_id) < 0))
+            goto fail;
+        Py_CLEAR(trace_id);
+    }
+    if (r.p != r.end) {
+        corrupt();
+        goto fail;
+    }
+    Py_DECREF(r.seen);
+    Py_RETURN_NONE;
+fail:
+    free_attributes(&a);
+    Py_XDECREF(trace_id);
+    Py_XDECREF(r.seen);
+    return NULL;
+}
+
+/* Read past `spans` spans, making only the shared strs later ones refer to. */
+static int pass_over(reader *r, uint64_t spans) {
+    view v;
+    attribute_views a = {0, NULL, NULL};
+    for (uint64_t s = 0; s < spans; s++) {
+        for (int i = 1; i < SLOTS; i++) {
+            int failed = i == ATTRIBUTES ? read_attributes(r, &a) : read_view(r, &v);
+            free_attributes(&a);
+            if (failed < 0)
+                return -1;
+        }
+    }
+    return 0;
+}
+
 /* traces[trace_id], a list made on first use (borrowed). */
 static PyObject *bucket_of(PyObject *traces, PyObject *trace_id) {
     if (!PyUnicode_CheckExact(trace_id)) {
@@ -501,17 +854,24 @@ static PyObject *bucket_of(PyObject *traces, PyObject *trace_id) {
 }
 
 PyDoc_STRVAR(unpack_doc,
-"unpack(data: bytes, traces: dict, span_type: type, slots: tuple, empty: dict) -> int\n\n"
+"unpack(data: bytes, traces: dict, span_type: type, slots: tuple, empty: dict,\n"
+"       only: set | None = None) -> int\n\n"
 "What a Packer's part held, each span a new `span_type` (no __init__) with its slots set through\n"
-"`slots`, appended to traces[its trace id] (a list, made on first use); the spans read. A span\n"
-"without attributes shares `empty`, which must never be changed.");
+"`slots`, appended to traces[its trace id] (a list, made on first use); the spans read. With\n"
+"`only`, the traces whose ids are not in it are passed over, nothing made. A span without\n"
+"attributes shares `empty`, which must never be changed.");
 
 static PyObject *unpack(PyObject *module, PyObject *args) {
-    PyObject *data, *traces, *slots, *empty;
+    PyObject *data, *traces, *slots, *empty, *only = Py_None;
     PyTypeObject *span_type;
-    if (!PyArg_ParseTuple(args, "O!O!O!O!O!:unpack", &PyBytes_Type, &data, &PyDict_Type, &traces,
-                          &PyType_Type, &span_type, &PyTuple_Type, &slots, &PyDict_Type, &empty))
+    if (!PyArg_ParseTuple(args, "O!O!O!O!O!|O:unpack", &PyBytes_Type, &data, &PyDict_Type,
+                          &traces, &PyType_Type, &span_type, &PyTuple_Type, &slots, &PyDict_Type,
+                          &empty, &only))
         return NULL;
+    if (only != Py_None && !PyAnySet_Check(only)) {
+        PyErr_SetString(PyExc_TypeError, "unpack: only is a set or None");
+        return NULL;
+    }
     if (PyTuple_GET_SIZE(slots) != SLOTS) {
         PyErr_SetString(PyExc_ValueError, "unpack: slots of the wrong shape");
         return NULL;
@@ -529,10 +889,17 @@ static PyObject *unpack(PyObject *module, PyObject *args) {
         goto fail;
     for (uint64_t t = 0; t < count; t++) {
         PyObject *trace_id = get_value(&r);
-        PyObject *bucket = trace_id == NULL ? NULL : bucket_of(traces, trace_id);
-        if (bucket == NULL || get_size(&r, &spans) < 0) {
+        int wanted = trace_id == NULL ? -1 : only == Py_None ? 1 : PySet_Contains(only, trace_id);
+        PyObject *bucket = wanted == 1 ? bucket_of(traces, trace_id) : NULL;
+        if (wanted < 0 || (wanted && bucket == NULL) || get_size(&r, &spans) < 0) {
             Py_XDECREF(trace_id);
             goto fail;
+        }
+        if (!wanted) {
+            Py_DECREF(trace_id);
+            if (pass_over(&r, spans) < 0)
+                goto fail;
+            continue;
         }
         for (uint64_t s = 0; s < spans; s++) {
             PyObject *span = span_type->tp_alloc(span_type, 0);
@@ -565,6 +932,7 @@ fail:
 }
 
 static PyMethodDef methods[] = {
+    {"scan", scan, METH_VARARGS, scan_doc},
     {"unpack", unpack, METH_VARARGS, unpack_doc},
     {NULL, NULL, 0, NULL},
 };

@@ -16,12 +16,12 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sidecar.dsl import MISSING, attribute_getter
+from sidecar.dsl import MISSING, PlainTest, attribute_getter
 from sidecar.model.signals import MAX_VALUE_BYTES, Signal
 from sidecar.model.spans import NO_ATTRIBUTES, SLOT_DESCRIPTORS, Span, Trace
 from sidecar.otlp.decoded import SpanFilter
 from sidecar.otlp.json_spans import InputError
-from sidecar.replay._spill import Packer, unpack
+from sidecar.replay._spill import Packer, scan, unpack
 from sidecar.replay.sources import read_source
 from sidecar.rules import Rule, Violation, evaluate, span_order
 
@@ -111,6 +111,7 @@ class Worker:
         self.plan, self.slots, self.tick = plan, slots, tick
         self.held = Packer(plan.partitions, 0, SLOT_DESCRIPTORS)
         self.spilled_bytes = 0
+        self.tests = _scan_tests(plan.rules)
 
     def read(self, index: int, source: str) -> ReadResult:
         plan, slots, errors, held = self.plan, self.slots, [], self.held
@@ -150,7 +151,7 @@ class Worker:
 
     def evaluate_held(self) -> Outcome:
         """Evaluate what is held (when nothing was spilled), a partition at a time."""
-        return merge(self._evaluate(_unpacked([chunk]).items())
+        return merge(self._evaluate_chunks([chunk])
                      for chunk in self.held.take() if chunk is not None)
 
     def evaluate_partition(self, name: str, depth: int = 0) -> Outcome:
@@ -168,10 +169,27 @@ class Worker:
                     parts |= self._write(split.take(), name + ".")
                 os.remove(path)
             return merge(self.evaluate_partition(part, depth + 1) for part in sorted(parts))
-        traces = _unpacked(chunk for path in paths for chunk in _chunks(path))
+        chunks = [chunk for path in paths for chunk in _chunks(path)]
         for path in paths:
             os.remove(path)
-        return self._evaluate(traces.items())
+        return self._evaluate_chunks(chunks)
+
+    def _evaluate_chunks(self, chunks: list[bytes]) -> Outcome:
+        """Evaluate the traces of one partition's chunks. Most traces of a replay are ones no
+        rule applies to: when the rules' scopes say so span by span, the chunks are first
+        scanned without making spans, and only the traces some rule may apply to are made."""
+        if self.tests is None:
+            return self._evaluate(_unpacked(chunks).items())
+        inside: set[str] = set()  # (traces with a span in the window)
+        wanted: set[str] = set()
+        for chunk in chunks:
+            scan(chunk, self.tests, self.plan.window, inside, wanted)
+        traces: dict[str, list[Span]] = {}
+        for chunk in chunks:
+            unpack(chunk, traces, Span, SLOT_DESCRIPTORS, NO_ATTRIBUTES, wanted)
+        outcome = self._evaluate(traces.items())
+        outcome.traces += len(inside - wanted)  # evaluated, as _evaluate counts them: in vain
+        return outcome
 
     def evaluate(self, traces: Mapping[str, list[Span]]) -> Outcome:
         return self._evaluate(traces.items())
@@ -218,7 +236,7 @@ def _applying(rules: Iterable[Rule]) -> Callable[[list[Span]], bool] | None:
     for rule in rules:
         if rule.logic.scope is None:
             return None
-        for name, test in rule.logic.scope:
+        for name, test, _ in rule.logic.scope:
             tests.setdefault(name, []).append(test)
     named = {name for name, found in tests.items() if None in found}
     checked = {name: tuple(found) for name, found in tests.items() if name not in named}
@@ -236,6 +254,18 @@ def _applying(rules: Iterable[Rule]) -> Callable[[list[Span]], bool] | None:
         return False
     return may_apply
 
+
+
+def _scan_tests(rules: Iterable[Rule]) -> dict[str, tuple[PlainTest | None, ...]] | None:
+    """For `scan`: by span name, the tests (as data) that a span of the name passes where a rule
+    applies (None: any span of it); None when some rule's scope takes the whole trace."""
+    tests: dict[str, list[PlainTest | None]] = {}
+    for rule in rules:
+        if rule.logic.scope is None:
+            return None
+        for name, test, plain in rule.logic.scope:
+            tests.setdefault(name, []).append(None if test is None else plain)
+    return {name: tuple(found) for name, found in tests.items()}
 
 
 def _group(violation: Violation, get: Callable[[Span], Any]) -> str:
