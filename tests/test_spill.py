@@ -124,6 +124,24 @@ def test_shared_strings_are_written_once_per_part() -> None:
     assert spans[5].name is spans[6].name and spans[5].span_id == f"{5:016x}"
 
 
+def test_a_shared_string_let_go_between_adds_is_never_taken_for_another() -> None:
+    """The packer remembers shared strings by address; a batch's strings are freed once added,
+    and a later string at the same address must still be written as itself."""
+    packer = Packer(1, 0, _SLOTS)
+    for number in range(2000):
+        name = "".join(("name-", str(number % 7), "-", str(number)))  # a new object each time
+        packer.add([(f"{number:032x}", [span_of("", f"{number:016x}", name, "", 1, 2, "OK",
+                                                "SERVER", name[:7], None, {name: 1}, None)])])
+        del name
+    [chunk] = packer.take()
+    traces: dict[str, list[Span]] = {}
+    unpack(chunk, traces, Span, _SLOTS, _NO_ATTRIBUTES)
+    for number in range(2000):
+        [one] = traces[f"{number:032x}"]
+        expected = f"name-{number % 7}-{number}"
+        assert (one.name, one.service, one.attributes) == (expected, expected[:7], {expected: 1})
+
+
 @given(st.binary(max_size=64))
 @settings(max_examples=500, deadline=None)
 def test_bytes_it_did_not_write_raise_value_error(data: bytes) -> None:

@@ -337,9 +337,31 @@ def test_a_bad_resource_attribute_is_no_refused_span() -> None:
     unselected = field(2, Span(trace_id=b"\x01" * 16, span_id=b"\x02" * 8,
                                name="noise").SerializeToString())
     resource = field(1, field(1, field(1, b"service.name") + field(2, b"\xff\xff")))
-    out = ProtobufDecoder(filters()[0]).decode(field(1, resource + field(2, unselected)))
-    assert out.invalid == ["invalid resource attribute: Wire format was corrupt"]
-    assert (out.received, out.not_selected, out.batch) == (1, 1, {})
+    decoder = ProtobufDecoder(filters()[0])
+    for _ in range(2):  # reported every time (a well-formed resource is remembered)
+        out = decoder.decode(field(1, resource + field(2, unselected)))
+        assert out.invalid == ["invalid resource attribute: Wire format was corrupt"]
+        assert (out.received, out.not_selected, out.batch) == (1, 1, {})
+
+
+def test_resources_are_read_alike_the_first_time_and_after() -> None:
+    """A resource's service, version and group come out the same from a decoder that has seen
+    it before, and a resource failing part-way keeps what it read before the failure."""
+    keep = filters()[0]
+    good = field(1, field(1, b"service.name") + field(2, field(1, b"payments")))
+    version = field(1, field(1, b"service.version") + field(2, field(3, b"\x07")))  # an int
+    bad = field(1, field(1, b"service.version") + field(2, b"\xff\xff"))
+    selected = field(2, Span(trace_id=b"\x01" * 16, span_id=b"\x02" * 8,
+                             name="payment.charge").SerializeToString())
+    shared = ProtobufDecoder(keep)
+    for resource in (good + version, good + bad, good, b"", good + version):
+        request = field(1, field(1, resource) + field(2, selected))
+        fresh, again = ProtobufDecoder(keep).decode(request), shared.decode(request)
+        assert fresh.invalid == again.invalid
+        [[first]], [[second]] = fresh.batch.values(), again.batch.values()
+        assert (first.service, first.version) == (second.service, second.version)
+        assert first.service == ("payments" if resource else None)
+        assert first.version is None  # an int, or unreadable: not a version
 
 
 def test_arguments_are_checked() -> None:

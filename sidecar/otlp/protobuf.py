@@ -23,6 +23,7 @@ from sidecar.otlp._wire import decode_scope
 from sidecar.otlp.decoded import Decoded, SpanFilter
 
 _OWN: Any = ("", None)  # what `ProtobufDecoder.reads` holds for BeTrace's own violation spans
+_NO_RESOURCE = (None, None, None)  # (service, version, group) of a resource without attributes
 
 
 @functools.cache
@@ -73,9 +74,33 @@ class ProtobufDecoder:
         classify = self._classify if names is None else None
         # the window [since, until) as C reads it: since <= start <= last
         since, last = max(keep.since_ns, 0), min(keep.until_ns, 2**64) - 1
+        # a resource's attribute values (service.name, service.version, group) -> what they give
+        self._resources: dict[tuple[bytes | None, ...], tuple[str | None, str | None, Any]] = {}
         self.plan = (self.reads, classify, _OWN, Span, SLOT_DESCRIPTORS, KINDS, STATUSES,
                      _value, _status, NO_ATTRIBUTES,
                      *((since, last) if since <= last else (1, 0)))
+
+    def _resource(self, raws: tuple[bytes | None, bytes | None, bytes | None],
+                  invalid: list[str]) -> tuple[str | None, str | None, Any]:
+        """A resource's (service, version, group) from their AnyValue bytes. The same few
+        resources come in every request (one per service and version), so a well-formed one is
+        remembered; a malformed one is reported each time (its spans still count)."""
+        found: list[Any] = [None, None, None]
+        try:
+            for number, raw in enumerate(raws):
+                if raw is not None:
+                    found[number] = _value(raw)
+        except ValueError as exc:
+            invalid.append(f"invalid resource attribute: {exc}")
+            raws = None  # type: ignore[assignment]
+        service, version, group = found
+        values = (service if type(service) is str else None,
+                  version if type(version) is str else None, group)
+        if raws is not None:
+            if len(self._resources) >= 4096:  # never grow without bound
+                self._resources.clear()
+            self._resources[raws] = values
+        return values
 
     def _selection(self, name: str) -> tuple[str, tuple[str, ...] | None] | None:
         projection = self.keep.projection
@@ -109,23 +134,12 @@ class ProtobufDecoder:
         refused = 0  # spans in `invalid` (a resource's bad attribute is there too)
         bare: set[bytes] | None = set() if keep.projection.trace_ids else None
         for resource_spans in request.resource_spans:
-            service = version = group = None
+            values = _NO_RESOURCE
             resource = resource_spans.resource.attributes
             if resource:
-                try:
-                    if (raw := resource.get("service.name")) is not None:
-                        service = _value(raw)
-                    if (raw := resource.get("service.version")) is not None:
-                        version = _value(raw)
-                    if group_key is not None and (raw := resource.get(group_key)) is not None:
-                        group = _value(raw)
-                except ValueError as exc:  # the spans still count
-                    invalid.append(f"invalid resource attribute: {exc}")
-                if type(service) is not str:
-                    service = None
-                if type(version) is not str:
-                    version = None
-            values = (service, version, group)
+                raws = (resource.get("service.name"), resource.get("service.version"),
+                        None if group_key is None else resource.get(group_key))
+                values = self._resources.get(raws) or self._resource(raws, invalid)
             for scope in resource_spans.scope_spans:
                 received, own, bad = decode_scope(scope, plan, values, batch, hex_ids, invalid,
                                                   bare)

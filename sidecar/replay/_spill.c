@@ -25,11 +25,24 @@ static const int SHARED[SLOTS] = {0, 0, 1, 0, 0, 0, 1, 1, 1, 1, 0, 1};
 enum { NONE = 'N', TRUE = 'T', FALSE = 'F', INT = 'i', FLOAT = 'd', TEXT = 's', FIRST = 'S',
        SEEN = 'r', MARSHAL = 'm', EMPTY = 'e', DICT = 'a' };
 
+#define RECENT 16  /* shared strs remembered by address: most recur span after span */
+
 typedef struct {
     char *data;
     Py_ssize_t size, capacity;
     PyObject *seen;  /* dict: a shared str -> its index, in the order first written */
+    PyObject *recent[RECENT];  /* (strong references: an address is never another str's) */
+    Py_ssize_t recent_index[RECENT];
 } writer;
+
+static void forget(writer *w) {
+    PyMem_Free(w->data);
+    Py_CLEAR(w->seen);
+    for (int i = 0; i < RECENT; i++)
+        Py_CLEAR(w->recent[i]);
+    w->data = NULL;
+    w->size = w->capacity = 0;
+}
 
 static int room(writer *w, Py_ssize_t more) {
     if (w->size + more <= w->capacity)
@@ -72,6 +85,14 @@ static int put_size(writer *w, uint64_t value) {
     return put(w, bytes, varint(bytes, value));
 }
 
+/* A shared str already written: referred to by its index, which is remembered by address. */
+static int put_seen(writer *w, size_t at, PyObject *value, Py_ssize_t index) {
+    Py_XSETREF(w->recent[at], Py_NewRef(value));
+    w->recent_index[at] = index;
+    unsigned char bytes[11] = {SEEN};
+    return put(w, bytes, 1 + varint(bytes + 1, (uint64_t)index));
+}
+
 /* One value; a str that `shared` says recurs is written once and referred to after. */
 static int put_value(writer *w, PyObject *value, int shared) {
     if (value == Py_None)
@@ -80,9 +101,12 @@ static int put_value(writer *w, PyObject *value, int shared) {
         return put_tag(w, value == Py_True ? TRUE : FALSE);
     if (PyUnicode_CheckExact(value)) {
         if (shared) {
+            size_t at = ((uintptr_t)value >> 4) % RECENT;
+            if (w->recent[at] == value)
+                return put_seen(w, at, value, w->recent_index[at]);
             PyObject *index = PyDict_GetItemWithError(w->seen, value);
             if (index != NULL)
-                return put_tag(w, SEEN) < 0 ? -1 : put_size(w, PyLong_AsSize_t(index));
+                return put_seen(w, at, value, PyLong_AsSsize_t(index));
             if (PyErr_Occurred())
                 return -1;
         }
@@ -202,9 +226,7 @@ typedef struct {
 
 static void clear_part(Packer *self, Py_ssize_t i) {
     self->size -= self->parts[i].size;
-    PyMem_Free(self->parts[i].data);
-    Py_CLEAR(self->parts[i].seen);
-    self->parts[i] = (writer){NULL, 0, 0, NULL};
+    forget(&self->parts[i]);
     self->traces[i] = 0;
 }
 

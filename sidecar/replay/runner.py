@@ -146,7 +146,9 @@ def replay(ruleset: RuleSet, sources: Sequence[str], emit: Callable[[Signal], No
     memory = options.memory or min(DEFAULT_SHARE * jobs, _quarter_of_memory())
     share = max(1, memory // jobs)
     total = sum(os.path.getsize(s) for s in sources if s != "-")
-    partitions = min(_MAX_PARTITIONS, max(2 * jobs, -(-total // share)))
+    # enough partitions that no process waits long for the last one (16 each), and each one,
+    # loaded, fits its process's share
+    partitions = min(_MAX_PARTITIONS, max(16 * jobs, -(-total // share)))
     progress = progress or Progress("never")
     with tempfile.TemporaryDirectory(prefix="betrace-replay-", dir=options.spill_dir) as spill, \
             _gc_paused():
