@@ -25,6 +25,8 @@ from sidecar.model.errors import ExpressionError
 from sidecar.model.spans import Span, Trace
 
 SpanTest = Callable[[Span], bool]
+TraceTest = Callable[[Trace], bool]
+SpanSource = Callable[[Trace], list[Span]]
 # A span test as data, for code that reads spans without making them (replay's C scan): (UNKNOWN,),
 # (COMPARE, key, op, literal) with op an index of PLAIN_OPS, (BARE, key), (NOT, test),
 # (AND, test, ...), (OR, test, ...). Keys are span attributes (never an intrinsic, a built-in or
@@ -41,8 +43,7 @@ class ScopeTest(NamedTuple):
     name: str
     test: SpanTest | None
     plain: PlainTest | None
-TraceTest = Callable[[Trace], bool]
-SpanSource = Callable[[Trace], list[Span]]
+
 
 MISSING: Any = object()  # an attribute the span does not have
 _NUMBER = (int, float)

@@ -294,15 +294,20 @@ static int add_trace(Packer *self, PyObject *trace_id, PyObject *spans) {
     return 0;
 }
 
+/* 1 with a RuntimeError when an add failed halfway: what the packer holds is not whole. */
+static int broken(Packer *self) {
+    if (self->broken)
+        PyErr_SetString(PyExc_RuntimeError, "Packer: an earlier add failed halfway");
+    return self->broken;
+}
+
 PyDoc_STRVAR(add_doc,
 "add(traces: dict[str, list[Span]] | list[tuple[str, list[Span]]]) -> int\n\n"
 "Append each trace's spans to its part; the spans added.");
 
 static PyObject *Packer_add(Packer *self, PyObject *traces) {
-    if (self->broken) {
-        PyErr_SetString(PyExc_RuntimeError, "Packer: an earlier add failed halfway");
+    if (broken(self))
         return NULL;
-    }
     Py_ssize_t spans = 0;
     if (PyDict_CheckExact(traces)) {
         Py_ssize_t at = 0;
@@ -337,10 +342,8 @@ PyDoc_STRVAR(take_doc,
 "go as its chunk is made (what is held is not copied whole), and the packer is empty after.");
 
 static PyObject *Packer_take(Packer *self, PyObject *unused) {
-    if (self->broken) {
-        PyErr_SetString(PyExc_RuntimeError, "Packer: an earlier add failed halfway");
+    if (broken(self))
         return NULL;
-    }
     PyObject *chunks = PyList_New(self->count);
     if (chunks == NULL)
         return NULL;

@@ -53,8 +53,9 @@ def _quarter_of_memory() -> int:
     return max(512 << 20, total // 4)
 
 
-# Without --memory, each process's share of buffered spans: its estimate came to about 1.3x in
-# RSS (bench/replay.py), so a process stays under 1 GB; never more than a quarter of the machine
+# Without --memory, each process's share of held spans (their packed bytes; a partition loaded is
+# re-split beyond a fifth of it): one process replaying 3.2M traces peaked at 719 MB of RSS
+# (bench/replay.py), under 1 GB; never more than a quarter of the machine
 DEFAULT_SHARE = 640 << 20
 DEFAULT_EDGE_NS = 5 * 60 * 10**9  # the live sidecar's default max trace age
 _MAX_PARTITIONS = 512
