@@ -94,7 +94,9 @@ def fuzz_sanitized(source: Path, script: str, tmp_path: Path) -> None:
     """Build the C extension `source` with AddressSanitizer and UBSan into `tmp_path` and run
     `script` there (it imports the build by its module name from sys.argv[1] and prints "clean"
     at its end). Python's own allocator is switched off (PYTHONMALLOC=malloc): a bytes object
-    inside one of its arenas has no bounds ASan sees."""
+    inside one of its arenas has no bounds ASan sees. An allocation past 256 MiB fails (a
+    MemoryError) instead of being made: damaged input claiming a huge container (marshal's
+    tuples: 16 GiB, zeroed) would otherwise have the kernel kill the run without a word."""
     library = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True,
                              text=True, timeout=30)
     if library.returncode != 0 or not Path(library.stdout.strip()).is_absolute():
@@ -107,7 +109,8 @@ def fuzz_sanitized(source: Path, script: str, tmp_path: Path) -> None:
     fuzz = tmp_path / "fuzz.py"
     fuzz.write_text(script)
     env = {**os.environ, "LD_PRELOAD": library.stdout.strip(), "PYTHONMALLOC": "malloc",
-           "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0"}
+           "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0:allocator_may_return_null=1:"
+                           "max_allocation_size_mb=256"}
     result = subprocess.run([sys.executable, str(fuzz), str(tmp_path),
                              str(Path(__file__).resolve().parent)], capture_output=True,
                             text=True, timeout=110, env=env)

@@ -1,8 +1,9 @@
-"""Replay reads a partition's packed spans before making them (`_spill.scan`) and makes only the
-traces some rule may apply to (`unpack(..., only)`). The scan must never drop a trace a rule
-applies to: it judges a `where` as the compiler's own test does (exactly, on the values and
-literals it can read; "maybe" otherwise), counts the traces in the window as `_evaluate` does,
-and a worker finds the same signals and statistics with the scan as without it."""
+"""Replay notes of each trace it packs whether a rule may apply to it and whether it starts in
+the window (`_spill.Packer`), reads those notes before making any span (`_spill.scan`), and makes
+only the traces some rule may apply to (`unpack(..., only)`). That must never drop a trace a rule
+applies to: a `where` is judged as the compiler's own test does (exactly, on the values and
+literals it can read; "maybe" otherwise), the traces in the window are counted as `_evaluate`
+counts them, and a worker finds the same signals and statistics with the scan as without it."""
 
 from __future__ import annotations
 
@@ -52,8 +53,8 @@ def span(number: int, attributes: dict[str, Any], start: int = 10, name: str = "
                    "SERVER", "svc", None, attributes, None)
 
 
-def packed(spans: list[Span]) -> bytes:
-    packer = Packer(1, 0, SLOT_DESCRIPTORS)
+def packed(spans: list[Span], tests: dict[str, Any] | None = None) -> bytes:
+    packer = Packer(1, 0, SLOT_DESCRIPTORS, tests)
     packer.add([(s.trace_id, [s]) for s in spans])
     [chunk] = packer.take()
     assert chunk is not None
@@ -87,7 +88,7 @@ def test_scan_judges_a_where_as_the_compiler_does(pred: Any, attribute_sets: lis
     test, program = _pred(pred), plain_test(pred)
     inside: set[str] = set()
     wanted: set[str] = set()
-    scan(packed(spans), {"n": (program,)}, None, inside, wanted)
+    scan(packed(spans, {"n": (program,)}), inside, wanted)
     assert inside == {s.trace_id for s in spans}  # no window: every trace counts
     for one in spans:
         applies = test(one)
@@ -106,14 +107,13 @@ def test_scan_compares_every_kind_of_value_with_every_kind_of_literal() -> None:
     """Each comparison, each value (and None, a tuple, none at all) against each literal."""
     values = [*GRID, None, (1,)]
     spans = [span(n, {"a": value}) for n, value in enumerate(values)] + [span(len(values), {})]
-    chunk = packed(spans)
     for op in PLAIN_OPS:
         for literal in GRID:
             where = compare("a", op, literal)
             wanted: set[str] = set()
-            scan(chunk, {"n": (plain_test(where),)}, None, set(), wanted)
+            scan(packed(spans, {"n": (plain_test(where),)}), set(), wanted)
             negated: set[str] = set()
-            scan(chunk, {"n": (plain_test(syntax.PredNot(where)),)}, None, set(), negated)
+            scan(packed(spans, {"n": (plain_test(syntax.PredNot(where)),)}), set(), negated)
             test = _pred(where)
             for one in spans:
                 expected, told = test(one), exact(plain_test(where), one.attributes)
@@ -127,36 +127,41 @@ def test_scan_compares_every_kind_of_value_with_every_kind_of_literal() -> None:
 def test_scan_is_exact_on_the_common_shapes() -> None:
     """Not a scan that says "maybe" to everything: `attempt > 1` on an int is told."""
     spans = [span(n, {"attempt": n}) for n in range(4)] + [span(9, {}), span(8, {"attempt": "2"})]
-    where = syntax.PredAnd((compare("attempt", ">", 1), syntax.PredNot(compare("attempt", "==", 3))))
+    where = syntax.PredAnd((compare("attempt", ">", 1),
+                            syntax.PredNot(compare("attempt", "==", 3))))
     wanted: set[str] = set()
-    scan(packed(spans), {"n": (plain_test(where),)}, None, set(), wanted)
+    scan(packed(spans, {"n": (plain_test(where),)}), set(), wanted)
     assert wanted == {spans[2].trace_id}
     wanted.clear()  # a name no rule tests: never wanted; a name any span of which will do: always
-    scan(packed(spans), {"other": (None,)}, None, set(), wanted)
+    scan(packed(spans, {"other": (None,)}), set(), wanted)
     assert wanted == set()
-    scan(packed(spans), {"n": (None,)}, None, set(), wanted)
+    scan(packed(spans, {"n": (None,)}), set(), wanted)
+    assert wanted == {s.trace_id for s in spans}
+    wanted.clear()  # without tests: every trace
+    scan(packed(spans), set(), wanted)
     assert wanted == {s.trace_id for s in spans}
 
 
-STARTS = st.one_of(st.integers(0, 40), st.integers(2**63 - 2, 2**64 - 1))
+STARTS = st.one_of(st.integers(0, 40), st.integers(2**64 - 3, 2**64 - 1),
+                   st.sampled_from([-1, 2**64, 2**70]))
+BOUNDS = st.one_of(st.integers(-5, 50), st.sampled_from([2**64 - 1, 2**64, 2**70, -2**70]))
 
 
 @BOUNDED
-@given(st.lists(st.lists(STARTS, min_size=0, max_size=3), min_size=1, max_size=5),
-       st.integers(0, 40), st.one_of(st.integers(0, 50), st.just(2**64), st.just(2**70)))
+@given(st.lists(st.lists(STARTS, min_size=0, max_size=3), min_size=1, max_size=5), BOUNDS, BOUNDS)
 def test_scan_counts_the_window_as_evaluate_does(starts: list[list[int]], since: int,
                                                 until: int) -> None:
     traces = [(f"{n:032x}", [span(n, {}, start) for start in found])
               for n, found in enumerate(starts)]
-    packer = Packer(1, 0, SLOT_DESCRIPTORS)
+    packer = Packer(1, 0, SLOT_DESCRIPTORS, {}, (since, until))
     packer.add(traces)
     [chunk] = packer.take()
     assert chunk is not None
     inside: set[str] = set()
     wanted: set[str] = set()
-    scan(chunk, {}, (since, until), inside, wanted)
+    scan(chunk, inside, wanted)
     for trace_id, spans in traces:
-        if not spans or any(s.start_ns >= 2**63 for s in spans):
+        if not spans or any(not 0 <= s.start_ns < 2**64 for s in spans):
             assert trace_id in wanted  # known by id alone, or a start it cannot read: evaluated
         else:
             assert trace_id not in wanted
@@ -224,15 +229,15 @@ def test_a_worker_finds_what_it_finds_without_the_scan(traces: list, window: Any
     rules = load_rules_text(RULES).rules
     plan = Plan(rules, SpanFilter.of(load_rules_text(RULES).projection()), "", 2, 1, 2**30, 0,
                 None, window)
-    packer = Packer(2, 0, SLOT_DESCRIPTORS)
+    worker = Worker(plan, [0, 0])
+    assert worker.tests is not None
+    packer = worker._packer(2, 0)
     for n, found in enumerate(traces):  # each trace in two halves, as two files would have it
         trace_id = f"{n:032x}"
         spans = [worker_span(trace_id, *params) for params in found]
         packer.add([(trace_id, spans[::2])])
         packer.add([(trace_id, spans[1::2])])
     chunks = [chunk for chunk in packer.take() if chunk is not None]
-    worker = Worker(plan, [0, 0])
-    assert worker.tests is not None
     scanned = [worker._evaluate_chunks([chunk]) for chunk in chunks]
     worker.tests = None
     plain_run = [worker._evaluate_chunks([chunk]) for chunk in chunks]

@@ -2,11 +2,16 @@
  * what marshal did with a tuple per span, at about half the cost (tuples made, marshalled, loaded
  * and made into spans again: 3.1 us per span, against 1.7-1.9). A `Packer` takes the decoders'
  * batches as they come and keeps them packed, already in their partitions (a held span costs its
- * packed bytes, not a Python object); `unpack` merges a partition's chunks by trace id. The
- * strings spans share (names, statuses, kinds, services, versions, attribute keys, --group-by
- * values) are written once per chunk; the values a rule reads are written as they are (None,
- * bool, int, float, str) and anything else through marshal. See sidecar/replay/partitions.py,
- * the one caller. */
+ * packed bytes, not a Python object); `unpack` merges a partition's chunks by trace id.
+ *
+ * A chunk: the strings its spans share (names, statuses, kinds, services, versions, attribute
+ * keys, --group-by values), each once, in a table at its head; then its trace entries. An entry
+ * is the trace id, what the Packer found of the trace's spans there (WANTED: a rule may apply to
+ * the trace, by the rules' scope tests, or it cannot tell; INSIDE: a span starts in the window),
+ * the entry's length, and the spans: the values a rule reads as they are (None, bool, int,
+ * float, str, shared strs by their index) and anything else through marshal. So `scan` reads a
+ * partition's entries without its spans, and `unpack` passes over the entries not wanted. See
+ * sidecar/replay/partitions.py, the one caller. */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -20,10 +25,11 @@
 /* Which slots hold a string many spans share (name, status, kind, service, version, group). */
 static const int SHARED[SLOTS] = {0, 0, 1, 0, 0, 0, 1, 1, 1, 1, 0, 1};
 
-/* Each value starts with its tag. A shared str is written (FIRST) the first time, then referred
- * to (SEEN) by the order of its first time. */
-enum { NONE = 'N', TRUE = 'T', FALSE = 'F', INT = 'i', FLOAT = 'd', TEXT = 's', FIRST = 'S',
-       SEEN = 'r', MARSHAL = 'm', EMPTY = 'e', DICT = 'a' };
+/* Each value starts with its tag; a shared str (SEEN) is its index in the chunk's table. */
+enum { NONE = 'N', TRUE = 'T', FALSE = 'F', INT = 'i', FLOAT = 'd', TEXT = 's', SEEN = 'r',
+       MARSHAL = 'm', EMPTY = 'e', DICT = 'a' };
+enum { WANTED = 1, INSIDE = 2 };  /* an entry's flags */
+#define ENTRY_LENGTH 4  /* bytes of an entry's length, little-endian */
 
 #define RECENT 16  /* shared strs remembered by address: most recur span after span */
 
@@ -114,15 +120,14 @@ static int put_value(writer *w, PyObject *value, int shared) {
         const char *text = PyUnicode_AsUTF8AndSize(value, &size);
         if (text == NULL) {  /* a lone surrogate: marshal keeps it */
             PyErr_Clear();
+        } else if (shared) {  /* new to the table */
+            Py_ssize_t number = PyDict_GET_SIZE(w->seen);
+            PyObject *index = PyLong_FromSsize_t(number);
+            int failed = index == NULL || PyDict_SetItem(w->seen, value, index) < 0;
+            Py_XDECREF(index);
+            return failed ? -1 : put_seen(w, ((uintptr_t)value >> 4) % RECENT, value, number);
         } else {
-            if (shared) {
-                PyObject *index = PyLong_FromSsize_t(PyDict_GET_SIZE(w->seen));
-                int failed = index == NULL || PyDict_SetItem(w->seen, value, index) < 0;
-                Py_XDECREF(index);
-                if (failed)
-                    return -1;
-            }
-            return put_tag(w, shared ? FIRST : TEXT) < 0 || put_size(w, (uint64_t)size) < 0
+            return put_tag(w, TEXT) < 0 || put_size(w, (uint64_t)size) < 0
                        ? -1 : put(w, text, size);
         }
     } else if (PyLong_CheckExact(value)) {
@@ -161,458 +166,80 @@ static int put_attributes(writer *w, PyObject *attributes) {
     return 0;
 }
 
-/* Every slot of a span but the trace id (the trace's). */
-static int put_span(writer *w, PyObject *span, PyObject *slots) {
-    for (int i = 0; i < SLOTS; i++) {
-        if (i == TRACE_ID)
-            continue;
-        PyObject *slot = PyTuple_GET_ITEM(slots, i);
-        descrgetfunc get = Py_TYPE(slot)->tp_descr_get;
-        PyObject *value = get == NULL ? NULL : get(slot, span, (PyObject *)Py_TYPE(span));
-        if (value == NULL) {
-            if (!PyErr_Occurred())
-                PyErr_SetString(PyExc_TypeError, "Packer: slots must be descriptors");
-            return -1;
-        }
-        int failed = i == ATTRIBUTES ? put_attributes(w, value) : put_value(w, value, SHARED[i]);
-        Py_DECREF(value);
-        if (failed < 0)
-            return -1;
-    }
-    return 0;
-}
+/* --- which traces a rule may apply to ----------------------------------------------------- */
 
-static int hex_value(int c) {
-    return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10
-         : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
-}
-
-/* A trace's part among `count` at split depth `depth`: eight hex digits of its id, other ones at
- * each depth (ids from the decoders are 32 hex digits); any other id by a hash of its text. */
-static Py_ssize_t part_of(PyObject *trace_id, Py_ssize_t count, int depth) {
-    Py_ssize_t size;
-    const char *text = PyUnicode_AsUTF8AndSize(trace_id, &size);
-    if (text == NULL) {
-        PyErr_Clear();  /* (a lone surrogate) */
-        return 0;
-    }
-    uint64_t value = 0;
-    if (size == 32) {
-        for (int i = 24 - 8 * depth; i < 32 - 8 * depth; i++) {
-            int digit = hex_value((unsigned char)text[i]);
-            if (digit < 0)
-                goto hashed;
-            value = value << 4 | (uint64_t)digit;
-        }
-        return (Py_ssize_t)(value % (uint64_t)count);
-    }
-hashed:
-    value = 14695981039346656037ULL ^ (uint64_t)depth;  /* FNV-1a */
-    for (Py_ssize_t i = 0; i < size; i++)
-        value = (value ^ (unsigned char)text[i]) * 1099511628211ULL;
-    return (Py_ssize_t)(value % (uint64_t)count);
-}
-
+/* A value as the scope tests see it: its tag (as it is packed) and what it holds. */
 typedef struct {
-    PyObject_HEAD
-    Py_ssize_t count;  /* parts */
-    int depth;
-    PyObject *slots;
-    writer *parts;
-    uint64_t *traces;  /* trace entries written to each part */
-    Py_ssize_t size;   /* bytes held, all parts */
-    int broken;        /* an add failed halfway: what is held is not whole */
-} Packer;
-
-static void clear_part(Packer *self, Py_ssize_t i) {
-    self->size -= self->parts[i].size;
-    forget(&self->parts[i]);
-    self->traces[i] = 0;
-}
-
-static void clear_parts(Packer *self) {
-    for (Py_ssize_t i = 0; self->parts != NULL && i < self->count; i++)
-        clear_part(self, i);
-}
-
-static void Packer_dealloc(Packer *self) {
-    clear_parts(self);
-    PyMem_Free(self->parts);
-    PyMem_Free(self->traces);
-    Py_XDECREF(self->slots);
-    Py_TYPE(self)->tp_free((PyObject *)self);
-}
-
-static int Packer_init(Packer *self, PyObject *args, PyObject *kwargs) {
-    Py_ssize_t count;
-    int depth;
-    PyObject *slots;
-    static char *names[] = {"count", "depth", "slots", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "niO!:Packer", names, &count, &depth,
-                                     &PyTuple_Type, &slots))
-        return -1;
-    if (count < 1 || depth < 0 || depth > 2 || PyTuple_GET_SIZE(slots) != SLOTS) {
-        PyErr_SetString(PyExc_ValueError, "Packer: count >= 1, depth 0-2 and Span's 12 slots");
-        return -1;
-    }
-    if (self->parts != NULL) {
-        PyErr_SetString(PyExc_TypeError, "Packer: already made");
-        return -1;
-    }
-    self->parts = PyMem_Calloc((size_t)count, sizeof(writer));
-    self->traces = PyMem_Calloc((size_t)count, sizeof(uint64_t));
-    if (self->parts == NULL || self->traces == NULL) {
-        PyErr_NoMemory();
-        return -1;
-    }
-    self->count = count;
-    self->depth = depth;
-    self->slots = Py_NewRef(slots);
-    return 0;
-}
-
-/* One trace's spans appended to its part. */
-static int add_trace(Packer *self, PyObject *trace_id, PyObject *spans) {
-    if (!PyUnicode_CheckExact(trace_id) || !PyList_CheckExact(spans)) {
-        PyErr_SetString(PyExc_TypeError, "Packer.add: each trace is (trace_id: str, [Span, ...])");
-        return -1;
-    }
-    Py_ssize_t number = part_of(trace_id, self->count, self->depth);
-    writer *w = &self->parts[number];
-    if (w->seen == NULL && (w->seen = PyDict_New()) == NULL)
-        return -1;
-    Py_ssize_t before = w->size;
-    self->broken = 1;  /* until this trace is written whole */
-    if (put_value(w, trace_id, 0) < 0 || put_size(w, (uint64_t)PyList_GET_SIZE(spans)) < 0)
-        return -1;
-    for (Py_ssize_t s = 0; s < PyList_GET_SIZE(spans); s++)
-        if (put_span(w, PyList_GET_ITEM(spans, s), self->slots) < 0)
-            return -1;
-    self->broken = 0;
-    self->traces[number]++;
-    self->size += w->size - before;
-    return 0;
-}
-
-/* 1 with a RuntimeError when an add failed halfway: what the packer holds is not whole. */
-static int broken(Packer *self) {
-    if (self->broken)
-        PyErr_SetString(PyExc_RuntimeError, "Packer: an earlier add failed halfway");
-    return self->broken;
-}
-
-PyDoc_STRVAR(add_doc,
-"add(traces: dict[str, list[Span]] | list[tuple[str, list[Span]]]) -> int\n\n"
-"Append each trace's spans to its part; the spans added.");
-
-static PyObject *Packer_add(Packer *self, PyObject *traces) {
-    if (broken(self))
-        return NULL;
-    Py_ssize_t spans = 0;
-    if (PyDict_CheckExact(traces)) {
-        Py_ssize_t at = 0;
-        PyObject *trace_id, *found;
-        while (PyDict_Next(traces, &at, &trace_id, &found)) {
-            if (add_trace(self, trace_id, found) < 0)
-                return NULL;
-            spans += PyList_GET_SIZE(found);
-        }
-    } else if (PyList_CheckExact(traces)) {
-        for (Py_ssize_t t = 0; t < PyList_GET_SIZE(traces); t++) {
-            PyObject *item = PyList_GET_ITEM(traces, t);
-            if (!PyTuple_CheckExact(item) || PyTuple_GET_SIZE(item) != 2) {
-                PyErr_SetString(PyExc_TypeError,
-                                "Packer.add: each trace is (trace_id: str, [Span, ...])");
-                return NULL;
-            }
-            if (add_trace(self, PyTuple_GET_ITEM(item, 0), PyTuple_GET_ITEM(item, 1)) < 0)
-                return NULL;
-            spans += PyList_GET_SIZE(PyTuple_GET_ITEM(item, 1));
-        }
-    } else {
-        PyErr_SetString(PyExc_TypeError, "Packer.add: a dict or a list of traces");
-        return NULL;
-    }
-    return PyLong_FromSsize_t(spans);
-}
-
-PyDoc_STRVAR(take_doc,
-"take() -> list[bytes | None]\n\n"
-"Each part's chunk for `unpack` (None where nothing was added), by part number; each part is let\n"
-"go as its chunk is made (what is held is not copied whole), and the packer is empty after.");
-
-static PyObject *Packer_take(Packer *self, PyObject *unused) {
-    if (broken(self))
-        return NULL;
-    PyObject *chunks = PyList_New(self->count);
-    if (chunks == NULL)
-        return NULL;
-    for (Py_ssize_t i = 0; i < self->count; i++) {
-        writer *w = &self->parts[i];
-        if (w->size == 0) {
-            PyList_SET_ITEM(chunks, i, Py_NewRef(Py_None));
-            continue;
-        }
-        unsigned char head[10];
-        int n = varint(head, self->traces[i]);  /* the chunk starts with its trace count */
-        PyObject *chunk = PyBytes_FromStringAndSize(NULL, n + w->size);
-        if (chunk == NULL) {
-            self->broken = 1;  /* (parts before this one are gone) */
-            Py_DECREF(chunks);
-            return NULL;
-        }
-        memcpy(PyBytes_AS_STRING(chunk), head, (size_t)n);
-        memcpy(PyBytes_AS_STRING(chunk) + n, w->data, (size_t)w->size);
-        PyList_SET_ITEM(chunks, i, chunk);
-        clear_part(self, i);
-    }
-    return chunks;
-}
-
-static PyObject *Packer_size(Packer *self, void *unused) {
-    return PyLong_FromSsize_t(self->size);
-}
-
-static PyMethodDef packer_methods[] = {
-    {"add", (PyCFunction)Packer_add, METH_O, add_doc},
-    {"take", (PyCFunction)Packer_take, METH_NOARGS, take_doc},
-    {NULL, NULL, 0, NULL},
-};
-
-static PyGetSetDef packer_getset[] = {
-    {"size", (getter)Packer_size, NULL, "bytes held, all parts", NULL},
-    {NULL, NULL, NULL, NULL, NULL},
-};
-
-static PyTypeObject PackerType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "sidecar.replay._spill.Packer",
-    .tp_doc = PyDoc_STR(
-        "Packer(count, depth, slots): traces' spans packed into bytes, in `count` parts by trace\n"
-        "id (part_of: eight hex digits of the id, other ones at each split depth); every slot\n"
-        "but the trace id, read through `slots` (Span's member descriptors, in partitions.py's\n"
-        "order); the strings spans share written once per part."),
-    .tp_basicsize = sizeof(Packer),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_new = PyType_GenericNew,
-    .tp_init = (initproc)Packer_init,
-    .tp_dealloc = (destructor)Packer_dealloc,
-    .tp_methods = packer_methods,
-    .tp_getset = packer_getset,
-};
-
-typedef struct {
-    const unsigned char *p, *end;
-    PyObject *seen;  /* list: the shared strs, by index */
-} reader;
-
-static int corrupt(void) {
-    PyErr_SetString(PyExc_ValueError, "unpack: not what pack wrote");
-    return -1;
-}
-
-static int get_size(reader *r, uint64_t *value) {
-    uint64_t result = 0;
-    for (int shift = 0; shift < 64 && r->p < r->end; shift += 7) {
-        unsigned char byte = *r->p++;
-        result |= (uint64_t)(byte & 0x7F) << shift;
-        if (byte < 0x80) {
-            *value = result;
-            return 0;
-        }
-    }
-    return corrupt();
-}
-
-static int get_bytes(reader *r, Py_ssize_t size, const unsigned char **at) {
-    if (size < 0 || size > r->end - r->p)
-        return corrupt();
-    *at = r->p;
-    r->p += size;
-    return 0;
-}
-
-static PyObject *get_value(reader *r) {
-    const unsigned char *at;
-    uint64_t size;
-    if (r->p >= r->end) {
-        corrupt();
-        return NULL;
-    }
-    switch (*r->p++) {
-    case NONE: return Py_NewRef(Py_None);
-    case TRUE: return Py_NewRef(Py_True);
-    case FALSE: return Py_NewRef(Py_False);
-    case INT: {
-        long long number;
-        if (get_bytes(r, 8, &at) < 0)
-            return NULL;
-        memcpy(&number, at, 8);
-        return PyLong_FromLongLong(number);
-    }
-    case FLOAT: {
-        double number;
-        if (get_bytes(r, 8, &at) < 0)
-            return NULL;
-        memcpy(&number, at, 8);
-        return PyFloat_FromDouble(number);
-    }
-    case TEXT:
-    case FIRST:
-    case MARSHAL: {
-        char tag = (char)r->p[-1];
-        if (get_size(r, &size) < 0 || size > (uint64_t)PY_SSIZE_T_MAX ||
-                get_bytes(r, (Py_ssize_t)size, &at) < 0)
-            return NULL;
-        if (tag == MARSHAL)
-            return PyMarshal_ReadObjectFromString((const char *)at, (Py_ssize_t)size);
-        PyObject *value = PyUnicode_DecodeUTF8((const char *)at, (Py_ssize_t)size, NULL);
-        if (value != NULL && tag == FIRST && PyList_Append(r->seen, value) < 0)
-            Py_CLEAR(value);
-        return value;
-    }
-    case SEEN:
-        if (get_size(r, &size) < 0)
-            return NULL;
-        if (size >= (uint64_t)PyList_GET_SIZE(r->seen)) {
-            corrupt();
-            return NULL;
-        }
-        return Py_NewRef(PyList_GET_ITEM(r->seen, (Py_ssize_t)size));
-    default:
-        corrupt();
-        return NULL;
-    }
-}
-
-static PyObject *get_attributes(reader *r, PyObject *empty) {
-    if (r->p < r->end && *r->p == EMPTY) {
-        r->p++;
-        return Py_NewRef(empty);
-    }
-    if (r->p >= r->end || *r->p != DICT)
-        return get_value(r);
-    r->p++;
-    uint64_t count;
-    if (get_size(r, &count) < 0)
-        return NULL;
-    PyObject *attributes = PyDict_New();
-    for (uint64_t i = 0; attributes != NULL && i < count; i++) {
-        PyObject *key = get_value(r), *value = key == NULL ? NULL : get_value(r);
-        if (value == NULL || PyDict_SetItem(attributes, key, value) < 0)
-            Py_CLEAR(attributes);
-        Py_XDECREF(key);
-        Py_XDECREF(value);
-    }
-    return attributes;
-}
-
-/* --- scanning packed spans without making them ---------------------------------------------- */
-
-/* One packed value, seen where it lies: its tag and what it holds. A shared str written here the
- * first time is made (later ones refer to it), and `text` is then its own. */
-typedef struct {
-    char tag;  /* NONE, TRUE, FALSE, INT, FLOAT, TEXT (FIRST and SEEN read as TEXT), MARSHAL */
+    char tag;  /* NONE, TRUE, FALSE, INT, FLOAT, TEXT, MARSHAL (anything else) */
     long long integer;
     double number;
-    const char *text;
+    const char *text;  /* (the str's own UTF-8) */
     Py_ssize_t size;
-    PyObject *shared;  /* FIRST and SEEN: the str (borrowed from r->seen) */
 } view;
 
-static int read_view(reader *r, view *v) {
-    uint64_t size;
-    const unsigned char *at;
-    if (r->p >= r->end)
-        return corrupt();
-    v->tag = (char)*r->p++;
-    v->shared = NULL;
-    switch (v->tag) {
-    case NONE: case TRUE: case FALSE:
-        return 0;
-    case INT: case FLOAT:
-        if (get_bytes(r, 8, &at) < 0)
-            return -1;
-        if (v->tag == INT)
-            memcpy(&v->integer, at, 8);
-        else
-            memcpy(&v->number, at, 8);
-        return 0;
-    case TEXT: case FIRST: case MARSHAL:
-        if (get_size(r, &size) < 0 || size > (uint64_t)PY_SSIZE_T_MAX ||
-                get_bytes(r, (Py_ssize_t)size, &at) < 0)
-            return -1;
-        v->text = (const char *)at;
-        v->size = (Py_ssize_t)size;
-        if (v->tag != FIRST)
-            return 0;
-        PyObject *text = PyUnicode_DecodeUTF8(v->text, v->size, NULL);
-        int failed = text == NULL || PyList_Append(r->seen, text) < 0;
-        Py_XDECREF(text);
-        v->tag = TEXT;
-        v->shared = failed ? NULL : text;
-        return failed ? -1 : 0;
-    case SEEN:
-        if (get_size(r, &size) < 0)
-            return -1;
-        if (size >= (uint64_t)PyList_GET_SIZE(r->seen))
-            return corrupt();
-        v->shared = PyList_GET_ITEM(r->seen, (Py_ssize_t)size);
-        v->tag = TEXT;
-        v->text = PyUnicode_AsUTF8AndSize(v->shared, &v->size);
-        return v->text == NULL ? -1 : 0;
-    default:
-        return corrupt();
+static void view_of(PyObject *value, view *v) {
+    v->tag = MARSHAL;
+    if (value == Py_None || value == Py_True || value == Py_False) {
+        v->tag = value == Py_None ? NONE : value == Py_True ? TRUE : FALSE;
+    } else if (PyLong_CheckExact(value)) {
+        int overflow;
+        v->integer = PyLong_AsLongLongAndOverflow(value, &overflow);
+        if (!overflow)
+            v->tag = INT;
+    } else if (PyFloat_CheckExact(value)) {
+        v->tag = FLOAT;
+        v->number = PyFloat_AS_DOUBLE(value);
+    } else if (PyUnicode_CheckExact(value)) {
+        v->text = PyUnicode_AsUTF8AndSize(value, &v->size);
+        if (v->text != NULL)
+            v->tag = TEXT;
     }
+    PyErr_Clear();  /* (what could not be read stays MARSHAL: "maybe") */
 }
 
-/* A span's attributes as views: count < 0 when they are not a dict of str keys. */
+/* A span's attributes: count < 0 when they are not a dict of str keys. */
+#define FEW 16
 typedef struct {
     Py_ssize_t count;
-    PyObject **keys;  /* borrowed from r->seen */
+    PyObject **keys;  /* borrowed from the dict */
     view *values;
+    PyObject *few_keys[FEW];
+    view few_values[FEW];
 } attribute_views;
 
-static int read_attributes(reader *r, attribute_views *a) {
-    a->count = 0;
-    if (r->p < r->end && *r->p == EMPTY) {
-        r->p++;
+static int views_of(PyObject *attributes, attribute_views *a) {
+    a->count = -1;
+    a->keys = a->few_keys;
+    a->values = a->few_values;
+    if (!PyDict_CheckExact(attributes))
         return 0;
-    }
-    if (r->p >= r->end || *r->p != DICT) {
-        view ignored;
-        a->count = -1;
-        return read_view(r, &ignored);
-    }
-    r->p++;
-    uint64_t count;
-    if (get_size(r, &count) < 0)
-        return -1;
-    if (count > (uint64_t)(r->end - r->p) / 2)  /* (a key and a value take two bytes or more) */
-        return corrupt();
-    a->keys = PyMem_Malloc((size_t)(count ? count : 1) * sizeof(PyObject *));
-    a->values = PyMem_Malloc((size_t)(count ? count : 1) * sizeof(view));
-    if (a->keys == NULL || a->values == NULL) {
-        PyErr_NoMemory();
-        return -1;
-    }
-    int strings = 1;
-    for (uint64_t i = 0; i < count; i++) {
-        view key;
-        if (read_view(r, &key) < 0 || read_view(r, &a->values[i]) < 0)
+    Py_ssize_t count = PyDict_GET_SIZE(attributes), at = 0, i = 0;
+    if (count > FEW) {
+        a->keys = PyMem_Malloc((size_t)count * sizeof(PyObject *));
+        a->values = PyMem_Malloc((size_t)count * sizeof(view));
+        if (a->keys == NULL || a->values == NULL) {
+            PyErr_NoMemory();
             return -1;
-        strings &= key.shared != NULL;
-        a->keys[i] = key.shared;
+        }
     }
-    a->count = strings ? (Py_ssize_t)count : -1;
+    PyObject *key, *value;
+    while (PyDict_Next(attributes, &at, &key, &value)) {
+        if (!PyUnicode_CheckExact(key))
+            return 0;
+        a->keys[i] = key;
+        view_of(value, &a->values[i++]);
+    }
+    a->count = i;
     return 0;
 }
 
-static void free_attributes(attribute_views *a) {
-    PyMem_Free(a->keys);
-    PyMem_Free(a->values);
-    a->keys = NULL;
-    a->values = NULL;
+static void free_views(attribute_views *a) {
+    if (a->keys != a->few_keys)
+        PyMem_Free(a->keys);
+    if (a->values != a->few_values)
+        PyMem_Free(a->values);
+    a->keys = a->few_keys;
+    a->values = a->few_values;
 }
 
 enum { NO = 0, YES = 1, MAYBE = 2 };
@@ -741,123 +368,563 @@ static int judge(PyObject *test, const attribute_views *a) {
     return value == NULL ? NO : compare(value, (int)op, PyTuple_GET_ITEM(test, 3));
 }
 
-/* Whether a span named `name` may be where a rule applies, by `tests` (name -> tuple of
- * PlainTest | None). */
-static int may_apply(PyObject *tests, PyObject *name, const attribute_views *a) {
+/* Whether a rule may apply where a span named `name` with `attributes` is, by `tests` (span name
+ * -> a tuple of PlainTest, or None for any span of the name): NO or MAYBE; -1 with an error. */
+static int may_apply(PyObject *tests, PyObject *name, PyObject *attributes) {
+    if (!PyUnicode_CheckExact(name))
+        return MAYBE;
     PyObject *found = PyDict_GetItemWithError(tests, name);
     if (found == NULL)
         return PyErr_Occurred() ? -1 : NO;
     if (!PyTuple_Check(found))
         return MAYBE;
-    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(found); i++) {
+    attribute_views a;
+    int read = 0, verdict = NO;
+    for (Py_ssize_t i = 0; verdict == NO && i < PyTuple_GET_SIZE(found); i++) {
         PyObject *test = PyTuple_GET_ITEM(found, i);
-        if (test == Py_None || judge(test, a) != NO)
-            return MAYBE;
+        if (test == Py_None) {
+            verdict = MAYBE;
+        } else {
+            if (!read && (read = 1, views_of(attributes, &a) < 0)) {
+                verdict = -1;
+                break;
+            }
+            verdict = judge(test, &a) == NO ? NO : MAYBE;
+        }
     }
-    return NO;
+    if (read)
+        free_views(&a);
+    return verdict;
 }
 
-PyDoc_STRVAR(scan_doc,
-"scan(data: bytes, tests: dict, window: tuple[int, int] | None, inside: set, wanted: set)\n\n"
-"Read a chunk without making its spans: each trace id with a span starting in `window` (any\n"
-"span, without one) goes to `inside`; each trace some rule may apply to, by `tests` (span name\n"
-"-> a tuple of PlainTest, or None for any span of the name), to `wanted`, and so does any trace\n"
-"this cannot tell of (a trace known by id alone, a start or a value it cannot read). A trace\n"
-"not in `wanted` after every chunk of its partition was scanned needs no evaluating.");
+/* What a Packer judges spans by: the rules' scope tests (NULL: none, every trace is wanted) and
+ * the window [since, until) (bounded: there is one; endless: until is 2**64 or beyond). */
+typedef struct {
+    PyObject *tests;
+    int bounded, endless;
+    unsigned long long since, until;
+} scope;
 
-static PyObject *scan(PyObject *module, PyObject *args) {
-    PyObject *data, *tests, *window, *inside, *wanted;
-    if (!PyArg_ParseTuple(args, "O!O!OO!O!:scan", &PyBytes_Type, &data, &PyDict_Type, &tests,
-                          &window, &PySet_Type, &inside, &PySet_Type, &wanted))
-        return NULL;
-    unsigned long long since = 0, until = 0;
-    int bounded = window != Py_None, endless = 0;
-    if (bounded) {
-        if (!PyTuple_Check(window) || PyTuple_GET_SIZE(window) != 2) {
-            PyErr_SetString(PyExc_TypeError, "scan: window is (since, until) or None");
-            return NULL;
+/* A span's WANTED and INSIDE flags added to *flags, from its name, start and attributes. */
+static int judge_span(const scope *sc, PyObject *values[SLOTS], int *flags) {
+    unsigned long long start = 0;
+    int readable = PyLong_CheckExact(values[4]);
+    if (readable && (start = PyLong_AsUnsignedLongLong(values[4])) == (unsigned long long)-1 &&
+            PyErr_Occurred()) {
+        PyErr_Clear();
+        readable = 0;
+    }
+    if (!readable) {  /* (a start past 2**64, or negative: _evaluate judges the trace) */
+        *flags |= WANTED;
+        return 0;
+    }
+    if (!sc->bounded || (start >= sc->since && (sc->endless || start < sc->until)))
+        *flags |= INSIDE;
+    if (*flags & WANTED)
+        return 0;
+    int verdict = sc->tests == NULL ? MAYBE : may_apply(sc->tests, values[2], values[ATTRIBUTES]);
+    if (verdict < 0)
+        return -1;
+    if (verdict != NO)
+        *flags |= WANTED;
+    return 0;
+}
+
+/* Every slot of a span but the trace id (the trace's); its flags added to *flags. */
+static int put_span(writer *w, PyObject *span, PyObject *slots, const scope *sc, int *flags) {
+    PyObject *values[SLOTS] = {NULL};
+    int failed = 0;
+    for (int i = 1; !failed && i < SLOTS; i++) {  /* (0 is the trace id) */
+        PyObject *slot = PyTuple_GET_ITEM(slots, i);
+        descrgetfunc get = Py_TYPE(slot)->tp_descr_get;
+        values[i] = get == NULL ? NULL : get(slot, span, (PyObject *)Py_TYPE(span));
+        if (values[i] == NULL) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_TypeError, "Packer: slots must be descriptors");
+            failed = 1;
+        } else {
+            failed = (i == ATTRIBUTES ? put_attributes(w, values[i])
+                                      : put_value(w, values[i], SHARED[i])) < 0;
         }
-        since = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(window, 0));
-        if (since == (unsigned long long)-1 && PyErr_Occurred())
-            return NULL;
-        until = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(window, 1));
-        if (until == (unsigned long long)-1 && PyErr_Occurred()) {
+    }
+    failed = failed || judge_span(sc, values, flags) < 0;
+    for (int i = 1; i < SLOTS; i++)
+        Py_XDECREF(values[i]);
+    return failed ? -1 : 0;
+}
+
+static int hex_value(int c) {
+    return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10
+         : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+}
+
+/* A trace's part among `count` at split depth `depth`: eight hex digits of its id, other ones at
+ * each depth (ids from the decoders are 32 hex digits); any other id by a hash of its text. */
+static Py_ssize_t part_of(PyObject *trace_id, Py_ssize_t count, int depth) {
+    Py_ssize_t size;
+    const char *text = PyUnicode_AsUTF8AndSize(trace_id, &size);
+    if (text == NULL) {
+        PyErr_Clear();  /* (a lone surrogate) */
+        return 0;
+    }
+    uint64_t value = 0;
+    if (size == 32) {
+        for (int i = 24 - 8 * depth; i < 32 - 8 * depth; i++) {
+            int digit = hex_value((unsigned char)text[i]);
+            if (digit < 0)
+                goto hashed;
+            value = value << 4 | (uint64_t)digit;
+        }
+        return (Py_ssize_t)(value % (uint64_t)count);
+    }
+hashed:
+    value = 14695981039346656037ULL ^ (uint64_t)depth;  /* FNV-1a */
+    for (Py_ssize_t i = 0; i < size; i++)
+        value = (value ^ (unsigned char)text[i]) * 1099511628211ULL;
+    return (Py_ssize_t)(value % (uint64_t)count);
+}
+
+typedef struct {
+    PyObject_HEAD
+    Py_ssize_t count;  /* parts */
+    int depth;
+    PyObject *slots;
+    writer *parts;
+    uint64_t *traces;  /* trace entries written to each part */
+    Py_ssize_t size;   /* bytes held, all parts */
+    int broken;        /* an add failed halfway: what is held is not whole */
+    scope scope;
+} Packer;
+
+static void clear_part(Packer *self, Py_ssize_t i) {
+    self->size -= self->parts[i].size;
+    forget(&self->parts[i]);
+    self->traces[i] = 0;
+}
+
+static void clear_parts(Packer *self) {
+    for (Py_ssize_t i = 0; self->parts != NULL && i < self->count; i++)
+        clear_part(self, i);
+}
+
+static void Packer_dealloc(Packer *self) {
+    clear_parts(self);
+    PyMem_Free(self->parts);
+    PyMem_Free(self->traces);
+    Py_XDECREF(self->slots);
+    Py_XDECREF(self->scope.tests);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* A window's bound as starts (0 to 2**64 - 1) are compared with it: below 0 is 0; *beyond when
+ * it is 2**64 or more. */
+static int bound(PyObject *value, unsigned long long *out, int *beyond) {
+    int overflow;
+    long long number = PyLong_AsLongLongAndOverflow(value, &overflow);
+    if (number == -1 && PyErr_Occurred())
+        return -1;
+    *beyond = 0;
+    *out = overflow < 0 || (!overflow && number < 0) ? 0 : (unsigned long long)number;
+    if (overflow > 0) {
+        *out = PyLong_AsUnsignedLongLong(value);
+        if (*out == (unsigned long long)-1 && PyErr_Occurred()) {
             if (!PyErr_ExceptionMatches(PyExc_OverflowError))
-                return NULL;
-            PyErr_Clear();  /* 2**64 and beyond: no end */
-            endless = 1;
+                return -1;
+            PyErr_Clear();
+            *beyond = 1;
         }
     }
-    reader r = {(const unsigned char *)PyBytes_AS_STRING(data), NULL, PyList_New(0)};
-    r.end = r.p + PyBytes_GET_SIZE(data);
-    uint64_t count, spans;
-    attribute_views a = {0, NULL, NULL};
-    PyObject *trace_id = NULL;
-    if (r.seen == NULL || get_size(&r, &count) < 0)
-        goto fail;
-    for (uint64_t t = 0; t < count; t++) {
-        if ((trace_id = get_value(&r)) == NULL || get_size(&r, &spans) < 0)
-            goto fail;
-        if (!PyUnicode_CheckExact(trace_id)) {
-            corrupt();
-            goto fail;
-        }
-        int in = !bounded || spans == 0, maybe = spans == 0;
-        for (uint64_t s = 0; s < spans; s++) {
-            view v, name = {0}, start = {0};
-            for (int i = 1; i < SLOTS; i++) {
-                if (i == ATTRIBUTES) {
-                    if (read_attributes(&r, &a) < 0)
-                        goto fail;
-                } else if (read_view(&r, i == 2 ? &name : i == 4 ? &start : &v) < 0) {
-                    goto fail;
-                }
-            }
-            if (start.tag != INT) {
-                maybe = 1;  /* (a start past 2**63: _evaluate judges) */
-            } else if (!in && start.integer >= 0 &&
-                       (unsigned long long)start.integer >= since &&
-                       (endless || (unsigned long long)start.integer < until)) {
-                in = 1;
-            }
-            if (!maybe) {
-                int verdict = name.shared == NULL ? MAYBE : may_apply(tests, name.shared, &a);
-                if (verdict < 0)
-                    goto fail;
-                maybe = verdict != NO;
-            }
-            free_attributes(&a);
-        }
-        if ((in && PySet_Add(inside, trace_id) < 0) || (maybe && PySet_Add(wanted, trace_id) < 0))
-            goto fail;
-        Py_CLEAR(trace_id);
-    }
-    if (r.p != r.end) {
-        corrupt();
-        goto fail;
-    }
-    Py_DECREF(r.seen);
-    Py_RETURN_NONE;
-fail:
-    free_attributes(&a);
-    Py_XDECREF(trace_id);
-    Py_XDECREF(r.seen);
-    return NULL;
+    return 0;
 }
 
-/* Read past `spans` spans, making only the shared strs later ones refer to. */
-static int pass_over(reader *r, uint64_t spans) {
-    view v;
-    attribute_views a = {0, NULL, NULL};
-    for (uint64_t s = 0; s < spans; s++) {
-        for (int i = 1; i < SLOTS; i++) {
-            int failed = i == ATTRIBUTES ? read_attributes(r, &a) : read_view(r, &v);
-            free_attributes(&a);
-            if (failed < 0)
+static int Packer_init(Packer *self, PyObject *args, PyObject *kwargs) {
+    Py_ssize_t count;
+    int depth;
+    PyObject *slots, *tests = Py_None, *window = Py_None;
+    static char *names[] = {"count", "depth", "slots", "tests", "window", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "niO!|OO:Packer", names, &count, &depth,
+                                     &PyTuple_Type, &slots, &tests, &window))
+        return -1;
+    if ((tests != Py_None && !PyDict_Check(tests)) ||
+            (window != Py_None && (!PyTuple_Check(window) || PyTuple_GET_SIZE(window) != 2))) {
+        PyErr_SetString(PyExc_TypeError, "Packer: tests is a dict or None, window (since, until) "
+                                         "or None");
+        return -1;
+    }
+    if (count < 1 || depth < 0 || depth > 2 || PyTuple_GET_SIZE(slots) != SLOTS) {
+        PyErr_SetString(PyExc_ValueError, "Packer: count >= 1, depth 0-2 and Span's 12 slots");
+        return -1;
+    }
+    if (self->parts != NULL) {
+        PyErr_SetString(PyExc_TypeError, "Packer: already made");
+        return -1;
+    }
+    self->parts = PyMem_Calloc((size_t)count, sizeof(writer));
+    self->traces = PyMem_Calloc((size_t)count, sizeof(uint64_t));
+    if (self->parts == NULL || self->traces == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    scope *sc = &self->scope;
+    if (window != Py_None) {
+        int beyond;
+        sc->bounded = 1;
+        if (bound(PyTuple_GET_ITEM(window, 0), &sc->since, &beyond) < 0)
+            return -1;
+        /* since beyond every start: until stays 0, so nothing is inside */
+        if (!beyond && bound(PyTuple_GET_ITEM(window, 1), &sc->until, &sc->endless) < 0)
+            return -1;
+    }
+    sc->tests = tests == Py_None ? NULL : Py_NewRef(tests);
+    self->count = count;
+    self->depth = depth;
+    self->slots = Py_NewRef(slots);
+    return 0;
+}
+
+/* One trace's spans appended to its part. */
+static int add_trace(Packer *self, PyObject *trace_id, PyObject *spans) {
+    if (!PyUnicode_CheckExact(trace_id) || !PyList_CheckExact(spans)) {
+        PyErr_SetString(PyExc_TypeError, "Packer.add: each trace is (trace_id: str, [Span, ...])");
+        return -1;
+    }
+    Py_ssize_t number = part_of(trace_id, self->count, self->depth);
+    writer *w = &self->parts[number];
+    if (w->seen == NULL && (w->seen = PyDict_New()) == NULL)
+        return -1;
+    Py_ssize_t before = w->size, head;
+    self->broken = 1;  /* until this trace is written whole */
+    if (put_value(w, trace_id, 0) < 0 || room(w, 1 + ENTRY_LENGTH) < 0)
+        return -1;
+    head = w->size;  /* the flags and length, filled in below */
+    w->size += 1 + ENTRY_LENGTH;
+    int flags = PyList_GET_SIZE(spans) == 0 ? WANTED | INSIDE : 0;  /* (known by id alone) */
+    if (put_size(w, (uint64_t)PyList_GET_SIZE(spans)) < 0)
+        return -1;
+    for (Py_ssize_t s = 0; s < PyList_GET_SIZE(spans); s++)
+        if (put_span(w, PyList_GET_ITEM(spans, s), self->slots, &self->scope, &flags) < 0)
+            return -1;
+    uint64_t length = (uint64_t)(w->size - head - 1 - ENTRY_LENGTH);
+    if (length > UINT32_MAX) {
+        PyErr_SetString(PyExc_OverflowError, "Packer.add: one trace's spans past 4 GiB");
+        return -1;
+    }
+    unsigned char *at = (unsigned char *)w->data + head;
+    at[0] = (unsigned char)flags;
+    for (int i = 0; i < ENTRY_LENGTH; i++)
+        at[1 + i] = (unsigned char)(length >> (8 * i));
+    self->broken = 0;
+    self->traces[number]++;
+    self->size += w->size - before;
+    return 0;
+}
+
+/* 1 with a RuntimeError when an add failed halfway: what the packer holds is not whole. */
+static int broken(Packer *self) {
+    if (self->broken)
+        PyErr_SetString(PyExc_RuntimeError, "Packer: an earlier add failed halfway");
+    return self->broken;
+}
+
+PyDoc_STRVAR(add_doc,
+"add(traces: dict[str, list[Span]] | list[tuple[str, list[Span]]]) -> int\n\n"
+"Append each trace's spans to its part; the spans added.");
+
+static PyObject *Packer_add(Packer *self, PyObject *traces) {
+    if (broken(self))
+        return NULL;
+    Py_ssize_t spans = 0;
+    if (PyDict_CheckExact(traces)) {
+        Py_ssize_t at = 0;
+        PyObject *trace_id, *found;
+        while (PyDict_Next(traces, &at, &trace_id, &found)) {
+            if (add_trace(self, trace_id, found) < 0)
+                return NULL;
+            spans += PyList_GET_SIZE(found);
+        }
+    } else if (PyList_CheckExact(traces)) {
+        for (Py_ssize_t t = 0; t < PyList_GET_SIZE(traces); t++) {
+            PyObject *item = PyList_GET_ITEM(traces, t);
+            if (!PyTuple_CheckExact(item) || PyTuple_GET_SIZE(item) != 2) {
+                PyErr_SetString(PyExc_TypeError,
+                                "Packer.add: each trace is (trace_id: str, [Span, ...])");
+                return NULL;
+            }
+            if (add_trace(self, PyTuple_GET_ITEM(item, 0), PyTuple_GET_ITEM(item, 1)) < 0)
+                return NULL;
+            spans += PyList_GET_SIZE(PyTuple_GET_ITEM(item, 1));
+        }
+    } else {
+        PyErr_SetString(PyExc_TypeError, "Packer.add: a dict or a list of traces");
+        return NULL;
+    }
+    return PyLong_FromSsize_t(spans);
+}
+
+PyDoc_STRVAR(take_doc,
+"take() -> list[bytes | None]\n\n"
+"Each part's chunk for `unpack` (None where nothing was added), by part number; each part is let\n"
+"go as its chunk is made (what is held is not copied whole), and the packer is empty after.");
+
+static PyObject *Packer_take(Packer *self, PyObject *unused) {
+    if (broken(self))
+        return NULL;
+    PyObject *chunks = PyList_New(self->count);
+    if (chunks == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < self->count; i++) {
+        writer *w = &self->parts[i];
+        if (w->size == 0) {
+            PyList_SET_ITEM(chunks, i, Py_NewRef(Py_None));
+            continue;
+        }
+        writer head = {0};  /* the table of shared strs, then the count of entries */
+        Py_ssize_t at = 0;
+        PyObject *text, *index;
+        int failed = put_size(&head, (uint64_t)PyDict_GET_SIZE(w->seen)) < 0;
+        while (!failed && PyDict_Next(w->seen, &at, &text, &index)) {  /* (in index order) */
+            Py_ssize_t size;
+            const char *utf8 = PyUnicode_AsUTF8AndSize(text, &size);
+            failed = utf8 == NULL || put_size(&head, (uint64_t)size) < 0 ||
+                     put(&head, utf8, size) < 0;
+        }
+        failed = failed || put_size(&head, self->traces[i]) < 0;
+        PyObject *chunk = failed ? NULL
+                                 : PyBytes_FromStringAndSize(NULL, head.size + w->size);
+        if (chunk != NULL) {
+            memcpy(PyBytes_AS_STRING(chunk), head.data, (size_t)head.size);
+            memcpy(PyBytes_AS_STRING(chunk) + head.size, w->data, (size_t)w->size);
+        }
+        PyMem_Free(head.data);
+        if (chunk == NULL) {
+            self->broken = 1;  /* (parts before this one are gone) */
+            Py_DECREF(chunks);
+            return NULL;
+        }
+        PyList_SET_ITEM(chunks, i, chunk);
+        clear_part(self, i);
+    }
+    return chunks;
+}
+
+static PyObject *Packer_size(Packer *self, void *unused) {
+    return PyLong_FromSsize_t(self->size);
+}
+
+static PyMethodDef packer_methods[] = {
+    {"add", (PyCFunction)Packer_add, METH_O, add_doc},
+    {"take", (PyCFunction)Packer_take, METH_NOARGS, take_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef packer_getset[] = {
+    {"size", (getter)Packer_size, NULL, "bytes held, all parts", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject PackerType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "sidecar.replay._spill.Packer",
+    .tp_doc = PyDoc_STR(
+        "Packer(count, depth, slots, tests=None, window=None): traces' spans packed into bytes,\n"
+        "in `count` parts by trace id (part_of: eight hex digits of the id, other ones at each\n"
+        "split depth); every slot but the trace id, read through `slots` (Span's member\n"
+        "descriptors, in partitions.py's order); the strings spans share written once per part.\n"
+        "Each trace entry says whether a rule may apply to it, by `tests` (span name -> a tuple\n"
+        "of PlainTest, sidecar.dsl's scope tests as data, or None for any span of the name;\n"
+        "without tests, every trace), and whether a span starts in `window` [since, until)."),
+    .tp_basicsize = sizeof(Packer),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Packer_init,
+    .tp_dealloc = (destructor)Packer_dealloc,
+    .tp_methods = packer_methods,
+    .tp_getset = packer_getset,
+};
+
+typedef struct {
+    const unsigned char *p, *end;
+    PyObject *seen;  /* list: the shared strs, by index */
+} reader;
+
+static int corrupt(void) {
+    PyErr_SetString(PyExc_ValueError, "unpack: not what pack wrote");
+    return -1;
+}
+
+static int get_size(reader *r, uint64_t *value) {
+    uint64_t result = 0;
+    for (int shift = 0; shift < 64 && r->p < r->end; shift += 7) {
+        unsigned char byte = *r->p++;
+        result |= (uint64_t)(byte & 0x7F) << shift;
+        if (byte < 0x80) {
+            *value = result;
+            return 0;
+        }
+    }
+    return corrupt();
+}
+
+static int get_bytes(reader *r, Py_ssize_t size, const unsigned char **at) {
+    if (size < 0 || size > r->end - r->p)
+        return corrupt();
+    *at = r->p;
+    r->p += size;
+    return 0;
+}
+
+static PyObject *get_value(reader *r) {
+    const unsigned char *at;
+    uint64_t size;
+    if (r->p >= r->end) {
+        corrupt();
+        return NULL;
+    }
+    switch (*r->p++) {
+    case NONE: return Py_NewRef(Py_None);
+    case TRUE: return Py_NewRef(Py_True);
+    case FALSE: return Py_NewRef(Py_False);
+    case INT: {
+        long long number;
+        if (get_bytes(r, 8, &at) < 0)
+            return NULL;
+        memcpy(&number, at, 8);
+        return PyLong_FromLongLong(number);
+    }
+    case FLOAT: {
+        double number;
+        if (get_bytes(r, 8, &at) < 0)
+            return NULL;
+        memcpy(&number, at, 8);
+        return PyFloat_FromDouble(number);
+    }
+    case TEXT:
+    case MARSHAL: {
+        char tag = (char)r->p[-1];
+        if (get_size(r, &size) < 0 || size > (uint64_t)PY_SSIZE_T_MAX ||
+                get_bytes(r, (Py_ssize_t)size, &at) < 0)
+            return NULL;
+        if (tag == MARSHAL)
+            return PyMarshal_ReadObjectFromString((const char *)at, (Py_ssize_t)size);
+        return PyUnicode_DecodeUTF8((const char *)at, (Py_ssize_t)size, NULL);
+    }
+    case SEEN:
+        if (get_size(r, &size) < 0)
+            return NULL;
+        if (r->seen == NULL || size >= (uint64_t)PyList_GET_SIZE(r->seen)) {
+            corrupt();
+            return NULL;
+        }
+        return Py_NewRef(PyList_GET_ITEM(r->seen, (Py_ssize_t)size));
+    default:
+        corrupt();
+        return NULL;
+    }
+}
+
+static PyObject *get_attributes(reader *r, PyObject *empty) {
+    if (r->p < r->end && *r->p == EMPTY) {
+        r->p++;
+        return Py_NewRef(empty);
+    }
+    if (r->p >= r->end || *r->p != DICT)
+        return get_value(r);
+    r->p++;
+    uint64_t count;
+    if (get_size(r, &count) < 0)
+        return NULL;
+    PyObject *attributes = PyDict_New();
+    for (uint64_t i = 0; attributes != NULL && i < count; i++) {
+        PyObject *key = get_value(r), *value = key == NULL ? NULL : get_value(r);
+        if (value == NULL || PyDict_SetItem(attributes, key, value) < 0)
+            Py_CLEAR(attributes);
+        Py_XDECREF(key);
+        Py_XDECREF(value);
+    }
+    return attributes;
+}
+
+/* A chunk's table of shared strs, read into r->seen (with `make`; else passed over). */
+static int open_chunk(reader *r, int make) {
+    uint64_t count, size;
+    const unsigned char *at;
+    if (get_size(r, &count) < 0)
+        return -1;
+    if (count > (uint64_t)(r->end - r->p))  /* (each takes a byte or more) */
+        return corrupt();
+    for (uint64_t i = 0; i < count; i++) {
+        if (get_size(r, &size) < 0 || size > (uint64_t)PY_SSIZE_T_MAX ||
+                get_bytes(r, (Py_ssize_t)size, &at) < 0)
+            return -1;
+        if (make) {
+            PyObject *text = PyUnicode_DecodeUTF8((const char *)at, (Py_ssize_t)size, NULL);
+            int failed = text == NULL || PyList_Append(r->seen, text) < 0;
+            Py_XDECREF(text);
+            if (failed)
                 return -1;
         }
     }
     return 0;
+}
+
+/* An entry's head: its trace id (a new reference; NULL with an error), flags, and where it ends. */
+static PyObject *get_entry(reader *r, int *flags, const unsigned char **end) {
+    const unsigned char *at;
+    PyObject *trace_id = get_value(r);
+    if (trace_id == NULL)
+        return NULL;
+    if (!PyUnicode_CheckExact(trace_id) || get_bytes(r, 1 + ENTRY_LENGTH, &at) < 0) {
+        if (!PyErr_Occurred())
+            corrupt();
+        Py_DECREF(trace_id);
+        return NULL;
+    }
+    uint64_t length = 0;
+    for (int i = 0; i < ENTRY_LENGTH; i++)
+        length |= (uint64_t)at[1 + i] << (8 * i);
+    if (length > (uint64_t)(r->end - r->p)) {
+        corrupt();
+        Py_DECREF(trace_id);
+        return NULL;
+    }
+    *flags = at[0];
+    *end = r->p + length;
+    return trace_id;
+}
+
+PyDoc_STRVAR(scan_doc,
+"scan(data: bytes, inside: set, wanted: set) -> None\n\n"
+"Read a chunk's trace entries, not their spans: each trace id the Packer found a span of\n"
+"starting in its window goes to `inside`; each one a rule may apply to (or that it could not\n"
+"tell of) to `wanted`. A trace not in `wanted` after every chunk of its partition was scanned\n"
+"needs no evaluating.");
+
+static PyObject *scan(PyObject *module, PyObject *args) {
+    PyObject *data, *inside, *wanted;
+    if (!PyArg_ParseTuple(args, "O!O!O!:scan", &PyBytes_Type, &data, &PySet_Type, &inside,
+                          &PySet_Type, &wanted))
+        return NULL;
+    reader r = {(const unsigned char *)PyBytes_AS_STRING(data), NULL, NULL};
+    r.end = r.p + PyBytes_GET_SIZE(data);
+    uint64_t count;
+    if (open_chunk(&r, 0) < 0 || get_size(&r, &count) < 0)
+        return NULL;
+    for (uint64_t t = 0; t < count; t++) {
+        int flags;
+        const unsigned char *end;
+        PyObject *trace_id = get_entry(&r, &flags, &end);
+        if (trace_id == NULL)
+            return NULL;
+        int failed = ((flags & INSIDE) && PySet_Add(inside, trace_id) < 0) ||
+                     ((flags & WANTED) && PySet_Add(wanted, trace_id) < 0);
+        Py_DECREF(trace_id);
+        if (failed)
+            return NULL;
+        r.p = end;
+    }
+    if (r.p != r.end)
+        return corrupt(), NULL;
+    Py_RETURN_NONE;
 }
 
 /* traces[trace_id], a list made on first use (borrowed). */
@@ -883,8 +950,8 @@ PyDoc_STRVAR(unpack_doc,
 "       only: set | None = None) -> int\n\n"
 "What a Packer's part held, each span a new `span_type` (no __init__) with its slots set through\n"
 "`slots`, appended to traces[its trace id] (a list, made on first use); the spans read. With\n"
-"`only`, the traces whose ids are not in it are passed over, nothing made. A span without\n"
-"attributes shares `empty`, which must never be changed.");
+"`only`, the trace entries whose ids are not in it are jumped over, nothing made. A span\n"
+"without attributes shares `empty`, which must never be changed.");
 
 static PyObject *unpack(PyObject *module, PyObject *args) {
     PyObject *data, *traces, *slots, *empty, *only = Py_None;
@@ -910,20 +977,21 @@ static PyObject *unpack(PyObject *module, PyObject *args) {
     reader r = {(const unsigned char *)PyBytes_AS_STRING(data), NULL, PyList_New(0)};
     r.end = r.p + PyBytes_GET_SIZE(data);
     uint64_t count, spans, read = 0;
-    if (r.seen == NULL || get_size(&r, &count) < 0)
+    if (r.seen == NULL || open_chunk(&r, 1) < 0 || get_size(&r, &count) < 0)
         goto fail;
     for (uint64_t t = 0; t < count; t++) {
-        PyObject *trace_id = get_value(&r);
+        int flags;
+        const unsigned char *end;
+        PyObject *trace_id = get_entry(&r, &flags, &end);
         int wanted = trace_id == NULL ? -1 : only == Py_None ? 1 : PySet_Contains(only, trace_id);
         PyObject *bucket = wanted == 1 ? bucket_of(traces, trace_id) : NULL;
-        if (wanted < 0 || (wanted && bucket == NULL) || get_size(&r, &spans) < 0) {
+        if (wanted < 0 || (wanted && (bucket == NULL || get_size(&r, &spans) < 0))) {
             Py_XDECREF(trace_id);
             goto fail;
         }
         if (!wanted) {
             Py_DECREF(trace_id);
-            if (pass_over(&r, spans) < 0)
-                goto fail;
+            r.p = end;
             continue;
         }
         for (uint64_t s = 0; s < spans; s++) {
@@ -944,6 +1012,10 @@ static PyObject *unpack(PyObject *module, PyObject *args) {
         }
         read += spans;
         Py_DECREF(trace_id);
+        if (r.p != end) {
+            corrupt();
+            goto fail;
+        }
     }
     if (r.p != r.end) {
         corrupt();

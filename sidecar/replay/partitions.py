@@ -109,9 +109,9 @@ class Worker:
 
     def __init__(self, plan: Plan, slots: Any, tick: Callable[[], None] = lambda: None) -> None:
         self.plan, self.slots, self.tick = plan, slots, tick
-        self.held = Packer(plan.partitions, 0, SLOT_DESCRIPTORS)
-        self.spilled_bytes = 0
         self.tests = _scan_tests(plan.rules)
+        self.held = self._packer(plan.partitions, 0)
+        self.spilled_bytes = 0
 
     def read(self, index: int, source: str) -> ReadResult:
         plan, slots, errors, held = self.plan, self.slots, [], self.held
@@ -131,6 +131,11 @@ class Worker:
             self.spill()
         return ReadResult(index, spans, len(errors), errors[:_ERRORS_PER_SOURCE],
                           self.spilled_bytes - spilled)
+
+    def _packer(self, count: int, depth: int) -> Packer:
+        """Packs in `count` parts at split depth `depth`, noting of each trace whether a rule
+        may apply to it and whether it starts in the window (see _evaluate_chunks)."""
+        return Packer(count, depth, SLOT_DESCRIPTORS, self.tests, self.plan.window)
 
     def spill(self) -> None:
         """Append everything held to the partition files."""
@@ -161,7 +166,7 @@ class Worker:
         size = sum(os.path.getsize(p) for p in paths)
         if size * _LOADED_PER_SPILLED_BYTE > self.plan.share and depth < _MAX_SPLIT_DEPTH:
             count = min(_MAX_SPLIT, -(-size * _LOADED_PER_SPILLED_BYTE // self.plan.share))
-            split = Packer(count, depth + 1, SLOT_DESCRIPTORS)
+            split = self._packer(count, depth + 1)
             parts: set[str] = set()
             for path in paths:
                 for chunk in _chunks(path):
@@ -176,14 +181,15 @@ class Worker:
 
     def _evaluate_chunks(self, chunks: list[bytes]) -> Outcome:
         """Evaluate the traces of one partition's chunks. Most traces of a replay are ones no
-        rule applies to: when the rules' scopes say so span by span, the chunks are first
-        scanned without making spans, and only the traces some rule may apply to are made."""
+        rule applies to: when the rules' scopes say so span by span (the Packer noted it of
+        each trace's entries), the chunks' entries are first scanned, and only the traces some
+        rule may apply to are made."""
         if self.tests is None:
             return self._evaluate(_unpacked(chunks).items())
         inside: set[str] = set()  # (traces with a span in the window)
         wanted: set[str] = set()
         for chunk in chunks:
-            scan(chunk, self.tests, self.plan.window, inside, wanted)
+            scan(chunk, inside, wanted)
         traces: dict[str, list[Span]] = {}
         for chunk in chunks:
             unpack(chunk, traces, Span, SLOT_DESCRIPTORS, NO_ATTRIBUTES, wanted)
