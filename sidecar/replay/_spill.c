@@ -99,76 +99,7 @@ static int put_seen(writer *w, size_t at, PyObject *value, Py_ssize_t index) {
     return put(w, bytes, 1 + varint(bytes + 1, (uint64_t)index));
 }
 
-/* One value; a str that `shared` says recurs is written once and referred to after. */
-static int put_value(writer *w, PyObject *value, int shared) {
-    if (value == Py_None)
-        return put_tag(w, NONE);
-    if (value == Py_True || value == Py_False)
-        return put_tag(w, value == Py_True ? TRUE : FALSE);
-    if (PyUnicode_CheckExact(value)) {
-        if (shared) {
-            size_t at = ((uintptr_t)value >> 4) % RECENT;
-            if (w->recent[at] == value)
-                return put_seen(w, at, value, w->recent_index[at]);
-            PyObject *index = PyDict_GetItemWithError(w->seen, value);
-            if (index != NULL)
-                return put_seen(w, at, value, PyLong_AsSsize_t(index));
-            if (PyErr_Occurred())
-                return -1;
-        }
-        Py_ssize_t size;
-        const char *text = PyUnicode_AsUTF8AndSize(value, &size);
-        if (text == NULL) {  /* a lone surrogate: marshal keeps it */
-            PyErr_Clear();
-        } else if (shared) {  /* new to the table */
-            Py_ssize_t number = PyDict_GET_SIZE(w->seen);
-            PyObject *index = PyLong_FromSsize_t(number);
-            int failed = index == NULL || PyDict_SetItem(w->seen, value, index) < 0;
-            Py_XDECREF(index);
-            return failed ? -1 : put_seen(w, ((uintptr_t)value >> 4) % RECENT, value, number);
-        } else {
-            return put_tag(w, TEXT) < 0 || put_size(w, (uint64_t)size) < 0
-                       ? -1 : put(w, text, size);
-        }
-    } else if (PyLong_CheckExact(value)) {
-        int overflow;
-        long long number = PyLong_AsLongLongAndOverflow(value, &overflow);
-        if (number == -1 && PyErr_Occurred())
-            return -1;
-        if (!overflow)
-            return put_tag(w, INT) < 0 ? -1 : put(w, &number, 8);
-    } else if (PyFloat_CheckExact(value)) {
-        double number = PyFloat_AS_DOUBLE(value);
-        return put_tag(w, FLOAT) < 0 ? -1 : put(w, &number, 8);
-    }
-    PyObject *marshalled = PyMarshal_WriteObjectToString(value, Py_MARSHAL_VERSION);
-    if (marshalled == NULL)
-        return -1;
-    int failed = put_tag(w, MARSHAL) < 0 ||
-                 put_size(w, (uint64_t)PyBytes_GET_SIZE(marshalled)) < 0 ||
-                 put(w, PyBytes_AS_STRING(marshalled), PyBytes_GET_SIZE(marshalled)) < 0;
-    Py_DECREF(marshalled);
-    return failed ? -1 : 0;
-}
-
-static int put_attributes(writer *w, PyObject *attributes) {
-    if (!PyDict_CheckExact(attributes))
-        return put_value(w, attributes, 0);
-    if (PyDict_GET_SIZE(attributes) == 0)
-        return put_tag(w, EMPTY);
-    if (put_tag(w, DICT) < 0 || put_size(w, (uint64_t)PyDict_GET_SIZE(attributes)) < 0)
-        return -1;
-    Py_ssize_t at = 0;
-    PyObject *key, *value;
-    while (PyDict_Next(attributes, &at, &key, &value))
-        if (put_value(w, key, 1) < 0 || put_value(w, value, 0) < 0)
-            return -1;
-    return 0;
-}
-
-/* --- which traces a rule may apply to ----------------------------------------------------- */
-
-/* A value as the scope tests see it: its tag (as it is packed) and what it holds. */
+/* A value as it is packed (and as the scope tests see it): its tag and what it holds. */
 typedef struct {
     char tag;  /* NONE, TRUE, FALSE, INT, FLOAT, TEXT, MARSHAL (anything else) */
     long long integer;
@@ -196,6 +127,66 @@ static void view_of(PyObject *value, view *v) {
     }
     PyErr_Clear();  /* (what could not be read stays MARSHAL: "maybe") */
 }
+
+/* One value; a str that `shared` says recurs is written once and referred to after. */
+static int put_value(writer *w, PyObject *value, int shared) {
+    shared = shared && PyUnicode_CheckExact(value);
+    size_t at = ((uintptr_t)value >> 4) % RECENT;
+    if (shared) {
+        if (w->recent[at] == value)
+            return put_seen(w, at, value, w->recent_index[at]);
+        PyObject *index = PyDict_GetItemWithError(w->seen, value);
+        if (index != NULL)
+            return put_seen(w, at, value, PyLong_AsSsize_t(index));
+        if (PyErr_Occurred())
+            return -1;
+    }
+    view v;
+    view_of(value, &v);
+    switch (v.tag) {
+    case NONE: case TRUE: case FALSE:
+        return put_tag(w, v.tag);
+    case INT: case FLOAT:
+        return put_tag(w, v.tag) < 0 ? -1 : put(w, v.tag == INT ? (void *)&v.integer
+                                                                : (void *)&v.number, 8);
+    case TEXT:
+        if (shared) {  /* new to the table */
+            Py_ssize_t number = PyDict_GET_SIZE(w->seen);
+            PyObject *index = PyLong_FromSsize_t(number);
+            int failed = index == NULL || PyDict_SetItem(w->seen, value, index) < 0;
+            Py_XDECREF(index);
+            return failed ? -1 : put_seen(w, at, value, number);
+        }
+        return put_tag(w, TEXT) < 0 || put_size(w, (uint64_t)v.size) < 0
+                   ? -1 : put(w, v.text, v.size);
+    }
+    /* MARSHAL: an int past 64 bits, a lone surrogate, a tuple, bytes, ... */
+    PyObject *marshalled = PyMarshal_WriteObjectToString(value, Py_MARSHAL_VERSION);
+    if (marshalled == NULL)
+        return -1;
+    int failed = put_tag(w, MARSHAL) < 0 ||
+                 put_size(w, (uint64_t)PyBytes_GET_SIZE(marshalled)) < 0 ||
+                 put(w, PyBytes_AS_STRING(marshalled), PyBytes_GET_SIZE(marshalled)) < 0;
+    Py_DECREF(marshalled);
+    return failed ? -1 : 0;
+}
+
+static int put_attributes(writer *w, PyObject *attributes) {
+    if (!PyDict_CheckExact(attributes))
+        return put_value(w, attributes, 0);
+    if (PyDict_GET_SIZE(attributes) == 0)
+        return put_tag(w, EMPTY);
+    if (put_tag(w, DICT) < 0 || put_size(w, (uint64_t)PyDict_GET_SIZE(attributes)) < 0)
+        return -1;
+    Py_ssize_t at = 0;
+    PyObject *key, *value;
+    while (PyDict_Next(attributes, &at, &key, &value))
+        if (put_value(w, key, 1) < 0 || put_value(w, value, 0) < 0)
+            return -1;
+    return 0;
+}
+
+/* --- which traces a rule may apply to ----------------------------------------------------- */
 
 /* A span's attributes: count < 0 when they are not a dict of str keys. */
 #define FEW 16
@@ -378,22 +369,14 @@ static int may_apply(PyObject *tests, PyObject *name, PyObject *attributes) {
         return PyErr_Occurred() ? -1 : NO;
     if (!PyTuple_Check(found))
         return MAYBE;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(found); i++)
+        if (PyTuple_GET_ITEM(found, i) == Py_None)
+            return MAYBE;  /* any span of the name will do */
     attribute_views a;
-    int read = 0, verdict = NO;
-    for (Py_ssize_t i = 0; verdict == NO && i < PyTuple_GET_SIZE(found); i++) {
-        PyObject *test = PyTuple_GET_ITEM(found, i);
-        if (test == Py_None) {
-            verdict = MAYBE;
-        } else {
-            if (!read && (read = 1, views_of(attributes, &a) < 0)) {
-                verdict = -1;
-                break;
-            }
-            verdict = judge(test, &a) == NO ? NO : MAYBE;
-        }
-    }
-    if (read)
-        free_views(&a);
+    int verdict = views_of(attributes, &a) < 0 ? -1 : NO;
+    for (Py_ssize_t i = 0; verdict == NO && i < PyTuple_GET_SIZE(found); i++)
+        verdict = judge(PyTuple_GET_ITEM(found, i), &a) == NO ? NO : MAYBE;
+    free_views(&a);
     return verdict;
 }
 

@@ -190,10 +190,7 @@ class Worker:
         wanted: set[str] = set()
         for chunk in chunks:
             scan(chunk, inside, wanted)
-        traces: dict[str, list[Span]] = {}
-        for chunk in chunks:
-            unpack(chunk, traces, Span, SLOT_DESCRIPTORS, NO_ATTRIBUTES, wanted)
-        outcome = self._evaluate(traces.items())
+        outcome = self._evaluate(_unpacked(chunks, wanted).items())
         outcome.traces += len(inside - wanted)  # evaluated, as _evaluate counts them: in vain
         return outcome
 
@@ -295,11 +292,12 @@ def _chunks(path: str) -> Iterator[bytes]:
             yield spilled.read(size)
 
 
-def _unpacked(chunks: Iterable[bytes]) -> dict[str, list[Span]]:
-    """The traces of packed chunks, each trace's spans together."""
+def _unpacked(chunks: Iterable[bytes], only: set[str] | None = None) -> dict[str, list[Span]]:
+    """The traces of packed chunks (only those in `only`, when given), each trace's spans
+    together."""
     traces: dict[str, list[Span]] = {}
     for chunk in chunks:
-        unpack(chunk, traces, Span, SLOT_DESCRIPTORS, NO_ATTRIBUTES)
+        unpack(chunk, traces, Span, SLOT_DESCRIPTORS, NO_ATTRIBUTES, only)
     return traces
 
 
