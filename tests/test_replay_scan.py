@@ -1,24 +1,27 @@
 """Replay notes of each trace it packs whether a rule may apply to it and whether it starts in
-the window (`_spill.Packer`), reads those notes before making any span (`_spill.scan`), and makes
-only the traces some rule may apply to (`unpack(..., only)`). That must never drop a trace a rule
-applies to: a `where` is judged as the compiler's own test does (exactly, on the values and
-literals it can read; "maybe" otherwise), the traces in the window are counted as `_evaluate`
-counts them, and a worker finds the same signals and statistics with the scan as without it."""
+the window (`_spill.Packer`), reads those notes before making any span (`_spill.scan`), judges
+the traces some rule may apply to from their packed bytes (`_spill.judge`), and makes only the
+traces where a rule may fire (`unpack(..., only)`). That must never drop a trace a rule applies
+to or fires on: a `where` and a rule are judged as the compiler's own tests do (exactly, on the
+values and literals it can read; "maybe" otherwise), the traces in the window are counted as
+`_evaluate` counts them, and a worker finds the same signals and statistics with the scan and
+judge as without them."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sidecar.dsl import syntax
-from sidecar.dsl.compiler import PLAIN_OPS, UNKNOWN, _pred, plain_test
-from sidecar.model.spans import NO_ATTRIBUTES, SLOT_DESCRIPTORS, Span, span_of
+from sidecar.dsl.compiler import MISSING, PLAIN_OPS, UNKNOWN, _pred, plain_test
+from sidecar.model.spans import NO_ATTRIBUTES, SLOT_DESCRIPTORS, Span, Trace, span_of
 from sidecar.otlp.decoded import SpanFilter
-from sidecar.replay._spill import Packer, scan, unpack
+from sidecar.replay._spill import Packer, judge, scan, unpack
 from sidecar.replay.partitions import Plan, Worker
-from sidecar.rules import load_rules_text
+from sidecar.rules import Rule, evaluate, load_rules_text
 
 BOUNDED = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 KEYS = st.sampled_from(["a", "b", "a.b"])
@@ -247,3 +250,207 @@ def test_a_worker_finds_what_it_finds_without_the_scan(traces: list, window: Any
             [(s.rule_id, s.trace_id) for s in without.signals]
         assert {k: (v.applied, v.violations, v.errors) for k, v in with_scan.stats.items()} == \
             {k: (v.applied, v.violations, v.errors) for k, v in without.stats.items()}
+
+
+# --- judge: whole traces, from the packed bytes ----------------------------------------------
+
+NAMES = st.sampled_from(["c", "d"])
+LITERAL_TEXT = st.sampled_from(["1", "2", "2.0", "0.5", "-1", '"x"', '"y"', "true", "false"])
+OPS = st.sampled_from(PLAIN_OPS)
+
+
+def where_text(this: bool) -> st.SearchStrategy[str]:
+    """A `where` as rule text: what judge tells (comparisons, bare keys, not/and/or) and what it
+    leaves to evaluate (in, contains, built-ins, service.name); `this.x` inside a for_each's
+    clauses only."""
+    leaves = [st.builds("{} {} {}".format, KEYS_TEXT, OPS, LITERAL_TEXT), KEYS_TEXT,
+              st.sampled_from(['a in [1, "x"]', 'b contains "x"', "duration_ms > 0",
+                               'service.name == "svc"'])]
+    if this:
+        leaves.append(st.builds("{} {} this.{}".format, KEYS_TEXT, OPS, KEYS_TEXT))
+    return st.recursive(st.one_of(*leaves), lambda inner: st.one_of(
+        st.builds("not ({})".format, inner),
+        st.builds("({}) and ({})".format, inner, inner),
+        st.builds("({}) or ({})".format, inner, inner)), max_leaves=4)
+
+
+KEYS_TEXT = st.sampled_from(["a", "b"])
+
+
+def expr_text(this: bool) -> st.SearchStrategy[str]:
+    """A trace-level expression as rule text: existence (with or without a where), not/and/or,
+    and what judge leaves to evaluate (count, before; `after this` in a for_each)."""
+    leaves = [NAMES, st.builds("{}.where({})".format, NAMES, where_text(this)),
+              st.sampled_from(["count(c) > 1", "c before d"])]
+    if this:
+        leaves.append(st.just("d after this"))
+    return st.recursive(st.one_of(*leaves), lambda inner: st.one_of(
+        st.builds("not ({})".format, inner),
+        st.builds("({}) and ({})".format, inner, inner),
+        st.builds("({}) or ({})".format, inner, inner)), max_leaves=4)
+
+
+def rule_text(number: int, form: str, selector: str, where: str | None, clause: str,
+              expression: str) -> str:
+    head = f"  - id: r{number}\n    severity: low\n"
+    if form == "condition":
+        return head + f"    condition: {json.dumps(f'({expression}) and {selector}')}\n"
+    each = selector if where is None else f"{selector}.where({where})"
+    return head + f"    for_each: {json.dumps(each)}\n    {form}: {json.dumps(clause)}\n"
+
+
+RULE_TEXTS = st.lists(st.builds(
+    rule_text, st.just(0), st.sampled_from(["condition", "never", "always"]), NAMES,
+    st.one_of(st.none(), where_text(False)), expr_text(True), expr_text(False)),
+    min_size=1, max_size=3)
+SPAN_VALUES = st.sampled_from([1, 2, 2.0, 0.5, -1, "x", "y", True, False, None, 2**60, (1,),
+                               2**70])
+JUDGED_SPANS = st.lists(st.tuples(NAMES, st.dictionaries(KEYS, SPAN_VALUES, max_size=2),
+                                  st.integers(0, 5)), max_size=5)
+
+
+def judged_trace(n: int, found: list) -> tuple[str, list[Span]]:
+    trace_id = f"{n:032x}"
+    return trace_id, [span_of(trace_id, f"{i:016x}", name, "", start, start + 1, "UNSET",
+                              "SERVER", "svc", None, attributes, None)
+                      for i, (name, attributes, start) in enumerate(found)]
+
+
+def judged_rules(texts: list[str]) -> list[Rule]:
+    """Rules from their texts, numbered; the ones whose scope judge can read."""
+    body = "".join(text.replace("id: r0", f"id: r{n}", 1) for n, text in enumerate(texts))
+    return [rule for rule in load_rules_text("rules:\n" + body).rules
+            if rule.logic.plain is not None]
+
+
+@BOUNDED
+@given(RULE_TEXTS, st.lists(JUDGED_SPANS, min_size=1, max_size=6))
+def test_judge_agrees_with_evaluate(texts: list[str], found: list) -> None:
+    """A trace judge does not leave has no rule firing on it, and each rule it counts as
+    applying is one `evaluate` finds in scope (with the trace split over two chunks)."""
+    rules = judged_rules(texts)
+    traces = [judged_trace(n, spans) for n, spans in enumerate(found)]
+    packer = Packer(2, 0, SLOT_DESCRIPTORS)
+    for trace_id, spans in traces:
+        packer.add([(trace_id, spans[::2])])
+        packer.add([(trace_id, spans[1::2])])
+    chunks = [chunk for chunk in packer.take() if chunk is not None]
+    asked = {trace_id for trace_id, _ in traces}
+    left, applied, judged = judge(chunks, asked, tuple(rule.logic.plain for rule in rules))
+    assert judged == len(asked) and left <= asked
+    expected = [0] * len(rules)
+    for trace_id, spans in traces:
+        verdict = evaluate(Trace(trace_id, spans), rules, scope=True)
+        if trace_id in left:
+            continue
+        assert not verdict.violations and not verdict.failures, (texts, spans)
+        for rule in verdict.applied:
+            expected[rules.index(rule)] += 1
+    assert applied == expected, texts
+
+
+COMMON = """rules:
+  - id: retry
+    severity: high
+    for_each: charge.where(attempt > 1)
+    never: charge.where(cart == this.cart and intent != this.intent)
+  - id: refund
+    severity: low
+    condition: refund.where(amount > 10) and not audit
+"""
+
+
+def test_judge_is_exact_on_the_common_shapes() -> None:
+    """Not a judge that leaves everything to evaluate: the whitepaper's retry rule and a
+    condition rule are told on plain values, and only the traces where they fire are left."""
+    rules = load_rules_text(COMMON).rules
+    shapes = {
+        "same intent": [("charge", {"attempt": 1, "cart": "c1", "intent": "i1"}),
+                        ("charge", {"attempt": 2, "cart": "c1", "intent": "i1"})],
+        "new intent": [("charge", {"attempt": 1, "cart": "c1", "intent": "i1"}),
+                       ("charge", {"attempt": 2, "cart": "c1", "intent": "i2"})],
+        "first try": [("charge", {"attempt": 1, "cart": "c1", "intent": "i1"})],
+        "audited refund": [("refund", {"amount": 20}), ("audit", {})],
+        "lone refund": [("refund", {"amount": 20.5})],
+        "small refund": [("refund", {"amount": 5})],
+    }
+    traces = {shape: judged_trace(n, [(name, attributes, 0) for name, attributes in spans])
+              for n, (shape, spans) in enumerate(shapes.items())}
+    packer = Packer(1, 0, SLOT_DESCRIPTORS)
+    packer.add(list(traces.values()))
+    left, applied, judged = judge(packer.take(), {t for t, _ in traces.values()},
+                                  tuple(rule.logic.plain for rule in rules))
+    assert left == {traces["new intent"][0], traces["lone refund"][0]}
+    assert applied == [1, 2] and judged == 6  # same intent; audited and small refund
+
+
+def test_judge_compares_every_kind_of_value_with_this_values() -> None:
+    """`a op this.b` for each operator and each pair of values (and none): a firing is always
+    left to evaluate, and a pair of values judge reads exactly is told."""
+    values = [*GRID, None, (1,), MISSING]
+    for op in PLAIN_OPS:
+        rules = load_rules_text(f"""rules:
+  - id: r
+    severity: low
+    for_each: c
+    never: d.where(a {op} this.b)
+""").rules
+        traces = []
+        for n, (this, other) in enumerate((x, y) for x in values for y in values):
+            spans = [("c", {} if this is MISSING else {"b": this}, 0),
+                     ("d", {} if other is MISSING else {"a": other}, 0)]
+            traces.append((judged_trace(n, spans), this, other))
+        packer = Packer(1, 0, SLOT_DESCRIPTORS)
+        packer.add([trace for trace, _, _ in traces])
+        left, _, _ = judge(packer.take(), {trace[0] for trace, _, _ in traces},
+                           tuple(rule.logic.plain for rule in rules))
+        for (trace_id, spans), this, other in traces:
+            fires = bool(evaluate(Trace(trace_id, spans), rules).violations)
+            if fires:
+                assert trace_id in left, (op, this, other)
+            elif all(value is MISSING or plain(value) for value in (this, other)):
+                assert trace_id not in left, (op, this, other)
+
+
+def test_judge_leaves_repeated_span_ids_and_strange_rules_to_evaluate() -> None:
+    """A span id twice (a collector's retry: evaluate counts it once), a rule as data judge
+    does not know: left, never judged."""
+    rules = load_rules_text(COMMON).rules
+    plain_rules = tuple(rule.logic.plain for rule in rules)
+    trace_id, spans = judged_trace(1, [("charge", {"attempt": 1}, 0)])
+    packer = Packer(1, 0, SLOT_DESCRIPTORS)
+    packer.add([(trace_id, spans * 2)])
+    [chunk] = packer.take()
+    assert judge([chunk], {trace_id}, plain_rules)[0] == {trace_id}
+    packer.add([(trace_id, spans)])
+    [chunk] = packer.take()
+    assert judge([chunk], {trace_id}, plain_rules) == (set(), [0, 0], 1)
+    for strange in ((), (9,), (0, "charge", None), (1, "charge", None, None), "rule",
+                    (1, "charge", (9, "x"), None, (7, "charge", None))):
+        assert judge([chunk], {trace_id}, (strange,))[0] == {trace_id}, strange
+    assert judge([chunk], set(), plain_rules) == (set(), [0, 0], 0)
+
+
+def test_judge_leaves_attributes_it_cannot_read_to_evaluate() -> None:
+    """Attributes with a key that is not a str, on the checked span or the other: left."""
+    rules = load_rules_text(COMMON).rules
+    shapes = [[("charge", {1: 0, "attempt": 2, "cart": "c", "intent": "i"}, 0)],
+              [("charge", {"attempt": 2, "cart": "c", "intent": "i"}, 0),
+               ("charge", {1: 0, "attempt": 1, "cart": "c", "intent": "j"}, 0)],
+              [("charge", {1: 0, "attempt": 1, "cart": "c", "intent": "i"}, 0),
+               ("charge", {"attempt": 2, "cart": "c", "intent": "j"}, 0)]]
+    traces = [judged_trace(n, spans) for n, spans in enumerate(shapes)]
+    packer = Packer(1, 0, SLOT_DESCRIPTORS)
+    packer.add(traces)
+    left, _, _ = judge(packer.take(), {t for t, _ in traces},
+                       tuple(rule.logic.plain for rule in rules))
+    assert left == {t for t, _ in traces}
+    this_rule = load_rules_text("""rules:
+  - id: r
+    severity: low
+    for_each: c
+    never: d.where(a == this.a)
+""").rules[0]
+    trace = judged_trace(9, [("c", {1: 0, "a": 5}, 0), ("d", {"a": 5}, 0)])
+    packer.add([trace])
+    assert judge(packer.take(), {trace[0]}, (this_rule.logic.plain,))[0] == {trace[0]}

@@ -219,6 +219,8 @@ packer.add([(f"{i:032x}", [span_of("", f"{i:016x}", "payment.charge", "", i, 2**
 packer.add([("odd id", [])])
 [base] = packer.take()
 only = {f"{i:032x}" for i in range(0, 30, 2)}
+rules = ((1, "payment.charge", (1, "k", 4, 3), None, (7, "payment.charge", (4, (6, "k", 0, "k"),
+          (6, "a", 1, "a")))), (0, ("payment.charge", "x"), (3, (7, "x", None))), (1, "y"), ())
 for _ in range(5000):
     data = bytearray(base)
     for _ in range(rng.randint(1, 3)):
@@ -227,7 +229,8 @@ for _ in range(5000):
                    rng.randbytes(rng.randint(0, 40))):
         for read in (lambda: _spill.unpack(sample, {}, Span, _SLOTS, _NO_ATTRIBUTES),
                      lambda: _spill.unpack(sample, {}, Span, _SLOTS, _NO_ATTRIBUTES, only),
-                     lambda: _spill.scan(sample, set(), set())):
+                     lambda: _spill.scan(sample, set(), set()),
+                     lambda: _spill.judge([base, sample], only | {"odd id"}, rules)):
             try:
                 read()
             except (ValueError, EOFError, TypeError, MemoryError):
@@ -237,7 +240,7 @@ print("clean")
 
 
 def test_no_memory_error_under_address_sanitizer(tmp_path: Path) -> None:
-    """Built with AddressSanitizer and UBSan, a Packer packs, and unpack (all traces and some)
-    and scan run over 15,000 damaged, cut and random inputs, without a report."""
+    """Built with AddressSanitizer and UBSan, a Packer packs, and unpack (all traces and some),
+    scan and judge run over 15,000 damaged, cut and random inputs, without a report."""
     fuzz_sanitized(Path(__file__).resolve().parent.parent / "sidecar" / "replay" / "_spill.c",
                    FUZZ, tmp_path)

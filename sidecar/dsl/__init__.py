@@ -9,6 +9,7 @@ macros) of the rule files loaded together; `check_macro` checks a macro once, wh
 from sidecar.dsl.compiler import (
     MISSING,
     CompiledExpr,
+    PlainRule,
     PlainTest,
     References,
     ScopeTest,
@@ -34,7 +35,7 @@ from sidecar.dsl.traceql import ANY_TRACE, pushdowns, rule_query, span_names_for
 
 __all__ = [
     "ANY_TRACE", "MAX_EXPRESSION_BYTES", "MISSING", "NO_DEFINITIONS", "CompiledExpr",
-    "Definitions", "Macro", "PlainTest", "References", "ScopeTest", "attribute_getter",
+    "Definitions", "Macro", "PlainRule", "PlainTest", "References", "ScopeTest", "attribute_getter",
     "check_macro",
     "combine_clauses", "combine_for_each", "compile_clause", "compile_expression",
     "compile_selector", "distinct_key", "glob_matcher",

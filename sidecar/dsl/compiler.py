@@ -27,12 +27,21 @@ from sidecar.model.spans import Span, Trace
 SpanTest = Callable[[Span], bool]
 TraceTest = Callable[[Trace], bool]
 SpanSource = Callable[[Trace], list[Span]]
-# A span test as data, for code that reads spans without making them (replay's C scan): (UNKNOWN,),
-# (COMPARE, key, op, literal) with op an index of PLAIN_OPS, (BARE, key), (NOT, test),
+# A span test as data, for code that reads spans without making them (replay's C scan and
+# judge): (UNKNOWN,), (COMPARE, key, op, literal) with op an index of PLAIN_OPS, (BARE, key),
+# (COMPARE_THIS, key, op, this_key) against the span a for_each rule checks, (NOT, test),
 # (AND, test, ...), (OR, test, ...). Keys are span attributes (never an intrinsic, a built-in or
 # service.name, which come from elsewhere). UNKNOWN stands for what it cannot say.
 PlainTest = tuple[Any, ...]
-UNKNOWN, COMPARE, BARE, NOT, AND, OR = range(6)
+# A trace test as data: (EXISTS, name, PlainTest | None), (NOT, e), (AND, e, ...), (OR, e, ...),
+# (UNKNOWN,) for the rest (counts, before/after, globs).
+PlainExpr = tuple[Any, ...]
+# A rule's whole verdict as data (CompiledExpr.plain): (CONDITION, names, PlainExpr), applying
+# where a span of one of `names` is; or (FOR_EACH, name, where, always, never), with `where` a
+# PlainTest or None (any span of the name) and always/never a PlainExpr or None.
+PlainRule = tuple[Any, ...]
+UNKNOWN, COMPARE, BARE, NOT, AND, OR, COMPARE_THIS, EXISTS = range(8)
+CONDITION, FOR_EACH = range(2)
 PLAIN_OPS = ("==", "!=", "<", "<=", ">", ">=")
 
 
@@ -105,6 +114,8 @@ class CompiledExpr:
     # passes that name's test (None: any span of the name). None when applying takes more than
     # one span to tell (`when`, a glob, a rule that fires without its spans).
     scope: tuple[ScopeTest, ...] | None = None
+    # the rule's verdict as data (PlainRule), for replay's C judge; None exactly when scope is
+    plain: PlainRule | None = None
 
 
 def compile_expression(text: str, definitions: Definitions = NO_DEFINITIONS) -> CompiledExpr:
@@ -191,7 +202,12 @@ def combine_for_each(each: CompiledExpr, always: CompiledExpr | None,
                         uses=each.uses.union(*(c.uses for c in clauses)),
                         scope=None if selector.glob else (ScopeTest(
                             selector.name, where,
-                            None if where_tree is None else plain_test(where_tree)),))
+                            None if where_tree is None else plain_test(where_tree)),),
+                        plain=None if selector.glob else (
+                            FOR_EACH, selector.name,
+                            None if where_tree is None else plain_test(where_tree),
+                            None if always is None else plain_expr(always.tree),
+                            None if never is None else plain_expr(never.tree)))
 
 
 def _refuse_this(text: str, tree: syntax.Expr | syntax.Clauses,
@@ -241,7 +257,9 @@ def _compile_tree(text: str, tree: syntax.Expr, uses: frozenset[str]) -> Compile
                         applies=lambda trace: on_empty or any(source(trace) for source in sources),
                         fires_on_empty=on_empty, uses=uses,
                         scope=None if on_empty or refs.globs else
-                        tuple(ScopeTest(name, None, None) for name in sorted(refs.names)))
+                        tuple(ScopeTest(name, None, None) for name in sorted(refs.names)),
+                        plain=None if on_empty or refs.globs else
+                        (CONDITION, tuple(sorted(refs.names)), plain_expr(tree)))
 
 
 def _true_on_empty(test: TraceTest) -> bool:
@@ -388,21 +406,45 @@ def _pred_or(node: syntax.PredOr) -> SpanTest:
 
 def plain_test(node: syntax.Pred) -> PlainTest:
     """`node` as data (PlainTest), saying what _pred's test says: comparisons of a span
-    attribute with a literal (== != < <= > >=), bare attributes, not, and, or; UNKNOWN for the
-    rest (in, matches, contains, `this`, intrinsics, built-ins, service.name)."""
+    attribute with a literal or a `this` attribute (== != < <= > >=), bare attributes, not, and,
+    or; UNKNOWN for the rest (in, matches, contains, intrinsics, built-ins, service.name)."""
     if isinstance(node, syntax.PredNot):
         return (NOT, plain_test(node.operand))
     if isinstance(node, (syntax.PredAnd, syntax.PredOr)):
         return (AND if isinstance(node, syntax.PredAnd) else OR,
                 *(plain_test(operand) for operand in node.operands))
-    if not isinstance(node, (syntax.Compare, syntax.Bare)) or node.attr in INTRINSICS \
-            or node.attr in _BUILTINS or node.attr == "service.name":
+    if not isinstance(node, (syntax.Compare, syntax.Bare)) or not _plain_key(node.attr):
         return (UNKNOWN,)
     if isinstance(node, syntax.Bare):
         return (BARE, node.attr)
-    if node.op not in PLAIN_OPS or type(node.value) not in (str, int, float, bool):
+    if node.op not in PLAIN_OPS:
+        return (UNKNOWN,)
+    if isinstance(node.value, syntax.ThisAttr):
+        if not _plain_key(node.value.attr):
+            return (UNKNOWN,)
+        return (COMPARE_THIS, node.attr, PLAIN_OPS.index(node.op), node.value.attr)
+    if type(node.value) not in (str, int, float, bool):
         return (UNKNOWN,)
     return (COMPARE, node.attr, PLAIN_OPS.index(node.op), node.value)
+
+
+def _plain_key(key: str) -> bool:
+    """A key read from the span's attributes alone (see attribute_getter)."""
+    return key not in INTRINSICS and key not in _BUILTINS and key != "service.name"
+
+
+def plain_expr(node: syntax.Expr) -> PlainExpr:
+    """`node` as data (PlainExpr), saying what _expr's test says: existence of a span named
+    exactly (with a `where` as plain_test has it), not, and, or; UNKNOWN for the rest."""
+    if isinstance(node, syntax.Not):
+        return (NOT, plain_expr(node.operand))
+    if isinstance(node, (syntax.And, syntax.Or)):
+        return (AND if isinstance(node, syntax.And) else OR,
+                *(plain_expr(operand) for operand in node.operands))
+    if not isinstance(node, syntax.Exists) or node.query.selector.glob:
+        return (UNKNOWN,)
+    where = node.query.where
+    return (EXISTS, node.query.selector.name, None if where is None else plain_test(where))
 
 
 _PRED_BUILDERS: dict[type, Callable[[Any], SpanTest]] = {

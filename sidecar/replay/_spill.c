@@ -10,8 +10,10 @@
  * the trace, by the rules' scope tests, or it cannot tell; INSIDE: a span starts in the window),
  * the entry's length, and the spans: the values a rule reads as they are (None, bool, int,
  * float, str, shared strs by their index) and anything else through marshal. So `scan` reads a
- * partition's entries without its spans, and `unpack` passes over the entries not wanted. See
- * sidecar/replay/partitions.py, the one caller. */
+ * partition's entries without its spans; `judge` reads the wanted traces' spans where they lie
+ * and tells, by the rules as data (sidecar.dsl's PlainRule), the traces no rule fires on, in
+ * three-valued logic like the scope tests (what it cannot tell is left to Python's `evaluate`);
+ * and `unpack` makes only the rest. See sidecar/replay/partitions.py, the one caller. */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -104,12 +106,14 @@ typedef struct {
     char tag;  /* NONE, TRUE, FALSE, INT, FLOAT, TEXT, MARSHAL (anything else) */
     long long integer;
     double number;
-    const char *text;  /* (the str's own UTF-8) */
+    const char *text;  /* (the str's own UTF-8, or the packed bytes) */
     Py_ssize_t size;
+    PyObject *shared;  /* read from a chunk's table of shared strs: that str (borrowed) */
 } view;
 
 static void view_of(PyObject *value, view *v) {
     v->tag = MARSHAL;
+    v->shared = NULL;
     if (value == Py_None || value == Py_True || value == Py_False) {
         v->tag = value == Py_None ? NONE : value == Py_True ? TRUE : FALSE;
     } else if (PyLong_CheckExact(value)) {
@@ -188,27 +192,32 @@ static int put_attributes(writer *w, PyObject *attributes) {
 
 /* --- which traces a rule may apply to ----------------------------------------------------- */
 
-/* A span's attributes: count < 0 when they are not a dict of str keys. */
-#define FEW 16
+/* A span's attributes as views: count < 0 when they are not a dict of str keys. */
 typedef struct {
     Py_ssize_t count;
-    PyObject **keys;  /* borrowed from the dict */
+    PyObject **keys;  /* (borrowed) */
     view *values;
+} span_attributes;
+
+/* A dict's attributes as views, in place for a few. */
+#define FEW 16
+typedef struct {
+    span_attributes seen;
     PyObject *few_keys[FEW];
     view few_values[FEW];
 } attribute_views;
 
 static int views_of(PyObject *attributes, attribute_views *a) {
-    a->count = -1;
-    a->keys = a->few_keys;
-    a->values = a->few_values;
+    a->seen.count = -1;
+    a->seen.keys = a->few_keys;
+    a->seen.values = a->few_values;
     if (!PyDict_CheckExact(attributes))
         return 0;
     Py_ssize_t count = PyDict_GET_SIZE(attributes), at = 0, i = 0;
     if (count > FEW) {
-        a->keys = PyMem_Malloc((size_t)count * sizeof(PyObject *));
-        a->values = PyMem_Malloc((size_t)count * sizeof(view));
-        if (a->keys == NULL || a->values == NULL) {
+        a->seen.keys = PyMem_Malloc((size_t)count * sizeof(PyObject *));
+        a->seen.values = PyMem_Malloc((size_t)count * sizeof(view));
+        if (a->seen.keys == NULL || a->seen.values == NULL) {
             PyErr_NoMemory();
             return -1;
         }
@@ -217,34 +226,37 @@ static int views_of(PyObject *attributes, attribute_views *a) {
     while (PyDict_Next(attributes, &at, &key, &value)) {
         if (!PyUnicode_CheckExact(key))
             return 0;
-        a->keys[i] = key;
-        view_of(value, &a->values[i++]);
+        a->seen.keys[i] = key;
+        view_of(value, &a->seen.values[i++]);
     }
-    a->count = i;
+    a->seen.count = i;
     return 0;
 }
 
 static void free_views(attribute_views *a) {
-    if (a->keys != a->few_keys)
-        PyMem_Free(a->keys);
-    if (a->values != a->few_values)
-        PyMem_Free(a->values);
-    a->keys = a->few_keys;
-    a->values = a->few_values;
+    if (a->seen.keys != a->few_keys)
+        PyMem_Free(a->seen.keys);
+    if (a->seen.values != a->few_values)
+        PyMem_Free(a->seen.values);
+    a->seen.keys = a->few_keys;
+    a->seen.values = a->few_values;
 }
 
 enum { NO = 0, YES = 1, MAYBE = 2 };
-/* PlainTest's kinds and PLAIN_OPS, in sidecar/dsl/compiler.py */
-enum { T_UNKNOWN, T_COMPARE, T_BARE, T_NOT, T_AND, T_OR };
+/* PlainTest's and PlainExpr's kinds, PlainRule's forms and PLAIN_OPS, in sidecar/dsl/compiler.py */
+enum { T_UNKNOWN, T_COMPARE, T_BARE, T_NOT, T_AND, T_OR, T_COMPARE_THIS, T_EXISTS };
+enum { R_CONDITION, R_FOR_EACH };
 enum { EQ, NE, LT, LE, GT, GE };
 
-static const view *attribute(const attribute_views *a, PyObject *key) {
-    for (Py_ssize_t i = 0; i < a->count; i++) {
-        PyObject *k = a->keys[i];
-        if (k == key || (PyUnicode_GET_LENGTH(k) == PyUnicode_GET_LENGTH(key) &&
-                         PyUnicode_Compare(k, key) == 0))
+static int same_str(PyObject *a, PyObject *b) {  /* (both exact strs) */
+    return a == b || (PyUnicode_GET_LENGTH(a) == PyUnicode_GET_LENGTH(b) &&
+                      PyUnicode_Compare(a, b) == 0);
+}
+
+static const view *attribute(const span_attributes *a, PyObject *key) {
+    for (Py_ssize_t i = 0; i < a->count; i++)
+        if (same_str(a->keys[i], key))
             return &a->values[i];
-    }
     return NULL;
 }
 
@@ -259,60 +271,37 @@ static int ordered(int op, int sign) {  /* sign: <0, 0, >0 as value is below, at
     }
 }
 
-/* `value op literal` as sidecar.dsl's _compare has it, for a value that is there. */
-static int compare(const view *v, int op, PyObject *literal) {
-    if (v->tag == MARSHAL)
+/* `value op other` as sidecar.dsl's _compare has it against a literal, and _compare_this against
+ * the checked span's value, for values that are there: equal only str with str, bool with bool
+ * and number with number; ordered only str with str (by code point) and number with number. */
+static int compare(const view *v, int op, const view *other) {
+    if (v->tag == MARSHAL || other->tag == MARSHAL)
         return MAYBE;  /* (a big int, a tuple, ...) */
-    if (PyBool_Check(literal)) {  /* equal only to itself; no order */
-        if (op > NE)
-            return NO;
-        int equal = v->tag == (literal == Py_True ? TRUE : FALSE);
-        return op == EQ ? equal : !equal;
-    }
-    if (PyUnicode_Check(literal)) {  /* equal and ordered only with a str */
-        if (v->tag != TEXT)
-            return op == NE ? YES : NO;
-        Py_ssize_t size;
-        const char *text = PyUnicode_AsUTF8AndSize(literal, &size);
-        if (text == NULL) {
-            PyErr_Clear();
-            return MAYBE;
-        }
-        int sign = memcmp(v->text, text, (size_t)(v->size < size ? v->size : size));
-        sign = sign != 0 ? sign : (v->size > size) - (v->size < size);
+    if (v->tag == TEXT && other->tag == TEXT) {
+        int sign = memcmp(v->text, other->text,
+                          (size_t)(v->size < other->size ? v->size : other->size));
+        sign = sign != 0 ? sign : (v->size > other->size) - (v->size < other->size);
         return ordered(op, sign);  /* (UTF-8 orders as code points do) */
     }
-    if (v->tag != INT && v->tag != FLOAT)  /* a number against anything but a number */
-        return op == NE ? YES : NO;
-    double value, other;
-    if (PyLong_Check(literal)) {
-        int overflow;
-        long long number = PyLong_AsLongLongAndOverflow(literal, &overflow);
-        if (overflow || (number == -1 && PyErr_Occurred())) {
-            PyErr_Clear();
-            return MAYBE;
-        }
-        if (v->tag == INT)
-            return ordered(op, (v->integer > number) - (v->integer < number));
-        if (number > (1LL << 53) || number < -(1LL << 53))
-            return MAYBE;
-        value = v->number;
-        other = (double)number;
-    } else if (PyFloat_Check(literal)) {
-        if (v->tag == INT && (v->integer > (1LL << 53) || v->integer < -(1LL << 53)))
-            return MAYBE;
-        value = v->tag == INT ? (double)v->integer : v->number;
-        other = PyFloat_AS_DOUBLE(literal);
-    } else {
-        return MAYBE;
+    int numbers = (v->tag == INT || v->tag == FLOAT) && (other->tag == INT || other->tag == FLOAT);
+    if (!numbers) {  /* (bools are equal to themselves, and have no order) */
+        int equal = (v->tag == TRUE || v->tag == FALSE) && v->tag == other->tag;
+        return op == EQ ? equal : op == NE ? !equal : NO;
     }
+    if (v->tag == INT && other->tag == INT)
+        return ordered(op, (v->integer > other->integer) - (v->integer < other->integer));
+    const view *whole = v->tag == INT ? v : other->tag == INT ? other : NULL;
+    if (whole != NULL && (whole->integer > (1LL << 53) || whole->integer < -(1LL << 53)))
+        return MAYBE;  /* (not exact as a double) */
+    double value = v->tag == INT ? (double)v->integer : v->number;
+    double number = other->tag == INT ? (double)other->integer : other->number;
     switch (op) {  /* (NaN: false but for !=) */
-    case EQ: return value == other;
-    case NE: return value != other;
-    case LT: return value < other;
-    case LE: return value <= other;
-    case GT: return value > other;
-    default: return value >= other;
+    case EQ: return value == number;
+    case NE: return value != number;
+    case LT: return value < number;
+    case LE: return value <= number;
+    case GT: return value > number;
+    default: return value >= number;
     }
 }
 
@@ -324,39 +313,60 @@ static long number_in(PyObject *value) {
     return number;
 }
 
-/* A PlainTest on a span's attributes: NO, YES or MAYBE (what it cannot tell). */
-static int judge(PyObject *test, const attribute_views *a) {
+typedef int (*tester)(PyObject *test, const void *on, const span_attributes *this);
+
+/* NOT, AND or OR (`kind`) of `test`'s parts, each by `part`, three-valued; -1 for other kinds. */
+static int logic(PyObject *test, long kind, tester part, const void *on,
+                 const span_attributes *this) {
+    Py_ssize_t size = PyTuple_GET_SIZE(test);
+    if (kind == T_NOT && size == 2) {
+        int inner = part(PyTuple_GET_ITEM(test, 1), on, this);
+        return inner == MAYBE ? MAYBE : !inner;
+    }
+    if (kind != T_AND && kind != T_OR)
+        return -1;
+    int result = kind == T_AND ? YES : NO;
+    for (Py_ssize_t i = 1; i < size; i++) {
+        int found = part(PyTuple_GET_ITEM(test, i), on, this);
+        if (found == (kind == T_AND ? NO : YES))
+            return found;
+        if (found == MAYBE)
+            result = MAYBE;
+    }
+    return result;
+}
+
+/* A PlainTest on a span's attributes (`on`), with `this` those of the span a for_each rule
+ * checks (NULL outside one): NO, YES or MAYBE (what it cannot tell). */
+static int test_span(PyObject *test, const void *on, const span_attributes *this) {
+    const span_attributes *a = on;
     if (!PyTuple_Check(test) || PyTuple_GET_SIZE(test) < 1)
         return MAYBE;
     long kind = number_in(PyTuple_GET_ITEM(test, 0));
     Py_ssize_t size = PyTuple_GET_SIZE(test);
-    if (kind == T_NOT && size == 2) {
-        int inner = judge(PyTuple_GET_ITEM(test, 1), a);
-        return inner == MAYBE ? MAYBE : !inner;
-    }
-    if (kind == T_AND || kind == T_OR) {
-        int result = kind == T_AND ? YES : NO;
-        for (Py_ssize_t i = 1; i < size; i++) {
-            int part = judge(PyTuple_GET_ITEM(test, i), a);
-            if (part == (kind == T_AND ? NO : YES))
-                return part;
-            if (part == MAYBE)
-                result = MAYBE;
-        }
-        return result;
-    }
-    if (a->count < 0 || (kind != T_COMPARE && kind != T_BARE) ||
-            !PyUnicode_Check(PyTuple_GET_ITEM(test, 1)))
+    int combined = logic(test, kind, test_span, on, this);
+    if (combined >= 0)
+        return combined;
+    if (a->count < 0 || (kind != T_COMPARE && kind != T_BARE && kind != T_COMPARE_THIS) ||
+            !PyUnicode_CheckExact(PyTuple_GET_ITEM(test, 1)))
         return MAYBE;
     const view *value = attribute(a, PyTuple_GET_ITEM(test, 1));
-    if (kind == T_BARE && size == 2)
-        return value != NULL && value->tag == TRUE;  /* (only True itself) */
-    if (kind != T_COMPARE || size != 4)
-        return MAYBE;
-    long op = number_in(PyTuple_GET_ITEM(test, 2));
+    if (kind == T_BARE)
+        return size != 2 ? MAYBE : value != NULL && value->tag == TRUE;  /* (only True) */
+    long op = size == 4 ? number_in(PyTuple_GET_ITEM(test, 2)) : -1;
     if (op < EQ || op > GE)
         return MAYBE;
-    return value == NULL ? NO : compare(value, (int)op, PyTuple_GET_ITEM(test, 3));
+    PyObject *other = PyTuple_GET_ITEM(test, 3);
+    view literal;
+    const view *against = &literal;
+    if (kind == T_COMPARE) {
+        view_of(other, &literal);
+    } else {
+        if (this == NULL || this->count < 0 || !PyUnicode_CheckExact(other))
+            return MAYBE;
+        against = attribute(this, other);
+    }
+    return value == NULL || against == NULL ? NO : compare(value, (int)op, against);
 }
 
 /* Whether a rule may apply where a span named `name` with `attributes` is, by `tests` (span name
@@ -375,7 +385,7 @@ static int may_apply(PyObject *tests, PyObject *name, PyObject *attributes) {
     attribute_views a;
     int verdict = views_of(attributes, &a) < 0 ? -1 : NO;
     for (Py_ssize_t i = 0; verdict == NO && i < PyTuple_GET_SIZE(found); i++)
-        verdict = judge(PyTuple_GET_ITEM(found, i), &a) == NO ? NO : MAYBE;
+        verdict = test_span(PyTuple_GET_ITEM(found, i), &a.seen, NULL) == NO ? NO : MAYBE;
     free_views(&a);
     return verdict;
 }
@@ -1011,9 +1021,359 @@ fail:
     return NULL;
 }
 
+/* --- judging whole traces without making their spans ---------------------------------------- */
+
+/* One packed value where it lies; a shared str by its table's str. */
+static int read_view(reader *r, view *v) {
+    uint64_t size;
+    const unsigned char *at;
+    if (r->p >= r->end)
+        return corrupt();
+    v->tag = (char)*r->p++;
+    v->shared = NULL;
+    switch (v->tag) {
+    case NONE: case TRUE: case FALSE:
+        return 0;
+    case INT: case FLOAT:
+        if (get_bytes(r, 8, &at) < 0)
+            return -1;
+        memcpy(v->tag == INT ? (void *)&v->integer : (void *)&v->number, at, 8);
+        return 0;
+    case TEXT: case MARSHAL:
+        if (get_size(r, &size) < 0 || size > (uint64_t)PY_SSIZE_T_MAX ||
+                get_bytes(r, (Py_ssize_t)size, &at) < 0)
+            return -1;
+        v->text = (const char *)at;
+        v->size = (Py_ssize_t)size;
+        return 0;
+    case SEEN:
+        if (get_size(r, &size) < 0)
+            return -1;
+        if (r->seen == NULL || size >= (uint64_t)PyList_GET_SIZE(r->seen))
+            return corrupt();
+        v->shared = PyList_GET_ITEM(r->seen, (Py_ssize_t)size);
+        v->tag = TEXT;
+        v->text = PyUnicode_AsUTF8AndSize(v->shared, &v->size);
+        return v->text == NULL ? -1 : 0;
+    default:
+        return corrupt();
+    }
+}
+
+/* A trace's spans as views: each span's name, id and attributes (in the trace's arrays). */
+typedef struct {
+    view name, id;
+    Py_ssize_t first;  /* its attributes' index in the trace's arrays */
+    span_attributes attributes;  /* (pointing into them once all spans are read) */
+} span_view;
+
+typedef struct {
+    span_view *spans;
+    Py_ssize_t count, room;
+    PyObject **keys;
+    view *values;
+    Py_ssize_t used, capacity;  /* of keys and values */
+} trace_view;
+
+static int grow(void **array, Py_ssize_t *room, Py_ssize_t needed, size_t item) {
+    if (needed <= *room)
+        return 0;
+    Py_ssize_t more = needed > 2 * *room ? needed : 2 * *room;
+    void *grown = PyMem_Realloc(*array, (size_t)more * item);
+    if (grown == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    *array = grown;
+    *room = more;
+    return 0;
+}
+
+static int read_attributes(reader *r, trace_view *t, span_view *s) {
+    s->first = t->used;
+    s->attributes.count = 0;
+    if (r->p < r->end && *r->p == EMPTY) {
+        r->p++;
+        return 0;
+    }
+    if (r->p >= r->end || *r->p != DICT) {
+        view ignored;
+        s->attributes.count = -1;
+        return read_view(r, &ignored);
+    }
+    r->p++;
+    uint64_t count;
+    if (get_size(r, &count) < 0)
+        return -1;
+    if (count > (uint64_t)(r->end - r->p) / 2)  /* (a key and a value take two bytes or more) */
+        return corrupt();
+    Py_ssize_t room = t->capacity;
+    if (grow((void **)&t->keys, &room, t->used + (Py_ssize_t)count, sizeof(PyObject *)) < 0 ||
+            grow((void **)&t->values, &t->capacity, t->used + (Py_ssize_t)count,
+                 sizeof(view)) < 0)
+        return -1;
+    int strings = 1;
+    for (uint64_t i = 0; i < count; i++) {
+        view key;
+        if (read_view(r, &key) < 0 || read_view(r, &t->values[t->used]) < 0)
+            return -1;
+        strings &= key.shared != NULL;
+        t->keys[t->used++] = key.shared;
+    }
+    s->attributes.count = strings ? (Py_ssize_t)count : -1;
+    return 0;
+}
+
+static int read_span(reader *r, trace_view *t) {
+    if (grow((void **)&t->spans, &t->room, t->count + 1, sizeof(span_view)) < 0)
+        return -1;
+    span_view *s = &t->spans[t->count++];
+    view ignored;
+    for (int i = 1; i < SLOTS; i++) {  /* (the trace id is the entry's) */
+        int failed = i == ATTRIBUTES ? read_attributes(r, t, s)
+                                     : read_view(r, i == 1 ? &s->id : i == 2 ? &s->name
+                                                                             : &ignored);
+        if (failed < 0)
+            return -1;
+    }
+    return 0;
+}
+
+static int test_trace(PyObject *expr, const void *on, const span_attributes *this);
+
+/* Whether a span of the trace is named `name` and passes `where` (None: any): NO, YES or MAYBE. */
+static int exists(const trace_view *t, PyObject *name, PyObject *where,
+                  const span_attributes *this) {
+    int result = NO;
+    for (Py_ssize_t i = 0; i < t->count && result != YES; i++) {
+        const span_view *s = &t->spans[i];
+        if (s->name.shared == NULL || !same_str(s->name.shared, name))
+            continue;
+        int passes = where == Py_None ? YES : test_span(where, &s->attributes, this);
+        result = passes == NO ? result : passes;
+    }
+    return result;
+}
+
+/* A PlainExpr on a trace_view (`on`), `this` as in test_span: NO, YES or MAYBE. */
+static int test_trace(PyObject *expr, const void *on, const span_attributes *this) {
+    if (!PyTuple_Check(expr) || PyTuple_GET_SIZE(expr) < 1)
+        return MAYBE;
+    long kind = number_in(PyTuple_GET_ITEM(expr, 0));
+    int combined = logic(expr, kind, test_trace, on, this);
+    if (combined >= 0)
+        return combined;
+    if (kind != T_EXISTS || PyTuple_GET_SIZE(expr) != 3 ||
+            !PyUnicode_CheckExact(PyTuple_GET_ITEM(expr, 1)))
+        return MAYBE;
+    return exists(on, PyTuple_GET_ITEM(expr, 1), PyTuple_GET_ITEM(expr, 2), this);
+}
+
+static int any_of(int first, int second) {  /* three-valued or */
+    return first == YES || second == YES ? YES : first == MAYBE || second == MAYBE ? MAYBE : NO;
+}
+
+/* Whether a PlainRule applies to the trace and whether it fires there, as sidecar.rules'
+ * `evaluate` has it (a rule that does not apply never fires): each NO, YES or MAYBE. */
+static void judge_rule(PyObject *rule, const trace_view *t, int *applies, int *fires) {
+    *applies = *fires = MAYBE;
+    Py_ssize_t size = PyTuple_Check(rule) ? PyTuple_GET_SIZE(rule) : 0;
+    long form = size ? number_in(PyTuple_GET_ITEM(rule, 0)) : -1;
+    if (form == R_CONDITION && size == 3 && PyTuple_Check(PyTuple_GET_ITEM(rule, 1))) {
+        PyObject *names = PyTuple_GET_ITEM(rule, 1);
+        *applies = NO;
+        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(names) && *applies == NO; i++) {
+            if (!PyUnicode_CheckExact(PyTuple_GET_ITEM(names, i)))
+                *applies = MAYBE;
+            else if (exists(t, PyTuple_GET_ITEM(names, i), Py_None, NULL) == YES)
+                *applies = YES;
+        }
+        *fires = *applies == NO ? NO : test_trace(PyTuple_GET_ITEM(rule, 2), t, NULL);
+        return;
+    }
+    if (form != R_FOR_EACH || size != 5 || !PyUnicode_CheckExact(PyTuple_GET_ITEM(rule, 1)))
+        return;
+    PyObject *name = PyTuple_GET_ITEM(rule, 1), *where = PyTuple_GET_ITEM(rule, 2);
+    PyObject *always = PyTuple_GET_ITEM(rule, 3), *never = PyTuple_GET_ITEM(rule, 4);
+    *applies = *fires = NO;
+    for (Py_ssize_t i = 0; i < t->count; i++) {  /* each span it checks, as `this` */
+        const span_view *s = &t->spans[i];
+        if (s->name.shared == NULL || !same_str(s->name.shared, name))
+            continue;
+        int selected = where == Py_None ? YES : test_span(where, &s->attributes, NULL);
+        if (selected == NO)
+            continue;
+        *applies = any_of(*applies, selected);
+        int fails = NO;  /* always false, or never true */
+        if (always != Py_None) {
+            int held = test_trace(always, t, &s->attributes);
+            fails = held == MAYBE ? MAYBE : !held;
+        }
+        if (never != Py_None)
+            fails = any_of(fails, test_trace(never, t, &s->attributes));
+        *fires = any_of(*fires, fails);  /* (MAYBE for a span maybe selected: applies is) */
+    }
+}
+
+#define FEW_SPANS 64  /* beyond, a trace's repeated span ids are not looked for here */
+
+/* Whether no rule fires on the trace, each rule's verdict known (then each rule that applies is
+ * counted in `applied`, with `applies` room for one flag per rule). A trace with a span id twice
+ * is left to `evaluate`, which counts each id once. */
+static int judged(PyObject *rules, const trace_view *t, Py_ssize_t *applied, char *applies) {
+    if (t->count > FEW_SPANS)
+        return 0;
+    for (Py_ssize_t i = 0; i < t->count; i++) {
+        const view *id = &t->spans[i].id;
+        if (id->tag != TEXT || (t->spans[i].name.shared == NULL && t->spans[i].name.tag == MARSHAL))
+            return 0;
+        for (Py_ssize_t j = 0; j < i; j++)
+            if (t->spans[j].id.size == id->size &&
+                    memcmp(t->spans[j].id.text, id->text, (size_t)id->size) == 0)
+                return 0;
+    }
+    for (Py_ssize_t r = 0; r < PyTuple_GET_SIZE(rules); r++) {
+        int applying, firing;
+        judge_rule(PyTuple_GET_ITEM(rules, r), t, &applying, &firing);
+        if (applying == MAYBE || firing != NO)
+            return 0;
+        applies[r] = (char)applying;
+    }
+    for (Py_ssize_t r = 0; r < PyTuple_GET_SIZE(rules); r++)
+        applied[r] += applies[r];
+    return 1;
+}
+
+/* Where a trace's spans lie in one chunk, and its entry before (-1: none). */
+typedef struct {
+    const unsigned char *spans, *end;
+    uint64_t count;
+    Py_ssize_t chunk, next;
+} entry_at;
+
+PyDoc_STRVAR(judge_doc,
+"judge(chunks: list[bytes], traces: set, rules: tuple) -> tuple[set, list[int], int]\n\n"
+"Judge each trace of `traces` whole (its entries in every chunk) by `rules`, PlainRules\n"
+"(sidecar.dsl's CompiledExpr.plain), from the packed bytes. Returns the ids of the traces it\n"
+"left for evaluating (a rule may fire there, or it cannot tell), per rule the number of the\n"
+"others it applies to, and the number of traces it found.");
+
+static PyObject *judge(PyObject *module, PyObject *args) {
+    PyObject *chunks, *traces, *rules;
+    if (!PyArg_ParseTuple(args, "O!O!O!:judge", &PyList_Type, &chunks, &PySet_Type, &traces,
+                          &PyTuple_Type, &rules))
+        return NULL;
+    Py_ssize_t rule_count = PyTuple_GET_SIZE(rules);
+    PyObject *tables = PyList_New(0), *numbers = PyDict_New(), *ids = PyList_New(0);
+    PyObject *left = PySet_New(NULL), *result = NULL;
+    entry_at *entries = NULL;
+    Py_ssize_t entry_count = 0, entry_room = 0, *heads = NULL, head_room = 0;
+    trace_view t = {0};
+    Py_ssize_t *applied = PyMem_Calloc((size_t)rule_count + 1, sizeof(Py_ssize_t));
+    char *applies = PyMem_Calloc((size_t)rule_count + 1, 1);
+    if (tables == NULL || numbers == NULL || ids == NULL || left == NULL || applied == NULL ||
+            applies == NULL)
+        goto done;
+    for (Py_ssize_t c = 0; c < PyList_GET_SIZE(chunks); c++) {  /* the traces' entries */
+        PyObject *data = PyList_GET_ITEM(chunks, c);
+        if (!PyBytes_Check(data)) {
+            PyErr_SetString(PyExc_TypeError, "judge: chunks are bytes");
+            goto done;
+        }
+        reader r = {(const unsigned char *)PyBytes_AS_STRING(data), NULL, PyList_New(0)};
+        r.end = r.p + PyBytes_GET_SIZE(data);
+        int failed = r.seen == NULL || PyList_Append(tables, r.seen) < 0;
+        Py_XDECREF(r.seen);  /* (held by tables) */
+        uint64_t count;
+        if (failed || open_chunk(&r, 1) < 0 || get_size(&r, &count) < 0)
+            goto done;
+        for (uint64_t e = 0; e < count; e++) {
+            int flags;
+            const unsigned char *end;
+            PyObject *trace_id = get_entry(&r, &flags, &end);
+            int wanted = trace_id == NULL ? -1 : PySet_Contains(traces, trace_id);
+            PyObject *number = wanted == 1 ? PyDict_GetItemWithError(numbers, trace_id) : NULL;
+            Py_ssize_t at = number != NULL ? PyLong_AsSsize_t(number) : PyList_GET_SIZE(ids);
+            failed = wanted < 0 || PyErr_Occurred();
+            if (!failed && wanted && number == NULL) {  /* a trace first found here */
+                PyObject *next = PyLong_FromSsize_t(at);
+                failed = next == NULL || PyDict_SetItem(numbers, trace_id, next) < 0 ||
+                         PyList_Append(ids, trace_id) < 0 ||
+                         grow((void **)&heads, &head_room, at + 1, sizeof(Py_ssize_t)) < 0;
+                Py_XDECREF(next);
+                if (!failed)
+                    heads[at] = -1;
+            }
+            Py_XDECREF(trace_id);
+            uint64_t spans = 0;
+            if (!failed && wanted && (get_size(&r, &spans) < 0 ||
+                    grow((void **)&entries, &entry_room, entry_count + 1, sizeof(entry_at)) < 0))
+                failed = 1;
+            if (failed)
+                goto done;
+            if (wanted) {
+                entries[entry_count] = (entry_at){r.p, end, spans, c, heads[at]};
+                heads[at] = entry_count++;
+            }
+            r.p = end;
+        }
+        if (r.p != r.end) {
+            corrupt();
+            goto done;
+        }
+    }
+    for (Py_ssize_t n = 0; n < PyList_GET_SIZE(ids); n++) {  /* each trace, judged */
+        t.count = t.used = 0;
+        int by_id = 0;  /* an entry known by id alone: evaluate judges its window */
+        for (Py_ssize_t e = heads[n]; e >= 0; e = entries[e].next) {
+            reader r = {entries[e].spans, entries[e].end,
+                        PyList_GET_ITEM(tables, entries[e].chunk)};
+            by_id |= entries[e].count == 0;
+            for (uint64_t s = 0; s < entries[e].count; s++)
+                if (read_span(&r, &t) < 0)
+                    goto done;
+            if (r.p != r.end) {
+                corrupt();
+                goto done;
+            }
+        }
+        for (Py_ssize_t s = 0; s < t.count; s++) {
+            t.spans[s].attributes.keys = t.keys + t.spans[s].first;
+            t.spans[s].attributes.values = t.values + t.spans[s].first;
+        }
+        if ((by_id || !judged(rules, &t, applied, applies)) &&
+                PySet_Add(left, PyList_GET_ITEM(ids, n)) < 0)
+            goto done;
+    }
+    PyObject *counts = PyList_New(rule_count);
+    for (Py_ssize_t r = 0; counts != NULL && r < rule_count; r++) {
+        PyObject *count = PyLong_FromSsize_t(applied[r]);
+        if (count == NULL)
+            Py_CLEAR(counts);
+        else
+            PyList_SET_ITEM(counts, r, count);
+    }
+    if (counts != NULL)
+        result = Py_BuildValue("(ONn)", left, counts, PyList_GET_SIZE(ids));
+done:
+    Py_XDECREF(tables);
+    Py_XDECREF(numbers);
+    Py_XDECREF(ids);
+    Py_XDECREF(left);
+    PyMem_Free(entries);
+    PyMem_Free(heads);
+    PyMem_Free(t.spans);
+    PyMem_Free(t.keys);
+    PyMem_Free(t.values);
+    PyMem_Free(applied);
+    PyMem_Free(applies);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"scan", scan, METH_VARARGS, scan_doc},
     {"unpack", unpack, METH_VARARGS, unpack_doc},
+    {"judge", judge, METH_VARARGS, judge_doc},
     {NULL, NULL, 0, NULL},
 };
 

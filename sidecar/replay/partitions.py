@@ -4,7 +4,8 @@ A `Worker` packs the spans it reads into partitions by trace id as they come (`_
 the spans in bytes, unpacked back into spans) and, beyond its share of the memory budget (or
 after every file when there are several workers), appends each partition's chunk to its file.
 A partition is later loaded whole, its traces merged by id (split again first if it would not
-fit), and its traces evaluated, each exactly once.
+fit), and its traces evaluated, each exactly once: most of them from the packed bytes (see
+`Worker._evaluate_chunks`), the rest made into spans and evaluated by `sidecar.rules`.
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sidecar.dsl import MISSING, PlainTest, attribute_getter
+from sidecar.dsl import MISSING, PlainRule, PlainTest, attribute_getter
 from sidecar.model.signals import MAX_VALUE_BYTES, Signal
 from sidecar.model.spans import NO_ATTRIBUTES, SLOT_DESCRIPTORS, Span, Trace
 from sidecar.otlp.decoded import SpanFilter
 from sidecar.otlp.json_spans import InputError
-from sidecar.replay._spill import Packer, scan, unpack
+from sidecar.replay._spill import Packer, judge, scan, unpack
 from sidecar.replay.sources import read_source
 from sidecar.rules import Rule, Violation, evaluate, span_order
 
@@ -110,6 +111,8 @@ class Worker:
     def __init__(self, plan: Plan, slots: Any, tick: Callable[[], None] = lambda: None) -> None:
         self.plan, self.slots, self.tick = plan, slots, tick
         self.tests = _scan_tests(plan.rules)
+        # the rules' verdicts as data, for `judge` (whenever there are scan tests)
+        self.plain: tuple[PlainRule, ...] = tuple(rule.logic.plain for rule in plan.rules)
         self.held = self._packer(plan.partitions, 0)
         self.spilled_bytes = 0
 
@@ -181,17 +184,24 @@ class Worker:
 
     def _evaluate_chunks(self, chunks: list[bytes]) -> Outcome:
         """Evaluate the traces of one partition's chunks. Most traces of a replay are ones no
-        rule applies to: when the rules' scopes say so span by span (the Packer noted it of
-        each trace's entries), the chunks' entries are first scanned, and only the traces some
-        rule may apply to are made."""
+        rule applies to, and most of the rest are ones no rule fires on: when the rules' scopes
+        say so span by span (the Packer noted it of each trace's entries), the chunks' entries
+        are first scanned, the traces some rule may apply to are judged from their packed bytes
+        by the rules as data (`judge`), and only the traces where a rule may fire, or where
+        `judge` cannot tell, are made and evaluated."""
         if self.tests is None:
             return self._evaluate(_unpacked(chunks).items())
         inside: set[str] = set()  # (traces with a span in the window)
         wanted: set[str] = set()
         for chunk in chunks:
             scan(chunk, inside, wanted)
-        outcome = self._evaluate(_unpacked(chunks, wanted).items())
-        outcome.traces += len(inside - wanted)  # evaluated, as _evaluate counts them: in vain
+        left, applied, judged = judge(chunks, wanted & inside, self.plain)
+        # (a wanted trace outside the window: _evaluate passes over it as before)
+        outcome = self._evaluate(_unpacked(chunks, (wanted - inside) | left).items())
+        # evaluated, as _evaluate counts them: in vain, or judged without a rule firing
+        outcome.traces += len(inside - wanted) + judged - len(left)
+        for rule, count in zip(self.plan.rules, applied):
+            outcome.stats[rule.id].applied += count
         return outcome
 
     def evaluate(self, traces: Mapping[str, list[Span]]) -> Outcome:

@@ -11,7 +11,8 @@ signal per rule. Two phases, on `jobs` processes (forked, so they share the comp
             reads), it appends each partition's chunk to that partition's file in a temp
             directory.
   evaluate  each partition, on the next worker free, is loaded (re-split first if it would not
-            fit in its share), its traces rebuilt and evaluated. With one process and everything
+            fit in its share) and its traces evaluated: from the packed bytes where the rules
+            can be judged as data, else rebuilt as spans. With one process and everything
             within the budget nothing touches the disk: the partitions are evaluated from memory.
 
 Results do not depend on jobs, budget or file order: signals are sorted by rule, violation time
