@@ -9,11 +9,12 @@
  * is the trace id, what the Packer found of the trace's spans there (WANTED: a rule may apply to
  * the trace, by the rules' scope tests, or it cannot tell; INSIDE: a span starts in the window),
  * the entry's length, and the spans: the values a rule reads as they are (None, bool, int,
- * float, str, shared strs by their index) and anything else through marshal. So `scan` reads a
- * partition's entries without its spans; `judge` reads the wanted traces' spans where they lie
- * and tells, by the rules as data (sidecar.dsl's PlainRule), the traces no rule fires on, in
- * three-valued logic like the scope tests (what it cannot tell is left to Python's `evaluate`);
- * and `unpack` makes only the rest. See sidecar/replay/partitions.py, the one caller. */
+ * float, str, shared strs by their index) and anything else through marshal. So `judge` finds
+ * a partition's traces by their entries' heads (the ids' bytes, in a hash table), reads only the
+ * wanted traces' spans, where they lie, and tells by the rules as data (sidecar.dsl's PlainRule)
+ * the traces no rule fires on, in three-valued logic like the scope tests (what it cannot tell
+ * is left to Python's `evaluate`); `unpack` makes only the rest. See
+ * sidecar/replay/partitions.py, the one caller. */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -885,41 +886,6 @@ static PyObject *get_entry(reader *r, int *flags, const unsigned char **end) {
     return trace_id;
 }
 
-PyDoc_STRVAR(scan_doc,
-"scan(data: bytes, inside: set, wanted: set) -> None\n\n"
-"Read a chunk's trace entries, not their spans: each trace id the Packer found a span of\n"
-"starting in its window goes to `inside`; each one a rule may apply to (or that it could not\n"
-"tell of) to `wanted`. A trace not in `wanted` after every chunk of its partition was scanned\n"
-"needs no evaluating.");
-
-static PyObject *scan(PyObject *module, PyObject *args) {
-    PyObject *data, *inside, *wanted;
-    if (!PyArg_ParseTuple(args, "O!O!O!:scan", &PyBytes_Type, &data, &PySet_Type, &inside,
-                          &PySet_Type, &wanted))
-        return NULL;
-    reader r = {(const unsigned char *)PyBytes_AS_STRING(data), NULL, NULL};
-    r.end = r.p + PyBytes_GET_SIZE(data);
-    uint64_t count;
-    if (open_chunk(&r, 0) < 0 || get_size(&r, &count) < 0)
-        return NULL;
-    for (uint64_t t = 0; t < count; t++) {
-        int flags;
-        const unsigned char *end;
-        PyObject *trace_id = get_entry(&r, &flags, &end);
-        if (trace_id == NULL)
-            return NULL;
-        int failed = ((flags & INSIDE) && PySet_Add(inside, trace_id) < 0) ||
-                     ((flags & WANTED) && PySet_Add(wanted, trace_id) < 0);
-        Py_DECREF(trace_id);
-        if (failed)
-            return NULL;
-        r.p = end;
-    }
-    if (r.p != r.end)
-        return corrupt(), NULL;
-    Py_RETURN_NONE;
-}
-
 /* traces[trace_id], a list made on first use (borrowed). */
 static PyObject *bucket_of(PyObject *traces, PyObject *trace_id) {
     if (!PyUnicode_CheckExact(trace_id)) {
@@ -1251,98 +1217,179 @@ typedef struct {
     Py_ssize_t chunk, next;
 } entry_at;
 
-PyDoc_STRVAR(judge_doc,
-"judge(chunks: list[bytes], traces: set, rules: tuple) -> tuple[set, list[int], int]\n\n"
-"Judge each trace of `traces` whole (its entries in every chunk) by `rules`, PlainRules\n"
-"(sidecar.dsl's CompiledExpr.plain), from the packed bytes. Returns the ids of the traces it\n"
-"left for evaluating (a rule may fire there, or it cannot tell), per rule the number of the\n"
-"others it applies to, and the number of traces it found.");
+/* A trace of the chunks: its id as packed (a str's tag, size and UTF-8, found again by these
+ * bytes), what its entries' flags say, and its last entry. */
+typedef struct {
+    const unsigned char *id;
+    Py_ssize_t size;
+    uint64_t hash;
+    int flags, by_id, odd;  /* by_id: an entry without spans; odd: an id not packed as TEXT */
+    Py_ssize_t last;
+} trace_at;
 
-static PyObject *judge(PyObject *module, PyObject *args) {
-    PyObject *chunks, *traces, *rules;
-    if (!PyArg_ParseTuple(args, "O!O!O!:judge", &PyList_Type, &chunks, &PySet_Type, &traces,
-                          &PyTuple_Type, &rules))
-        return NULL;
-    Py_ssize_t rule_count = PyTuple_GET_SIZE(rules);
-    PyObject *tables = PyList_New(0), *numbers = PyDict_New(), *ids = PyList_New(0);
-    PyObject *left = PySet_New(NULL), *result = NULL;
-    entry_at *entries = NULL;
-    Py_ssize_t entry_count = 0, entry_room = 0, *heads = NULL, head_room = 0;
-    trace_view t = {0};
-    Py_ssize_t *applied = PyMem_Calloc((size_t)rule_count + 1, sizeof(Py_ssize_t));
-    char *applies = PyMem_Calloc((size_t)rule_count + 1, 1);
-    if (tables == NULL || numbers == NULL || ids == NULL || left == NULL || applied == NULL ||
-            applies == NULL)
-        goto done;
-    for (Py_ssize_t c = 0; c < PyList_GET_SIZE(chunks); c++) {  /* the traces' entries */
+/* The chunks' traces, found by their packed ids (open addressing; a slot holds index + 1). */
+typedef struct {
+    trace_at *traces;
+    Py_ssize_t count, room, *slots;
+    size_t mask;  /* slots - 1, a power of two less one */
+    entry_at *entries;
+    Py_ssize_t entry_count, entry_room;
+} trace_index;
+
+static uint64_t hash_of(const unsigned char *bytes, Py_ssize_t size) {
+    uint64_t value = 14695981039346656037ULL;  /* FNV-1a */
+    for (Py_ssize_t i = 0; i < size; i++)
+        value = (value ^ bytes[i]) * 1099511628211ULL;
+    return value;
+}
+
+static int rehash(trace_index *x, size_t slots) {
+    Py_ssize_t *grown = PyMem_Calloc(slots, sizeof(Py_ssize_t));
+    if (grown == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t t = 0; t < x->count; t++) {
+        size_t at = (size_t)x->traces[t].hash & (slots - 1);
+        while (grown[at])
+            at = (at + 1) & (slots - 1);
+        grown[at] = t + 1;
+    }
+    PyMem_Free(x->slots);
+    x->slots = grown;
+    x->mask = slots - 1;
+    return 0;
+}
+
+/* The trace whose id is packed as `id` (made on first sight); -1 with an error. */
+static Py_ssize_t trace_of(trace_index *x, const unsigned char *id, Py_ssize_t size) {
+    if ((size_t)(x->count + 1) * 2 > x->mask + 1 && rehash(x, 2 * (x->mask + 1)) < 0)
+        return -1;
+    uint64_t hash = hash_of(id, size);
+    size_t at = (size_t)hash & x->mask;
+    for (; x->slots[at]; at = (at + 1) & x->mask) {
+        trace_at *t = &x->traces[x->slots[at] - 1];
+        if (t->hash == hash && t->size == size && memcmp(t->id, id, (size_t)size) == 0)
+            return x->slots[at] - 1;
+    }
+    if (grow((void **)&x->traces, &x->room, x->count + 1, sizeof(trace_at)) < 0)
+        return -1;
+    x->traces[x->count] = (trace_at){id, size, hash, 0, 0, *id != TEXT, -1};
+    x->slots[at] = x->count + 1;
+    return x->count++;
+}
+
+/* Every entry of `chunks` into `x`, with the chunks' tables of shared strs into `tables`. */
+static int index_chunks(PyObject *chunks, PyObject *tables, trace_index *x) {
+    for (Py_ssize_t c = 0; c < PyList_GET_SIZE(chunks); c++) {
         PyObject *data = PyList_GET_ITEM(chunks, c);
         if (!PyBytes_Check(data)) {
             PyErr_SetString(PyExc_TypeError, "judge: chunks are bytes");
-            goto done;
+            return -1;
         }
         reader r = {(const unsigned char *)PyBytes_AS_STRING(data), NULL, PyList_New(0)};
         r.end = r.p + PyBytes_GET_SIZE(data);
         int failed = r.seen == NULL || PyList_Append(tables, r.seen) < 0;
         Py_XDECREF(r.seen);  /* (held by tables) */
-        uint64_t count;
+        uint64_t count, spans;
         if (failed || open_chunk(&r, 1) < 0 || get_size(&r, &count) < 0)
-            goto done;
+            return -1;
         for (uint64_t e = 0; e < count; e++) {
-            int flags;
-            const unsigned char *end;
-            PyObject *trace_id = get_entry(&r, &flags, &end);
-            int wanted = trace_id == NULL ? -1 : PySet_Contains(traces, trace_id);
-            PyObject *number = wanted == 1 ? PyDict_GetItemWithError(numbers, trace_id) : NULL;
-            Py_ssize_t at = number != NULL ? PyLong_AsSsize_t(number) : PyList_GET_SIZE(ids);
-            failed = wanted < 0 || PyErr_Occurred();
-            if (!failed && wanted && number == NULL) {  /* a trace first found here */
-                PyObject *next = PyLong_FromSsize_t(at);
-                failed = next == NULL || PyDict_SetItem(numbers, trace_id, next) < 0 ||
-                         PyList_Append(ids, trace_id) < 0 ||
-                         grow((void **)&heads, &head_room, at + 1, sizeof(Py_ssize_t)) < 0;
-                Py_XDECREF(next);
-                if (!failed)
-                    heads[at] = -1;
-            }
-            Py_XDECREF(trace_id);
-            uint64_t spans = 0;
-            if (!failed && wanted && (get_size(&r, &spans) < 0 ||
-                    grow((void **)&entries, &entry_room, entry_count + 1, sizeof(entry_at)) < 0))
-                failed = 1;
-            if (failed)
-                goto done;
-            if (wanted) {
-                entries[entry_count] = (entry_at){r.p, end, spans, c, heads[at]};
-                heads[at] = entry_count++;
-            }
+            const unsigned char *id = r.p, *head;
+            view ignored;
+            if (read_view(&r, &ignored) < 0 || get_bytes(&r, 1 + ENTRY_LENGTH, &head) < 0)
+                return -1;
+            uint64_t length = 0;
+            for (int i = 0; i < ENTRY_LENGTH; i++)
+                length |= (uint64_t)head[1 + i] << (8 * i);
+            Py_ssize_t t = trace_of(x, id, head - id);
+            if (t < 0 || length > (uint64_t)(r.end - r.p))
+                return t < 0 ? -1 : corrupt();
+            const unsigned char *end = r.p + length;
+            if (get_size(&r, &spans) < 0 || grow((void **)&x->entries, &x->entry_room,
+                                                 x->entry_count + 1, sizeof(entry_at)) < 0)
+                return -1;
+            trace_at *trace = &x->traces[t];
+            trace->flags |= head[0];
+            trace->by_id |= spans == 0;
+            x->entries[x->entry_count] = (entry_at){r.p, end, spans, c, trace->last};
+            trace->last = x->entry_count++;
             r.p = end;
         }
-        if (r.p != r.end) {
-            corrupt();
-            goto done;
-        }
+        if (r.p != r.end)
+            return corrupt();
     }
-    for (Py_ssize_t n = 0; n < PyList_GET_SIZE(ids); n++) {  /* each trace, judged */
-        t.count = t.used = 0;
-        int by_id = 0;  /* an entry known by id alone: evaluate judges its window */
-        for (Py_ssize_t e = heads[n]; e >= 0; e = entries[e].next) {
-            reader r = {entries[e].spans, entries[e].end,
-                        PyList_GET_ITEM(tables, entries[e].chunk)};
-            by_id |= entries[e].count == 0;
-            for (uint64_t s = 0; s < entries[e].count; s++)
-                if (read_span(&r, &t) < 0)
-                    goto done;
-            if (r.p != r.end) {
-                corrupt();
+    return 0;
+}
+
+/* A trace's spans, from all its entries, into `t`. */
+static int read_trace(const trace_index *x, const trace_at *trace, PyObject *tables,
+                      trace_view *t) {
+    t->count = t->used = 0;
+    for (Py_ssize_t e = trace->last; e >= 0; e = x->entries[e].next) {
+        const entry_at *entry = &x->entries[e];
+        reader r = {entry->spans, entry->end, PyList_GET_ITEM(tables, entry->chunk)};
+        for (uint64_t s = 0; s < entry->count; s++)
+            if (read_span(&r, t) < 0)
+                return -1;
+        if (r.p != r.end)
+            return corrupt();
+    }
+    for (Py_ssize_t s = 0; s < t->count; s++) {
+        t->spans[s].attributes.keys = t->keys + t->spans[s].first;
+        t->spans[s].attributes.values = t->values + t->spans[s].first;
+    }
+    return 0;
+}
+
+/* The trace's id as a str, into `left`. */
+static int leave(const trace_at *trace, PyObject *left) {
+    reader r = {trace->id, trace->id + trace->size, NULL};
+    PyObject *trace_id = get_value(&r);
+    int failed = trace_id == NULL || (!PyUnicode_CheckExact(trace_id) && corrupt() < 0) ||
+                 PySet_Add(left, trace_id) < 0;
+    Py_XDECREF(trace_id);
+    return failed ? -1 : 0;
+}
+
+PyDoc_STRVAR(judge_doc,
+"judge(chunks: list[bytes], rules: tuple) -> tuple[set[str], list[int], int]\n\n"
+"Judge the traces of one partition's chunks (each whole: its entries in every chunk) from the\n"
+"packed bytes, by what the Packer noted of each entry and by `rules`, PlainRules (sidecar.dsl's\n"
+"CompiledExpr.plain). Returns the ids of the traces left for evaluating (a rule may fire, it\n"
+"cannot tell, or no span starts in the window but one may apply), per rule the number of the\n"
+"others it applies to, and the number of those others that count as evaluated (a span in the\n"
+"window).");
+
+static PyObject *judge(PyObject *module, PyObject *args) {
+    PyObject *chunks, *rules;
+    if (!PyArg_ParseTuple(args, "O!O!:judge", &PyList_Type, &chunks, &PyTuple_Type, &rules))
+        return NULL;
+    Py_ssize_t rule_count = PyTuple_GET_SIZE(rules), counted = 0;
+    PyObject *tables = PyList_New(0), *left = PySet_New(NULL), *result = NULL;
+    trace_index x = {0};
+    trace_view t = {0};
+    Py_ssize_t *applied = PyMem_Calloc((size_t)rule_count + 1, sizeof(Py_ssize_t));
+    char *applies = PyMem_Calloc((size_t)rule_count + 1, 1);
+    if (tables == NULL || left == NULL || applied == NULL || applies == NULL ||
+            rehash(&x, 1024) < 0 || index_chunks(chunks, tables, &x) < 0)
+        goto done;
+    for (Py_ssize_t n = 0; n < x.count; n++) {
+        const trace_at *trace = &x.traces[n];
+        int inside = trace->flags & INSIDE;
+        if (!trace->odd && !(trace->flags & WANTED)) {
+            counted += inside != 0;  /* (no rule applies: evaluated in vain) */
+            continue;
+        }
+        if (!trace->odd && inside && !trace->by_id) {
+            if (read_trace(&x, trace, tables, &t) < 0)
                 goto done;
+            if (judged(rules, &t, applied, applies)) {
+                counted++;
+                continue;
             }
         }
-        for (Py_ssize_t s = 0; s < t.count; s++) {
-            t.spans[s].attributes.keys = t.keys + t.spans[s].first;
-            t.spans[s].attributes.values = t.values + t.spans[s].first;
-        }
-        if ((by_id || !judged(rules, &t, applied, applies)) &&
-                PySet_Add(left, PyList_GET_ITEM(ids, n)) < 0)
+        if (leave(trace, left) < 0)
             goto done;
     }
     PyObject *counts = PyList_New(rule_count);
@@ -1354,14 +1401,13 @@ static PyObject *judge(PyObject *module, PyObject *args) {
             PyList_SET_ITEM(counts, r, count);
     }
     if (counts != NULL)
-        result = Py_BuildValue("(ONn)", left, counts, PyList_GET_SIZE(ids));
+        result = Py_BuildValue("(ONn)", left, counts, counted);
 done:
     Py_XDECREF(tables);
-    Py_XDECREF(numbers);
-    Py_XDECREF(ids);
     Py_XDECREF(left);
-    PyMem_Free(entries);
-    PyMem_Free(heads);
+    PyMem_Free(x.traces);
+    PyMem_Free(x.slots);
+    PyMem_Free(x.entries);
     PyMem_Free(t.spans);
     PyMem_Free(t.keys);
     PyMem_Free(t.values);
@@ -1371,7 +1417,6 @@ done:
 }
 
 static PyMethodDef methods[] = {
-    {"scan", scan, METH_VARARGS, scan_doc},
     {"unpack", unpack, METH_VARARGS, unpack_doc},
     {"judge", judge, METH_VARARGS, judge_doc},
     {NULL, NULL, 0, NULL},

@@ -22,7 +22,7 @@ from sidecar.model.signals import MAX_VALUE_BYTES, Signal
 from sidecar.model.spans import NO_ATTRIBUTES, SLOT_DESCRIPTORS, Span, Trace
 from sidecar.otlp.decoded import SpanFilter
 from sidecar.otlp.json_spans import InputError
-from sidecar.replay._spill import Packer, judge, scan, unpack
+from sidecar.replay._spill import Packer, judge, unpack
 from sidecar.replay.sources import read_source
 from sidecar.rules import Rule, Violation, evaluate, span_order
 
@@ -110,9 +110,10 @@ class Worker:
 
     def __init__(self, plan: Plan, slots: Any, tick: Callable[[], None] = lambda: None) -> None:
         self.plan, self.slots, self.tick = plan, slots, tick
-        self.tests = _scan_tests(plan.rules)
-        # the rules' verdicts as data, for `judge` (whenever there are scan tests)
-        self.plain: tuple[PlainRule, ...] = tuple(rule.logic.plain for rule in plan.rules)
+        self.tests = _scope_tests(plan.rules)
+        # the rules' verdicts as data, for `judge` (None exactly when tests is)
+        self.plain: tuple[PlainRule, ...] | None = None if self.tests is None else tuple(
+            rule.logic.plain for rule in plan.rules)
         self.held = self._packer(plan.partitions, 0)
         self.spilled_bytes = 0
 
@@ -185,21 +186,15 @@ class Worker:
     def _evaluate_chunks(self, chunks: list[bytes]) -> Outcome:
         """Evaluate the traces of one partition's chunks. Most traces of a replay are ones no
         rule applies to, and most of the rest are ones no rule fires on: when the rules' scopes
-        say so span by span (the Packer noted it of each trace's entries), the chunks' entries
-        are first scanned, the traces some rule may apply to are judged from their packed bytes
-        by the rules as data (`judge`), and only the traces where a rule may fire, or where
-        `judge` cannot tell, are made and evaluated."""
-        if self.tests is None:
+        say so span by span (the Packer noted it of each trace's entries), `judge` reads the
+        chunks' entries and judges the traces some rule may apply to from their packed bytes,
+        by the rules as data; only the traces where a rule may fire, or where it cannot tell,
+        are made and evaluated."""
+        if self.plain is None:
             return self._evaluate(_unpacked(chunks).items())
-        inside: set[str] = set()  # (traces with a span in the window)
-        wanted: set[str] = set()
-        for chunk in chunks:
-            scan(chunk, inside, wanted)
-        left, applied, judged = judge(chunks, wanted & inside, self.plain)
-        # (a wanted trace outside the window: _evaluate passes over it as before)
-        outcome = self._evaluate(_unpacked(chunks, (wanted - inside) | left).items())
-        # evaluated, as _evaluate counts them: in vain, or judged without a rule firing
-        outcome.traces += len(inside - wanted) + judged - len(left)
+        left, applied, counted = judge(chunks, self.plain)
+        outcome = self._evaluate(_unpacked(chunks, left).items())
+        outcome.traces += counted  # (as _evaluate counts them: in vain, or without a firing)
         for rule, count in zip(self.plan.rules, applied):
             outcome.stats[rule.id].applied += count
         return outcome
@@ -269,9 +264,9 @@ def _applying(rules: Iterable[Rule]) -> Callable[[list[Span]], bool] | None:
 
 
 
-def _scan_tests(rules: Iterable[Rule]) -> dict[str, tuple[PlainTest | None, ...]] | None:
-    """For `scan`: by span name, the tests (as data) that a span of the name passes where a rule
-    applies (None: any span of it); None when some rule's scope takes the whole trace."""
+def _scope_tests(rules: Iterable[Rule]) -> dict[str, tuple[PlainTest | None, ...]] | None:
+    """For the Packer: by span name, the tests (as data) that a span of the name passes where a
+    rule applies (None: any span of it); None when some rule's scope takes the whole trace."""
     tests: dict[str, list[PlainTest | None]] = {}
     for rule in rules:
         if rule.logic.scope is None:
