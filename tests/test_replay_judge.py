@@ -145,6 +145,16 @@ def test_packer_is_exact_on_the_common_shapes() -> None:
     assert wanted_of(packed(spans)) == {s.trace_id for s in spans}  # without tests: every trace
 
 
+def test_packer_reads_spans_with_many_attributes() -> None:
+    """Past the attribute views kept in place (16), the rest are allocated: judged alike."""
+    many = {f"k{i}": i for i in range(40)}
+    spans = [span(0, {**many, "attempt": 2}), span(1, {"attempt": 2, **many}),
+             span(2, {**many, "attempt": 1})]
+    where = compare("attempt", ">", 1)
+    assert wanted_of(packed(spans, {"n": (plain_test(where),)})) == {spans[0].trace_id,
+                                                                     spans[1].trace_id}
+
+
 STARTS = st.one_of(st.integers(0, 40), st.integers(2**64 - 3, 2**64 - 1),
                    st.sampled_from([-1, 2**64, 2**70]))
 BOUNDS = st.one_of(st.integers(-5, 50), st.sampled_from([2**64 - 1, 2**64, 2**70, -2**70]))

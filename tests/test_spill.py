@@ -214,7 +214,8 @@ rng = random.Random(5)
 tests = {"payment.charge": ((1, "k", 4, 3), (4, (2, "a"), (3, (1, "z", 0, "x"))), None)}
 packer = _spill.Packer(1, 1, _SLOTS, tests, (5, 2**64))
 packer.add([(f"{i:032x}", [span_of("", f"{i:016x}", "payment.charge", "", i, 2**63 + i,
-                                    "OK", "SERVER", "s", "v", {"k": i, "a": 1.5, "z": ("a", 1)},
+                                    "OK", "SERVER", "s", "v", {"k": i, "a": 1.5, "z": ("a", 1),
+                                    **{f"x{j}": j for j in range(i)}},
                                     "g")]) for i in range(30)])
 packer.add([("odd id", [])])
 [base] = packer.take()

@@ -76,7 +76,10 @@ static int put(writer *w, const void *bytes, Py_ssize_t size) {
 }
 
 static int put_tag(writer *w, char tag) {
-    return put(w, &tag, 1);
+    if (room(w, 1) < 0)
+        return -1;
+    w->data[w->size++] = tag;
+    return 0;
 }
 
 /* `value` as a varint in `bytes`; its length. */
@@ -133,6 +136,33 @@ static void view_of(PyObject *value, view *v) {
     PyErr_Clear();  /* (what could not be read stays MARSHAL: "maybe") */
 }
 
+/* A value as `view_of` saw it (not shared). */
+static int put_view(writer *w, PyObject *value, const view *v) {
+    switch (v->tag) {
+    case NONE: case TRUE: case FALSE:
+        return put_tag(w, v->tag);
+    case INT: case FLOAT:
+        if (room(w, 9) < 0)
+            return -1;
+        w->data[w->size] = v->tag;
+        memcpy(w->data + w->size + 1, v->tag == INT ? (void *)&v->integer : (void *)&v->number, 8);
+        w->size += 9;
+        return 0;
+    case TEXT:
+        return put_tag(w, TEXT) < 0 || put_size(w, (uint64_t)v->size) < 0
+                   ? -1 : put(w, v->text, v->size);
+    }
+    /* MARSHAL: an int past 64 bits, a lone surrogate, a tuple, bytes, ... */
+    PyObject *marshalled = PyMarshal_WriteObjectToString(value, Py_MARSHAL_VERSION);
+    if (marshalled == NULL)
+        return -1;
+    int failed = put_tag(w, MARSHAL) < 0 ||
+                 put_size(w, (uint64_t)PyBytes_GET_SIZE(marshalled)) < 0 ||
+                 put(w, PyBytes_AS_STRING(marshalled), PyBytes_GET_SIZE(marshalled)) < 0;
+    Py_DECREF(marshalled);
+    return failed ? -1 : 0;
+}
+
 /* One value; a str that `shared` says recurs is written once and referred to after. */
 static int put_value(writer *w, PyObject *value, int shared) {
     shared = shared && PyUnicode_CheckExact(value);
@@ -148,47 +178,14 @@ static int put_value(writer *w, PyObject *value, int shared) {
     }
     view v;
     view_of(value, &v);
-    switch (v.tag) {
-    case NONE: case TRUE: case FALSE:
-        return put_tag(w, v.tag);
-    case INT: case FLOAT:
-        return put_tag(w, v.tag) < 0 ? -1 : put(w, v.tag == INT ? (void *)&v.integer
-                                                                : (void *)&v.number, 8);
-    case TEXT:
-        if (shared) {  /* new to the table */
-            Py_ssize_t number = PyDict_GET_SIZE(w->seen);
-            PyObject *index = PyLong_FromSsize_t(number);
-            int failed = index == NULL || PyDict_SetItem(w->seen, value, index) < 0;
-            Py_XDECREF(index);
-            return failed ? -1 : put_seen(w, at, value, number);
-        }
-        return put_tag(w, TEXT) < 0 || put_size(w, (uint64_t)v.size) < 0
-                   ? -1 : put(w, v.text, v.size);
+    if (shared && v.tag == TEXT) {  /* new to the table */
+        Py_ssize_t number = PyDict_GET_SIZE(w->seen);
+        PyObject *index = PyLong_FromSsize_t(number);
+        int failed = index == NULL || PyDict_SetItem(w->seen, value, index) < 0;
+        Py_XDECREF(index);
+        return failed ? -1 : put_seen(w, at, value, number);
     }
-    /* MARSHAL: an int past 64 bits, a lone surrogate, a tuple, bytes, ... */
-    PyObject *marshalled = PyMarshal_WriteObjectToString(value, Py_MARSHAL_VERSION);
-    if (marshalled == NULL)
-        return -1;
-    int failed = put_tag(w, MARSHAL) < 0 ||
-                 put_size(w, (uint64_t)PyBytes_GET_SIZE(marshalled)) < 0 ||
-                 put(w, PyBytes_AS_STRING(marshalled), PyBytes_GET_SIZE(marshalled)) < 0;
-    Py_DECREF(marshalled);
-    return failed ? -1 : 0;
-}
-
-static int put_attributes(writer *w, PyObject *attributes) {
-    if (!PyDict_CheckExact(attributes))
-        return put_value(w, attributes, 0);
-    if (PyDict_GET_SIZE(attributes) == 0)
-        return put_tag(w, EMPTY);
-    if (put_tag(w, DICT) < 0 || put_size(w, (uint64_t)PyDict_GET_SIZE(attributes)) < 0)
-        return -1;
-    Py_ssize_t at = 0;
-    PyObject *key, *value;
-    while (PyDict_Next(attributes, &at, &key, &value))
-        if (put_value(w, key, 1) < 0 || put_value(w, value, 0) < 0)
-            return -1;
-    return 0;
+    return put_view(w, value, &v);
 }
 
 /* --- which traces a rule may apply to ----------------------------------------------------- */
@@ -208,13 +205,18 @@ typedef struct {
     view few_values[FEW];
 } attribute_views;
 
-static int views_of(PyObject *attributes, attribute_views *a) {
+/* A span's attributes, packed, and as the scope tests see them in `a` (free_views after). */
+static int put_attributes(writer *w, PyObject *attributes, attribute_views *a) {
     a->seen.count = -1;
     a->seen.keys = a->few_keys;
     a->seen.values = a->few_values;
     if (!PyDict_CheckExact(attributes))
-        return 0;
+        return put_value(w, attributes, 0);
     Py_ssize_t count = PyDict_GET_SIZE(attributes), at = 0, i = 0;
+    if (count == 0) {
+        a->seen.count = 0;
+        return put_tag(w, EMPTY);
+    }
     if (count > FEW) {
         a->seen.keys = PyMem_Malloc((size_t)count * sizeof(PyObject *));
         a->seen.values = PyMem_Malloc((size_t)count * sizeof(view));
@@ -223,14 +225,19 @@ static int views_of(PyObject *attributes, attribute_views *a) {
             return -1;
         }
     }
+    if (put_tag(w, DICT) < 0 || put_size(w, (uint64_t)count) < 0)
+        return -1;
+    int strings = 1;
     PyObject *key, *value;
     while (PyDict_Next(attributes, &at, &key, &value)) {
-        if (!PyUnicode_CheckExact(key))
-            return 0;
-        a->seen.keys[i] = key;
-        view_of(value, &a->seen.values[i++]);
+        view *v = &a->seen.values[i];
+        view_of(value, v);
+        if (put_value(w, key, 1) < 0 || put_view(w, value, v) < 0)
+            return -1;
+        strings &= PyUnicode_CheckExact(key);
+        a->seen.keys[i++] = key;
     }
-    a->seen.count = i;
+    a->seen.count = strings ? i : -1;
     return 0;
 }
 
@@ -370,9 +377,9 @@ static int test_span(PyObject *test, const void *on, const span_attributes *this
     return value == NULL || against == NULL ? NO : compare(value, (int)op, against);
 }
 
-/* Whether a rule may apply where a span named `name` with `attributes` is, by `tests` (span name
- * -> a tuple of PlainTest, or None for any span of the name): NO or MAYBE; -1 with an error. */
-static int may_apply(PyObject *tests, PyObject *name, PyObject *attributes) {
+/* Whether a rule may apply where a span named `name` with attributes `a` is, by `tests` (span
+ * name -> a tuple of PlainTest, or None for any span of the name): NO or MAYBE; -1 with an error. */
+static int may_apply(PyObject *tests, PyObject *name, const span_attributes *a) {
     if (!PyUnicode_CheckExact(name))
         return MAYBE;
     PyObject *found = PyDict_GetItemWithError(tests, name);
@@ -383,11 +390,9 @@ static int may_apply(PyObject *tests, PyObject *name, PyObject *attributes) {
     for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(found); i++)
         if (PyTuple_GET_ITEM(found, i) == Py_None)
             return MAYBE;  /* any span of the name will do */
-    attribute_views a;
-    int verdict = views_of(attributes, &a) < 0 ? -1 : NO;
+    int verdict = NO;
     for (Py_ssize_t i = 0; verdict == NO && i < PyTuple_GET_SIZE(found); i++)
-        verdict = test_span(PyTuple_GET_ITEM(found, i), &a.seen, NULL) == NO ? NO : MAYBE;
-    free_views(&a);
+        verdict = test_span(PyTuple_GET_ITEM(found, i), a, NULL) == NO ? NO : MAYBE;
     return verdict;
 }
 
@@ -400,7 +405,8 @@ typedef struct {
 } scope;
 
 /* A span's WANTED and INSIDE flags added to *flags, from its name, start and attributes. */
-static int judge_span(const scope *sc, PyObject *values[SLOTS], int *flags) {
+static int judge_span(const scope *sc, PyObject *values[SLOTS], const span_attributes *a,
+                      int *flags) {
     unsigned long long start = 0;
     int readable = PyLong_CheckExact(values[4]);
     if (readable && (start = PyLong_AsUnsignedLongLong(values[4])) == (unsigned long long)-1 &&
@@ -416,7 +422,7 @@ static int judge_span(const scope *sc, PyObject *values[SLOTS], int *flags) {
         *flags |= INSIDE;
     if (*flags & WANTED)
         return 0;
-    int verdict = sc->tests == NULL ? MAYBE : may_apply(sc->tests, values[2], values[ATTRIBUTES]);
+    int verdict = sc->tests == NULL ? MAYBE : may_apply(sc->tests, values[2], a);
     if (verdict < 0)
         return -1;
     if (verdict != NO)
@@ -427,6 +433,7 @@ static int judge_span(const scope *sc, PyObject *values[SLOTS], int *flags) {
 /* Every slot of a span but the trace id (the trace's); its flags added to *flags. */
 static int put_span(writer *w, PyObject *span, PyObject *slots, const scope *sc, int *flags) {
     PyObject *values[SLOTS] = {NULL};
+    attribute_views a = {{-1, NULL, NULL}};  /* (no attributes read yet) */
     int failed = 0;
     for (int i = 1; !failed && i < SLOTS; i++) {  /* (0 is the trace id) */
         PyObject *slot = PyTuple_GET_ITEM(slots, i);
@@ -437,11 +444,12 @@ static int put_span(writer *w, PyObject *span, PyObject *slots, const scope *sc,
                 PyErr_SetString(PyExc_TypeError, "Packer: slots must be descriptors");
             failed = 1;
         } else {
-            failed = (i == ATTRIBUTES ? put_attributes(w, values[i])
+            failed = (i == ATTRIBUTES ? put_attributes(w, values[i], &a)
                                       : put_value(w, values[i], SHARED[i])) < 0;
         }
     }
-    failed = failed || judge_span(sc, values, flags) < 0;
+    failed = failed || judge_span(sc, values, &a.seen, flags) < 0;
+    free_views(&a);
     for (int i = 1; i < SLOTS; i++)
         Py_XDECREF(values[i]);
     return failed ? -1 : 0;
