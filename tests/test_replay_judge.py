@@ -335,14 +335,16 @@ def judged_rules(texts: list[str]) -> list[Rule]:
 @given(RULE_TEXTS, st.lists(JUDGED_SPANS, min_size=1, max_size=6))
 def test_judge_agrees_with_evaluate(texts: list[str], found: list) -> None:
     """A trace judge does not leave has no rule firing on it, and each rule it counts as
-    applying is one `evaluate` finds in scope (with the trace split over two chunks)."""
+    applying is one `evaluate` finds in scope (with each trace split over two chunks, each with
+    its own table of shared strings, and over two entries in the second)."""
     rules = judged_rules(texts)
     traces = [judged_trace(n, spans) for n, spans in enumerate(found)]
-    packer = Packer(2, 0, SLOT_DESCRIPTORS)
+    first, second = Packer(1, 0, SLOT_DESCRIPTORS), Packer(1, 0, SLOT_DESCRIPTORS)
     for trace_id, spans in traces:
-        packer.add([(trace_id, spans[::2])])
-        packer.add([(trace_id, spans[1::2])])
-    chunks = [chunk for chunk in packer.take() if chunk is not None]
+        first.add([(trace_id, spans[::2])])
+        second.add([(trace_id, spans[1::3])])
+        second.add([(trace_id, spans[3::6])])
+    chunks = [chunk for chunk in first.take() + second.take() if chunk is not None]
     asked = {trace_id for trace_id, _ in traces}
     left, applied, counted = judge(chunks, tuple(rule.logic.plain for rule in rules))
     assert counted == len(asked - left) and left <= asked
@@ -418,6 +420,10 @@ def test_judge_compares_every_kind_of_value_with_this_values() -> None:
                 assert trace_id not in left, (op, this, other)
 
 
+LEAVE_CHARGE = (FOR_EACH, "charge", None, (UNKNOWN,), None)
+SHORT = (0, 1, 2, 3, 6, 7)  # kinds of test a lone kind does not make (an empty and/or does)
+
+
 def test_judge_leaves_repeated_span_ids_and_strange_rules_to_evaluate() -> None:
     """A span id twice (a collector's retry: evaluate counts it once), a rule as data judge
     does not know: left, never judged."""
@@ -432,8 +438,13 @@ def test_judge_leaves_repeated_span_ids_and_strange_rules_to_evaluate() -> None:
     [chunk] = packer.take()
     assert judge([chunk], plain_rules) == (set(), [0, 0], 1)
     for strange in ((), (9,), (0, "charge", None), (1, "charge", None, None), "rule",
-                    (1, "charge", (9, "x"), None, (7, "charge", None))):
+                    (1, "charge", (9, "x"), None, (7, "charge", None)),
+                    *((1, "charge", (kind,), None, (7, "charge", (kind,))) for kind in SHORT)):
         assert judge([chunk], (strange,))[0] == {trace_id}, strange
+    for kind in SHORT:  # (the Packer's tests, too: "maybe")
+        packer = Packer(1, 0, SLOT_DESCRIPTORS, {"charge": ((kind,),)})
+        packer.add([(trace_id, spans)])
+        assert judge(packer.take(), (LEAVE_CHARGE,))[0] == {trace_id}
     assert judge([], plain_rules) == (set(), [0, 0], 0)
 
 

@@ -27,7 +27,7 @@ from sidecar.model.spans import Span, Trace
 SpanTest = Callable[[Span], bool]
 TraceTest = Callable[[Trace], bool]
 SpanSource = Callable[[Trace], list[Span]]
-# A span test as data, for code that reads spans without making them (replay's C scan and
+# A span test as data, for code that reads spans without making them (replay's C Packer and
 # judge): (UNKNOWN,), (COMPARE, key, op, literal) with op an index of PLAIN_OPS, (BARE, key),
 # (COMPARE_THIS, key, op, this_key) against the span a for_each rule checks, (NOT, test),
 # (AND, test, ...), (OR, test, ...). Keys are span attributes (never an intrinsic, a built-in or

@@ -356,7 +356,7 @@ static int test_span(PyObject *test, const void *on, const span_attributes *this
     if (combined >= 0)
         return combined;
     if (a->count < 0 || (kind != T_COMPARE && kind != T_BARE && kind != T_COMPARE_THIS) ||
-            !PyUnicode_CheckExact(PyTuple_GET_ITEM(test, 1)))
+            size < 2 || !PyUnicode_CheckExact(PyTuple_GET_ITEM(test, 1)))
         return MAYBE;
     const view *value = attribute(a, PyTuple_GET_ITEM(test, 1));
     if (kind == T_BARE)
@@ -460,6 +460,13 @@ static int hex_value(int c) {
          : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
 }
 
+static uint64_t fnv1a(const unsigned char *bytes, Py_ssize_t size, uint64_t seed) {
+    uint64_t value = 14695981039346656037ULL ^ seed;
+    for (Py_ssize_t i = 0; i < size; i++)
+        value = (value ^ bytes[i]) * 1099511628211ULL;
+    return value;
+}
+
 /* A trace's part among `count` at split depth `depth`: eight hex digits of its id, other ones at
  * each depth (ids from the decoders are 32 hex digits); any other id by a hash of its text. */
 static Py_ssize_t part_of(PyObject *trace_id, Py_ssize_t count, int depth) {
@@ -480,10 +487,8 @@ static Py_ssize_t part_of(PyObject *trace_id, Py_ssize_t count, int depth) {
         return (Py_ssize_t)(value % (uint64_t)count);
     }
 hashed:
-    value = 14695981039346656037ULL ^ (uint64_t)depth;  /* FNV-1a */
-    for (Py_ssize_t i = 0; i < size; i++)
-        value = (value ^ (unsigned char)text[i]) * 1099511628211ULL;
-    return (Py_ssize_t)(value % (uint64_t)count);
+    return (Py_ssize_t)(fnv1a((const unsigned char *)text, size, (uint64_t)depth) %
+                        (uint64_t)count);
 }
 
 typedef struct {
@@ -846,8 +851,8 @@ static PyObject *get_attributes(reader *r, PyObject *empty) {
     return attributes;
 }
 
-/* A chunk's table of shared strs, read into r->seen (with `make`; else passed over). */
-static int open_chunk(reader *r, int make) {
+/* A chunk's table of shared strs, read into r->seen. */
+static int open_chunk(reader *r) {
     uint64_t count, size;
     const unsigned char *at;
     if (get_size(r, &count) < 0)
@@ -858,39 +863,42 @@ static int open_chunk(reader *r, int make) {
         if (get_size(r, &size) < 0 || size > (uint64_t)PY_SSIZE_T_MAX ||
                 get_bytes(r, (Py_ssize_t)size, &at) < 0)
             return -1;
-        if (make) {
-            PyObject *text = PyUnicode_DecodeUTF8((const char *)at, (Py_ssize_t)size, NULL);
-            int failed = text == NULL || PyList_Append(r->seen, text) < 0;
-            Py_XDECREF(text);
-            if (failed)
-                return -1;
-        }
+        PyObject *text = PyUnicode_DecodeUTF8((const char *)at, (Py_ssize_t)size, NULL);
+        int failed = text == NULL || PyList_Append(r->seen, text) < 0;
+        Py_XDECREF(text);
+        if (failed)
+            return -1;
     }
     return 0;
 }
 
 /* An entry's head: its trace id (a new reference; NULL with an error), flags, and where it ends. */
-static PyObject *get_entry(reader *r, int *flags, const unsigned char **end) {
+/* An entry's head after its trace id: its flags, and where it ends. */
+static int entry_head(reader *r, int *flags, const unsigned char **end) {
     const unsigned char *at;
+    if (get_bytes(r, 1 + ENTRY_LENGTH, &at) < 0)
+        return -1;
+    uint64_t length = 0;
+    for (int i = 0; i < ENTRY_LENGTH; i++)
+        length |= (uint64_t)at[1 + i] << (8 * i);
+    if (length > (uint64_t)(r->end - r->p))
+        return corrupt();
+    *flags = at[0];
+    *end = r->p + length;
+    return 0;
+}
+
+/* An entry's head: its trace id (a new reference; NULL with an error), flags, and where it ends. */
+static PyObject *get_entry(reader *r, int *flags, const unsigned char **end) {
     PyObject *trace_id = get_value(r);
     if (trace_id == NULL)
         return NULL;
-    if (!PyUnicode_CheckExact(trace_id) || get_bytes(r, 1 + ENTRY_LENGTH, &at) < 0) {
+    if (!PyUnicode_CheckExact(trace_id) || entry_head(r, flags, end) < 0) {
         if (!PyErr_Occurred())
             corrupt();
         Py_DECREF(trace_id);
         return NULL;
     }
-    uint64_t length = 0;
-    for (int i = 0; i < ENTRY_LENGTH; i++)
-        length |= (uint64_t)at[1 + i] << (8 * i);
-    if (length > (uint64_t)(r->end - r->p)) {
-        corrupt();
-        Py_DECREF(trace_id);
-        return NULL;
-    }
-    *flags = at[0];
-    *end = r->p + length;
     return trace_id;
 }
 
@@ -944,7 +952,7 @@ static PyObject *unpack(PyObject *module, PyObject *args) {
     reader r = {(const unsigned char *)PyBytes_AS_STRING(data), NULL, PyList_New(0)};
     r.end = r.p + PyBytes_GET_SIZE(data);
     uint64_t count, spans, read = 0;
-    if (r.seen == NULL || open_chunk(&r, 1) < 0 || get_size(&r, &count) < 0)
+    if (r.seen == NULL || open_chunk(&r) < 0 || get_size(&r, &count) < 0)
         goto fail;
     for (uint64_t t = 0; t < count; t++) {
         int flags;
@@ -1189,14 +1197,10 @@ static void judge_rule(PyObject *rule, const trace_view *t, int *applies, int *f
     }
 }
 
-#define FEW_SPANS 64  /* beyond, a trace's repeated span ids are not looked for here */
-
 /* Whether no rule fires on the trace, each rule's verdict known (then each rule that applies is
  * counted in `applied`, with `applies` room for one flag per rule). A trace with a span id twice
  * is left to `evaluate`, which counts each id once. */
 static int judged(PyObject *rules, const trace_view *t, Py_ssize_t *applied, char *applies) {
-    if (t->count > FEW_SPANS)
-        return 0;
     for (Py_ssize_t i = 0; i < t->count; i++) {
         const view *id = &t->spans[i].id;
         if (id->tag != TEXT || (t->spans[i].name.shared == NULL && t->spans[i].name.tag == MARSHAL))
@@ -1218,6 +1222,9 @@ static int judged(PyObject *rules, const trace_view *t, Py_ssize_t *applied, cha
     return 1;
 }
 
+#define FEW_SPANS 64  /* beyond, a trace is left to evaluate (repeated span ids: looked for here
+                          pair by pair) */
+
 /* Where a trace's spans lie in one chunk, and its entry before (-1: none). */
 typedef struct {
     const unsigned char *spans, *end;
@@ -1230,7 +1237,7 @@ typedef struct {
 typedef struct {
     const unsigned char *id;
     Py_ssize_t size;
-    uint64_t hash;
+    uint64_t hash, spans;  /* (spans: of all its entries) */
     int flags, by_id, odd;  /* by_id: an entry without spans; odd: an id not packed as TEXT */
     Py_ssize_t last;
 } trace_at;
@@ -1243,13 +1250,6 @@ typedef struct {
     entry_at *entries;
     Py_ssize_t entry_count, entry_room;
 } trace_index;
-
-static uint64_t hash_of(const unsigned char *bytes, Py_ssize_t size) {
-    uint64_t value = 14695981039346656037ULL;  /* FNV-1a */
-    for (Py_ssize_t i = 0; i < size; i++)
-        value = (value ^ bytes[i]) * 1099511628211ULL;
-    return value;
-}
 
 static int rehash(trace_index *x, size_t slots) {
     Py_ssize_t *grown = PyMem_Calloc(slots, sizeof(Py_ssize_t));
@@ -1273,7 +1273,7 @@ static int rehash(trace_index *x, size_t slots) {
 static Py_ssize_t trace_of(trace_index *x, const unsigned char *id, Py_ssize_t size) {
     if ((size_t)(x->count + 1) * 2 > x->mask + 1 && rehash(x, 2 * (x->mask + 1)) < 0)
         return -1;
-    uint64_t hash = hash_of(id, size);
+    uint64_t hash = fnv1a(id, size, 0);
     size_t at = (size_t)hash & x->mask;
     for (; x->slots[at]; at = (at + 1) & x->mask) {
         trace_at *t = &x->traces[x->slots[at] - 1];
@@ -1282,7 +1282,7 @@ static Py_ssize_t trace_of(trace_index *x, const unsigned char *id, Py_ssize_t s
     }
     if (grow((void **)&x->traces, &x->room, x->count + 1, sizeof(trace_at)) < 0)
         return -1;
-    x->traces[x->count] = (trace_at){id, size, hash, 0, 0, *id != TEXT, -1};
+    x->traces[x->count] = (trace_at){id, size, hash, 0, 0, 0, *id != TEXT, -1};
     x->slots[at] = x->count + 1;
     return x->count++;
 }
@@ -1300,25 +1300,22 @@ static int index_chunks(PyObject *chunks, PyObject *tables, trace_index *x) {
         int failed = r.seen == NULL || PyList_Append(tables, r.seen) < 0;
         Py_XDECREF(r.seen);  /* (held by tables) */
         uint64_t count, spans;
-        if (failed || open_chunk(&r, 1) < 0 || get_size(&r, &count) < 0)
+        if (failed || open_chunk(&r) < 0 || get_size(&r, &count) < 0)
             return -1;
         for (uint64_t e = 0; e < count; e++) {
-            const unsigned char *id = r.p, *head;
+            const unsigned char *id = r.p, *end;
             view ignored;
-            if (read_view(&r, &ignored) < 0 || get_bytes(&r, 1 + ENTRY_LENGTH, &head) < 0)
+            int flags;
+            if (read_view(&r, &ignored) < 0)
                 return -1;
-            uint64_t length = 0;
-            for (int i = 0; i < ENTRY_LENGTH; i++)
-                length |= (uint64_t)head[1 + i] << (8 * i);
-            Py_ssize_t t = trace_of(x, id, head - id);
-            if (t < 0 || length > (uint64_t)(r.end - r.p))
-                return t < 0 ? -1 : corrupt();
-            const unsigned char *end = r.p + length;
-            if (get_size(&r, &spans) < 0 || grow((void **)&x->entries, &x->entry_room,
-                                                 x->entry_count + 1, sizeof(entry_at)) < 0)
+            Py_ssize_t size = r.p - id, t;
+            if (entry_head(&r, &flags, &end) < 0 || (t = trace_of(x, id, size)) < 0 ||
+                    get_size(&r, &spans) < 0 || grow((void **)&x->entries, &x->entry_room,
+                                                     x->entry_count + 1, sizeof(entry_at)) < 0)
                 return -1;
             trace_at *trace = &x->traces[t];
-            trace->flags |= head[0];
+            trace->flags |= flags;
+            trace->spans += spans;
             trace->by_id |= spans == 0;
             x->entries[x->entry_count] = (entry_at){r.p, end, spans, c, trace->last};
             trace->last = x->entry_count++;
@@ -1379,6 +1376,8 @@ static PyObject *judge(PyObject *module, PyObject *args) {
     trace_view t = {0};
     Py_ssize_t *applied = PyMem_Calloc((size_t)rule_count + 1, sizeof(Py_ssize_t));
     char *applies = PyMem_Calloc((size_t)rule_count + 1, 1);
+    if ((applied == NULL || applies == NULL) && !PyErr_Occurred())
+        PyErr_NoMemory();
     if (tables == NULL || left == NULL || applied == NULL || applies == NULL ||
             rehash(&x, 1024) < 0 || index_chunks(chunks, tables, &x) < 0)
         goto done;
@@ -1389,7 +1388,7 @@ static PyObject *judge(PyObject *module, PyObject *args) {
             counted += inside != 0;  /* (no rule applies: evaluated in vain) */
             continue;
         }
-        if (!trace->odd && inside && !trace->by_id) {
+        if (!trace->odd && inside && !trace->by_id && trace->spans <= FEW_SPANS) {
             if (read_trace(&x, trace, tables, &t) < 0)
                 goto done;
             if (judged(rules, &t, applied, applies)) {
