@@ -217,6 +217,11 @@ RULES = """rules:
     for_each: order.where(total >= 100.5 or vip)
     always: audit
 """
+WHEN_RULE = """  - id: reserved
+    severity: low
+    when: charge and not refund
+    always: audit.where(vip) or order.where(total > 10)
+"""
 WORKER_SPANS = st.tuples(
     st.integers(1, 9), st.sampled_from(["charge", "refund", "audit", "order", "other"]),
     st.one_of(st.none(), st.integers(0, 3), st.just("2"), st.just(2.0)),
@@ -233,15 +238,31 @@ def worker_span(trace_id: str, n: int, name: str, attempt: Any, region: Any, int
                    None, {k: v for k, v in attributes.items() if v is not None}, None)
 
 
+WORKER_TRACES = st.lists(st.lists(WORKER_SPANS, max_size=4), min_size=1, max_size=8)
+WINDOWS = st.one_of(st.none(), st.tuples(st.integers(0, 30), st.integers(0, 40)))
+
+
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.lists(WORKER_SPANS, max_size=4), min_size=1, max_size=8),
-       st.one_of(st.none(), st.tuples(st.integers(0, 30), st.integers(0, 40))))
+@given(WORKER_TRACES, WINDOWS)
 def test_a_worker_finds_what_it_finds_without_judge(traces: list, window: Any) -> None:
-    rules = load_rules_text(RULES).rules
-    plan = Plan(rules, SpanFilter.of(load_rules_text(RULES).projection()), "", 2, 1, 2**30, 0,
+    same_with_and_without_judge(traces, window, RULES)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(WORKER_TRACES, WINDOWS)
+def test_a_worker_with_a_when_rule_finds_what_it_finds_without_judge(traces: list,
+                                                                     window: Any) -> None:
+    """A `when` rule has no span-by-span scope: the Packer wants every trace, and judge still
+    judges them all."""
+    same_with_and_without_judge(traces, window, RULES + WHEN_RULE)
+
+
+def same_with_and_without_judge(traces: list, window: Any, text: str) -> None:
+    rules = load_rules_text(text).rules
+    plan = Plan(rules, SpanFilter.of(load_rules_text(text).projection()), "", 2, 1, 2**30, 0,
                 None, window)
     worker = Worker(plan, [0, 0])
-    assert worker.tests is not None
+    assert worker.plain is not None and (worker.tests is None) == (text != RULES)
     packer = worker._packer(2, 0)
     for n, found in enumerate(traces):  # each trace in two halves, as two files would have it
         trace_id = f"{n:032x}"
@@ -299,17 +320,21 @@ def expr_text(this: bool) -> st.SearchStrategy[str]:
 
 
 def rule_text(number: int, form: str, selector: str, where: str | None, clause: str,
-              expression: str) -> str:
+              expression: str, other: str) -> str:
     head = f"  - id: r{number}\n    severity: low\n"
     if form == "condition":
         return head + f"    condition: {json.dumps(f'({expression}) and {selector}')}\n"
+    if form.startswith("when "):
+        return head + (f"    when: {json.dumps(expression)}\n"
+                       f"    {form[5:]}: {json.dumps(f'{selector} or ({other})')}\n")
     each = selector if where is None else f"{selector}.where({where})"
     return head + f"    for_each: {json.dumps(each)}\n    {form}: {json.dumps(clause)}\n"
 
 
 RULE_TEXTS = st.lists(st.builds(
-    rule_text, st.just(0), st.sampled_from(["condition", "never", "always"]), NAMES,
-    st.one_of(st.none(), where_text(False)), expr_text(True), expr_text(False)),
+    rule_text, st.just(0), st.sampled_from(["condition", "never", "always", "when always",
+                                            "when never"]), NAMES,
+    st.one_of(st.none(), where_text(False)), expr_text(True), expr_text(False), expr_text(False)),
     min_size=1, max_size=3)
 SPAN_VALUES = st.sampled_from([1, 2, 2.0, 0.5, -1, "x", "y", True, False, None, 2**60, (1,),
                                2**70])

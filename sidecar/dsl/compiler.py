@@ -37,11 +37,12 @@ PlainTest = tuple[Any, ...]
 # (UNKNOWN,) for the rest (counts, before/after, globs).
 PlainExpr = tuple[Any, ...]
 # A rule's whole verdict as data (CompiledExpr.plain): (CONDITION, names, PlainExpr), applying
-# where a span of one of `names` is; or (FOR_EACH, name, where, always, never), with `where` a
-# PlainTest or None (any span of the name) and always/never a PlainExpr or None.
+# where a span of one of `names` is; (FOR_EACH, name, where, always, never), with `where` a
+# PlainTest or None (any span of the name); or (WHEN, when, always, never), applying where the
+# PlainExpr `when` holds; always/never a PlainExpr or None.
 PlainRule = tuple[Any, ...]
 UNKNOWN, COMPARE, BARE, NOT, AND, OR, COMPARE_THIS, EXISTS = range(8)
-CONDITION, FOR_EACH = range(2)
+CONDITION, FOR_EACH, WHEN = range(3)
 PLAIN_OPS = ("==", "!=", "<", "<=", ">", ">=")
 
 
@@ -114,7 +115,8 @@ class CompiledExpr:
     # passes that name's test (None: any span of the name). None when applying takes more than
     # one span to tell (`when`, a glob, a rule that fires without its spans).
     scope: tuple[ScopeTest, ...] | None = None
-    # the rule's verdict as data (PlainRule), for replay's C judge; None exactly when scope is
+    # the rule's verdict as data (PlainRule), for replay's C judge; None when a glob selects
+    # what it applies to, or it fires on a trace without its spans
     plain: PlainRule | None = None
 
 
@@ -243,8 +245,13 @@ def combine_clauses(when: CompiledExpr, always: CompiledExpr | None,
     monotone = always is None and when.monotone and never is not None and never.monotone
     tree = syntax.Clauses(when=when.tree, always=always.tree if always else None,
                           never=never.tree if never else None)
+    on_empty = _true_on_empty(test)
     return CompiledExpr(when.text, tree, test, witness, refs, monotone, applies=when.test,
-                        fires_on_empty=_true_on_empty(test), uses=uses)
+                        fires_on_empty=on_empty, uses=uses,
+                        plain=None if on_empty else (
+                            WHEN, plain_expr(when.tree),
+                            None if always is None else plain_expr(always.tree),
+                            None if never is None else plain_expr(never.tree)))
 
 
 def _compile_tree(text: str, tree: syntax.Expr, uses: frozenset[str]) -> CompiledExpr:

@@ -253,7 +253,7 @@ static void free_views(attribute_views *a) {
 enum { NO = 0, YES = 1, MAYBE = 2 };
 /* PlainTest's and PlainExpr's kinds, PlainRule's forms and PLAIN_OPS, in sidecar/dsl/compiler.py */
 enum { T_UNKNOWN, T_COMPARE, T_BARE, T_NOT, T_AND, T_OR, T_COMPARE_THIS, T_EXISTS };
-enum { R_CONDITION, R_FOR_EACH };
+enum { R_CONDITION, R_FOR_EACH, R_WHEN };
 enum { EQ, NE, LT, LE, GT, GE };
 
 static int same_str(PyObject *a, PyObject *b) {  /* (both exact strs) */
@@ -1155,6 +1155,18 @@ static int any_of(int first, int second) {  /* three-valued or */
     return first == YES || second == YES ? YES : first == MAYBE || second == MAYBE ? MAYBE : NO;
 }
 
+/* Whether `always` (None: none) is false or `never` (None: none) true on the trace, `this` as in
+ * test_span: NO, YES or MAYBE. */
+static int failing(PyObject *always, PyObject *never, const trace_view *t,
+                   const span_attributes *this) {
+    int fails = NO;
+    if (always != Py_None) {
+        int held = test_trace(always, t, this);
+        fails = held == MAYBE ? MAYBE : !held;
+    }
+    return never == Py_None ? fails : any_of(fails, test_trace(never, t, this));
+}
+
 /* Whether a PlainRule applies to the trace and whether it fires there, as sidecar.rules'
  * `evaluate` has it (a rule that does not apply never fires): each NO, YES or MAYBE. */
 static void judge_rule(PyObject *rule, const trace_view *t, int *applies, int *fires) {
@@ -1173,6 +1185,12 @@ static void judge_rule(PyObject *rule, const trace_view *t, int *applies, int *f
         *fires = *applies == NO ? NO : test_trace(PyTuple_GET_ITEM(rule, 2), t, NULL);
         return;
     }
+    if (form == R_WHEN && size == 4) {
+        *applies = test_trace(PyTuple_GET_ITEM(rule, 1), t, NULL);
+        *fires = *applies == NO ? NO : failing(PyTuple_GET_ITEM(rule, 2),
+                                               PyTuple_GET_ITEM(rule, 3), t, NULL);
+        return;
+    }
     if (form != R_FOR_EACH || size != 5 || !PyUnicode_CheckExact(PyTuple_GET_ITEM(rule, 1)))
         return;
     PyObject *name = PyTuple_GET_ITEM(rule, 1), *where = PyTuple_GET_ITEM(rule, 2);
@@ -1186,14 +1204,8 @@ static void judge_rule(PyObject *rule, const trace_view *t, int *applies, int *f
         if (selected == NO)
             continue;
         *applies = any_of(*applies, selected);
-        int fails = NO;  /* always false, or never true */
-        if (always != Py_None) {
-            int held = test_trace(always, t, &s->attributes);
-            fails = held == MAYBE ? MAYBE : !held;
-        }
-        if (never != Py_None)
-            fails = any_of(fails, test_trace(never, t, &s->attributes));
-        *fires = any_of(*fires, fails);  /* (MAYBE for a span maybe selected: applies is) */
+        /* (MAYBE for a span maybe selected: applies is) */
+        *fires = any_of(*fires, failing(always, never, t, &s->attributes));
     }
 }
 

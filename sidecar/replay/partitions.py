@@ -111,9 +111,9 @@ class Worker:
     def __init__(self, plan: Plan, slots: Any, tick: Callable[[], None] = lambda: None) -> None:
         self.plan, self.slots, self.tick = plan, slots, tick
         self.tests = _scope_tests(plan.rules)
-        # the rules' verdicts as data, for `judge` (None exactly when tests is)
-        self.plain: tuple[PlainRule, ...] | None = None if self.tests is None else tuple(
-            rule.logic.plain for rule in plan.rules)
+        # the rules' verdicts as data, for `judge`: None unless every rule has one
+        plain = tuple(rule.logic.plain for rule in plan.rules)
+        self.plain: tuple[PlainRule, ...] | None = None if None in plain else plain
         self.held = self._packer(plan.partitions, 0)
         self.spilled_bytes = 0
 
@@ -185,11 +185,11 @@ class Worker:
 
     def _evaluate_chunks(self, chunks: list[bytes]) -> Outcome:
         """Evaluate the traces of one partition's chunks. Most traces of a replay are ones no
-        rule applies to, and most of the rest are ones no rule fires on: when the rules' scopes
-        say so span by span (the Packer noted it of each trace's entries), `judge` reads the
-        chunks' entries and judges the traces some rule may apply to from their packed bytes,
-        by the rules as data; only the traces where a rule may fire, or where it cannot tell,
-        are made and evaluated."""
+        rule applies to, and most of the rest are ones no rule fires on: when every rule can be
+        told as data, `judge` reads the chunks' entries and judges the traces some rule may
+        apply to (all of them, unless the rules' scopes said otherwise span by span: the Packer
+        noted it of each trace's entries) from their packed bytes; only the traces where a rule
+        may fire, or where it cannot tell, are made and evaluated."""
         if self.plain is None:
             return self._evaluate(_unpacked(chunks).items())
         left, applied, counted = judge(chunks, self.plain)
