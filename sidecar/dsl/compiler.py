@@ -208,8 +208,7 @@ def combine_for_each(each: CompiledExpr, always: CompiledExpr | None,
                         plain=None if selector.glob else (
                             FOR_EACH, selector.name,
                             None if where_tree is None else plain_test(where_tree),
-                            None if always is None else plain_expr(always.tree),
-                            None if never is None else plain_expr(never.tree)))
+                            *_plain_clauses(always, never)))
 
 
 def _refuse_this(text: str, tree: syntax.Expr | syntax.Clauses,
@@ -249,9 +248,7 @@ def combine_clauses(when: CompiledExpr, always: CompiledExpr | None,
     return CompiledExpr(when.text, tree, test, witness, refs, monotone, applies=when.test,
                         fires_on_empty=on_empty, uses=uses,
                         plain=None if on_empty else (
-                            WHEN, plain_expr(when.tree),
-                            None if always is None else plain_expr(always.tree),
-                            None if never is None else plain_expr(never.tree)))
+                            WHEN, plain_expr(when.tree), *_plain_clauses(always, never)))
 
 
 def _compile_tree(text: str, tree: syntax.Expr, uses: frozenset[str]) -> CompiledExpr:
@@ -433,6 +430,13 @@ def plain_test(node: syntax.Pred) -> PlainTest:
     if type(node.value) not in (str, int, float, bool):
         return (UNKNOWN,)
     return (COMPARE, node.attr, PLAIN_OPS.index(node.op), node.value)
+
+
+def _plain_clauses(always: CompiledExpr | None,
+                   never: CompiledExpr | None) -> tuple[PlainExpr | None, PlainExpr | None]:
+    """A rule's always and never as PlainExprs (None: no such clause)."""
+    return (None if always is None else plain_expr(always.tree),
+            None if never is None else plain_expr(never.tree))
 
 
 def _plain_key(key: str) -> bool:

@@ -53,18 +53,22 @@ static void forget(writer *w) {
     w->size = w->capacity = 0;
 }
 
-static int room(writer *w, Py_ssize_t more) {
-    if (w->size + more <= w->capacity)
+static int grow(void **array, Py_ssize_t *room, Py_ssize_t needed, size_t item) {
+    if (needed <= *room)
         return 0;
-    Py_ssize_t capacity = w->capacity * 2 > w->size + more ? w->capacity * 2 : w->size + more;
-    char *grown = PyMem_Realloc(w->data, (size_t)capacity);
+    Py_ssize_t more = needed > 2 * *room ? needed : 2 * *room;
+    void *grown = PyMem_Realloc(*array, (size_t)more * item);
     if (grown == NULL) {
         PyErr_NoMemory();
         return -1;
     }
-    w->data = grown;
-    w->capacity = capacity;
+    *array = grown;
+    *room = more;
     return 0;
+}
+
+static int room(writer *w, Py_ssize_t more) {
+    return grow((void **)&w->data, &w->capacity, w->size + more, 1);
 }
 
 static int put(writer *w, const void *bytes, Py_ssize_t size) {
@@ -780,53 +784,57 @@ static int get_bytes(reader *r, Py_ssize_t size, const unsigned char **at) {
     return 0;
 }
 
-static PyObject *get_value(reader *r) {
-    const unsigned char *at;
+/* One packed value where it lies; a shared str by its table's str. */
+static int read_view(reader *r, view *v) {
     uint64_t size;
-    if (r->p >= r->end) {
-        corrupt();
-        return NULL;
+    const unsigned char *at;
+    if (r->p >= r->end)
+        return corrupt();
+    v->tag = (char)*r->p++;
+    v->shared = NULL;
+    switch (v->tag) {
+    case NONE: case TRUE: case FALSE:
+        return 0;
+    case INT: case FLOAT:
+        if (get_bytes(r, 8, &at) < 0)
+            return -1;
+        memcpy(v->tag == INT ? (void *)&v->integer : (void *)&v->number, at, 8);
+        return 0;
+    case TEXT: case MARSHAL:
+        if (get_size(r, &size) < 0 || size > (uint64_t)PY_SSIZE_T_MAX ||
+                get_bytes(r, (Py_ssize_t)size, &at) < 0)
+            return -1;
+        v->text = (const char *)at;
+        v->size = (Py_ssize_t)size;
+        return 0;
+    case SEEN:
+        if (get_size(r, &size) < 0)
+            return -1;
+        if (r->seen == NULL || size >= (uint64_t)PyList_GET_SIZE(r->seen))
+            return corrupt();
+        v->shared = PyList_GET_ITEM(r->seen, (Py_ssize_t)size);
+        v->tag = TEXT;
+        v->text = PyUnicode_AsUTF8AndSize(v->shared, &v->size);
+        return v->text == NULL ? -1 : 0;
+    default:
+        return corrupt();
     }
-    switch (*r->p++) {
+}
+
+static PyObject *get_value(reader *r) {
+    view v;
+    if (read_view(r, &v) < 0)
+        return NULL;
+    switch (v.tag) {
     case NONE: return Py_NewRef(Py_None);
     case TRUE: return Py_NewRef(Py_True);
     case FALSE: return Py_NewRef(Py_False);
-    case INT: {
-        long long number;
-        if (get_bytes(r, 8, &at) < 0)
-            return NULL;
-        memcpy(&number, at, 8);
-        return PyLong_FromLongLong(number);
+    case INT: return PyLong_FromLongLong(v.integer);
+    case FLOAT: return PyFloat_FromDouble(v.number);
+    case TEXT: return v.shared != NULL ? Py_NewRef(v.shared)
+                                       : PyUnicode_DecodeUTF8(v.text, v.size, NULL);
     }
-    case FLOAT: {
-        double number;
-        if (get_bytes(r, 8, &at) < 0)
-            return NULL;
-        memcpy(&number, at, 8);
-        return PyFloat_FromDouble(number);
-    }
-    case TEXT:
-    case MARSHAL: {
-        char tag = (char)r->p[-1];
-        if (get_size(r, &size) < 0 || size > (uint64_t)PY_SSIZE_T_MAX ||
-                get_bytes(r, (Py_ssize_t)size, &at) < 0)
-            return NULL;
-        if (tag == MARSHAL)
-            return PyMarshal_ReadObjectFromString((const char *)at, (Py_ssize_t)size);
-        return PyUnicode_DecodeUTF8((const char *)at, (Py_ssize_t)size, NULL);
-    }
-    case SEEN:
-        if (get_size(r, &size) < 0)
-            return NULL;
-        if (r->seen == NULL || size >= (uint64_t)PyList_GET_SIZE(r->seen)) {
-            corrupt();
-            return NULL;
-        }
-        return Py_NewRef(PyList_GET_ITEM(r->seen, (Py_ssize_t)size));
-    default:
-        corrupt();
-        return NULL;
-    }
+    return PyMarshal_ReadObjectFromString(v.text, v.size);  /* MARSHAL */
 }
 
 static PyObject *get_attributes(reader *r, PyObject *empty) {
@@ -1005,43 +1013,6 @@ fail:
 
 /* --- judging whole traces without making their spans ---------------------------------------- */
 
-/* One packed value where it lies; a shared str by its table's str. */
-static int read_view(reader *r, view *v) {
-    uint64_t size;
-    const unsigned char *at;
-    if (r->p >= r->end)
-        return corrupt();
-    v->tag = (char)*r->p++;
-    v->shared = NULL;
-    switch (v->tag) {
-    case NONE: case TRUE: case FALSE:
-        return 0;
-    case INT: case FLOAT:
-        if (get_bytes(r, 8, &at) < 0)
-            return -1;
-        memcpy(v->tag == INT ? (void *)&v->integer : (void *)&v->number, at, 8);
-        return 0;
-    case TEXT: case MARSHAL:
-        if (get_size(r, &size) < 0 || size > (uint64_t)PY_SSIZE_T_MAX ||
-                get_bytes(r, (Py_ssize_t)size, &at) < 0)
-            return -1;
-        v->text = (const char *)at;
-        v->size = (Py_ssize_t)size;
-        return 0;
-    case SEEN:
-        if (get_size(r, &size) < 0)
-            return -1;
-        if (r->seen == NULL || size >= (uint64_t)PyList_GET_SIZE(r->seen))
-            return corrupt();
-        v->shared = PyList_GET_ITEM(r->seen, (Py_ssize_t)size);
-        v->tag = TEXT;
-        v->text = PyUnicode_AsUTF8AndSize(v->shared, &v->size);
-        return v->text == NULL ? -1 : 0;
-    default:
-        return corrupt();
-    }
-}
-
 /* A trace's spans as views: each span's name, id and attributes (in the trace's arrays). */
 typedef struct {
     view name, id;
@@ -1056,20 +1027,6 @@ typedef struct {
     view *values;
     Py_ssize_t used, capacity;  /* of keys and values */
 } trace_view;
-
-static int grow(void **array, Py_ssize_t *room, Py_ssize_t needed, size_t item) {
-    if (needed <= *room)
-        return 0;
-    Py_ssize_t more = needed > 2 * *room ? needed : 2 * *room;
-    void *grown = PyMem_Realloc(*array, (size_t)more * item);
-    if (grown == NULL) {
-        PyErr_NoMemory();
-        return -1;
-    }
-    *array = grown;
-    *room = more;
-    return 0;
-}
 
 static int read_attributes(reader *r, trace_view *t, span_view *s) {
     s->first = t->used;

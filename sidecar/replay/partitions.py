@@ -263,7 +263,6 @@ def _applying(rules: Iterable[Rule]) -> Callable[[list[Span]], bool] | None:
     return may_apply
 
 
-
 def _scope_tests(rules: Iterable[Rule]) -> dict[str, tuple[PlainTest | None, ...]] | None:
     """For the Packer: by span name, the tests (as data) that a span of the name passes where a
     rule applies (None: any span of it); None when some rule's scope takes the whole trace."""
